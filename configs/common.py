@@ -1,0 +1,98 @@
+"""The official MUSP recipe (SPEC sections 1-4); dataset configs override a few fields.
+
+    python -m musp_jax.main --config configs/common.py --workdir workdirs/common
+
+Dataset configs call `get_config()` and change what differs; they never copy it.
+The config is locked: `--config.model.nmu=3` fails with the unknown key named.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  del arg
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # --- data (tfds_builders/, musp_jax/datasets.py) ---
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = "synthetic_vehicles"  # veri776 | vehicle_id | veri_wild | synthetic_vehicles
+  c.dataset.builder_config = "small"  # test size / synthetic size
+  c.dataset.data_dir = "~/tensorflow_datasets"
+  c.dataset.manual_dir = ""  # only needed to build a licensed dataset
+
+  # --- input pipeline (sampling.py, augment.py, input_pipeline.py) ---
+  c.input = ml_collections.ConfigDict()
+  c.input.image_size = (256, 256)
+  c.input.num_ids = 16  # P identities per batch
+  c.input.num_instances = 4  # K images per identity
+  c.input.num_workers = 4  # grain worker processes; 0 = in-process
+  c.input.prefetch_buffer = 2
+  c.input.normalize = "half"  # half: mean=std=0.5 (official) | imagenet
+  c.input.translate_prob = 0.5  # resize to translate_scale x then random crop
+  c.input.translate_scale = 1.125
+  c.input.flip_prob = 0.5
+  c.input.erase_prob = 0.5
+  c.input.erase_area = (0.02, 0.4)
+  c.input.erase_min_aspect = 0.3
+  c.input.erase_fill = (0.4914, 0.4822, 0.4465)
+
+  # --- model (models/) ---
+  c.model = ml_collections.ConfigDict()
+  c.model.depth = 50
+  c.model.last_stride = 1
+  c.model.head = "musp"  # musp | baseline
+  c.model.num_prototypes = 5  # n, the last one is background
+  c.model.value_conv = "depthwise"  # depthwise (official) | full (paper)
+  c.model.value_channels = 2048  # c; paper text: 2048 // (n - 1)
+  c.model.pooling = "sum"  # sum (official) | mean (paper)
+  c.model.ese = "all"  # all: on n parts (official) | kept: on n-1 parts (paper) | none
+  c.model.ese_reduction = 16
+  c.model.attention = "softmax"  # softmax | sigmoid
+  c.model.global_feature = "value_mean"  # value_mean (official) | backbone_gap (paper)
+  c.model.dtype = "float32"  # compute dtype; bfloat16 keeps fp32 params and BN stats
+  c.model.init_from = ""  # Orbax dir written by `python -m musp_jax.import_weights`
+
+  # --- losses (losses.py) ---
+  c.loss = ml_collections.ConfigDict()
+  c.loss.id_weight = 1.0
+  c.loss.label_smoothing = 0.1
+  c.loss.triplet_weight = 1.0
+  c.loss.triplet_margin = 0.3  # None -> soft margin
+  c.loss.diversity_weight = 1.0
+  c.loss.diversity = "all"  # all n maps (official) | kept: n-1 maps (paper)
+
+  # --- optimizer and schedule (optim.py) ---
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 3.5e-4
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.weight_decay = 5e-4  # coupled L2 (torch.optim.Adam), not AdamW
+  c.optim.wd_exclude = ""  # regex on parameter paths, e.g. "bias|scale"
+  c.optim.head_lr_mult = 1.0
+  c.optim.grad_clip = 0.0  # global norm; 0 = off
+  c.optim.warmup_epochs = 10
+  c.optim.warmup_factor = 0.1
+  c.optim.milestones = (30, 60)
+  c.optim.gamma = 0.1
+  c.optim.num_epochs = 90
+
+  # --- evaluation (retrieval.py, protocols.py) ---
+  c.eval = ml_collections.ConfigDict()
+  c.eval.dataset = ""  # empty: the training dataset; else another (cross-domain)
+  c.eval.builder_config = ""
+  c.eval.batch_size = 128
+  c.eval.every_epochs = 10
+  c.eval.distance = "cam_squared"  # cam_squared (official) | cam (paper) | cosine | euclidean
+  c.eval.flip = False
+  c.eval.rerank = False
+  c.eval.query_block = 1024
+  c.eval.gallery_block = 16384
+  c.eval.vehicleid_trials = 10
+
+  # --- driver (train.py, checkpointing.py) ---
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 2
+  c.distributed = False  # call jax.distributed.initialize() (multi-host)
+  return c
