@@ -50,6 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.ese_reduction = 16
   c.model.attention = "softmax"  # softmax | sigmoid
   c.model.global_feature = "value_mean"  # value_mean (official) | backbone_gap (paper)
+  c.model.diversity = "all"  # product over all n maps (official) | kept: n-1 maps (paper)
   c.model.dtype = "float32"  # compute dtype; bfloat16 keeps fp32 params and BN stats
   c.model.init_from = ""  # Orbax dir written by `python -m musp_jax.import_weights`
 
@@ -60,7 +61,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.loss.triplet_weight = 1.0
   c.loss.triplet_margin = 0.3  # None -> soft margin
   c.loss.diversity_weight = 1.0
-  c.loss.diversity = "all"  # all n maps (official) | kept: n-1 maps (paper)
 
   # --- optimizer and schedule (optim.py) ---
   c.optim = ml_collections.ConfigDict()
