@@ -67,6 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.lr = 3.5e-4
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
+  c.optim.eps = 1e-8  # Adam epsilon, as torch.optim.Adam
   c.optim.weight_decay = 5e-4  # coupled L2 (torch.optim.Adam), not AdamW
   c.optim.wd_exclude = ""  # regex on parameter paths, e.g. "bias|scale"
   c.optim.head_lr_mult = 1.0
@@ -95,4 +96,59 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 2
   c.distributed = False  # call jax.distributed.initialize() (multi-host)
+  return c
+
+
+SIZES = ("small", "medium", "large")
+
+
+def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """Applies comma-separated variant words, e.g. "baseline", "paper,n=3", "runlocal".
+
+  Words: runlocal, baseline, paper, ese_off, sigmoid, bf16, n=<int>, and a test size
+  (small/medium/large) for datasets that have several. Unknown words are rejected, so
+  a typo never trains the wrong model.
+  """
+  paper = False
+  for word in filter(None, (arg or "").split(",")):
+    if word == "runlocal":
+      # A laptop-sized run of the same code path: ResNet-18, 128 px, one epoch.
+      c.model.depth = 18
+      c.input.image_size = (128, 128)
+      c.input.num_ids, c.input.num_instances = 4, 4
+      c.input.num_workers = 0
+      c.optim.num_epochs = 1
+      c.optim.warmup_epochs = 0
+      c.eval.every_epochs = 1
+    elif word in SIZES:
+      c.dataset.builder_config = word
+    elif word == "baseline":
+      c.model.head = "baseline"
+    elif word == "paper":
+      # The paper's text (SPEC section 1 table, right column).
+      paper = True
+      c.model.value_conv = "full"
+      c.model.pooling = "mean"
+      c.model.ese = "kept"
+      c.model.global_feature = "backbone_gap"
+      c.model.diversity = "kept"
+      c.eval.distance = "cam"
+    elif word == "ese_off":
+      c.model.ese = "none"
+    elif word == "sigmoid":
+      c.model.attention = "sigmoid"
+    elif word == "bf16":
+      c.model.dtype = "bfloat16"
+    elif word.startswith("n="):
+      n = int(word[2:])
+      if not 2 <= n <= 8:
+        raise ValueError(f"Config variant {word!r}: n must be in 2..8.")
+      c.model.num_prototypes = n
+    else:
+      raise ValueError(
+          f"Unknown config variant {word!r} in {arg!r}; expected a comma-separated list of "
+          "runlocal, baseline, paper, ese_off, sigmoid, bf16, n=<int>, small/medium/large.")
+  # The value map has the backbone's width; the paper's text splits it over the parts.
+  width = 2048 if c.model.depth >= 50 else 512
+  c.model.value_channels = width // (c.model.num_prototypes - 1) if paper else width
   return c
