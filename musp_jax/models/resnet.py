@@ -1,0 +1,151 @@
+"""ResNet-18/34/50/101/152 in Flax linen with torchvision's exact layout.
+
+Every module name and padding mirrors torchvision's `resnet{depth}` so that its
+`state_dict` maps onto these variables one to one (see models/weights.py):
+
+    torchvision                 Flax (params / batch_stats)
+    conv1.weight                conv1/kernel              OIHW -> HWIO
+    bn1.{weight,bias}           bn1/{scale,bias}
+    bn1.running_{mean,var}      bn1/{mean,var}
+    layer2.0.conv2.weight       layer2_0/conv2/kernel
+    layer2.0.downsample.{0,1}   layer2_0/downsample_conv, layer2_0/downsample_bn
+    fc.{weight,bias}            fc/{kernel,bias}          (only with num_classes)
+
+ResNet v1.5: in a bottleneck the stride sits on the 3x3 conv. Padding is
+explicit because 'SAME' pads (0, 1) on even inputs where PyTorch pads (1, 1).
+"""
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# torchvision's ResNet zoo: block type and number of blocks per stage.
+STAGE_SIZES: dict[int, tuple[str, tuple[int, int, int, int]]] = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
+}
+_WIDTHS = (64, 128, 256, 512)
+_EXPANSION = {"basic": 1, "bottleneck": 4}
+
+# torchvision initialises convs with kaiming_normal_(mode="fan_out"), a plain
+# (untruncated) normal.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def conv(features: int, kernel_size: int, strides: int, dtype: Any,
+         name: str, *, groups: int = 1, use_bias: bool = False) -> nn.Conv:
+  """A PyTorch-padded conv: symmetric `kernel_size // 2` on each side."""
+  p = kernel_size // 2
+  return nn.Conv(
+      features, (kernel_size, kernel_size), strides=(strides, strides),
+      padding=((p, p), (p, p)), feature_group_count=groups, use_bias=use_bias,
+      dtype=dtype, param_dtype=jnp.float32, kernel_init=conv_kernel_init,
+      name=name)
+
+
+def batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
+  """PyTorch-equivalent BatchNorm: eps 1e-5, torch momentum 0.1.
+
+  Statistics stay float32 whatever the compute dtype. No `axis_name`: under jit
+  with a sharded global batch the statistics are already global.
+  """
+  return nn.BatchNorm(
+      use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+      param_dtype=jnp.float32, use_fast_variance=False,
+      force_float32_reductions=True, name=name)
+
+
+class Block(nn.Module):
+  """A torchvision BasicBlock (two 3x3) or Bottleneck (1x1, 3x3, 1x1)."""
+  kind: str  # basic | bottleneck
+  planes: int
+  strides: int = 1
+  downsample: bool = False
+  train: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.kind == "basic":
+      convs = [(self.planes, 3, self.strides), (self.planes, 3, 1)]
+    else:  # v1.5: the stride is on the 3x3 conv.
+      convs = [(self.planes, 1, 1), (self.planes, 3, self.strides),
+               (self.planes * 4, 1, 1)]
+    y = x
+    for i, (features, k, s) in enumerate(convs, start=1):
+      y = conv(features, k, s, self.dtype, f"conv{i}")(y)
+      y = batch_norm(self.train, self.dtype, f"bn{i}")(y)
+      if i < len(convs):
+        y = nn.relu(y)
+    if self.downsample:
+      x = conv(convs[-1][0], 1, self.strides, self.dtype, "downsample_conv")(x)
+      x = batch_norm(self.train, self.dtype, "downsample_bn")(x)
+    return nn.relu(y + x)
+
+
+def _torch_linear_init(fan_in: int) -> nn.initializers.Initializer:
+  """nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for W and b."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+class ResNet(nn.Module):
+  """torchvision ResNet; returns named intermediates.
+
+  Attributes:
+    depth: 18, 34, 50, 101 or 152.
+    last_stride: stride of the last stage (1 for re-ID: 256x256 -> 16x16).
+    num_classes: adds torchvision's `fc` classifier when set (ImageNet: 1000).
+    dtype: compute dtype; parameters and BatchNorm statistics stay float32.
+  """
+  depth: int = 50
+  last_stride: int = 1
+  num_classes: int | None = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images_BxHxWx3: jax.Array, *,
+               train: bool = False) -> dict[str, jax.Array]:
+    """Returns {"stem", "layer1".."layer4", "pooled"[, "logits"]}."""
+    if self.depth not in STAGE_SIZES:
+      raise ValueError(f"ResNet depth {self.depth} is not one of "
+                       f"{sorted(STAGE_SIZES)}")
+    if self.last_stride not in (1, 2):
+      raise ValueError(f"last_stride must be 1 or 2, got {self.last_stride}")
+    kind, sizes = STAGE_SIZES[self.depth]
+    out = {}
+    x = images_BxHxWx3.astype(self.dtype)
+    x = conv(64, 7, 2, self.dtype, "conv1")(x)
+    x = nn.relu(batch_norm(train, self.dtype, "bn1")(x))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    out["stem"] = x
+    in_features = 64
+    for stage, (planes, num_blocks) in enumerate(zip(_WIDTHS, sizes), start=1):
+      stage_stride = 1 if stage == 1 else (self.last_stride if stage == 4
+                                           else 2)
+      for b in range(num_blocks):
+        strides = stage_stride if b == 0 else 1
+        out_features = planes * _EXPANSION[kind]
+        x = Block(kind, planes, strides,
+                  downsample=strides != 1 or in_features != out_features,
+                  train=train, dtype=self.dtype, name=f"layer{stage}_{b}")(x)
+        in_features = out_features
+      out[f"layer{stage}"] = x
+    # Average in float32: a bf16 sum over 256 pixels loses precision.
+    out["pooled"] = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    if self.num_classes is not None:
+      out["logits"] = nn.Dense(
+          self.num_classes, dtype=jnp.float32,
+          kernel_init=_torch_linear_init(in_features),
+          bias_init=_torch_linear_init(in_features), name="fc")(out["pooled"])
+    return out
