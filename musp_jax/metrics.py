@@ -1,0 +1,92 @@
+"""Pure-numpy reference of the retrieval metrics (SPEC section 5).
+
+This is the slow, obviously-correct definition that the on-device ranking in
+`retrieval.py` is tested against. Per query:
+
+  1. order the gallery by ascending distance; ties keep gallery index order
+     (a stable sort), so the result never depends on the sort algorithm;
+  2. drop junk: gallery items with the query's id AND camera (if `remove_junk`);
+  3. skip the query if no true match (same id) is left;
+  4. CMC@k = 1 if the first true match is within the top k;
+     AP = mean over true matches of the precision at that match's rank;
+     INP = (number of true matches) / (rank of the last true match).
+
+The CMC curve is always `max_rank` long: past the end of a short gallery it
+keeps its last value (1, since every counted query has a true match).
+"""
+
+from typing import Any
+
+import numpy as np
+
+
+def _check_shapes(distmat, q_ids, g_ids, q_cams, g_cams):
+  num_q, num_g = distmat.shape
+  for name, arr, n in (("q_ids", q_ids, num_q), ("g_ids", g_ids, num_g),
+                       ("q_cams", q_cams, num_q), ("g_cams", g_cams, num_g)):
+    if arr.shape != (n,):
+      raise ValueError(
+          f"rank_metrics: {name} has shape {arr.shape}, expected ({n},) to "
+          f"match distmat of shape {distmat.shape}")
+
+
+def rank_metrics(distmat: np.ndarray,
+                 q_ids: np.ndarray,
+                 g_ids: np.ndarray,
+                 q_cams: np.ndarray,
+                 g_cams: np.ndarray,
+                 *,
+                 max_rank: int = 50,
+                 remove_junk: bool = True) -> dict[str, Any]:
+  """CMC, mAP and mINP of a (Q, G) distance matrix.
+
+  Args:
+    distmat: (Q, G) distances, smaller is more similar.
+    q_ids, g_ids: (Q,), (G,) identity labels.
+    q_cams, g_cams: (Q,), (G,) camera labels (ignored without junk removal).
+    max_rank: length of the returned CMC curve.
+    remove_junk: drop gallery items sharing the query's id and camera.
+
+  Returns:
+    {"mAP": float, "cmc": (max_rank,) float64, "mINP": float,
+     "num_valid_queries": int}.
+
+  Raises:
+    ValueError: on mismatched shapes, or if no query has a true match.
+  """
+  distmat = np.asarray(distmat)
+  if distmat.ndim != 2:
+    raise ValueError(f"rank_metrics: distmat must be 2-D, got {distmat.shape}")
+  q_ids, g_ids = np.asarray(q_ids), np.asarray(g_ids)
+  q_cams, g_cams = np.asarray(q_cams), np.asarray(g_cams)
+  _check_shapes(distmat, q_ids, g_ids, q_cams, g_cams)
+
+  cmc_sum = np.zeros(max_rank, np.float64)
+  ap_sum = inp_sum = 0.0
+  num_valid = 0
+  for q in range(distmat.shape[0]):
+    order = np.argsort(distmat[q], kind="stable")
+    match = g_ids[order] == q_ids[q]
+    if remove_junk:
+      junk = match & (g_cams[order] == q_cams[q])
+      match = match[~junk]
+    if not match.any():
+      continue
+    num_valid += 1
+    hits = np.cumsum(match)  # true matches within the top (i + 1)
+    cmc = np.minimum(hits, 1).astype(np.float64)
+    if cmc.size < max_rank:
+      cmc = np.concatenate([cmc, np.full(max_rank - cmc.size, cmc[-1])])
+    cmc_sum += cmc[:max_rank]
+    ranks = np.flatnonzero(match)  # 0-based ranks of the true matches
+    ap_sum += np.mean(hits[ranks] / (ranks + 1.0))
+    inp_sum += hits[-1] / (ranks[-1] + 1.0)
+  if num_valid == 0:
+    raise ValueError("rank_metrics: no query has a true match in the gallery "
+                     "(after junk removal); nothing to evaluate")
+  return {
+      "mAP": ap_sum / num_valid,
+      "cmc": cmc_sum / num_valid,
+      "mINP": inp_sum / num_valid,
+      "num_valid_queries": num_valid,
+  }

@@ -1,0 +1,523 @@
+"""CAM-weighted distance and exact on-device ranking, streamed in query blocks.
+
+Distances (SPEC section 4), for features f (N, P, C) and areas a (N, P):
+
+  cam_squared  D = sum_p w_p ||f_q^p - f_g^p||^2      (official code, default)
+  cam          D = sum_p w_p ||f_q^p - f_g^p||        (paper text)
+  cosine       D = 1 - cos(x_q, x_g)   on the concatenated feature x (P*C)
+  euclidean    D = ||x_q - x_g||       on the concatenated feature
+  with w_p = a_q^p a_g^p / sum_j a_q^j a_g^j.
+
+`cam_squared` is one large GEMM: expanding the square,
+  sum_p a_q^p a_g^p ||f_q^p - f_g^p||^2
+      = sum_p a_q^p a_g^p (|f_q^p|^2 + |f_g^p|^2) - 2 [a_q f_q] . [a_g f_g]
+where [a f] is the area-scaled concatenated feature (P*C); the norm terms and
+the denominator a_q . a_g are GEMMs with P columns. This holds for any features
+(not only L2-normalised ones), so no (Q, G, P) tensor is ever built.
+
+Ranking (SPEC section 5) without sorting: a query's AP, CMC and INP depend only
+on the ranks of its true matches. With the stable tie rule, gallery item k is
+ahead of item j iff (d_k, k) < (d_j, j) lexicographically, so the rank of a true
+match j among the kept items is
+
+  #{k : (d_k, k) < (d_j, j)}  -  #{junk k : (d_k, k) < (d_j, j)}.
+
+Both true matches and junk have the query's id, so per query only the M
+gallery items sharing its id are needed (an index table built on the host);
+the first count is one compare-and-sum over the gallery row, the rest is M x M.
+The results equal `metrics.rank_metrics` exactly on the same distances, ties
+included. Queries are processed in order of M so each block pads M little.
+
+Memory: the gallery (prepared features) lives on the device, sharded over the
+mesh along the gallery axis; per query block only a (query_block, G) distance
+block exists, never the full (Q, G) matrix (unless asked for).
+"""
+
+from collections.abc import Sequence
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import jax.numpy as jnp
+import numpy as np
+
+from musp_jax import metrics
+from musp_jax import rerank as rerank_lib
+
+DISTANCES = ("cam_squared", "cam", "cosine", "euclidean")
+NPZ_KEYS = ("feats", "areas", "vehicle_id", "camera_id", "file_name",
+            "model_signature")
+Precision = jax.lax.Precision
+
+
+# --------------------------------------------------------------------------
+# Feature sets and their .npz form.
+
+
+@dataclasses.dataclass(frozen=True)
+class Features:
+  """One split's retrieval features (the saved .npz format, in memory)."""
+  feats: np.ndarray  # (N, P, C) float32, L2-normalised per branch
+  areas: np.ndarray  # (N, P) float32
+  ids: np.ndarray  # (N,) vehicle ids
+  cams: np.ndarray  # (N,) camera ids, -1 where the dataset has none
+  file_names: np.ndarray | None = None  # (N,) str
+  model_signature: str = ""
+
+  def __post_init__(self):
+    n = self.feats.shape[0]
+    if self.feats.ndim != 3:
+      raise ValueError(f"Features.feats must be (N, P, C), got {self.feats.shape}")
+    expected = {"areas": (n, self.feats.shape[1]), "ids": (n,), "cams": (n,)}
+    if self.file_names is not None:
+      expected["file_names"] = (n,)
+    for name, shape in expected.items():
+      if getattr(self, name).shape != shape:
+        raise ValueError(f"Features.{name} has shape {getattr(self, name).shape}, "
+                         f"expected {shape} (feats is {self.feats.shape})")
+
+  def __len__(self) -> int:
+    return self.feats.shape[0]
+
+  def take(self, index: np.ndarray) -> "Features":
+    """The subset at `index` (indices or a boolean mask)."""
+    return Features(
+        self.feats[index], self.areas[index], self.ids[index], self.cams[index],
+        None if self.file_names is None else self.file_names[index],
+        self.model_signature)
+
+
+def save_features(path: str | os.PathLike, features: Features) -> None:
+  """Writes the contract's .npz: feats, areas, vehicle_id, camera_id, ..."""
+  names = features.file_names
+  if names is None:
+    names = np.array([""] * len(features))
+  np.savez(path, feats=features.feats.astype(np.float32),
+           areas=features.areas.astype(np.float32),
+           vehicle_id=features.ids, camera_id=features.cams,
+           file_name=np.asarray(names, dtype=str),
+           model_signature=np.array(features.model_signature))
+
+
+def load_features(path: str | os.PathLike) -> Features:
+  """Reads a .npz written by `save_features` (or any tool using its keys)."""
+  with np.load(path, allow_pickle=False) as data:
+    missing = [k for k in NPZ_KEYS if k not in data.files]
+    if missing:
+      raise ValueError(f"{path}: missing keys {missing}; a features file "
+                       f"needs {list(NPZ_KEYS)}, found {sorted(data.files)}")
+    return Features(data["feats"].astype(np.float32),
+                    data["areas"].astype(np.float32), data["vehicle_id"],
+                    data["camera_id"], data["file_name"],
+                    str(data["model_signature"]))
+
+
+def _as_features(x: "Features | str | os.PathLike", what: str) -> Features:
+  if isinstance(x, Features):
+    return x
+  if isinstance(x, (str, os.PathLike)):
+    return load_features(x)
+  raise TypeError(f"evaluate: {what} must be Features or a .npz path, "
+                  f"got {type(x).__name__}")
+
+
+def l2_normalize(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
+  """x / ||x|| along `axis`; all-zero vectors (padded branches) stay zero."""
+  norm = np.linalg.norm(x, axis=axis, keepdims=True)
+  return x / np.maximum(norm, eps)
+
+
+def flip_average(feats_a: np.ndarray, feats_b: np.ndarray,
+                 areas_a: np.ndarray, areas_b: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """Averages two views' (N, P, C) features, re-normalised per branch.
+
+  Typically an image and its horizontal flip. Areas are averaged as well.
+  """
+  if feats_a.shape != feats_b.shape or areas_a.shape != areas_b.shape:
+    raise ValueError(f"flip_average: shapes differ: feats {feats_a.shape} vs "
+                     f"{feats_b.shape}, areas {areas_a.shape} vs {areas_b.shape}")
+  feats = l2_normalize((feats_a.astype(np.float32) + feats_b) / 2.0)
+  return feats.astype(np.float32), ((areas_a + areas_b) / 2.0).astype(np.float32)
+
+
+# --------------------------------------------------------------------------
+# Distances.
+
+
+def _check_distance(distance: str) -> None:
+  if distance not in DISTANCES:
+    raise ValueError(f"distance={distance!r}; expected one of {DISTANCES}")
+
+
+def _prepare(feats_NxPxC, areas_NxP, distance: str) -> tuple[jax.Array, ...]:
+  """Per-item arrays that make the pairwise distance a few GEMMs."""
+  feats_NxPxC = feats_NxPxC.astype(jnp.float32)
+  areas_NxP = areas_NxP.astype(jnp.float32)
+  n = feats_NxPxC.shape[0]
+  sq_NxP = jnp.sum(feats_NxPxC * feats_NxPxC, axis=-1)
+  if distance == "cam_squared":
+    scaled_NxD = (feats_NxPxC * areas_NxP[..., None]).reshape(n, -1)
+    return scaled_NxD, areas_NxP, areas_NxP * sq_NxP
+  if distance == "cam":
+    return feats_NxPxC, areas_NxP, sq_NxP
+  flat_NxD = feats_NxPxC.reshape(n, -1)
+  if distance == "cosine":
+    norm = jnp.sqrt(jnp.sum(flat_NxD * flat_NxD, axis=-1, keepdims=True))
+    return (flat_NxD / jnp.maximum(norm, 1e-12),)
+  return flat_NxD, jnp.sum(sq_NxP, axis=-1)
+
+
+def _pair(q, g, distance: str, precision) -> jax.Array:
+  """(Nq, Ng) distances between two prepared sets."""
+  dot = functools.partial(jnp.matmul, precision=precision)
+  if distance == "cam_squared":
+    q_scaled, q_a, q_asq = q
+    g_scaled, g_a, g_asq = g
+    # sum_p a_q a_g (|f_q|^2 + |f_g|^2): one GEMM over [a_q|f_q|^2, a_q].
+    norms = dot(jnp.concatenate([q_asq, q_a], -1),
+                jnp.concatenate([g_a, g_asq], -1).T)
+    cross = dot(q_scaled, g_scaled.T)
+    den = dot(q_a, g_a.T)
+    # Clamp: cancellation can give tiny negatives for near-identical items.
+    return jnp.maximum(norms - 2.0 * cross, 0.0) / den
+  if distance == "cam":
+    q_f, q_a, q_sq = q
+    g_f, g_a, g_sq = g
+    num = 0.0
+    for p in range(q_f.shape[1]):  # P is small; one (Nq, Ng) temporary a time
+      d2 = q_sq[:, p, None] + g_sq[None, :, p] - 2.0 * dot(q_f[:, p], g_f[:, p].T)
+      num = num + q_a[:, p, None] * g_a[None, :, p] * jnp.sqrt(jnp.maximum(d2, 0.0))
+    return num / dot(q_a, g_a.T)
+  if distance == "cosine":
+    return 1.0 - dot(q[0], g[0].T)
+  d2 = q[1][:, None] + g[1][None, :] - 2.0 * dot(q[0], g[0].T)
+  return jnp.sqrt(jnp.maximum(d2, 0.0))
+
+
+@functools.partial(jax.jit, static_argnames=("distance", "precision"))
+def pairwise_distance(q_feats, q_areas, g_feats, g_areas, *,
+                      distance: str = "cam_squared",
+                      precision: Precision = Precision.HIGHEST) -> jax.Array:
+  """(Nq, Ng) distances of one block; feats (N, P, C), areas (N, P)."""
+  _check_distance(distance)
+  return _pair(_prepare(q_feats, q_areas, distance),
+               _prepare(g_feats, g_areas, distance), distance, precision)
+
+
+def cam_distance(q_feats, q_areas, g_feats, g_areas, *, squared: bool = True,
+                 precision: Precision = Precision.HIGHEST) -> jax.Array:
+  """CAM-weighted distance of one block (SPEC section 4).
+
+  Args:
+    q_feats, g_feats: (Nq, P, C), (Ng, P, C) per-branch features.
+    q_areas, g_areas: (Nq, P), (Ng, P) areas (weights before normalisation).
+    squared: sum_p w_p ||.||^2 (official code) or sum_p w_p ||.|| (paper).
+    precision: matmul precision; HIGHEST keeps float32 on GPUs (no TF32).
+
+  Returns:
+    (Nq, Ng) float32 distances.
+  """
+  return pairwise_distance(q_feats, q_areas, g_feats, g_areas,
+                           distance="cam_squared" if squared else "cam",
+                           precision=precision)
+
+
+# --------------------------------------------------------------------------
+# Exact ranking of a (Qb, G) distance block.
+
+
+def _block_stats(dist_QxG, g_valid_G, idx_QxM, pos_QxM, junk_QxM):
+  """Per-query AP, first/last true-match rank, INP from the same-id table.
+
+  idx_QxM: gallery indices of the items sharing the query's id (padding
+  slots have pos = junk = False). Ranks are 0-based among kept items.
+  """
+  num_g = dist_QxG.shape[1]
+  dist_QxG = jnp.where(g_valid_G[None, :], dist_QxG, jnp.inf)
+  d_QxM = jnp.take_along_axis(dist_QxG, idx_QxM, axis=1)
+  g_index = jnp.arange(num_g, dtype=jnp.int32)
+  # Items ahead of each same-id item in the stable order: (d_k, k) < (d_j, j).
+  d_k, d_j = dist_QxG[:, None, :], d_QxM[:, :, None]
+  ahead_QxMxG = (d_k < d_j) | ((d_k == d_j) & (g_index < idx_QxM[:, :, None]))
+  ahead_QxM = jnp.sum(ahead_QxMxG, axis=-1, dtype=jnp.int32)
+  # Among the same-id items: s' ahead of s.
+  d_s, d_t = d_QxM[:, None, :], d_QxM[:, :, None]
+  i_s, i_t = idx_QxM[:, None, :], idx_QxM[:, :, None]
+  ahead_QxMxM = (d_s < d_t) | ((d_s == d_t) & (i_s < i_t))
+  junk_ahead = jnp.sum(ahead_QxMxM & junk_QxM[:, None, :], -1, dtype=jnp.int32)
+  pos_ahead = jnp.sum(ahead_QxMxM & pos_QxM[:, None, :], -1, dtype=jnp.int32)
+  rank_QxM = ahead_QxM - junk_ahead
+  num_pos = jnp.sum(pos_QxM, -1, dtype=jnp.int32)
+  precision_QxM = (pos_ahead + 1).astype(jnp.float32) / (rank_QxM + 1)
+  ap = jnp.sum(jnp.where(pos_QxM, precision_QxM, 0.0), -1) / jnp.maximum(num_pos, 1)
+  first = jnp.min(jnp.where(pos_QxM, rank_QxM, num_g), -1)
+  last = jnp.max(jnp.where(pos_QxM, rank_QxM, -1), -1)
+  inp = num_pos / jnp.maximum(last + 1, 1).astype(jnp.float32)
+  return ap, first, inp
+
+
+@functools.partial(jax.jit, static_argnames=("distance", "precision"))
+def _features_block(q_feats, q_areas, g_prep, g_valid, idx, pos, junk, *,
+                    distance, precision):
+  dist = _pair(_prepare(q_feats, q_areas, distance), g_prep, distance, precision)
+  return _block_stats(dist, g_valid, idx, pos, junk)
+
+
+@functools.partial(jax.jit, static_argnames=("distance", "precision"))
+def _query_distance(q_feats, q_areas, g_prep, *, distance, precision):
+  return _pair(_prepare(q_feats, q_areas, distance), g_prep, distance, precision)
+
+
+@jax.jit
+def _distmat_block(dist, g_valid, idx, pos, junk):
+  return _block_stats(dist, g_valid, idx, pos, junk)
+
+
+# --------------------------------------------------------------------------
+# Host-side bookkeeping: same-id tables, blocks, sharding, accumulation.
+
+
+def default_mesh() -> Mesh:
+  """A 1-D mesh over all devices (the gallery axis is sharded over it)."""
+  return jax.make_mesh((jax.device_count(),), ("gallery",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def _shardings(mesh: Mesh) -> tuple[NamedSharding, NamedSharding, NamedSharding]:
+  axes = tuple(mesh.axis_names)
+  return (NamedSharding(mesh, PartitionSpec(axes)),  # gallery rows
+          NamedSharding(mesh, PartitionSpec(None, axes)),  # distance columns
+          NamedSharding(mesh, PartitionSpec()))  # replicated
+
+
+def _put(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
+
+
+def _pad_rows(x: np.ndarray, n: int, value=0) -> np.ndarray:
+  if x.shape[0] == n:
+    return x
+  pad = np.full((n - x.shape[0],) + x.shape[1:], value, dtype=x.dtype)
+  return np.concatenate([x, pad])
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+class _SameIdTable:
+  """For each query, the gallery items with its id, flagged true match / junk."""
+
+  def __init__(self, q_ids, g_ids, q_cams, g_cams, remove_junk: bool):
+    self.q_ids, self.q_cams = np.asarray(q_ids), np.asarray(q_cams)
+    self.g_cams = np.asarray(g_cams)
+    self.remove_junk = remove_junk
+    g_ids = np.asarray(g_ids)
+    self.order = np.argsort(g_ids, kind="stable")
+    sorted_ids = g_ids[self.order]
+    self.start = np.searchsorted(sorted_ids, self.q_ids, side="left")
+    self.count = np.searchsorted(sorted_ids, self.q_ids, side="right") - self.start
+    num_pos = np.zeros(len(self.q_ids), np.int64)
+    for lo in range(0, len(self.q_ids), 4096):  # bounded host memory
+      _, pos, _ = self.table(np.arange(lo, min(lo + 4096, len(self.q_ids))))
+      num_pos[lo:lo + 4096] = pos.sum(-1)
+    self.num_pos = num_pos
+
+  def table(self, queries: np.ndarray, width: int | None = None):
+    count = self.count[queries]
+    width = max(int(count.max(initial=0)), 1) if width is None else width
+    slot = np.arange(width)
+    valid = slot[None, :] < count[:, None]
+    where = np.where(valid, self.start[queries, None] + slot[None, :], 0)
+    idx = np.where(valid, self.order[np.minimum(where, len(self.order) - 1)], 0)
+    junk = valid & self.remove_junk & (
+        self.g_cams[idx] == self.q_cams[queries, None])
+    return idx.astype(np.int32), valid & ~junk, junk
+
+
+def _query_blocks(table: _SameIdTable, query_block: int):
+  """Valid queries sorted by same-id count, in blocks with a power-of-2 width."""
+  valid = np.flatnonzero(table.num_pos > 0)
+  valid = valid[np.argsort(table.count[valid], kind="stable")]
+  for lo in range(0, len(valid), query_block):
+    queries = valid[lo:lo + query_block]
+    width = 1 << int(np.ceil(np.log2(max(table.count[queries].max(), 1))))
+    yield queries, width
+
+
+class _Accumulator:
+
+  def __init__(self, max_rank: int):
+    self.max_rank = max_rank
+    self.ap = self.inp = 0.0
+    self.first_hist = np.zeros(max_rank + 1, np.int64)
+    self.n = 0
+
+  def add(self, ap, first, inp, n: int):
+    ap, first, inp = (np.asarray(x.addressable_shards[0].data)[:n]
+                      for x in (ap, first, inp))
+    self.ap += float(np.sum(ap, dtype=np.float64))
+    self.inp += float(np.sum(inp, dtype=np.float64))
+    self.first_hist += np.bincount(np.minimum(first, self.max_rank),
+                                   minlength=self.max_rank + 1)
+    self.n += n
+
+  def result(self) -> dict[str, Any]:
+    if self.n == 0:
+      raise ValueError("evaluate: no query has a true match in the gallery "
+                       "(after junk removal); nothing to evaluate")
+    return {"mAP": self.ap / self.n,
+            "cmc": np.cumsum(self.first_hist[:self.max_rank]) / self.n,
+            "mINP": self.inp / self.n,
+            "num_valid_queries": self.n}
+
+
+def _check_block(query_block: int) -> None:
+  if query_block < 1:
+    raise ValueError(f"query_block={query_block}; expected >= 1")
+
+
+# --------------------------------------------------------------------------
+# Public entry points.
+
+
+def rank_distmat(distmat: np.ndarray, q_ids, g_ids, q_cams, g_cams, *,
+                 max_rank: int = 50, remove_junk: bool = True,
+                 query_block: int = 1024, mesh: Mesh | None = None
+                 ) -> dict[str, Any]:
+  """`metrics.rank_metrics` computed on the device, query block by block."""
+  distmat = np.asarray(distmat, np.float32)
+  mesh = mesh or default_mesh()
+  _check_block(query_block)
+  rows, cols, repl = _shardings(mesh)
+  num_g = distmat.shape[1]
+  g_pad = _round_up(num_g, mesh.size)
+  g_valid = _put(np.arange(g_pad) < num_g, rows)
+  table = _SameIdTable(q_ids, g_ids, q_cams, g_cams, remove_junk)
+  acc = _Accumulator(max_rank)
+  for queries, width in _query_blocks(table, query_block):
+    n = len(queries)
+    block = np.zeros((query_block, g_pad), np.float32)
+    block[:n, :num_g] = distmat[queries]
+    idx, pos, junk = (_put(_pad_rows(x, query_block), repl)
+                      for x in table.table(queries, width))
+    acc.add(*_distmat_block(_put(block, cols), g_valid, idx, pos, junk), n)
+  return acc.result()
+
+
+def _prepare_gallery(gallery: Features, distance: str, mesh: Mesh):
+  rows, _, _ = _shardings(mesh)
+  num_g = len(gallery)
+  g_pad = _round_up(num_g, mesh.size)
+  # Padding rows get unit areas (a finite denominator) and are masked out.
+  feats = _put(_pad_rows(gallery.feats.astype(np.float32), g_pad), rows)
+  areas = _put(_pad_rows(gallery.areas.astype(np.float32), g_pad, 1.0), rows)
+  prep = jax.jit(_prepare, static_argnums=2, out_shardings=rows)(
+      feats, areas, distance)
+  return prep, _put(np.arange(g_pad) < num_g, rows)
+
+
+def distance_matrix(query: "Features | str | os.PathLike",
+                    gallery: "Features | str | os.PathLike", *,
+                    distance: str = "cam_squared", query_block: int = 1024,
+                    mesh: Mesh | None = None,
+                    precision: Precision = Precision.HIGHEST) -> np.ndarray:
+  """The full (Q, G) matrix on the host (computed in query blocks)."""
+  _check_distance(distance)
+  query, gallery = _as_features(query, "query"), _as_features(gallery, "gallery")
+  mesh = mesh or default_mesh()
+  _, _, repl = _shardings(mesh)
+  g_prep, _ = _prepare_gallery(gallery, distance, mesh)
+  out = np.empty((len(query), len(gallery)), np.float32)
+  for lo in range(0, len(query), query_block):
+    hi = min(lo + query_block, len(query))
+    qf = _put(_pad_rows(query.feats[lo:hi].astype(np.float32), query_block), repl)
+    qa = _put(_pad_rows(query.areas[lo:hi].astype(np.float32), query_block, 1.0),
+              repl)
+    dist = _query_distance(qf, qa, g_prep, distance=distance,
+                           precision=precision)
+    out[lo:hi] = np.asarray(jax.device_get(dist))[:hi - lo, :len(gallery)]
+  return out
+
+
+def evaluate(query: "Features | str | os.PathLike",
+             gallery: "Features | str | os.PathLike", *,
+             distance: str = "cam_squared", remove_junk: bool = True,
+             max_rank: int = 50, query_block: int = 1024,
+             rerank: bool = False, rerank_k1: int = 20, rerank_k2: int = 6,
+             rerank_lambda: float = 0.3, mesh: Mesh | None = None,
+             precision: Precision = Precision.HIGHEST,
+             return_distmat: bool = False) -> dict[str, Any]:
+  """Retrieval metrics of query vs gallery features, streamed on the device.
+
+  Args:
+    query, gallery: `Features` or paths of saved .npz features.
+    distance: one of DISTANCES.
+    remove_junk: drop gallery items sharing the query's id and camera.
+    max_rank: CMC length.
+    query_block: queries per device step; the device holds one
+      (query_block, G) distance block.
+    rerank: k-reciprocal re-ranking (needs the (Q+G)^2 matrix on the host).
+    mesh: devices to shard the gallery over (default: all devices).
+    precision: matmul precision of the distance.
+    return_distmat: also return the full (Q, G) matrix as "distmat".
+
+  Returns:
+    {"mAP", "cmc" (max_rank,), "mINP", "num_valid_queries"} (+ "distmat").
+  """
+  _check_distance(distance)
+  query, gallery = _as_features(query, "query"), _as_features(gallery, "gallery")
+  if query.feats.shape[1:] != gallery.feats.shape[1:]:
+    raise ValueError(f"evaluate: query features {query.feats.shape[1:]} and "
+                     f"gallery features {gallery.feats.shape[1:]} differ (P, C)")
+  mesh = mesh or default_mesh()
+  _check_block(query_block)
+  labels = (query.ids, gallery.ids, query.cams, gallery.cams)
+  options = dict(max_rank=max_rank, remove_junk=remove_junk,
+                 query_block=query_block, mesh=mesh)
+  dm = functools.partial(distance_matrix, distance=distance,
+                         query_block=query_block, mesh=mesh, precision=precision)
+  if rerank:
+    distmat = rerank_lib.k_reciprocal_rerank(
+        dm(query, gallery), dm(query, query), dm(gallery, gallery),
+        k1=rerank_k1, k2=rerank_k2, lambda_value=rerank_lambda)
+  elif return_distmat:
+    distmat = dm(query, gallery)
+  else:
+    distmat = None
+  if distmat is not None:
+    result = rank_distmat(distmat, *labels, **options)
+    if return_distmat:
+      result["distmat"] = distmat
+    return result
+
+  _, _, repl = _shardings(mesh)
+  g_prep, g_valid = _prepare_gallery(gallery, distance, mesh)
+  table = _SameIdTable(*labels, remove_junk)
+  acc = _Accumulator(max_rank)
+  for queries, width in _query_blocks(table, query_block):
+    qf = _put(_pad_rows(query.feats[queries].astype(np.float32), query_block), repl)
+    qa = _put(_pad_rows(query.areas[queries].astype(np.float32), query_block, 1.0),
+              repl)
+    idx, pos, junk = (_put(_pad_rows(x, query_block), repl)
+                      for x in table.table(queries, width))
+    acc.add(*_features_block(qf, qa, g_prep, g_valid, idx, pos, junk,
+                             distance=distance, precision=precision),
+            len(queries))
+  return acc.result()
+
+
+def result_row(result: dict[str, Any], ranks: Sequence[int] = (1, 5, 10)
+               ) -> dict[str, float]:
+  """A flat, printable row: mAP, CMC@k, mINP, num_valid_queries."""
+  row = {"mAP": float(result["mAP"])}
+  for k in ranks:
+    row[f"cmc@{k}"] = float(result["cmc"][k - 1])
+  row["mINP"] = float(result["mINP"])
+  row["num_valid_queries"] = int(result["num_valid_queries"])
+  return row
