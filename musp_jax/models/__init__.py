@@ -1,0 +1,51 @@
+"""Models: ResNet backbone (resnet.py), MUSP/baseline heads (musp.py), weight
+import (weights.py). `build_model` turns the config's `model` section into a
+ReIDModel."""
+
+import jax.numpy as jnp
+import ml_collections
+
+from musp_jax.models import musp
+from musp_jax.models import resnet
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str):
+  """Maps config.model.dtype to a jnp dtype."""
+  if name not in _DTYPES:
+    raise ValueError(f"model.dtype={name!r}; expected one of {sorted(_DTYPES)}")
+  return _DTYPES[name]
+
+
+def build_head(model_config: ml_collections.ConfigDict, num_classes: int):
+  """The head named by model_config.head ("musp" or "baseline")."""
+  c = model_config
+  if c.head == "baseline":
+    return musp.BaselineHead(num_classes)
+  if c.head != "musp":
+    raise ValueError(f"model.head={c.head!r}; expected 'musp' or 'baseline'")
+  return musp.MUSPHead(
+      num_classes=num_classes,
+      num_prototypes=c.num_prototypes,
+      value_conv=c.value_conv,
+      value_channels=c.value_channels,
+      pooling=c.pooling,
+      ese=c.ese,
+      ese_reduction=c.ese_reduction,
+      attention=c.attention,
+      global_feature=c.global_feature,
+      diversity=c.diversity,
+      dtype=compute_dtype(c.dtype))
+
+
+def build_model(model_config: ml_collections.ConfigDict,
+                num_classes: int) -> musp.ReIDModel:
+  """Backbone + head as configured (config section `model`)."""
+  if num_classes < 1:
+    raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+  backbone = resnet.ResNet(
+      depth=model_config.depth, last_stride=model_config.last_stride,
+      dtype=compute_dtype(model_config.dtype))
+  return musp.ReIDModel(backbone=backbone,
+                        head=build_head(model_config, num_classes))

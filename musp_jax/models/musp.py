@@ -1,0 +1,247 @@
+"""The MUSP head, the baseline head and ReIDModel (backbone + head).
+
+MUSP (SPEC section 1): n soft attention maps ("prototypes", the last one is
+background) pool a value map into n part features; the background part is
+dropped, a global feature is added, and every branch gets a BNNeck and a
+bias-free classifier. Both variants of SPEC's table are switches on MUSPHead;
+the defaults are the official code's.
+
+Output of both heads and of ReIDModel (P branches, global LAST):
+    feats      (B, P, C)  pre-BN features, zero-padded to the widest branch
+    bn_feats   (B, P, C)  post-BNNeck features, same padding
+    logits     (B, P, num_classes) float32
+    areas      (B, P)     kept prototypes' L1-normalised areas, then 1/(n-1)
+    attention  (B, h, w, n)  (MUSP only)
+    diversity  ()         spatial-diversity term (0 for the baseline)
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from musp_jax.models import resnet
+
+# Linear layers (classifiers, ESE) start from N(0, 0.01) as in the official code.
+linear_init = nn.initializers.normal(stddev=0.01)
+
+_CHOICES = {
+    "value_conv": ("depthwise", "full"),
+    "pooling": ("sum", "mean"),
+    "ese": ("all", "kept", "none"),
+    "attention": ("softmax", "sigmoid"),
+    "global_feature": ("value_mean", "backbone_gap"),
+    "diversity": ("all", "kept"),
+}
+
+
+def diversity_term(attention_BxHxWxN: jax.Array, *,
+                   keep_background: bool) -> jax.Array:
+  """Sum over batch and pixels of the product of the attention maps.
+
+  Small when the maps do not overlap. keep_background=True multiplies all n
+  maps (official code); False only the n-1 kept ones (paper text).
+  """
+  maps = attention_BxHxWxN if keep_background else attention_BxHxWxN[..., :-1]
+  return jnp.sum(jnp.prod(maps.astype(jnp.float32), axis=-1))
+
+
+class BNNeck(nn.Module):
+  """BatchNorm1d whose shift is frozen (bag-of-tricks BNNeck).
+
+  The bias lives in params as `frozen_bias` so that PyTorch weights map onto it
+  one to one, but it never receives a gradient: it stays at its initial (or
+  imported) value.
+  """
+  train: bool = False
+
+  @nn.compact
+  def __call__(self, feats_BxC: jax.Array) -> jax.Array:
+    y = nn.BatchNorm(
+        use_running_average=not self.train, momentum=0.9, epsilon=1e-5,
+        use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
+        use_fast_variance=False, name="bn")(feats_BxC)
+    bias = self.param("frozen_bias", nn.initializers.zeros,
+                      (feats_BxC.shape[-1],), jnp.float32)
+    return y + jax.lax.stop_gradient(bias)
+
+
+class Branch(nn.Module):
+  """One feature branch: BNNeck then a bias-free linear classifier."""
+  num_classes: int
+  train: bool = False
+
+  @nn.compact
+  def __call__(self, feats_BxC: jax.Array) -> tuple[jax.Array, jax.Array]:
+    bn_BxC = BNNeck(self.train, name="neck")(feats_BxC.astype(jnp.float32))
+    logits_BxK = nn.Dense(self.num_classes, use_bias=False, dtype=jnp.float32,
+                          kernel_init=linear_init, name="classifier")(bn_BxC)
+    return bn_BxC, logits_BxK
+
+
+# The parts share Branch's code with stacked parameters (leading axis = part).
+PartBranches = nn.vmap(
+    Branch, in_axes=1, out_axes=1,
+    variable_axes={"params": 0, "batch_stats": 0},
+    split_rngs={"params": True})
+
+
+class ESE(nn.Module):
+  """Channel attention over the flattened parts: Linear-ReLU-Linear-sigmoid.
+
+  Parts are flattened channel-major (index = channel * N + part), the layout of
+  the official code, so its weights import without a permutation.
+  """
+  reduction: int = 16
+
+  @nn.compact
+  def __call__(self, parts_BxNxC: jax.Array) -> jax.Array:
+    b, n, c = parts_BxNxC.shape
+    hidden = n * c // self.reduction
+    if hidden < 1:
+      raise ValueError(f"ESE: {n} parts x {c} channels // ese_reduction "
+                       f"{self.reduction} leaves no hidden unit")
+    x_BxD = parts_BxNxC.transpose(0, 2, 1).reshape(b, c * n)
+    y = nn.relu(nn.Dense(hidden, use_bias=False, kernel_init=linear_init,
+                         name="fc1")(x_BxD))
+    y = nn.sigmoid(nn.Dense(c * n, use_bias=False, kernel_init=linear_init,
+                            name="fc2")(y))
+    return (x_BxD * y).reshape(b, c, n).transpose(0, 2, 1)
+
+
+def _pad_to(x_BxC: jax.Array, width: int) -> jax.Array:
+  return jnp.pad(x_BxC, [(0, 0)] * (x_BxC.ndim - 1)
+                 + [(0, width - x_BxC.shape[-1])])
+
+
+class MUSPHead(nn.Module):
+  """The MUSP head on a backbone map (B, h, w, D); see the module docstring.
+
+  Attributes (official default / paper text):
+    num_prototypes: n, including the background prototype (n >= 2).
+    value_conv: "depthwise" (groups = c) / "full".
+    value_channels: c (2048 / 2048 // (n - 1)).
+    pooling: "sum" over pixels / "mean".
+    ese: "all" n parts before dropping the background / "kept" n-1 parts /
+      "none".
+    ese_reduction: hidden width = ESE input width // ese_reduction.
+    attention: "softmax" over the n maps / "sigmoid" (ablation).
+    global_feature: "value_mean" (pixel mean of V) / "backbone_gap" (GAP of M).
+    diversity: "all" n maps in the product / "kept" n-1 maps.
+  """
+  num_classes: int
+  num_prototypes: int = 5
+  value_conv: str = "depthwise"
+  value_channels: int = 2048
+  pooling: str = "sum"
+  ese: str = "all"
+  ese_reduction: int = 16
+  attention: str = "softmax"
+  global_feature: str = "value_mean"
+  diversity: str = "all"
+  dtype: Any = jnp.float32
+
+  def _check(self, in_channels: int):
+    for field, choices in _CHOICES.items():
+      if getattr(self, field) not in choices:
+        raise ValueError(f"model.{field}={getattr(self, field)!r}; expected "
+                         f"one of {choices}")
+    if self.num_prototypes < 2:
+      raise ValueError(f"model.num_prototypes={self.num_prototypes}; need >= 2"
+                       " (the last prototype is background)")
+    if self.value_conv == "depthwise" and in_channels % self.value_channels:
+      raise ValueError(
+          f"model.value_conv='depthwise' uses groups=value_channels="
+          f"{self.value_channels}, which must divide the backbone's "
+          f"{in_channels} channels")
+
+  @nn.compact
+  def __call__(self, maps_BxHxWxD: jax.Array, *,
+               train: bool = False) -> dict[str, jax.Array]:
+    b, h, w, d = maps_BxHxWxD.shape
+    self._check(d)
+    n, c = self.num_prototypes, self.value_channels
+    groups = c if self.value_conv == "depthwise" else 1
+    att_logits = resnet.conv(n, 3, 1, self.dtype, "attention_conv",
+                             use_bias=True)(maps_BxHxWxD)
+    value_BxHxWxC = resnet.conv(c, 3, 1, self.dtype, "value_conv",
+                                groups=groups, use_bias=True)(maps_BxHxWxD)
+    # Pooling and areas in float32: they sum over every pixel.
+    att_logits = att_logits.astype(jnp.float32)
+    value_BxHxWxC = value_BxHxWxC.astype(jnp.float32)
+    if self.attention == "softmax":
+      attention_BxHxWxN = jax.nn.softmax(att_logits, axis=-1)
+    else:
+      attention_BxHxWxN = jax.nn.sigmoid(att_logits)
+
+    parts_BxNxC = jnp.einsum("bhwn,bhwc->bnc", attention_BxHxWxN, value_BxHxWxC)
+    if self.pooling == "mean":
+      parts_BxNxC = parts_BxNxC / (h * w)
+    if self.ese == "all":
+      parts_BxNxC = ESE(self.ese_reduction, name="ese")(parts_BxNxC)
+    parts_BxKxC = parts_BxNxC[:, :-1]  # drop the background prototype
+    if self.ese == "kept":
+      parts_BxKxC = ESE(self.ese_reduction, name="ese")(parts_BxKxC)
+
+    kept_areas_BxK = jnp.sum(attention_BxHxWxN[..., :-1], axis=(1, 2))
+    kept_areas_BxK = kept_areas_BxK / jnp.maximum(
+        jnp.sum(jnp.abs(kept_areas_BxK), axis=-1, keepdims=True), 1e-12)
+
+    if self.global_feature == "value_mean":
+      global_BxG = jnp.mean(value_BxHxWxC, axis=(1, 2))
+    else:
+      global_BxG = jnp.mean(maps_BxHxWxD.astype(jnp.float32), axis=(1, 2))
+
+    bn_parts_BxKxC, logits_parts = PartBranches(
+        self.num_classes, train, name="part_branches")(parts_BxKxC)
+    bn_global_BxG, logits_global = Branch(
+        self.num_classes, train, name="global_branch")(global_BxG)
+
+    width = max(c, global_BxG.shape[-1])
+    feats = jnp.concatenate(
+        [_pad_to(parts_BxKxC, width), _pad_to(global_BxG, width)[:, None]], 1)
+    bn_feats = jnp.concatenate(
+        [_pad_to(bn_parts_BxKxC, width), _pad_to(bn_global_BxG, width)[:, None]],
+        1)
+    global_area = jnp.full((b, 1), 1.0 / (n - 1), jnp.float32)
+    return {
+        "feats": feats,
+        "bn_feats": bn_feats,
+        "logits": jnp.concatenate([logits_parts, logits_global[:, None]], 1),
+        "areas": jnp.concatenate([kept_areas_BxK, global_area], 1),
+        "attention": attention_BxHxWxN,
+        "diversity": diversity_term(
+            attention_BxHxWxN, keep_background=self.diversity == "all"),
+    }
+
+
+class BaselineHead(nn.Module):
+  """Bag-of-tricks baseline: global average pooling and one BNNeck branch."""
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, maps_BxHxWxD: jax.Array, *,
+               train: bool = False) -> dict[str, jax.Array]:
+    b = maps_BxHxWxD.shape[0]
+    global_BxD = jnp.mean(maps_BxHxWxD.astype(jnp.float32), axis=(1, 2))
+    bn_BxD, logits = Branch(self.num_classes, train,
+                            name="global_branch")(global_BxD)
+    return {
+        "feats": global_BxD[:, None],
+        "bn_feats": bn_BxD[:, None],
+        "logits": logits[:, None],
+        "areas": jnp.ones((b, 1), jnp.float32),
+        "diversity": jnp.zeros((), jnp.float32),
+    }
+
+
+class ReIDModel(nn.Module):
+  """Backbone (variables under "backbone") + head (under "head")."""
+  backbone: resnet.ResNet
+  head: nn.Module
+
+  def __call__(self, images_BxHxWx3: jax.Array, *,
+               train: bool = False) -> dict[str, jax.Array]:
+    maps = self.backbone(images_BxHxWx3, train=train)["layer4"]
+    return self.head(maps, train=train)
