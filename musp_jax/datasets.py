@@ -1,0 +1,239 @@
+"""Random-access re-ID records from the built TFDS datasets (no TensorFlow graph code).
+
+    source = load_split("veri776", "train", data_dir="~/tensorflow_datasets", builder_config="")
+    source[0]  # {"image": JPEG bytes, "label": 3, "vehicle_id": 4, "camera_id": 2, ...}
+    split_index("veri776", "train", ...)  # labels / ids / cameras of the split, no images read
+
+Datasets are built once by `python -m musp_jax.build_dataset NAME ...` (licensed ones from
+their manual download folder); the synthetic one is built on first use by `ensure_built`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from tfds_builders import reid_base
+
+# Dataset name -> builder module (tfds_builders/<name>/<name>_dataset_builder.py).
+BUILDERS = {
+    "veri776": "tfds_builders.veri776.veri776_dataset_builder",
+    "vehicle_id": "tfds_builders.vehicle_id.vehicle_id_dataset_builder",
+    "veri_wild": "tfds_builders.veri_wild.veri_wild_dataset_builder",
+    "synthetic_vehicles": "tfds_builders.synthetic_vehicles.synthetic_vehicles_dataset_builder",
+}
+SPLITS = {
+    "veri776": ("train", "query", "gallery"),
+    "vehicle_id": ("train", "test"),
+    "veri_wild": ("train", "query", "gallery"),
+    "synthetic_vehicles": ("train", "query", "gallery"),
+}
+NEEDS_MANUAL_DIR = ("veri776", "vehicle_id", "veri_wild")
+INDEX_KEYS = reid_base.INDEX_KEYS
+
+
+class DatasetNotBuiltError(FileNotFoundError):
+  """The dataset has not been built into data_dir; the message holds the command."""
+
+
+def builder_class(name: str) -> type[reid_base.ReIdBuilder]:
+  if name not in BUILDERS:
+    raise ValueError(f"Unknown dataset {name!r}; expected one of {sorted(BUILDERS)}.")
+  return importlib.import_module(BUILDERS[name]).Builder
+
+
+def config_names(name: str) -> tuple[str, ...]:
+  """The builder configs of a dataset; () for one without configs (veri776)."""
+  return tuple(c.name for c in builder_class(name).BUILDER_CONFIGS or ())
+
+
+def get_builder(name: str, *, data_dir: str, builder_config: str | None,
+                **kwargs) -> reid_base.ReIdBuilder:
+  """The dataset's builder in `data_dir` (reads the built dataset's info if present)."""
+  cls = builder_class(name)
+  names = config_names(name)
+  if names and builder_config not in names:
+    raise ValueError(
+        f"Dataset {name!r} needs builder_config in {list(names)}, got {builder_config!r}.")
+  if not names and builder_config:
+    raise ValueError(
+        f"Dataset {name!r} has no builder configs; set builder_config to '' (got "
+        f"{builder_config!r}).")
+  return cls(data_dir=os.path.expanduser(data_dir), config=builder_config or None,
+             file_format="array_record", **kwargs)
+
+
+def build_command(name: str, *, data_dir: str, builder_config: str | None,
+                  manual_dir: str | None = None) -> str:
+  """The shell command that builds this dataset."""
+  cmd = f"python -m musp_jax.build_dataset {name}"
+  if name in NEEDS_MANUAL_DIR:
+    cmd += f" --manual_dir {manual_dir or 'DIR'}"
+  cmd += f" --data_dir {data_dir}"
+  if builder_config:
+    cmd += f" --config {builder_config}"
+  return cmd
+
+
+def _prepared_builder(name: str, data_dir: str, builder_config: str | None):
+  b = get_builder(name, data_dir=data_dir, builder_config=builder_config)
+  if not b.is_prepared():
+    hint = " (DIR: the folder of the manual download)" if name in NEEDS_MANUAL_DIR else ""
+    raise DatasetNotBuiltError(
+        f"Dataset {name}{'/' + builder_config if builder_config else ''} is not built in "
+        f"{os.path.expanduser(data_dir)}. Build it with:\n  "
+        f"{build_command(name, data_dir=data_dir, builder_config=builder_config)}{hint}")
+  return b
+
+
+def _check_split(name: str, split: str) -> None:
+  if split not in SPLITS[name]:
+    raise ValueError(f"Dataset {name!r} has splits {list(SPLITS[name])}, not {split!r}.")
+
+
+def _to_python(record: dict[str, Any]) -> dict[str, Any]:
+  """TFDS numpy values -> Python values (text as str, image kept as JPEG bytes)."""
+  out = {}
+  for k, v in record.items():
+    if k == "image":
+      out[k] = bytes(v)
+    elif isinstance(v, dict):
+      out[k] = _to_python(v)
+    elif isinstance(v, bytes):
+      out[k] = v.decode("utf-8")
+    elif isinstance(v, np.generic):
+      out[k] = v.item()
+    else:
+      out[k] = v
+  return out
+
+
+@dataclasses.dataclass
+class ReIdSource(Sequence):
+  """One split as a random-access sequence of record dicts (pickles by name, for workers)."""
+
+  name: str
+  split: str
+  data_dir: str
+  builder_config: str | None
+
+  def __post_init__(self):
+    self._source = None
+
+  @property
+  def tfds_source(self):
+    if self._source is None:
+      b = _prepared_builder(self.name, self.data_dir, self.builder_config)
+      self._source = b.as_data_source(
+          self.split, decoders={"image": tfds.decode.SkipDecoding()})
+    return self._source
+
+  def __len__(self) -> int:
+    return len(self.tfds_source)
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    return _to_python(self.tfds_source[i])
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+    return [_to_python(r) for r in self.tfds_source.__getitems__(list(indices))]
+
+  def __getstate__(self):
+    # Worker processes reopen the files instead of receiving open readers.
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._source = None
+
+
+def load_split(name: str, split: str, *, data_dir: str,
+               builder_config: str | None) -> ReIdSource:
+  """A split of a built dataset; raises DatasetNotBuiltError with the build command."""
+  _check_split(name, split)
+  source = ReIdSource(name, split, data_dir, builder_config)
+  len(source)  # open now, so a missing dataset fails here
+  return source
+
+
+def split_index(name: str, split: str, *, data_dir: str,
+                builder_config: str | None) -> dict[str, np.ndarray]:
+  """{"label", "vehicle_id", "camera_id"} int64 arrays of a whole split, no images read.
+
+  They come from the index written with the dataset (metadata.json); its length and its
+  first and last entries are checked against the records.
+  """
+  _check_split(name, split)
+  b = _prepared_builder(name, data_dir, builder_config)
+  try:
+    index = b.info.metadata["index"][split]
+  except (KeyError, TypeError) as e:
+    raise ValueError(
+        f"{b.data_dir}/metadata.json has no split index for {split!r}; rebuild the dataset "
+        f"({build_command(name, data_dir=data_dir, builder_config=builder_config)}).") from e
+  arrays = {k: np.asarray(index[k], np.int64) for k in INDEX_KEYS}
+  num = b.info.splits[split].num_examples
+  source = load_split(name, split, data_dir=data_dir, builder_config=builder_config)
+  for k, v in arrays.items():
+    if len(v) != num:
+      raise ValueError(f"{b.data_dir}: split index {split}/{k} has {len(v)} entries, the "
+                       f"split has {num} records; rebuild the dataset.")
+  for i in {0, num - 1} if num else ():
+    rec = source[i]
+    for k in INDEX_KEYS:
+      if rec[k] != arrays[k][i]:
+        raise ValueError(f"{b.data_dir}: split index {split}/{k}[{i}] = {arrays[k][i]} "
+                         f"but the record holds {rec[k]}; rebuild the dataset.")
+  return arrays
+
+
+def num_classes(name: str, *, data_dir: str, builder_config: str | None) -> int:
+  """Number of training identities K (labels are 0..K-1)."""
+  b = _prepared_builder(name, data_dir, builder_config)
+  return int(b.info.metadata["num_classes"])
+
+
+@dataclasses.dataclass
+class BuildReport:
+  path: str
+  num_examples: dict[str, int]
+  skipped: list[str]
+
+
+def build(name: str, *, data_dir: str, builder_config: str | None,
+          manual_dir: str | None = None, strict: bool = False) -> BuildReport:
+  """Builds a dataset into data_dir (a no-op if built). Nothing partial is left behind:
+  TFDS writes into a temporary folder and renames it only when every split is done."""
+  if name in NEEDS_MANUAL_DIR:
+    instructions = builder_class(name).MANUAL_DOWNLOAD_INSTRUCTIONS
+    if not manual_dir:
+      raise reid_base.ManualDataError(
+          f"Building {name} needs --manual_dir: the folder of its manual download.\n\n"
+          f"Manual download instructions:\n{instructions}")
+    manual_dir = os.path.expanduser(manual_dir)
+    if not os.path.isdir(manual_dir):
+      raise reid_base.ManualDataError(
+          f"Missing {manual_dir}: expected the {name} manual download folder.\n\n"
+          f"Manual download instructions:\n{instructions}")
+  b = get_builder(name, data_dir=data_dir, builder_config=builder_config, strict=strict)
+  b.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None),
+      file_format="array_record")
+  return BuildReport(
+      path=os.fspath(b.data_path),
+      num_examples={s: b.info.splits[s].num_examples for s in b.info.splits},
+      skipped=list(b.skipped))
+
+
+def ensure_built(name: str, *, data_dir: str, builder_config: str | None) -> None:
+  """Builds the synthetic dataset on first use; for a licensed dataset, raises
+  DatasetNotBuiltError with the build command if it is not built yet."""
+  if name in NEEDS_MANUAL_DIR:
+    _prepared_builder(name, data_dir, builder_config)
+    return
+  if not get_builder(name, data_dir=data_dir, builder_config=builder_config).is_prepared():
+    build(name, data_dir=data_dir, builder_config=builder_config)

@@ -1,0 +1,1 @@
+"""Synthetic vehicle re-ID dataset (rendered, no download)."""
