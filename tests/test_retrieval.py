@@ -1,0 +1,188 @@
+"""Blocked distances and on-device ranking against direct numpy references."""
+
+import jax
+import numpy as np
+import pytest
+
+from musp_jax import metrics
+from musp_jax import rerank
+from musp_jax import retrieval
+
+
+def _features(rng, n, p=3, c=8, num_ids=8, num_cams=3, normalize=True):
+  feats = rng.normal(size=(n, p, c)).astype(np.float32)
+  if normalize:
+    feats = retrieval.l2_normalize(feats)
+  areas = rng.uniform(0.05, 1.0, size=(n, p)).astype(np.float32)
+  return retrieval.Features(feats, areas, rng.integers(0, num_ids, n),
+                            rng.integers(0, num_cams, n))
+
+
+def _direct_cam(qf, qa, gf, ga, squared):
+  """The formula as written: a dense (Q, G, P) tensor."""
+  diff = qf[:, None].astype(np.float64) - gf[None].astype(np.float64)
+  d_QxGxP = np.sum(diff**2, axis=-1)
+  if not squared:
+    d_QxGxP = np.sqrt(d_QxGxP)
+  w_QxGxP = qa[:, None, :].astype(np.float64) * ga[None, :, :]
+  w_QxGxP /= w_QxGxP.sum(-1, keepdims=True)
+  return np.sum(w_QxGxP * d_QxGxP, axis=-1)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("squared", [True, False])
+def test_cam_distance_equals_direct_formula(squared, normalize):
+  rng = np.random.default_rng(0)
+  q, g = _features(rng, 9, 5, 16, normalize=normalize), _features(rng, 13, 5, 16)
+  got = retrieval.cam_distance(q.feats, q.areas, g.feats, g.areas, squared=squared)
+  want = _direct_cam(q.feats, q.areas, g.feats, g.areas, squared)
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
+
+
+def test_concatenated_distances():
+  rng = np.random.default_rng(1)
+  q, g = _features(rng, 7), _features(rng, 11)
+  xq, xg = q.feats.reshape(7, -1), g.feats.reshape(11, -1)
+  cos = (xq @ xg.T) / np.outer(np.linalg.norm(xq, axis=1), np.linalg.norm(xg, axis=1))
+  euclid = np.linalg.norm(xq[:, None] - xg[None], axis=-1)
+  for name, want in (("cosine", 1 - cos), ("euclidean", euclid)):
+    got = retrieval.pairwise_distance(q.feats, q.areas, g.feats, g.areas,
+                                      distance=name)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+
+
+def _problem(seed, num_q=45, num_g=70, levels=6):
+  rng = np.random.default_rng(seed)
+  # Few distinct values, so many ties (also between true matches and junk).
+  distmat = rng.integers(0, levels, size=(num_q, num_g)).astype(np.float32)
+  labels = (rng.integers(0, 9, num_q), rng.integers(0, 9, num_g),
+            rng.integers(0, 3, num_q), rng.integers(0, 3, num_g))
+  return distmat, labels
+
+
+def _assert_same(got, want):
+  assert got["num_valid_queries"] == want["num_valid_queries"]
+  assert got["mAP"] == pytest.approx(want["mAP"], rel=1e-6)
+  np.testing.assert_allclose(got["cmc"], want["cmc"], rtol=1e-12)
+  assert got["mINP"] == pytest.approx(want["mINP"], rel=1e-6)
+
+
+@pytest.mark.parametrize("query_block", [1, 8, 13, 64])
+@pytest.mark.parametrize("remove_junk", [True, False])
+def test_device_ranking_equals_reference(query_block, remove_junk):
+  assert jax.device_count() == 8  # the gallery is sharded over 8 devices
+  for seed in range(2):
+    distmat, labels = _problem(seed)
+    want = metrics.rank_metrics(distmat, *labels, max_rank=20,
+                                remove_junk=remove_junk)
+    got = retrieval.rank_distmat(distmat, *labels, max_rank=20,
+                                 remove_junk=remove_junk, query_block=query_block)
+    _assert_same(got, want)
+
+
+def test_device_ranking_on_one_device_and_long_cmc():
+  distmat, labels = _problem(3, num_q=20, num_g=30)
+  mesh = jax.make_mesh((1,), ("gallery",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.devices()[:1])
+  want = metrics.rank_metrics(distmat, *labels, max_rank=50)  # longer than G
+  _assert_same(retrieval.rank_distmat(distmat, *labels, max_rank=50, mesh=mesh,
+                                      query_block=7), want)
+
+
+@pytest.mark.parametrize("distance", retrieval.DISTANCES)
+def test_evaluate_features_equals_reference(distance):
+  rng = np.random.default_rng(2)
+  q, g = _features(rng, 30), _features(rng, 53)
+  # Duplicated gallery items give exact ties in the computed distances.
+  g = retrieval.Features(np.concatenate([g.feats, g.feats[:10]]),
+                         np.concatenate([g.areas, g.areas[:10]]),
+                         np.concatenate([g.ids, (g.ids[:10] + 1) % 8]),
+                         np.concatenate([g.cams, g.cams[:10]]))
+  distmat = retrieval.distance_matrix(q, g, distance=distance, query_block=16)
+  direct = np.asarray(retrieval.pairwise_distance(q.feats, q.areas, g.feats,
+                                                  g.areas, distance=distance))
+  np.testing.assert_allclose(distmat, direct, atol=1e-6)
+  want = metrics.rank_metrics(distmat, q.ids, g.ids, q.cams, g.cams, max_rank=10)
+  for block in (7, 30):  # ragged and single-block
+    got = retrieval.evaluate(q, g, distance=distance, max_rank=10,
+                             query_block=block)
+    _assert_same(got, want)
+
+
+def test_evaluate_from_saved_features(tmp_path):
+  rng = np.random.default_rng(3)
+  q, g = _features(rng, 12), _features(rng, 25)
+  q = retrieval.Features(q.feats, q.areas, q.ids, q.cams,
+                         np.array([f"q{i}.jpg" for i in range(12)]), "musp P=3 C=8")
+  retrieval.save_features(tmp_path / "q.npz", q)
+  retrieval.save_features(tmp_path / "g.npz", g)
+  loaded = retrieval.load_features(tmp_path / "q.npz")
+  np.testing.assert_array_equal(loaded.feats, q.feats)
+  np.testing.assert_array_equal(loaded.file_names, q.file_names)
+  assert loaded.model_signature == "musp P=3 C=8"
+  _assert_same(retrieval.evaluate(str(tmp_path / "q.npz"), tmp_path / "g.npz"),
+               retrieval.evaluate(q, g))
+  np.savez(tmp_path / "bad.npz", feats=q.feats)
+  with pytest.raises(ValueError, match="missing keys"):
+    retrieval.load_features(tmp_path / "bad.npz")
+
+
+def test_flip_average():
+  rng = np.random.default_rng(4)
+  a, b = rng.normal(size=(2, 4, 3, 5)).astype(np.float32)
+  b[:, 2] = a[:, 2] = 0.0  # a zero-padded branch stays zero
+  areas_a, areas_b = rng.uniform(size=(2, 4, 3)).astype(np.float32)
+  feats, areas = retrieval.flip_average(a, b, areas_a, areas_b)
+  mean = (a[:, :2] + b[:, :2]) / 2
+  norm = np.linalg.norm(mean, axis=-1, keepdims=True)
+  np.testing.assert_allclose(feats[:, :2], mean / norm, rtol=1e-6)
+  np.testing.assert_array_equal(feats[:, 2], 0.0)
+  np.testing.assert_allclose(areas, (areas_a + areas_b) / 2)
+
+
+def _rerank_by_definition(q_g, q_q, g_g, k1, k2, lam):
+  """k-reciprocal re-ranking written from the paper with sets and loops."""
+  num_q = q_g.shape[0]
+  d = np.block([[q_q, q_g], [q_g.T, g_g]]).astype(np.float64)
+  n = d.shape[0]
+  d = d / d.max(axis=1, keepdims=True)  # symmetric input: row max = column max
+  nearest = [list(np.argsort(d[i], kind="stable")) for i in range(n)]
+
+  def recip(i, k):
+    return {j for j in nearest[i][:k + 1] if i in nearest[j][:k + 1]}
+
+  v = np.zeros((n, n))
+  for i in range(n):
+    r = recip(i, k1)
+    expanded = set(r)
+    for c in r:
+      rc = recip(c, int(round(k1 / 2)))
+      if len(rc & r) > 2 / 3 * len(rc):
+        expanded |= rc
+    for j in expanded:
+      v[i, j] = np.exp(-d[i, j])
+    v[i] /= v[i].sum()
+  v = np.array([v[nearest[i][:k2]].mean(0) for i in range(n)])
+  out = np.zeros(q_g.shape)
+  for i in range(num_q):
+    for j in range(q_g.shape[1]):
+      g = num_q + j
+      jac = 1 - np.minimum(v[i], v[g]).sum() / np.maximum(v[i], v[g]).sum()
+      out[i, j] = (1 - lam) * jac + lam * d[i, g]
+  return out
+
+
+def test_rerank_matches_definition():
+  rng = np.random.default_rng(5)
+  q, g = _features(rng, 6, num_ids=3), _features(rng, 14, num_ids=3)
+  dm = lambda a, b: retrieval.distance_matrix(a, b, query_block=8)
+  q_g, q_q, g_g = dm(q, g), dm(q, q), dm(g, g)
+  # Symmetrise q_q, g_g exactly so both row- and column-normalisation agree.
+  q_q, g_g = (q_q + q_q.T) / 2, (g_g + g_g.T) / 2
+  got = rerank.k_reciprocal_rerank(q_g, q_q, g_g, k1=4, k2=3, lambda_value=0.3)
+  want = _rerank_by_definition(q_g, q_q, g_g, 4, 3, 0.3)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  result = retrieval.evaluate(q, g, rerank=True, rerank_k1=4, rerank_k2=3,
+                              return_distmat=True, max_rank=5)
+  _assert_same(result, metrics.rank_metrics(result["distmat"], q.ids, g.ids,
+                                            q.cams, g.cams, max_rank=5))
