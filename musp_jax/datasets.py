@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -137,7 +137,15 @@ class ReIdSource(Sequence):
     return len(self.tfds_source)
 
   def __getitem__(self, i: int) -> dict[str, Any]:
-    return _to_python(self.tfds_source[i])
+    n = len(self.tfds_source)
+    i = i.__index__()
+    if not -n <= i < n:
+      raise IndexError(f"{self.name}/{self.split}: index {i} out of range [0, {n}).")
+    return _to_python(self.tfds_source[i % n])
+
+  def __iter__(self) -> Iterator[dict[str, Any]]:
+    for i in range(len(self)):
+      yield self[i]
 
   def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
     return [_to_python(r) for r in self.tfds_source.__getitems__(list(indices))]

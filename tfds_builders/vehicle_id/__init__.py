@@ -1,0 +1,1 @@
+"""VehicleID vehicle re-ID (manual download)."""

@@ -1,0 +1,1 @@
+"""VeRi-776 vehicle re-ID (manual download)."""

@@ -1,0 +1,1 @@
+"""VERI-Wild vehicle re-ID (manual download)."""
