@@ -87,9 +87,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.distance = "cam_squared"  # cam_squared (official) | cam (paper) | cosine | euclidean
   c.eval.flip = False
   c.eval.rerank = False
-  c.eval.query_block = 1024
-  c.eval.gallery_block = 16384
-  c.eval.vehicleid_trials = 10
+  c.eval.query_block = 1024  # queries per device step: one (query_block, G) block
+  c.eval.vehicleid_trials = 10  # seeded random one-per-id galleries, averaged
+  c.eval.vehicleid_seed = 0
 
   # --- driver (train.py, checkpointing.py) ---
   c.log_every_steps = 50

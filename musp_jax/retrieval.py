@@ -124,10 +124,14 @@ def _as_features(x: "Features | str | os.PathLike", what: str) -> Features:
                   f"got {type(x).__name__}")
 
 
-def l2_normalize(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
-  """x / ||x|| along `axis`; all-zero vectors (padded branches) stay zero."""
-  norm = np.linalg.norm(x, axis=axis, keepdims=True)
-  return x / np.maximum(norm, eps)
+def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
+  """x / ||x|| along `axis` (numpy or jax arrays, also under jit).
+
+  All-zero vectors (zero-padded branches) stay zero.
+  """
+  xp = jnp if isinstance(x, jax.Array) else np
+  norm = xp.sqrt(xp.sum(x * x, axis=axis, keepdims=True))
+  return x / xp.maximum(norm, eps)
 
 
 def flip_average(feats_a: np.ndarray, feats_b: np.ndarray,
@@ -514,10 +518,10 @@ def evaluate(query: "Features | str | os.PathLike",
 
 def result_row(result: dict[str, Any], ranks: Sequence[int] = (1, 5, 10)
                ) -> dict[str, float]:
-  """A flat, printable row: mAP, CMC@k, mINP, num_valid_queries."""
+  """A flat row of scalars: mAP, CMC@k, mINP, num_queries (valid queries)."""
   row = {"mAP": float(result["mAP"])}
   for k in ranks:
-    row[f"cmc@{k}"] = float(result["cmc"][k - 1])
+    row[f"CMC@{k}"] = float(result["cmc"][k - 1])
   row["mINP"] = float(result["mINP"])
-  row["num_valid_queries"] = int(result["num_valid_queries"])
+  row["num_queries"] = int(result["num_valid_queries"])
   return row
