@@ -52,10 +52,7 @@ def config_names(name: str) -> tuple[str, ...]:
   return tuple(c.name for c in builder_class(name).BUILDER_CONFIGS or ())
 
 
-def get_builder(name: str, *, data_dir: str, builder_config: str | None,
-                **kwargs) -> reid_base.ReIdBuilder:
-  """The dataset's builder in `data_dir` (reads the built dataset's info if present)."""
-  cls = builder_class(name)
+def _check_config(name: str, builder_config: str | None) -> None:
   names = config_names(name)
   if names and builder_config not in names:
     raise ValueError(
@@ -64,8 +61,15 @@ def get_builder(name: str, *, data_dir: str, builder_config: str | None,
     raise ValueError(
         f"Dataset {name!r} has no builder configs; set builder_config to '' (got "
         f"{builder_config!r}).")
-  return cls(data_dir=os.path.expanduser(data_dir), config=builder_config or None,
-             file_format="array_record", **kwargs)
+
+
+def get_builder(name: str, *, data_dir: str, builder_config: str | None,
+                **kwargs) -> reid_base.ReIdBuilder:
+  """The dataset's builder in `data_dir` (reads the built dataset's info if present)."""
+  _check_config(name, builder_config)
+  return builder_class(name)(
+      data_dir=os.path.expanduser(data_dir), config=builder_config or None,
+      file_format="array_record", **kwargs)
 
 
 def build_command(name: str, *, data_dir: str, builder_config: str | None,
@@ -80,18 +84,27 @@ def build_command(name: str, *, data_dir: str, builder_config: str | None,
   return cmd
 
 
+def is_built(name: str, *, data_dir: str, builder_config: str | None) -> bool:
+  """Whether the dataset is complete in data_dir (TFDS renames it there when done)."""
+  _check_config(name, builder_config)
+  version = str(builder_class(name).VERSION)
+  path = os.path.join(os.path.expanduser(data_dir), name, builder_config or "", version)
+  # Checked on disk: constructing a builder for a missing folder logs warnings.
+  return os.path.exists(os.path.join(path, "dataset_info.json"))
+
+
 def _prepared_builder(name: str, data_dir: str, builder_config: str | None):
-  b = get_builder(name, data_dir=data_dir, builder_config=builder_config)
-  if not b.is_prepared():
+  if not is_built(name, data_dir=data_dir, builder_config=builder_config):
     hint = " (DIR: the folder of the manual download)" if name in NEEDS_MANUAL_DIR else ""
     raise DatasetNotBuiltError(
         f"Dataset {name}{'/' + builder_config if builder_config else ''} is not built in "
         f"{os.path.expanduser(data_dir)}. Build it with:\n  "
         f"{build_command(name, data_dir=data_dir, builder_config=builder_config)}{hint}")
-  return b
+  return get_builder(name, data_dir=data_dir, builder_config=builder_config)
 
 
 def _check_split(name: str, split: str) -> None:
+  builder_class(name)  # rejects unknown names
   if split not in SPLITS[name]:
     raise ValueError(f"Dataset {name!r} has splits {list(SPLITS[name])}, not {split!r}.")
 
@@ -243,5 +256,5 @@ def ensure_built(name: str, *, data_dir: str, builder_config: str | None) -> Non
   if name in NEEDS_MANUAL_DIR:
     _prepared_builder(name, data_dir, builder_config)
     return
-  if not get_builder(name, data_dir=data_dir, builder_config=builder_config).is_prepared():
+  if not is_built(name, data_dir=data_dir, builder_config=builder_config):
     build(name, data_dir=data_dir, builder_config=builder_config)

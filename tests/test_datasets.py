@@ -1,0 +1,134 @@
+"""musp_jax.datasets: reading built splits, the split index, errors, atomic builds."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from musp_jax import datasets
+from tfds_builders.synthetic_vehicles import render
+
+NAME = "synthetic_vehicles"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("tfds"))
+  datasets.ensure_built(NAME, data_dir=d, builder_config="tiny")
+  return d
+
+
+def test_records_have_the_contract_types(data_dir):
+  src = datasets.load_split(NAME, "train", data_dir=data_dir, builder_config="tiny")
+  rec = src[0]
+  assert rec["image"][:2] == b"\xff\xd8"  # JPEG bytes, not decoded
+  assert isinstance(rec["image"], bytes) and isinstance(rec["file_name"], str)
+  for k in ("label", "vehicle_id", "camera_id"):
+    assert type(rec[k]) is int
+  assert src[-1] == src[len(src) - 1]
+  with pytest.raises(IndexError):
+    src[len(src)]
+  assert [r["file_name"] for r in src.__getitems__([2, 0])] == [src[2]["file_name"],
+                                                                src[0]["file_name"]]
+
+
+def test_split_index_matches_records(data_dir):
+  for split in datasets.SPLITS[NAME]:
+    src = datasets.load_split(NAME, split, data_dir=data_dir, builder_config="tiny")
+    index = datasets.split_index(NAME, split, data_dir=data_dir, builder_config="tiny")
+    for k in ("label", "vehicle_id", "camera_id"):
+      assert index[k].dtype == np.int64
+      np.testing.assert_array_equal(index[k], [r[k] for r in src])
+  labels = datasets.split_index(NAME, "train", data_dir=data_dir, builder_config="tiny")["label"]
+  assert datasets.num_classes(NAME, data_dir=data_dir, builder_config="tiny") == labels.max() + 1
+
+
+def test_split_index_rejects_a_stale_index(data_dir, tmp_path):
+  import shutil
+  copy = tmp_path / "copy"
+  shutil.copytree(data_dir, copy)
+  meta = copy / NAME / "tiny" / "1.0.0" / "metadata.json"
+  content = json.loads(meta.read_text())
+  content["index"]["query"]["vehicle_id"][0] += 1000
+  meta.write_text(json.dumps(content))
+  with pytest.raises(ValueError, match=r"split index query/vehicle_id\[0\].*rebuild"):
+    datasets.split_index(NAME, "query", data_dir=str(copy), builder_config="tiny")
+
+
+def test_source_pickles_for_workers(data_dir):
+  src = datasets.load_split(NAME, "query", data_dir=data_dir, builder_config="tiny")
+  again = pickle.loads(pickle.dumps(src))
+  assert len(again) == len(src) and again[3] == src[3]
+
+
+def test_not_built_names_the_build_command(tmp_path):
+  with pytest.raises(datasets.DatasetNotBuiltError) as e:
+    datasets.load_split("veri_wild", "train", data_dir=str(tmp_path), builder_config="large")
+  assert (f"python -m musp_jax.build_dataset veri_wild --manual_dir DIR --data_dir {tmp_path}"
+          " --config large") in str(e.value)
+  with pytest.raises(datasets.DatasetNotBuiltError,
+                     match=f"build_dataset veri776 --manual_dir DIR --data_dir {tmp_path} \\(DIR"):
+    datasets.ensure_built("veri776", data_dir=str(tmp_path), builder_config="")
+  with pytest.raises(datasets.DatasetNotBuiltError,
+                     match=f"build_dataset synthetic_vehicles --data_dir {tmp_path} --config"):
+    datasets.num_classes(NAME, data_dir=str(tmp_path), builder_config="small")
+
+
+def test_bad_names_are_rejected(data_dir):
+  with pytest.raises(ValueError, match=r"has splits \['train', 'test'\], not 'query'"):
+    datasets.load_split("vehicle_id", "query", data_dir=data_dir, builder_config="small")
+  with pytest.raises(ValueError, match=r"needs builder_config in \['tiny', 'small', 'large'\]"):
+    datasets.load_split(NAME, "train", data_dir=data_dir, builder_config="huge")
+  with pytest.raises(ValueError, match="has no builder configs"):
+    datasets.load_split("veri776", "train", data_dir=data_dir, builder_config="small")
+  with pytest.raises(ValueError, match="Unknown dataset 'veri'"):
+    datasets.load_split("veri", "train", data_dir=data_dir, builder_config="")
+
+
+def test_ensure_built_is_idempotent(data_dir):
+  info = os.path.join(data_dir, NAME, "tiny", "1.0.0", "dataset_info.json")
+  before = os.stat(info).st_mtime_ns
+  datasets.ensure_built(NAME, data_dir=data_dir, builder_config="tiny")
+  assert os.stat(info).st_mtime_ns == before
+
+
+def test_failed_build_leaves_nothing_complete(tmp_path, monkeypatch):
+  calls = {"n": 0}
+  real_render = render.render
+
+  def failing_render(*args, **kwargs):
+    calls["n"] += 1
+    if calls["n"] > 150:  # train is done (128 images), query is half written
+      raise RuntimeError("renderer crashed")
+    return real_render(*args, **kwargs)
+
+  monkeypatch.setattr(render, "render", failing_render)
+  with pytest.raises(RuntimeError, match="renderer crashed"):
+    datasets.build(NAME, data_dir=str(tmp_path), builder_config="tiny")
+  assert calls["n"] > 150
+  assert not datasets.is_built(NAME, data_dir=str(tmp_path), builder_config="tiny")
+  assert not datasets.get_builder(NAME, data_dir=str(tmp_path),
+                                  builder_config="tiny").is_prepared()
+  assert not (tmp_path / NAME / "tiny" / "1.0.0").exists()
+  with pytest.raises(datasets.DatasetNotBuiltError):
+    datasets.load_split(NAME, "train", data_dir=str(tmp_path), builder_config="tiny")
+  monkeypatch.setattr(render, "render", real_render)
+  report = datasets.build(NAME, data_dir=str(tmp_path), builder_config="tiny")
+  assert report.num_examples["train"] == 128
+  assert len(datasets.load_split(NAME, "gallery", data_dir=str(tmp_path),
+                                 builder_config="tiny")) == report.num_examples["gallery"]
+
+
+def test_reading_needs_no_tensorflow(data_dir):
+  code = (
+      "import sys\n"
+      "from musp_jax import datasets\n"
+      f"s = datasets.load_split({NAME!r}, 'train', data_dir={data_dir!r}, builder_config='tiny')\n"
+      "s[0]\n"
+      f"datasets.split_index({NAME!r}, 'gallery', data_dir={data_dir!r}, builder_config='tiny')\n"
+      "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'\n")
+  subprocess.run([sys.executable, "-c", code], check=True)
