@@ -37,8 +37,8 @@ def main(argv: Sequence[str]) -> int:
   name = argv[1]
   config = _CONFIG.value
   if config is None:  # the builder's default config, if it has configs
-    default = datasets.builder_class(name).DEFAULT_CONFIG_NAME
-    config = default if datasets.config_names(name) else ""
+    names = datasets.config_names(name)
+    config = datasets.builder_class(name).DEFAULT_CONFIG_NAME if names else ""
   tfds.display_progress_bar(True)
   try:
     report = datasets.build(name, data_dir=_DATA_DIR.value, builder_config=config,
