@@ -1,7 +1,9 @@
 """The build entry point: success, missing folders, unreadable images (skip or --strict)."""
 
+import io
 import os
 
+from absl import app
 from absl.testing import flagsaver
 import numpy as np
 from PIL import Image
@@ -33,7 +35,6 @@ def run(*args, **flag_values):
 
 
 def _truncated_jpeg() -> bytes:
-  import io
   buf = io.BytesIO()
   rng = np.random.default_rng(0)
   Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
@@ -96,6 +97,5 @@ def test_strict_fails_on_the_first_unreadable_image(tmp_path, capsys):
 
 
 def test_unknown_dataset_is_a_usage_error():
-  from absl import app
   with pytest.raises(app.UsageError, match="Give one dataset name"):
     run("veri")

@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 
@@ -48,7 +49,6 @@ def test_split_index_matches_records(data_dir):
 
 
 def test_split_index_rejects_a_stale_index(data_dir, tmp_path):
-  import shutil
   copy = tmp_path / "copy"
   shutil.copytree(data_dir, copy)
   meta = copy / NAME / "tiny" / "1.0.0" / "metadata.json"
