@@ -250,11 +250,19 @@ def build(name: str, *, data_dir: str, builder_config: str | None,
       skipped=list(b.skipped))
 
 
-def ensure_built(name: str, *, data_dir: str, builder_config: str | None) -> None:
+def ensure_built(name: str, *, data_dir: str, builder_config: str | None,
+                 manual_dir: str | None = None) -> None:
   """Builds the synthetic dataset on first use; for a licensed dataset, raises
-  DatasetNotBuiltError with the build command if it is not built yet."""
-  if name in NEEDS_MANUAL_DIR:
-    _prepared_builder(name, data_dir, builder_config)
+  DatasetNotBuiltError with the build command (naming `manual_dir` if given) if it is not
+  built yet: building one takes long, so it is an explicit step."""
+  if is_built(name, data_dir=data_dir, builder_config=builder_config):
     return
-  if not is_built(name, data_dir=data_dir, builder_config=builder_config):
+  if name not in NEEDS_MANUAL_DIR:
     build(name, data_dir=data_dir, builder_config=builder_config)
+    return
+  cmd = build_command(name, data_dir=data_dir, builder_config=builder_config,
+                      manual_dir=manual_dir)
+  hint = "" if manual_dir else " (DIR: the folder of the manual download)"
+  raise DatasetNotBuiltError(
+      f"Dataset {name}{'/' + builder_config if builder_config else ''} is not built in "
+      f"{os.path.expanduser(data_dir)}. Build it with:\n  {cmd}{hint}")

@@ -74,6 +74,11 @@ def test_not_built_names_the_build_command(tmp_path):
                      match=f"build_dataset veri776 --manual_dir DIR --data_dir {tmp_path} \\(DIR"):
     datasets.ensure_built("veri776", data_dir=str(tmp_path), builder_config="")
   with pytest.raises(datasets.DatasetNotBuiltError,
+                     match=f"build_dataset vehicle_id --manual_dir /data/VID --data_dir {tmp_path}"
+                     " --config small$"):
+    datasets.ensure_built("vehicle_id", data_dir=str(tmp_path), builder_config="small",
+                          manual_dir="/data/VID")
+  with pytest.raises(datasets.DatasetNotBuiltError,
                      match=f"build_dataset synthetic_vehicles --data_dir {tmp_path} --config"):
     datasets.num_classes(NAME, data_dir=str(tmp_path), builder_config="small")
 
