@@ -1,0 +1,197 @@
+"""Image transforms run by the grain workers (numpy + OpenCV only, no JAX).
+
+Train (SPEC section 3, the official code's order): random 2D translation
+(with probability p resize to 1.125x and take a random crop, else resize),
+horizontal flip, normalisation, random erasing on the normalised image.
+Test: resize and normalise.
+
+OpenCV rather than PIL: its decoder and SIMD resize are about twice as fast,
+which is what lets a CPU core keep up with a GPU (scripts/bench_input.py).
+Bilinear interpolation matches the official PIL transforms when enlarging
+(VeRi images are mostly smaller than 256 px); shrinking in both directions
+uses area averaging, which like PIL's bilinear filter does not alias.
+
+Every random choice comes from a `np.random.Generator` the caller seeds per
+record, so an image's augmentation does not depend on worker count or order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import cv2
+import numpy as np
+
+NORMALIZE_CONSTANTS = {
+    # The official code normalises with mean = std = 0.5 (values in [-1, 1]).
+    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+ERASE_ATTEMPTS = 100  # as the reference RandomErasing
+
+
+def decode(data: bytes) -> np.ndarray:
+  """Decodes JPEG/PNG bytes to an RGB uint8 array (H, W, 3)."""
+  img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
+  if img is None:
+    raise ValueError(f"Could not decode image bytes ({len(data)} bytes).")
+  return img
+
+
+def resize(img_HxWx3: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+  """Resizes to `size_hw` (height, width); bilinear, area when shrinking."""
+  h, w = size_hw
+  if img_HxWx3.shape[:2] == (h, w):
+    return img_HxWx3
+  shrink = img_HxWx3.shape[0] > h and img_HxWx3.shape[1] > w
+  interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+  return cv2.resize(img_HxWx3, (w, h), interpolation=interpolation)
+
+
+def translate_crop_box(
+    rng: np.random.Generator, size_hw: tuple[int, int], scale: float
+) -> tuple[int, int, int, int]:
+  """Samples the crop of the random 2D translation.
+
+  Returns (resized_h, resized_w, top, left): the image is resized to
+  (resized_h, resized_w) = round(scale * size) and cropped to `size_hw` at
+  (top, left), each offset round(uniform(0, max_offset)) as the official code.
+  """
+  h, w = size_hw
+  big_h, big_w = int(round(h * scale)), int(round(w * scale))
+  left = int(round(rng.uniform(0, big_w - w)))
+  top = int(round(rng.uniform(0, big_h - h)))
+  return big_h, big_w, top, left
+
+
+def erase_box(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    *,
+    area: tuple[float, float],
+    min_aspect: float,
+) -> tuple[int, int, int, int] | None:
+  """Samples a random-erasing rectangle (top, left, h, w), or None.
+
+  Reference semantics (Zhong et al., as in the official code): up to 100
+  attempts; target area uniform in `area` x image area, aspect ratio uniform in
+  [min_aspect, 1 / min_aspect], h = round(sqrt(area * aspect)),
+  w = round(sqrt(area / aspect)); accepted when h < height and w < width; the
+  corner is uniform over all positions that keep the box inside the image.
+  """
+  for _ in range(ERASE_ATTEMPTS):
+    target_area = rng.uniform(area[0], area[1]) * height * width
+    aspect = rng.uniform(min_aspect, 1.0 / min_aspect)
+    h = int(round(math.sqrt(target_area * aspect)))
+    w = int(round(math.sqrt(target_area / aspect)))
+    if h < height and w < width:
+      top = int(rng.integers(0, height - h + 1))
+      left = int(rng.integers(0, width - w + 1))
+      return top, left, h, w
+  return None
+
+
+def normalize_lut(normalize: str) -> np.ndarray:
+  """A (1, 256, 3) float32 table: uint8 value -> (v / 255 - mean) / std."""
+  if normalize not in NORMALIZE_CONSTANTS:
+    raise ValueError(
+        f"input.normalize={normalize!r}; expected one of "
+        f"{sorted(NORMALIZE_CONSTANTS)}."
+    )
+  mean, std = (np.asarray(v, np.float64) for v in NORMALIZE_CONSTANTS[normalize])
+  values = np.arange(256, dtype=np.float64)[:, None] / 255.0
+  return ((values - mean) / std).astype(np.float32)[None]
+
+
+def normalize(img_HxWx3: np.ndarray, lut: np.ndarray) -> np.ndarray:
+  """uint8 RGB -> float32 normalised, through the table of `normalize_lut`."""
+  # One table look-up per pixel: exact and faster than float arithmetic with
+  # per-channel constants.
+  return cv2.LUT(img_HxWx3, lut)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainTransform:
+  """Decode + SPEC section 3 train augmentation; call with (bytes, rng)."""
+
+  size_hw: tuple[int, int]
+  lut: np.ndarray
+  translate_prob: float
+  translate_scale: float
+  flip_prob: float
+  erase_prob: float
+  erase_area: tuple[float, float]
+  erase_min_aspect: float
+  erase_fill: tuple[float, float, float]
+
+  @classmethod
+  def from_config(cls, input_config: Any) -> TrainTransform:
+    c = input_config
+    lo, hi = c.erase_area
+    if not 0.0 <= lo <= hi <= 1.0:
+      raise ValueError(f"input.erase_area={c.erase_area}; need 0 <= lo <= hi <= 1.")
+    if not 0.0 < c.erase_min_aspect <= 1.0:
+      raise ValueError(
+          f"input.erase_min_aspect={c.erase_min_aspect}; need 0 < value <= 1."
+      )
+    if c.translate_scale < 1.0:
+      raise ValueError(f"input.translate_scale={c.translate_scale}; need >= 1.")
+    return cls(
+        size_hw=tuple(c.image_size),
+        lut=normalize_lut(c.normalize),
+        translate_prob=float(c.translate_prob),
+        translate_scale=float(c.translate_scale),
+        flip_prob=float(c.flip_prob),
+        erase_prob=float(c.erase_prob),
+        erase_area=(float(lo), float(hi)),
+        erase_min_aspect=float(c.erase_min_aspect),
+        erase_fill=tuple(float(v) for v in c.erase_fill),
+    )
+
+  def __call__(self, data: bytes, rng: np.random.Generator) -> np.ndarray:
+    img = decode(data)
+    # Always draw every random number, so one op's outcome never shifts the
+    # stream seen by the next.
+    do_translate = rng.random() < self.translate_prob
+    big_h, big_w, top, left = translate_crop_box(
+        rng, self.size_hw, self.translate_scale
+    )
+    do_flip = rng.random() < self.flip_prob
+    do_erase = rng.random() < self.erase_prob
+    h, w = self.size_hw
+    if do_translate:
+      img = resize(img, (big_h, big_w))[top : top + h, left : left + w]
+    else:
+      img = resize(img, self.size_hw)
+    if do_flip:
+      img = cv2.flip(img, 1)  # also makes a cropped view contiguous
+    x = normalize(np.ascontiguousarray(img), self.lut)
+    if do_erase:
+      box = erase_box(
+          rng, h, w, area=self.erase_area, min_aspect=self.erase_min_aspect
+      )
+      if box is not None:
+        t, l, bh, bw = box
+        x[t : t + bh, l : l + bw] = self.erase_fill
+    return x
+
+
+@dataclasses.dataclass(frozen=True)
+class TestTransform:
+  """Decode, resize and normalise (SPEC section 3 test transform)."""
+
+  size_hw: tuple[int, int]
+  lut: np.ndarray
+
+  @classmethod
+  def from_config(cls, input_config: Any) -> TestTransform:
+    return cls(
+        size_hw=tuple(input_config.image_size),
+        lut=normalize_lut(input_config.normalize),
+    )
+
+  def __call__(self, data: bytes) -> np.ndarray:
+    return normalize(resize(decode(data), self.size_hw), self.lut)

@@ -1,0 +1,217 @@
+"""grain pipelines: PK training batches and padded evaluation batches.
+
+Training: a MapDataset over this process's element positions -> PK record
+index (sampling.PKSampler) -> read record -> decode + augment -> batch ->
+`ds[start_step:]` -> to_iter_dataset -> mp_prefetch. Every element is a pure
+function of (seed, global step, position in the global batch), so the batches
+do not depend on the number of workers or processes, and resuming at step s
+rebuilds the dataset at s instead of restoring iterator state.
+
+Multi-host: process i loads rows [i*b, (i+1)*b) of every global batch
+(b = global_batch_size / process_count); `device_put_batch` assembles the
+global array from the process-local rows.
+
+Workers are spawned processes; they import this module, numpy, OpenCV and
+grain (which imports JAX without using it) and hide accelerators first.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Iterator, Sequence
+
+import grain
+import jax
+import numpy as np
+
+from musp_jax import augment
+from musp_jax import sampling
+
+steps_per_epoch = sampling.steps_per_epoch
+
+# Separate random streams from the one run seed (the sampler uses 0).
+_AUGMENT_STREAM = 1
+# Length of the (conceptually endless) training dataset, in steps.
+_MAX_STEPS = 2**40
+
+
+def _hide_accelerators(worker_index: int, worker_count: int) -> None:
+  """grain worker start-up: keep TensorFlow/JAX off the GPUs in workers."""
+  del worker_index, worker_count
+  os.environ["CUDA_VISIBLE_DEVICES"] = ""
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  jax.config.update("jax_platforms", "cpu")
+  # One process per core already; OpenCV's own threads would oversubscribe.
+  augment.cv2.setNumThreads(1)
+
+
+def _check_split(global_batch_size: int, process_index: int,
+                 process_count: int) -> int:
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in "
+                     f"[0, process_count={process_count}).")
+  if global_batch_size % process_count:
+    raise ValueError(f"Global batch {global_batch_size} is not divisible by "
+                     f"process_count={process_count}.")
+  return global_batch_size // process_count
+
+
+class _TrainElement:
+  """Process-local position -> augmented image and label (grain map fn)."""
+
+  def __init__(self, source, labels, sampler, transform, *, seed,
+               local_batch_size, process_index):
+    self.source = source
+    self.labels = labels
+    self.sampler = sampler
+    self.transform = transform
+    self.seed = seed
+    self.local_batch_size = local_batch_size
+    self.offset = process_index * local_batch_size
+
+  def __call__(self, position: int) -> dict[str, Any]:
+    step, slot = divmod(int(position), self.local_batch_size)
+    slot += self.offset  # position within the global batch
+    record = int(self.sampler[step][slot])
+    rng = np.random.default_rng([self.seed, _AUGMENT_STREAM, step, slot])
+    image = self.transform(self.source[record]["image"], rng)
+    return {"image": image, "label": np.int32(self.labels[record])}
+
+
+class _EvalElement:
+  """Process-local position -> (image, mask, index); zeros past the end."""
+
+  def __init__(self, source, transform, *, num_records, global_batch_size,
+               local_batch_size, process_index):
+    self.source = source
+    self.transform = transform
+    self.num_records = num_records
+    self.global_batch_size = global_batch_size
+    self.local_batch_size = local_batch_size
+    self.offset = process_index * local_batch_size
+
+  def __call__(self, position: int) -> dict[str, Any]:
+    step, slot = divmod(int(position), self.local_batch_size)
+    index = step * self.global_batch_size + self.offset + slot
+    if index < self.num_records:
+      image = self.transform(self.source[index]["image"])
+      return {"image": image, "mask": np.bool_(True), "index": np.int32(index)}
+    h, w = self.transform.size_hw
+    return {"image": np.zeros((h, w, 3), np.float32), "mask": np.bool_(False),
+            "index": np.int32(-1)}
+
+
+def _to_iterator(ds: grain.MapDataset, input_config: Any) -> Iterator[Any]:
+  buffer = max(1, int(input_config.prefetch_buffer))
+  # Elements are whole batches: one reader thread per process, a buffer of a
+  # few batches (grain's default of 500 batches would hold gigabytes).
+  it_ds = ds.to_iter_dataset(
+      grain.ReadOptions(num_threads=1, prefetch_buffer_size=buffer))
+  if input_config.num_workers > 0:
+    it_ds = it_ds.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=int(input_config.num_workers),
+                                     per_worker_buffer_size=buffer),
+        worker_init_fn=_hide_accelerators,
+    )
+  return iter(it_ds)
+
+
+def train_dataset(
+    source: Sequence[dict[str, Any]],
+    labels: np.ndarray,
+    input_config: Any,
+    *,
+    seed: int,
+    global_batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.MapDataset:
+  """The training MapDataset of this process's batches, indexed by step."""
+  labels = np.asarray(labels)
+  if len(labels) != len(source):
+    raise ValueError(f"labels has {len(labels)} entries but the train source "
+                     f"has {len(source)} records.")
+  p, k = int(input_config.num_ids), int(input_config.num_instances)
+  if global_batch_size != p * k:
+    raise ValueError(
+        f"global_batch_size={global_batch_size} but input.num_ids * "
+        f"input.num_instances = {p} * {k} = {p * k}; PK batches need them equal."
+    )
+  local = _check_split(global_batch_size, process_index, process_count)
+  sampler = sampling.PKSampler(labels, num_ids=p, num_instances=k, seed=seed)
+  element = _TrainElement(
+      source, labels, sampler, augment.TrainTransform.from_config(input_config),
+      seed=seed, local_batch_size=local, process_index=process_index)
+  ds = grain.MapDataset.range(_MAX_STEPS * local).map(element)
+  return ds.batch(local, drop_remainder=True)
+
+
+def train_batches(
+    source: Sequence[dict[str, Any]],
+    labels: np.ndarray,
+    input_config: Any,
+    *,
+    seed: int,
+    start_step: int,
+    global_batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
+  """Endless PK training batches from global step `start_step`.
+
+  Yields {"image": float32 (b, H, W, 3) normalised, "label": int32 (b,)},
+  b = global_batch_size / process_count: rows [process_index * b, ...) of
+  each global batch. `labels` (from datasets.split_index) gives each record's
+  label without reading images.
+  """
+  if start_step < 0:
+    raise ValueError(f"start_step={start_step} must be >= 0.")
+  ds = train_dataset(source, labels, input_config, seed=seed,
+                     global_batch_size=global_batch_size,
+                     process_index=process_index, process_count=process_count)
+  return _to_iterator(ds[start_step:], input_config)
+
+
+def num_eval_batches(num_records: int, batch_size: int) -> int:
+  """Global evaluation batches over `num_records` (last one padded)."""
+  return math.ceil(num_records / batch_size)
+
+
+def eval_batches(
+    source: Sequence[dict[str, Any]],
+    input_config: Any,
+    *,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
+  """Every record of `source` once, in order, in global batches of batch_size.
+
+  Yields {"image": float32 (b, H, W, 3), "mask": bool (b,), "index": int32
+  (b,)} with b = batch_size / process_count; the last global batch is padded
+  with zero images, mask False and index -1. `index` is the record's position
+  in `source` (global), so gathered rows can be matched to split_index.
+  """
+  local = _check_split(batch_size, process_index, process_count)
+  n = len(source)
+  steps = num_eval_batches(n, batch_size)
+  element = _EvalElement(
+      source, augment.TestTransform.from_config(input_config),
+      num_records=n, global_batch_size=batch_size, local_batch_size=local,
+      process_index=process_index)
+  ds = grain.MapDataset.range(steps * local).map(element).batch(local)
+  return _to_iterator(ds, input_config)
+
+
+def device_put_batch(
+    batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding
+) -> dict[str, jax.Array]:
+  """Host batch (this process's rows) -> global arrays with `sharding`.
+
+  `sharding` is the batch sharding of the mesh, e.g.
+  NamedSharding(mesh, PartitionSpec("data")); each process passes its own
+  rows and jax assembles the global batch across processes.
+  """
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
