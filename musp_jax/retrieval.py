@@ -177,15 +177,17 @@ def _prepare(feats_NxPxC, areas_NxP, distance: str) -> tuple[jax.Array, ...]:
 
 def _pair(q, g, distance: str, precision) -> jax.Array:
   """(Nq, Ng) distances between two prepared sets."""
-  dot = functools.partial(jnp.matmul, precision=precision)
+  def dot(a, b_T):  # a @ b_T.T, written so no transposed copy is made
+    return jax.lax.dot_general(a, b_T, (((1,), (1,)), ((), ())),
+                               precision=precision)
   if distance == "cam_squared":
     q_scaled, q_a, q_asq = q
     g_scaled, g_a, g_asq = g
     # sum_p a_q a_g (|f_q|^2 + |f_g|^2): one GEMM over [a_q|f_q|^2, a_q].
     norms = dot(jnp.concatenate([q_asq, q_a], -1),
-                jnp.concatenate([g_a, g_asq], -1).T)
-    cross = dot(q_scaled, g_scaled.T)
-    den = dot(q_a, g_a.T)
+                jnp.concatenate([g_a, g_asq], -1))
+    cross = dot(q_scaled, g_scaled)
+    den = dot(q_a, g_a)
     # Clamp: cancellation can give tiny negatives for near-identical items.
     return jnp.maximum(norms - 2.0 * cross, 0.0) / den
   if distance == "cam":
@@ -193,12 +195,12 @@ def _pair(q, g, distance: str, precision) -> jax.Array:
     g_f, g_a, g_sq = g
     num = 0.0
     for p in range(q_f.shape[1]):  # P is small; one (Nq, Ng) temporary a time
-      d2 = q_sq[:, p, None] + g_sq[None, :, p] - 2.0 * dot(q_f[:, p], g_f[:, p].T)
+      d2 = q_sq[:, p, None] + g_sq[None, :, p] - 2.0 * dot(q_f[:, p], g_f[:, p])
       num = num + q_a[:, p, None] * g_a[None, :, p] * jnp.sqrt(jnp.maximum(d2, 0.0))
-    return num / dot(q_a, g_a.T)
+    return num / dot(q_a, g_a)
   if distance == "cosine":
-    return 1.0 - dot(q[0], g[0].T)
-  d2 = q[1][:, None] + g[1][None, :] - 2.0 * dot(q[0], g[0].T)
+    return 1.0 - dot(q[0], g[0])
+  d2 = q[1][:, None] + g[1][None, :] - 2.0 * dot(q[0], g[0])
   return jnp.sqrt(jnp.maximum(d2, 0.0))
 
 

@@ -1,0 +1,206 @@
+"""Evaluation speed: CAM distance vs this machine's GEMM rate, vs the dense form.
+
+    .venv/bin/python scripts/bench_eval.py            # CPU-sized shapes
+    python scripts/bench_eval.py --q 10000 --g 128517 # VERI-Wild large (GPU)
+
+Prints, all measured in this run on this machine:
+  1. float32 GEMM rate (jax, HIGHEST precision) on the distance's GEMM shape;
+  2. `cam_squared` block throughput as a fraction of that rate;
+  3. the dense (Q, G, P) form of the official code (per-part distance
+     matrices stacked, times an L1-normalised (Q, G, P) area tensor), in torch
+     as that code runs it and in jax, and the speed-up over both;
+  4. exact on-device ranking cost vs the numpy reference on the same block;
+  5. end-to-end `evaluate` on a VERI-Wild-large-shaped problem (scaled down by
+     --scale unless it is 1), with the full-size time extrapolated by Q x G;
+  6. peak resident memory of each phase (VmHWM, reset between phases).
+"""
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from musp_jax import metrics
+from musp_jax import retrieval
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _rss_reset() -> int:
+  """Resets the peak-RSS counter; returns the current RSS in bytes."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+  except OSError:
+    pass
+  return _status("VmRSS")
+
+
+def _status(key: str) -> int:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(key + ":"):
+        return int(line.split()[1]) * 1024
+  return 0
+
+
+def _peak_since(base: int) -> str:
+  return f"{(_status('VmHWM') - base) / 2**20:,.0f} MiB above the phase start"
+
+
+def _best(fn, repeats: int, warmup: bool = True) -> float:
+  if warmup:
+    fn()  # compile
+  times = []
+  for _ in range(max(repeats, 1)):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return min(times)
+
+
+def _features(rng, n, p, c, num_ids):
+  feats = retrieval.l2_normalize(rng.standard_normal((n, p, c), np.float32))
+  areas = rng.uniform(0.05, 1.0, (n, p)).astype(np.float32)
+  areas[:, -1] = 1.0 / max(p - 1, 1)  # the global branch's pseudo-area
+  return retrieval.Features(feats, areas, rng.integers(0, num_ids, n),
+                            rng.integers(0, 174, n))
+
+
+def _dense_torch(qf, qa, gf, ga):
+  """The official code's evaluation-time distance, op for op."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  qf, qa, gf, ga = (torch.from_numpy(x) for x in (qf, qa, gf, ga))
+  mats = []
+  for p in range(qf.shape[1]):
+    q, g = qf[:, p], gf[:, p]
+    d = (q.pow(2).sum(1, keepdim=True).expand(q.shape[0], g.shape[0]) +
+         g.pow(2).sum(1, keepdim=True).expand(g.shape[0], q.shape[0]).t())
+    mats.append(d.addmm(q, g.t(), beta=1, alpha=-2))
+  dist_QxGxP = torch.stack(mats, dim=-1)
+  areas_QxGxP = torch.stack([qa[:, p, None] * ga[None, :, p]
+                             for p in range(qa.shape[1])], dim=-1)
+  return (dist_QxGxP * F.normalize(areas_QxGxP, dim=-1, p=1)).sum(-1).numpy()
+
+
+@jax.jit
+def _dense_jax(qf, qa, gf, ga):
+  sq_q, sq_g = jnp.sum(qf * qf, -1), jnp.sum(gf * gf, -1)
+  cross_QxGxP = jnp.einsum("qpc,gpc->qgp", qf, gf, precision=HIGHEST)
+  dist_QxGxP = sq_q[:, None, :] + sq_g[None, :, :] - 2.0 * cross_QxGxP
+  w_QxGxP = qa[:, None, :] * ga[None, :, :]
+  w_QxGxP = w_QxGxP / jnp.sum(w_QxGxP, -1, keepdims=True)
+  return jnp.sum(dist_QxGxP * w_QxGxP, -1)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--q", type=int, default=10000, help="full-size queries")
+  parser.add_argument("--g", type=int, default=128517, help="full-size gallery")
+  parser.add_argument("--scale", type=float, default=0.1,
+                      help="Q and G multiplier for the end-to-end run")
+  parser.add_argument("--parts", type=int, default=5)
+  parser.add_argument("--channels", type=int, default=2048)
+  parser.add_argument("--query_block", type=int, default=512)
+  parser.add_argument("--block_gallery", type=int, default=8192,
+                      help="gallery size of the single-block measurements")
+  parser.add_argument("--repeats", type=int, default=3)
+  args = parser.parse_args()
+  p, c, qb, gb = args.parts, args.channels, args.query_block, args.block_gallery
+  rng = np.random.default_rng(0)
+  print(f"jax {jax.__version__} on {jax.device_count()} x "
+        f"{jax.devices()[0].device_kind}; P={p}, C={c}")
+
+  # 1-2. GEMM rate and the distance block on the same shape.
+  q = _features(rng, qb, p, c, 1000)
+  g = _features(rng, gb, p, c, 1000)
+  flops = 2.0 * qb * gb * p * c
+  a = jnp.asarray(q.feats.reshape(qb, -1))
+  b = jnp.asarray(g.feats.reshape(gb, -1))
+  matmul = jax.jit(lambda x, y: jnp.matmul(x, y.T, precision=HIGHEST))
+  t_gemm = _best(lambda: matmul(a, b).block_until_ready(), args.repeats)
+  print(f"\n[1] float32 GEMM ({qb} x {p * c}) @ ({p * c} x {gb}): "
+        f"{t_gemm:.3f} s = {flops / t_gemm / 1e9:,.0f} GFLOP/s (machine rate)")
+  mesh = retrieval.default_mesh()
+  g_prep, _ = retrieval._prepare_gallery(g, "cam_squared", mesh)  # pylint: disable=protected-access
+  qf, qa = jnp.asarray(q.feats), jnp.asarray(q.areas)
+  dist_fn = lambda kind: retrieval._query_distance(  # pylint: disable=protected-access
+      qf, qa, g_prep, distance=kind, precision=HIGHEST)
+  base = _rss_reset()
+  t_dist = _best(lambda: dist_fn("cam_squared").block_until_ready(), args.repeats)
+  mem_dist = _peak_since(base)
+  print(f"[2] cam_squared block ({qb} x {gb}): {t_dist:.3f} s = "
+        f"{flops / t_dist / 1e9:,.0f} GFLOP/s = {t_gemm / t_dist:.0%} of the "
+        f"GEMM rate (goal >= 70%); peak {mem_dist}")
+  g_cam, _ = retrieval._prepare_gallery(g, "cam", mesh)  # pylint: disable=protected-access
+  t_cam = _best(lambda: retrieval._query_distance(  # pylint: disable=protected-access
+      qf, qa, g_cam, distance="cam", precision=HIGHEST).block_until_ready(),
+                args.repeats)
+  print(f"    cam (paper, non-squared) block: {t_cam:.3f} s = "
+        f"{t_gemm / t_cam:.0%} of the GEMM rate")
+  del g_cam
+
+  # 3. The dense (Q, G, P) form.
+  ours = np.asarray(dist_fn("cam_squared"))
+  base = _rss_reset()
+  t_torch = _best(lambda: _dense_torch(q.feats, q.areas, g.feats, g.areas),
+                  args.repeats)
+  mem_torch = _peak_since(base)
+  err = np.abs(_dense_torch(q.feats, q.areas, g.feats, g.areas) - ours).max()
+  base = _rss_reset()
+  dense_args = tuple(jnp.asarray(x) for x in (q.feats, q.areas, g.feats, g.areas))
+  t_djax = _best(lambda: _dense_jax(*dense_args).block_until_ready(), args.repeats)
+  mem_djax = _peak_since(base)
+  print(f"[3] dense (Q,G,P) official form, torch: {t_torch:.3f} s (peak {mem_torch}),"
+        f" max |D - ours| = {err:.1e}")
+  print(f"    dense (Q,G,P) form, jax: {t_djax:.3f} s (peak {mem_djax})")
+  print(f"    speed-up of the single-GEMM form: {t_torch / t_dist:.1f}x over torch "
+        f"dense, {t_djax / t_dist:.1f}x over jax dense (goal >= 10x)")
+
+  # 4. Ranking the same block: on device (exact) vs the numpy reference.
+  ids_q = rng.integers(0, gb // 13, qb)
+  ids_g = rng.integers(0, gb // 13, gb)  # about 13 images per id, as VERI-Wild
+  cams_q, cams_g = rng.integers(0, 174, qb), rng.integers(0, 174, gb)
+  t_rank_dev = _best(lambda: retrieval.rank_distmat(
+      ours, ids_q, ids_g, cams_q, cams_g, query_block=qb, mesh=mesh), 1)
+  t_rank_np = _best(lambda: metrics.rank_metrics(
+      ours, ids_q, ids_g, cams_q, cams_g), 1, warmup=False)
+  print(f"[4] ranking {qb} x {gb} (incl. host->device copy of D): device "
+        f"{t_rank_dev:.3f} s, numpy reference {t_rank_np:.3f} s")
+  t_fused = _best(lambda: jax.block_until_ready(retrieval.evaluate(
+      q, g, query_block=qb, mesh=mesh)), 1)
+  print(f"    distance + exact ranking of the block (evaluate): {t_fused:.3f} s;"
+        f" official pipeline (torch dense + numpy ranking): "
+        f"{t_torch + t_rank_np:.3f} s -> {(t_torch + t_rank_np) / t_fused:.1f}x")
+
+  # 5. End-to-end on a VERI-Wild-large-shaped problem.
+  nq, ng = int(args.q * args.scale), int(args.g * args.scale)
+  num_ids = max(nq, 1)
+  query = _features(rng, nq, p, c, num_ids)
+  gallery = _features(rng, ng, p, c, num_ids)
+  t0 = time.perf_counter()
+  retrieval.evaluate(query, gallery, query_block=qb, mesh=mesh)
+  t_cold = time.perf_counter() - t0
+  base = _rss_reset()
+  t0 = time.perf_counter()
+  result = retrieval.evaluate(query, gallery, query_block=qb, mesh=mesh)
+  t_eval = time.perf_counter() - t0
+  mem_eval = _peak_since(base)
+  factor = (args.q * args.g) / (nq * ng)
+  print(f"[5] evaluate {nq:,} x {ng:,} (P={p}, C={c}, {result['num_valid_queries']:,}"
+        f" valid queries): {t_eval:.2f} s warm ({t_cold:.2f} s with compilation),"
+        f" peak {mem_eval}")
+  print(f"    extrapolated to {args.q:,} x {args.g:,}: {t_eval * factor:,.0f} s "
+        f"(x{factor:,.0f}); the same pairs at the block rate of [2]: "
+        f"{t_dist * args.q * args.g / (qb * gb):,.0f} s")
+  dense_bytes = 4.0 * args.q * args.g * p
+  print(f"    for scale: one dense (Q,G,P) float32 tensor at full size is "
+        f"{dense_bytes / 2**30:,.1f} GiB; our device block is "
+        f"{4.0 * qb * args.g / 2**30:,.2f} GiB ({qb} x G)")
+
+
+if __name__ == "__main__":
+  main()
