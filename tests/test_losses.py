@@ -13,6 +13,7 @@ import pytest
 
 from configs import common
 from musp_jax import losses
+from musp_jax.models import musp
 
 
 def _loss_config(**overrides) -> ml_collections.ConfigDict:
@@ -322,7 +323,6 @@ def test_total_loss_gradient_finite_with_duplicates_float32():
 # ---------------------------------------------------------------- diversity
 def test_diversity_term_matches_loops():
   """The model's diversity term (owned by the model) against explicit loops."""
-  musp = pytest.importorskip("musp_jax.models.musp", exc_type=ImportError)
   rng = np.random.default_rng(8)
   batch, height, width, n = 2, 3, 4, 4
   logits = rng.normal(size=(batch, height, width, n)).astype(np.float32)
