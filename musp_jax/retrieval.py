@@ -383,6 +383,11 @@ class _Accumulator:
             "num_valid_queries": self.n}
 
 
+def _effective_block(query_block: int, table: "_SameIdTable") -> int:
+  """No bigger than needed: small sets should not pay for padding."""
+  return max(1, min(query_block, _round_up(int(np.sum(table.num_pos > 0)), 8)))
+
+
 def _check_block(query_block: int) -> None:
   if query_block < 1:
     raise ValueError(f"query_block={query_block}; expected >= 1")
@@ -401,10 +406,11 @@ def rank_distmat(distmat: np.ndarray, q_ids, g_ids, q_cams, g_cams, *,
   mesh = mesh or default_mesh()
   _check_block(query_block)
   rows, cols, repl = _shardings(mesh)
+  table = _SameIdTable(q_ids, g_ids, q_cams, g_cams, remove_junk)
+  query_block = _effective_block(query_block, table)
   num_g = distmat.shape[1]
   g_pad = _round_up(num_g, mesh.size)
   g_valid = _put(np.arange(g_pad) < num_g, rows)
-  table = _SameIdTable(q_ids, g_ids, q_cams, g_cams, remove_junk)
   acc = _Accumulator(max_rank)
   for queries, width in _query_blocks(table, query_block):
     n = len(queries)
@@ -505,6 +511,7 @@ def evaluate(query: "Features | str | os.PathLike",
   _, _, repl = _shardings(mesh)
   g_prep, g_valid = _prepare_gallery(gallery, distance, mesh)
   table = _SameIdTable(*labels, remove_junk)
+  query_block = _effective_block(query_block, table)
   acc = _Accumulator(max_rank)
   for queries, width in _query_blocks(table, query_block):
     qf = _put(_pad_rows(query.feats[queries].astype(np.float32), query_block), repl)
