@@ -150,22 +150,23 @@ def _raise_on_mismatch(what: str, missing: list[str], misshaped: list[str],
   raise WeightImportError("\n".join(lines))
 
 
-def _fill(template: Variables, state_dict: StateDict, *, whole_model: bool,
+def _fill(template: Variables, state_dict: StateDict, *, layout: str,
           num_parts: int = 0, ignore: Sequence[str] = (),
           what: str) -> dict[str, Any]:
   """Builds variables shaped like `template` from a torch state dict.
 
-  `template` is a ResNet's variables, or with whole_model a ReIDModel's
-  ("backbone" and "head" under each collection). Raises one WeightImportError
-  naming every missing, mis-shaped and unexpected key.
+  `layout` says what `template` holds: "resnet" (a ResNet's variables), "head"
+  (a MUSP head's) or "model" (a ReIDModel's: "backbone" and "head" under each
+  collection). Raises one WeightImportError naming every missing, mis-shaped
+  and unexpected key.
   """
   flat = traverse_util.flatten_dict(_to_dict(template))
   out, consumed = {}, set()
   missing, misshaped = [], []
   for path, leaf in flat.items():
     collection, *modules, name = path
-    in_head = False
-    if whole_model:  # ReIDModel: drop the "backbone" / "head" level.
+    in_head = layout == "head"
+    if layout == "model":  # drop the "backbone" / "head" level
       in_head = modules[0] == "head"
       modules = modules[1:]
     keys, perm, stacked = _torch_keys(collection, modules, name, leaf.shape,
@@ -215,8 +216,15 @@ def import_resnet(state_dict: StateDict, variables: Variables, *,
       no ImageNet classifier.
     what: how to name the source in errors.
   """
-  return _fill(variables, state_dict, whole_model=False, ignore=ignore,
+  return _fill(variables, state_dict, layout="resnet", ignore=ignore,
                what=what)
+
+
+def _num_parts(head_params: Mapping[str, Any], what: str) -> int:
+  if "part_branches" not in head_params:
+    raise WeightImportError(f"{what}: needs a model with the MUSP head "
+                            "(model.head='musp')")
+  return head_params["part_branches"]["classifier"]["kernel"].shape[0]
 
 
 def import_musp(state_dict: StateDict, variables: Variables, *,
@@ -224,15 +232,23 @@ def import_musp(state_dict: StateDict, variables: Variables, *,
   """Official-MUSP state dict (backbone + head) -> ReIDModel variables.
 
   `variables` must come from a ReIDModel with a MUSP head built to the
-  checkpoint's shapes (depth, n, c, ESE, number of classes).
+  checkpoint's shapes (depth, n, c, ESE, number of classes); see
+  `musp_checkpoint_shapes`.
   """
-  params = variables["params"]
-  if "part_branches" not in params.get("head", {}):
-    raise WeightImportError(f"{what}: import_musp needs a model with the MUSP "
-                            "head (model.head='musp')")
-  num_parts = params["head"]["part_branches"]["classifier"]["kernel"].shape[0]
-  return _fill(variables, state_dict, whole_model=True, num_parts=num_parts,
+  num_parts = _num_parts(variables["params"].get("head", {}), what)
+  return _fill(variables, state_dict, layout="model", num_parts=num_parts,
                what=what)
+
+
+def import_musp_head(state_dict: StateDict, variables: Variables, *,
+                     what: str = "MUSP head state dict") -> dict[str, Any]:
+  """The head part of an official-MUSP state dict -> MUSPHead variables.
+
+  Backbone keys (conv1, bn1, layer*) are ignored.
+  """
+  return _fill(variables, state_dict, layout="head",
+               num_parts=_num_parts(variables["params"], what),
+               ignore=("conv1.", "bn1.", "layer"), what=what)
 
 
 def musp_checkpoint_shapes(state_dict: StateDict) -> dict[str, Any]:
