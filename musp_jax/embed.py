@@ -1,0 +1,86 @@
+"""Embed a folder of images with a trained model into a saved-features file.
+
+    python -m musp_jax.embed --workdir workdirs/demo --images photos/ --out feats.npz
+    python -m musp_jax.embed --checkpoint workdirs/demo/checkpoints/120 \\
+        --images a.jpg b.jpg --out feats.npz --flip
+
+The .npz has the contract's saved-features keys (feats (N, P, C) L2-normalised
+per branch, areas (N, P), vehicle_id and camera_id (-1: unknown), file_name,
+model_signature) plus model_source, the checkpoint it was made with, which
+`musp_jax.search` uses to embed queries with the same model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+from musp_jax import inference
+from musp_jax import retrieval
+
+
+def add_model_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+  """--workdir / --checkpoint / --step, shared by the tools."""
+  group = parser.add_mutually_exclusive_group(required=required)
+  group.add_argument("--workdir", help="Training workdir (config.json + checkpoints/).")
+  group.add_argument("--checkpoint", help="A step folder <workdir>/checkpoints/<step>.")
+  parser.add_argument("--step", type=int, default=None,
+                      help="With --workdir: the checkpoint step (default: latest).")
+
+
+def embed(loaded: inference.LoadedModel, images: Sequence[str], out: str, *,
+          batch_size: int = 32, flip: bool = False, progress: bool = True
+          ) -> retrieval.Features:
+  """Embeds image files/folders and writes `out` (.npz); returns the features."""
+  files = inference.list_images(images)
+  features = inference.embed_files(loaded, files, batch_size=batch_size, flip=flip,
+                                   progress=progress)
+  write(out, features, model_source=loaded.source)
+  return features
+
+
+def write(path: str, features: retrieval.Features, *, model_source: str) -> None:
+  """The contract's .npz plus model_source."""
+  tmp = f"{path}.tmp.npz"
+  retrieval.save_features(tmp, features)
+  with np.load(tmp) as data:
+    arrays = dict(data)
+  np.savez(tmp, **arrays, model_source=np.array(model_source))
+  os.replace(tmp, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m musp_jax.embed", description=__doc__.split("\n\n")[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  add_model_args(parser)
+  parser.add_argument("--images", nargs="+", required=True,
+                      help="Image files and/or folders (searched recursively).")
+  parser.add_argument("--out", required=True, help="Output .npz.")
+  parser.add_argument("--batch_size", type=int, default=32)
+  parser.add_argument("--flip", action="store_true",
+                      help="Average the features of each image and its mirror image.")
+  args = parser.parse_args(argv)
+  if not args.out.endswith(".npz"):
+    parser.error(f"--out {args.out}: expected a .npz path.")
+  logging.basicConfig(level=logging.INFO, format="%(message)s")
+  inference.hide_gpus_from_tensorflow()
+  try:
+    loaded = inference.load(args.workdir, checkpoint=args.checkpoint, step=args.step)
+    features = embed(loaded, args.images, args.out, batch_size=args.batch_size,
+                     flip=args.flip)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"Wrote {args.out}: {len(features)} images, feats {features.feats.shape[1:]} "
+        f"(P, C), model {loaded.source}.")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

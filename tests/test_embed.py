@@ -1,0 +1,123 @@
+"""End-to-end tests of `python -m musp_jax.embed` on a random-weight ResNet-18."""
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import tools_fixtures
+from musp_jax import augment
+from musp_jax import embed
+from musp_jax import inference
+
+
+@pytest.fixture(scope="module")
+def loaded():
+  return tools_fixtures.shared_model()
+
+
+def _reference_features(loaded, path):
+  """Test transform + model + per-branch L2 norm, written out independently."""
+  data = pathlib.Path(path).read_bytes()
+  x = augment.TestTransform.from_config(loaded.config.input)(data)[None]
+  out = loaded.model.apply(loaded.variables, x, train=False)
+  feats = np.asarray(out["feats"], np.float64)[0]
+  norms = np.linalg.norm(feats, axis=-1, keepdims=True)
+  return feats / np.maximum(norms, 1e-12), np.asarray(out["areas"])[0]
+
+
+def test_embed_folder_end_to_end(tmp_path, loaded, capsys):
+  paths = tools_fixtures.write_images(tmp_path / "imgs", 5)
+  (tmp_path / "imgs" / "notes.txt").write_text("not an image; skipped in a folder")
+  out = tmp_path / "feats.npz"
+  rc = embed.main(["--workdir", str(tools_fixtures.shared_workdir()),
+                   "--images", str(tmp_path / "imgs"), "--out", str(out),
+                   "--batch_size", "2"])
+  assert rc == 0
+  assert "5 images" in capsys.readouterr().out
+  with np.load(out) as data:
+    for key in ("feats", "areas", "vehicle_id", "camera_id", "file_name",
+                "model_signature", "model_source"):
+      assert key in data.files
+    feats, areas = data["feats"], data["areas"]
+    n = loaded.config.model.num_prototypes
+    assert feats.shape == (5, n, 512)  # n-1 parts + global, ResNet-18 width
+    assert areas.shape == (5, n)
+    np.testing.assert_allclose(np.linalg.norm(feats, axis=-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(areas[:, :-1].sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(areas[:, -1], 1.0 / (n - 1), rtol=1e-6)
+    assert list(data["file_name"]) == [p.name for p in paths]
+    assert (data["vehicle_id"] == -1).all() and (data["camera_id"] == -1).all()
+    assert str(data["model_signature"]) == loaded.signature
+    assert str(data["model_source"]) == loaded.source
+    for i in (0, 4):
+      ref_f, ref_a = _reference_features(loaded, paths[i])
+      np.testing.assert_allclose(feats[i], ref_f, atol=2e-5)
+      np.testing.assert_allclose(areas[i], ref_a, atol=1e-6)
+
+
+def test_checkpoint_flag_and_batch_size_give_the_same_features(tmp_path, loaded):
+  paths = tools_fixtures.write_images(tmp_path, 3, seed=1, suffix=".jpg")
+  a = embed.embed(loaded, [str(p) for p in paths], str(tmp_path / "a.npz"),
+                  batch_size=4, progress=False)
+  by_checkpoint = inference.load(checkpoint=loaded.source)
+  assert by_checkpoint.signature == loaded.signature
+  b = embed.embed(by_checkpoint, [str(p) for p in paths], str(tmp_path / "b.npz"),
+                  batch_size=1, progress=False)
+  np.testing.assert_allclose(a.feats, b.feats, atol=1e-5)
+  np.testing.assert_allclose(a.areas, b.areas, atol=1e-6)
+
+
+def test_flip_averaged_features_do_not_change_when_the_image_is_mirrored(tmp_path, loaded):
+  (path,) = tools_fixtures.write_images(tmp_path / "a", 1, seed=2)
+  mirrored = tmp_path / "b" / "mirror.png"
+  mirrored.parent.mkdir()
+  Image.fromarray(np.asarray(Image.open(path))[:, ::-1]).save(mirrored)
+  files = inference.list_images([str(path), str(mirrored)])
+  flipped = inference.embed_files(loaded, files, flip=True, progress=False)
+  plain = inference.embed_files(loaded, files, flip=False, progress=False)
+  np.testing.assert_allclose(flipped.feats[0], flipped.feats[1], atol=1e-4)
+  assert np.abs(plain.feats[0] - plain.feats[1]).max() > 1e-3  # the model is not symmetric
+  assert json.loads(flipped.model_signature)["flip"] is True
+  assert json.loads(plain.model_signature)["flip"] is False
+
+
+def test_folder_without_images_is_a_clear_error(tmp_path, capsys):
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "empty" / "readme.txt").write_text("no pictures here")
+  with pytest.raises(FileNotFoundError, match="No images in folder .*empty"):
+    inference.list_images([str(tmp_path / "empty")])
+  rc = embed.main(["--workdir", str(tools_fixtures.shared_workdir()),
+                   "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "x.npz")])
+  assert rc == 2
+  assert "No images in folder" in capsys.readouterr().err
+  assert not (tmp_path / "x.npz").exists()
+
+
+def test_non_image_file_is_a_clear_error(tmp_path, loaded):
+  bad = tmp_path / "broken.jpg"
+  bad.write_bytes(b"this is text, not a JPEG")
+  good = tools_fixtures.write_images(tmp_path, 1)[0]
+  with pytest.raises(ValueError, match="broken.jpg is not a readable image"):
+    embed.embed(loaded, [str(good), str(bad)], str(tmp_path / "x.npz"), progress=False)
+  with pytest.raises(FileNotFoundError, match="neither an image file nor a folder"):
+    inference.list_images([str(tmp_path / "missing.jpg")])
+
+
+def test_bad_model_locations_are_clear_errors(tmp_path):
+  with pytest.raises(ValueError, match="expected a step folder"):
+    inference.load(checkpoint=str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    inference.load(workdir=str(tmp_path))
+  with pytest.raises(ValueError, match="exactly one"):
+    inference.load()
+
+
+def test_class_count_is_read_from_the_checkpoint(loaded):
+  logits = jax.eval_shape(
+      lambda v: loaded.model.apply(v, np.zeros((1, 64, 64, 3), np.float32))["logits"],
+      loaded.variables)
+  assert logits.shape[-1] == 6  # tools_fixtures.make_workdir's num_classes

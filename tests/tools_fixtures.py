@@ -1,0 +1,112 @@
+"""Shared set-up of the user-tool tests: a workdir with an untrained model, images.
+
+A randomly initialised ResNet-18 is enough to test the tools end to end: its
+features are deterministic and differ between images.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import pathlib
+import shutil
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from configs import synthetic
+from musp_jax import checkpointing
+from musp_jax import optim
+from musp_jax import train
+from musp_jax.models import build_model
+
+IMAGE_SIZE = (64, 64)
+
+
+def tiny_config(head: str = "musp", num_prototypes: int = 3):
+  config = synthetic.get_config("runlocal")
+  config.input.image_size = IMAGE_SIZE
+  config.model.head = head
+  config.model.num_prototypes = num_prototypes
+  config.eval.batch_size = 8
+  return config
+
+
+def make_workdir(path: pathlib.Path, *, head: str = "musp", num_prototypes: int = 3,
+                 num_classes: int = 6, seed: int = 0, step: int = 1) -> pathlib.Path:
+  """Writes config.json and one checkpoint of a random model, as training would."""
+  config = tiny_config(head, num_prototypes)
+  config.seed = seed
+  path.mkdir(parents=True, exist_ok=True)
+  (path / "config.json").write_text(config.to_json_best_effort(indent=2))
+  state = random_state(config, num_classes, seed)
+  manager = checkpointing.make_manager(path / "checkpoints")
+  checkpointing.save(manager, step, state, next_step=step, model_config=config.model)
+  manager.wait_until_finished()
+  manager.close()
+  return path
+
+
+def random_state(config, num_classes: int, seed: int) -> train.TrainState:
+  """A TrainState of random weights, filled in numpy (compiling model.init is slow).
+
+  Kernels ~ N(0, 2 / fan_in), BN scale and variance 1, other arrays 0, so the
+  network is well-scaled and its features differ between images.
+  """
+  model = build_model(config.model, num_classes)
+  tx = optim.make_optimizer(config.optim, 1)
+  size = tuple(config.input.image_size)
+  abstract = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, *size, 3)), train=False))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, x):
+    name = jax.tree_util.keystr(path[-1:], simple=True)
+    if name == "kernel":
+      fan_in = int(np.prod(x.shape[:-1]))
+      return (rng.standard_normal(x.shape) * np.sqrt(2.0 / fan_in)).astype(x.dtype)
+    if name in ("scale", "var"):
+      return np.ones(x.shape, x.dtype)
+    return np.zeros(x.shape, x.dtype)
+
+  variables = jax.tree_util.tree_map_with_path(fill, abstract)
+  opt_state = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype),
+                           jax.eval_shape(tx.init, variables["params"]))
+  return train.TrainState(step=np.zeros((), np.int32), params=variables["params"],
+                          batch_stats=variables.get("batch_stats", {}),
+                          opt_state=opt_state)
+
+
+def write_images(folder: pathlib.Path, count: int, *, seed: int = 0,
+                 suffix: str = ".png") -> list[pathlib.Path]:
+  """Distinct images of varying size: noise plus a coloured box each."""
+  rng = np.random.default_rng(seed)
+  folder.mkdir(parents=True, exist_ok=True)
+  paths = []
+  for i in range(count):
+    h, w = int(rng.integers(40, 90)), int(rng.integers(50, 110))
+    img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    top, left = int(rng.integers(0, h // 2)), int(rng.integers(0, w // 2))
+    img[top:top + h // 3, left:left + w // 3] = rng.integers(0, 256, 3, dtype=np.uint8)
+    p = folder / f"img_{i:03d}{suffix}"
+    Image.fromarray(img).save(p)
+    paths.append(p)
+  return paths
+
+
+@functools.cache
+def shared_workdir() -> pathlib.Path:
+  """One random-weight workdir for all tool tests of a session (built once)."""
+  root = pathlib.Path(tempfile.mkdtemp(prefix="musp_tools_"))
+  atexit.register(shutil.rmtree, root, ignore_errors=True)
+  return make_workdir(root / "workdir")
+
+
+@functools.cache
+def shared_model():
+  """The shared workdir's model, loaded once so its jitted functions compile once."""
+  from musp_jax import inference  # pylint: disable=g-import-not-at-top
+  return inference.load(workdir=shared_workdir())
