@@ -1,0 +1,223 @@
+"""torchvision -> Flax weight import: numerical parity, errors, formats, CLI."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+import torchvision
+
+from configs import common
+from musp_jax import import_weights
+from musp_jax.models import build_model
+from musp_jax.models import resnet
+from musp_jax.models import weights
+
+
+def torchvision_resnet(depth: int, last_stride: int = 2, *, seed: int = 0,
+                       num_classes: int = 1000) -> torch.nn.Module:
+  """A random torchvision ResNet in eval mode with non-trivial BatchNorms.
+
+  Fresh BatchNorms are the identity (weight 1, bias 0, mean 0, var 1), which
+  would hide a wrong mapping of any of them, so all four are randomised.
+  last_stride=1 changes layer4's first block the way re-ID code does.
+  """
+  torch.manual_seed(seed)
+  model = getattr(torchvision.models, f"resnet{depth}")(
+      weights=None, num_classes=num_classes)
+  with torch.no_grad():
+    for m in model.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.uniform_(-0.2, 0.2)
+        m.running_mean.uniform_(-0.2, 0.2)
+        m.running_var.uniform_(0.5, 2.0)
+  if last_stride == 1:
+    block = model.layer4[0]
+    strided = block.conv2 if hasattr(block, "conv3") else block.conv1
+    strided.stride = (1, 1)
+    block.downsample[0].stride = (1, 1)
+  return model.eval()
+
+
+def numpy_state_dict(model: torch.nn.Module) -> dict[str, np.ndarray]:
+  return {k: v.numpy() for k, v in model.state_dict().items()}
+
+
+def torch_forward(model: torch.nn.Module, images_nhwc: np.ndarray):
+  """(pooled features, logits) of a torchvision ResNet on NHWC numpy input."""
+  x = torch.from_numpy(images_nhwc).permute(0, 3, 1, 2)
+  trunk = torch.nn.Sequential(*list(model.children())[:-1])
+  with torch.no_grad():
+    pooled = trunk(x).flatten(1)
+    return pooled.numpy(), model.fc(pooled).numpy()
+
+
+def abstract_variables(model, shape=(1, 64, 64, 3)):
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape)))
+
+
+def relative_error(actual, expected) -> float:
+  actual, expected = np.asarray(actual), np.asarray(expected)
+  return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
+
+
+@pytest.mark.parametrize("depth,last_stride,batch", [
+    (50, 1, 2), (50, 2, 1), (18, 1, 2)])
+def test_pooled_features_match_torchvision(depth, last_stride, batch):
+  torch_model = torchvision_resnet(depth, last_stride, seed=depth + last_stride)
+  model = resnet.ResNet(depth, last_stride=last_stride)
+  variables = weights.import_resnet(numpy_state_dict(torch_model),
+                                    abstract_variables(model), ignore=("fc.",))
+  images = np.random.RandomState(depth).randn(batch, 256, 256, 3).astype(
+      np.float32)
+  out = jax.jit(model.apply)(variables, images)
+  expected, _ = torch_forward(torch_model, images)
+  size = 16 if last_stride == 1 else 8
+  assert out["layer4"].shape == (batch, size, size, 512 if depth == 18 else 2048)
+  assert relative_error(out["pooled"], expected) <= 1e-4
+
+
+def test_classifier_logits_match_torchvision_on_odd_input_size():
+  # Odd sizes catch padding mistakes ('SAME' pads asymmetrically).
+  torch_model = torchvision_resnet(18, seed=3, num_classes=10)
+  model = resnet.ResNet(18, last_stride=2, num_classes=10)
+  variables = weights.import_resnet(numpy_state_dict(torch_model),
+                                    abstract_variables(model))
+  images = np.random.RandomState(1).randn(2, 67, 45, 3).astype(np.float32)
+  out = jax.jit(model.apply)(variables, images)
+  pooled, logits = torch_forward(torch_model, images)
+  assert relative_error(out["pooled"], pooled) <= 1e-4
+  assert relative_error(out["logits"], logits) <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def resnet18_state_dict():
+  return numpy_state_dict(torchvision_resnet(18, seed=5))
+
+
+def test_bad_state_dict_names_every_key_with_shapes(resnet18_state_dict):
+  state_dict = dict(resnet18_state_dict)
+  del state_dict["layer2.0.conv1.weight"]
+  state_dict["layer3.1.bn2.running_mean"] = np.zeros(7, np.float32)
+  state_dict["extra.weight"] = np.zeros((3, 4), np.float32)
+  template = abstract_variables(resnet.ResNet(18))
+  with pytest.raises(weights.WeightImportError) as e:
+    weights.import_resnet(state_dict, template, ignore=("fc.",))
+  msg = str(e.value)
+  assert "1 missing key(s)" in msg
+  assert ("layer2.0.conv1.weight (expected shape (128, 64, 3, 3), for "
+          "params/layer2_0/conv1/kernel)") in msg
+  assert "1 mis-shaped key(s)" in msg
+  assert ("layer3.1.bn2.running_mean: has shape (7,), expected (256,)") in msg
+  assert "1 unexpected key(s)" in msg
+  assert "extra.weight (3, 4)" in msg
+
+
+def test_classifier_is_unexpected_unless_ignored(resnet18_state_dict):
+  template = abstract_variables(resnet.ResNet(18))
+  with pytest.raises(weights.WeightImportError,
+                     match=r"fc\.weight \(1000, 512\)[\s\S]*fc\.bias|"
+                           r"fc\.bias \(1000,\)[\s\S]*fc\.weight"):
+    weights.import_resnet(resnet18_state_dict, template)
+  weights.import_resnet(resnet18_state_dict, template, ignore=("fc.",))
+
+
+def test_wrong_depth_lists_missing_blocks(resnet18_state_dict):
+  template = abstract_variables(resnet.ResNet(34))
+  with pytest.raises(weights.WeightImportError) as e:
+    weights.import_resnet(resnet18_state_dict, template, ignore=("fc.",))
+  assert "layer1.2.conv1.weight (expected shape (64, 64, 3, 3)" in str(e.value)
+  assert "layer3.5.bn2.running_var" in str(e.value)
+
+
+@pytest.mark.parametrize("depth", [18, 34, 50, 101, 152])
+def test_depth_is_read_from_the_state_dict_layout(depth):
+  with torch.device("meta"):  # names only, no memory
+    keys = getattr(torchvision.models, f"resnet{depth}")().state_dict()
+  assert weights.resnet_depth({k: None for k in keys}) == depth
+
+
+def test_state_dict_file_formats(tmp_path, resnet18_state_dict):
+  tensors = {k: torch.from_numpy(v) for k, v in resnet18_state_dict.items()}
+  torch.save(tensors, tmp_path / "plain.pth")
+  # Official training checkpoints wrap a DataParallel state dict.
+  torch.save({"state_dict": {f"module.{k}": v for k, v in tensors.items()},
+              "epoch": 3}, tmp_path / "wrapped.pth.tar")
+  np.savez(tmp_path / "weights.npz", **resnet18_state_dict)
+  safetensors.numpy.save_file(resnet18_state_dict,
+                              str(tmp_path / "weights.safetensors"))
+  for name in ("plain.pth", "wrapped.pth.tar", "weights.npz",
+               "weights.safetensors"):
+    loaded = weights.load_state_dict(tmp_path / name)
+    assert loaded.keys() == resnet18_state_dict.keys(), name
+    for k, v in resnet18_state_dict.items():
+      np.testing.assert_array_equal(loaded[k], v, err_msg=f"{name}: {k}")
+
+
+def test_missing_file_is_named(tmp_path):
+  with pytest.raises(FileNotFoundError, match="nope.pth"):
+    weights.load_state_dict(tmp_path / "nope.pth")
+
+
+def _zeros_like(abstract):
+  """Stand-in for freshly initialised variables (values don't matter here)."""
+  return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract)
+
+
+def _reid_config(depth: int):
+  config = common.get_config().model
+  config.depth = depth
+  config.num_prototypes = 3
+  config.value_channels = 512 if depth in (18, 34) else 2048
+  return config
+
+
+def test_cli_torchvision_roundtrip_then_load_init(tmp_path):
+  torch_model = torchvision_resnet(18, last_stride=1, seed=11)
+  torch.save(torch_model.state_dict(), tmp_path / "resnet18.pth")
+  out_dir = tmp_path / "init"
+  import_weights.main(["--torchvision", str(tmp_path / "resnet18.pth"),
+                       "--out", str(out_dir)])
+
+  model = build_model(_reid_config(18), num_classes=7)
+  fresh = _zeros_like(abstract_variables(model))
+  loaded = weights.load_init(fresh, out_dir)
+  # The head keeps its fresh initialisation; the backbone is torchvision's.
+  for a, b in zip(jax.tree.leaves(loaded["params"]["head"]),
+                  jax.tree.leaves(fresh["params"]["head"])):
+    np.testing.assert_array_equal(a, b)
+  backbone = {col: tree["backbone"] for col, tree in loaded.items()}
+  images = np.random.RandomState(2).randn(2, 64, 64, 3).astype(np.float32)
+  out = jax.jit(resnet.ResNet(18, last_stride=1).apply)(backbone, images)
+  expected, _ = torch_forward(torch_model, images)
+  assert relative_error(out["pooled"], expected) <= 1e-4
+
+  with pytest.raises(SystemExit):  # refuses to overwrite without the flag
+    import_weights.main(["--torchvision", str(tmp_path / "resnet18.pth"),
+                         "--out", str(out_dir)])
+
+
+def test_load_init_names_mismatched_keys(tmp_path, resnet18_state_dict):
+  backbone = weights.import_resnet(
+      resnet18_state_dict, abstract_variables(resnet.ResNet(18)),
+      ignore=("fc.",))
+  weights.save_init(tmp_path / "r18",
+                    {col: {"backbone": t} for col, t in backbone.items()})
+  model = build_model(_reid_config(34), num_classes=7)
+  with pytest.raises(weights.WeightImportError) as e:
+    weights.load_init(_zeros_like(abstract_variables(model)), tmp_path / "r18")
+  assert "params/backbone/layer1_2/conv1/kernel (3, 3, 64, 64)" in str(e.value)
+  assert "missing" in str(e.value)
+
+  model = build_model(_reid_config(50), num_classes=7)
+  with pytest.raises(weights.WeightImportError) as e:
+    weights.load_init(_zeros_like(abstract_variables(model)), tmp_path / "r18")
+  assert ("params/backbone/layer1_0/conv1/kernel: checkpoint (3, 3, 64, 64), "
+          "model (1, 1, 64, 64)") in str(e.value)
+
+
+def test_load_init_requires_a_directory(tmp_path):
+  with pytest.raises(FileNotFoundError, match="import_weights"):
+    weights.load_init({}, tmp_path / "missing")
