@@ -10,7 +10,7 @@ import ml_collections
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  del arg
+  """The recipe; `arg` takes the variant words of apply_variants."""
   c = ml_collections.ConfigDict()
   c.seed = 0
 
@@ -96,7 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 2
   c.distributed = False  # call jax.distributed.initialize() (multi-host)
-  return c
+  return apply_variants(c, arg)
 
 
 SIZES = ("small", "medium", "large")
