@@ -339,16 +339,18 @@ def embed_bytes(loaded: LoadedModel, images: Iterable[tuple[str, bytes]], *,
 
   Batches have a fixed size (the last one padded) so the model compiles once.
   """
-  lut = augment.normalize_lut(loaded.config.input.normalize)
+  transform = augment.TestTransform.from_config(loaded.config.input)
   fn = _jitted_features(loaded.model, flip)
   feats, areas, batch = [], [], []
 
   def run(batch):
     x = np.zeros((batch_size, *loaded.image_size, 3), np.float32)
     for i, (name, data) in enumerate(batch):
-      # As augment.TestTransform, with the file named if it does not decode.
-      x[i] = augment.normalize(augment.resize(decode_image(data, where=name),
-                                              loaded.image_size), lut)
+      try:
+        x[i] = transform(data)
+      except Exception:
+        decode_image(data, where=name)  # names the file if it is not an image
+        raise
     f, a = jax.device_get(fn(loaded.variables, x))
     feats.append(f[:len(batch)])
     areas.append(a[:len(batch)])
@@ -382,19 +384,14 @@ def embed_files(loaded: LoadedModel, files: Sequence[tuple[str, str]], *,
       model_signature=with_flip(loaded.signature, flip))
 
 
-def attention_maps(loaded: LoadedModel, images_BxHxWx3: np.ndarray) -> dict[str, np.ndarray]:
-  """Normalised images -> {"attention": (B, h, w, n), "areas": (B, P)} on the host."""
-  if not loaded.has_attention:
-    raise ValueError(
-        f"model.head={loaded.config.model.head!r} has no attention maps; only the "
-        "'musp' head does.")
-  out = _jitted_attention(loaded.model)(loaded.variables, images_BxHxWx3)
-  return jax.device_get(out)
+def preprocess(config: ml_collections.ConfigDict, image_HxWx3: np.ndarray) -> np.ndarray:
+  """A decoded RGB uint8 image -> the model's input, as the test transform makes it."""
+  transform = augment.TestTransform.from_config(config.input)
+  return transform.normalize(augment.resize(image_HxWx3, transform.size_hw))
 
 
 @functools.cache
-def _jitted_attention(model):
-  def fn(variables, images):
-    out = model.apply(variables, images, train=False)
-    return {"attention": out["attention"].astype(jnp.float32), "areas": out["areas"]}
-  return jax.jit(fn)
+def attention_fn(model) -> Callable:
+  """jit((variables, images (B, H, W, 3)) -> attention (B, h, w, n) float32)."""
+  return jax.jit(lambda variables, images: model.apply(
+      variables, images, train=False)["attention"].astype(jnp.float32))

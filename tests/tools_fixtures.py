@@ -110,3 +110,15 @@ def shared_model():
   """The shared workdir's model, loaded once so its jitted functions compile once."""
   from musp_jax import inference  # pylint: disable=g-import-not-at-top
   return inference.load(workdir=shared_workdir())
+
+
+@functools.cache
+def shared_data_dir() -> str:
+  """The tiny synthetic dataset, built once per session in a temporary folder."""
+  from musp_jax import datasets  # pylint: disable=g-import-not-at-top
+  root = tempfile.mkdtemp(prefix="musp_tools_data_")
+  atexit.register(shutil.rmtree, root, ignore_errors=True)
+  config = tiny_config()
+  datasets.ensure_built(config.dataset.name, data_dir=root,
+                        builder_config=config.dataset.builder_config)
+  return root
