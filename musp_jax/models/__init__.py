@@ -25,7 +25,7 @@ def build_head(model_config: ml_collections.ConfigDict, num_classes: int):
     return musp.BaselineHead(num_classes)
   if c.head != "musp":
     raise ValueError(f"model.head={c.head!r}; expected 'musp' or 'baseline'")
-  return musp.MUSPHead(
+  head = musp.MUSPHead(
       num_classes=num_classes,
       num_prototypes=c.num_prototypes,
       value_conv=c.value_conv,
@@ -37,6 +37,8 @@ def build_head(model_config: ml_collections.ConfigDict, num_classes: int):
       global_feature=c.global_feature,
       diversity=c.diversity,
       dtype=compute_dtype(c.dtype))
+  head.check_settings()  # fail at build time, not after a backbone init
+  return head
 
 
 def build_model(model_config: ml_collections.ConfigDict,
@@ -46,6 +48,7 @@ def build_model(model_config: ml_collections.ConfigDict,
     raise ValueError(f"num_classes must be >= 1, got {num_classes}")
   backbone = resnet.ResNet(
       depth=model_config.depth, last_stride=model_config.last_stride,
-      dtype=compute_dtype(model_config.dtype))
+      dtype=compute_dtype(model_config.dtype),
+      conv_impl=model_config.get("conv_impl", "auto"))
   return musp.ReIDModel(backbone=backbone,
                         head=build_head(model_config, num_classes))

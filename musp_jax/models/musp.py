@@ -142,7 +142,8 @@ class MUSPHead(nn.Module):
   diversity: str = "all"
   dtype: Any = jnp.float32
 
-  def _check(self, in_channels: int):
+  def check_settings(self) -> None:
+    """Raises ValueError naming the first bad setting (config.model.*)."""
     for field, choices in _CHOICES.items():
       if getattr(self, field) not in choices:
         raise ValueError(f"model.{field}={getattr(self, field)!r}; expected "
@@ -150,6 +151,9 @@ class MUSPHead(nn.Module):
     if self.num_prototypes < 2:
       raise ValueError(f"model.num_prototypes={self.num_prototypes}; need >= 2"
                        " (the last prototype is background)")
+
+  def _check(self, in_channels: int):
+    self.check_settings()
     if self.value_conv == "depthwise" and in_channels % self.value_channels:
       raise ValueError(
           f"model.value_conv='depthwise' uses groups=value_channels="

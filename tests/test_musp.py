@@ -1,0 +1,344 @@
+"""MUSP / baseline heads and ReIDModel against a PyTorch restatement.
+
+`TorchMUSPHead` restates the head from SPEC section 1 in PyTorch with the
+official code's parameter names (key, value, c_.fc, neck.i, classifier.i); its
+weights are imported into the Flax head and every output is compared.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from configs import common
+from musp_jax import import_weights
+from musp_jax.models import build_model
+from musp_jax.models import musp
+from musp_jax.models import weights
+
+IN_CHANNELS, H, W, NUM_CLASSES = 60, 8, 6, 11  # 60: divisible by n-1 = 1..5
+
+
+def relative_error(actual, expected) -> float:
+  actual, expected = np.asarray(actual), np.asarray(expected)
+  return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
+
+
+def numpy_state_dict(module: torch.nn.Module) -> dict[str, np.ndarray]:
+  return {k: v.numpy() for k, v in module.state_dict().items()}
+
+
+def official(n: int) -> dict:
+  return dict(value_conv="depthwise", value_channels=IN_CHANNELS,
+              pooling="sum", ese="all", attention="softmax",
+              global_feature="value_mean", diversity="all")
+
+
+def paper(n: int) -> dict:
+  return dict(value_conv="full", value_channels=IN_CHANNELS // (n - 1),
+              pooling="mean", ese="kept", attention="softmax",
+              global_feature="backbone_gap", diversity="kept")
+
+
+class TorchMUSPHead(torch.nn.Module):
+  """SPEC section 1's MUSP head, in PyTorch (NCHW)."""
+
+  def __init__(self, in_channels, num_classes, n, *, value_conv,
+               value_channels, pooling, ese, attention, global_feature,
+               diversity, ese_reduction=16):
+    super().__init__()
+    c = value_channels
+    self.n, self.pooling, self.ese = n, pooling, ese
+    self.attention, self.global_feature = attention, global_feature
+    self.diversity = diversity
+    self.key = torch.nn.Conv2d(in_channels, n, 3, padding=1)
+    self.value = torch.nn.Conv2d(in_channels, c, 3, padding=1,
+                                 groups=c if value_conv == "depthwise" else 1)
+    if ese != "none":
+      width = (n if ese == "all" else n - 1) * c
+      self.c_ = torch.nn.Module()
+      self.c_.fc = torch.nn.Sequential(
+          torch.nn.Linear(width, width // ese_reduction, bias=False),
+          torch.nn.ReLU(),
+          torch.nn.Linear(width // ese_reduction, width, bias=False),
+          torch.nn.Sigmoid())
+    g = c if global_feature == "value_mean" else in_channels
+    widths = [c] * (n - 1) + [g]
+    self.neck = torch.nn.ModuleList(torch.nn.BatchNorm1d(w) for w in widths)
+    self.classifier = torch.nn.ModuleList(
+        torch.nn.Linear(w, num_classes, bias=False) for w in widths)
+
+  def _ese(self, parts_bxcxk):
+    b, c, k = parts_bxcxk.shape
+    flat = parts_bxcxk.reshape(b, c * k)  # channel-major, as the official code
+    return (flat * self.c_.fc(flat)).reshape(b, c, k)
+
+  def forward(self, x):
+    b, _, h, w = x.shape
+    logits = self.key(x).flatten(2)  # b, n, hw
+    att = (torch.softmax(logits, dim=1) if self.attention == "softmax"
+           else torch.sigmoid(logits))
+    value = self.value(x).flatten(2)  # b, c, hw
+    parts = torch.bmm(value, att.transpose(1, 2))  # b, c, n
+    if self.pooling == "mean":
+      parts = parts / (h * w)
+    if self.ese == "all":
+      parts = self._ese(parts)
+    parts = parts[:, :, :-1]
+    if self.ese == "kept":
+      parts = self._ese(parts)
+    areas = F.normalize(att.sum(dim=2)[:, :-1], p=1, dim=1)
+    glob = value.mean(dim=2) if self.global_feature == "value_mean" else (
+        x.mean(dim=(2, 3)))
+    feats = [parts[:, :, k] for k in range(self.n - 1)] + [glob]
+    bn = [neck(f) for neck, f in zip(self.neck, feats)]
+    maps = att if self.diversity == "all" else att[:, :-1]
+    return {
+        "parts": parts.permute(0, 2, 1), "global": glob, "areas": areas,
+        "attention": att.reshape(b, self.n, h, w).permute(0, 2, 3, 1),
+        "diversity": maps.prod(dim=1).sum(),
+        "bn_feats": bn,
+        "logits": torch.stack([cls(f) for cls, f in zip(self.classifier, bn)],
+                              1),
+    }
+
+
+def randomise(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+  """Non-trivial BatchNorms (incl. the frozen bias, to check its mapping)."""
+  torch.manual_seed(seed)
+  with torch.no_grad():
+    for m in module.modules():
+      if isinstance(m, torch.nn.BatchNorm1d):
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.uniform_(-0.3, 0.3)
+        m.running_mean.uniform_(-0.3, 0.3)
+        m.running_var.uniform_(0.5, 2.0)
+  return module
+
+
+def to_numpy(tree):
+  return {k: (v.detach().numpy() if torch.is_tensor(v)
+              else [t.detach().numpy() for t in v]) for k, v in tree.items()}
+
+
+def flax_head(n, variant, **overrides):
+  return musp.MUSPHead(num_classes=NUM_CLASSES, num_prototypes=n,
+                       **{**variant, **overrides})
+
+
+def head_pair(n, variant, seed, **overrides):
+  """(torch head, Flax head, imported Flax variables)."""
+  cfg = {**variant, **overrides}
+  torch_head = randomise(TorchMUSPHead(IN_CHANNELS, NUM_CLASSES, n, **cfg),
+                         seed).eval()
+  head = flax_head(n, variant, **overrides)
+  template = jax.eval_shape(lambda: head.init(
+      jax.random.key(0), jnp.zeros((1, H, W, IN_CHANNELS))))
+  variables = weights.import_musp_head(numpy_state_dict(torch_head), template)
+  return torch_head, head, variables
+
+
+def compare(out, ref, n, variant_cfg, tol=1e-4):
+  c = variant_cfg["value_channels"]
+  g = ref["global"].shape[-1]
+  feats = np.asarray(out["feats"])
+  assert relative_error(feats[:, :n - 1, :c], ref["parts"]) <= tol
+  assert relative_error(feats[:, n - 1, :g], ref["global"]) <= tol
+  # Narrower branches are zero-padded to the widest.
+  assert not np.any(feats[:, :n - 1, c:]) and not np.any(feats[:, n - 1, g:])
+  assert relative_error(out["areas"][:, :n - 1], ref["areas"]) <= tol
+  np.testing.assert_allclose(out["areas"][:, n - 1], 1.0 / (n - 1))
+  assert relative_error(out["attention"], ref["attention"]) <= tol
+  assert relative_error(out["diversity"], ref["diversity"]) <= tol
+  for k in range(n):
+    width = c if k < n - 1 else g
+    assert relative_error(out["bn_feats"][:, k, :width],
+                          ref["bn_feats"][k]) <= tol
+  assert relative_error(out["logits"], ref["logits"]) <= tol
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 6])
+@pytest.mark.parametrize("variant", [official, paper])
+def test_head_matches_torch(n, variant):
+  torch_head, head, variables = head_pair(n, variant(n), seed=n)
+  maps = np.abs(np.random.RandomState(n).randn(2, H, W, IN_CHANNELS)).astype(
+      np.float32)
+  with torch.no_grad():
+    ref = to_numpy(torch_head(torch.from_numpy(maps).permute(0, 3, 1, 2)))
+  out = jax.jit(head.apply)(variables, maps)
+  compare(out, ref, n, variant(n))
+  assert out["logits"].shape == (2, n, NUM_CLASSES)
+  assert out["attention"].shape == (2, H, W, n)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(attention="sigmoid"), dict(ese="none"),
+    dict(value_conv="depthwise", value_channels=IN_CHANNELS // 2,
+         global_feature="backbone_gap")])
+def test_head_switches_match_torch(overrides):
+  n = 3
+  torch_head, head, variables = head_pair(n, official(n), seed=7, **overrides)
+  maps = np.abs(np.random.RandomState(0).randn(2, H, W, IN_CHANNELS)).astype(
+      np.float32)
+  with torch.no_grad():
+    ref = to_numpy(torch_head(torch.from_numpy(maps).permute(0, 3, 1, 2)))
+  compare(jax.jit(head.apply)(variables, maps), ref, n,
+          {**official(n), **overrides})
+
+
+def test_train_mode_matches_torch_batch_statistics():
+  n = 4
+  torch_head, head, variables = head_pair(n, official(n), seed=3)
+  maps = np.abs(np.random.RandomState(3).randn(4, H, W, IN_CHANNELS)).astype(
+      np.float32)
+  torch_head.train()
+  with torch.no_grad():
+    ref = to_numpy(torch_head(torch.from_numpy(maps).permute(0, 3, 1, 2)))
+  out, updated = jax.jit(lambda v, x: head.apply(
+      v, x, train=True, mutable=["batch_stats"]))(variables, maps)
+  assert relative_error(out["logits"], ref["logits"]) <= 1e-4
+  # Running means move as PyTorch's (momentum 0.1).
+  torch_means = np.stack([m.running_mean.numpy() for m in torch_head.neck[:-1]])
+  assert relative_error(
+      updated["batch_stats"]["part_branches"]["neck"]["bn"]["mean"],
+      torch_means) <= 1e-4
+
+
+def test_bnneck_bias_gets_no_gradient_and_classifier_has_no_bias():
+  n = 3
+  _, head, variables = head_pair(n, official(n), seed=1)
+  maps = np.abs(np.random.RandomState(1).randn(2, H, W, IN_CHANNELS)).astype(
+      np.float32)
+
+  def loss(params):
+    out, _ = head.apply({**variables, "params": params}, maps, train=True,
+                        mutable=["batch_stats"])
+    return jnp.sum(out["logits"] ** 2) + jnp.sum(out["bn_feats"])
+
+  grads = jax.jit(jax.grad(loss))(variables["params"])
+  for branch in ("part_branches", "global_branch"):
+    assert not np.any(grads[branch]["neck"]["frozen_bias"])
+    assert np.any(grads[branch]["neck"]["bn"]["scale"])
+    assert set(variables["params"][branch]["classifier"]) == {"kernel"}
+
+
+@pytest.mark.parametrize("keep_background", [True, False])
+def test_diversity_term_against_numpy(keep_background):
+  att = np.random.RandomState(0).rand(3, 4, 5, 4).astype(np.float32)
+  expected = 0.0
+  for b in range(3):
+    for i in range(4):
+      for j in range(5):
+        maps = att[b, i, j] if keep_background else att[b, i, j, :-1]
+        expected += float(np.prod(maps))
+  got = musp.diversity_term(att, keep_background=keep_background)
+  assert got.shape == () and got.dtype == jnp.float32
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_baseline_head_against_numpy():
+  head = musp.BaselineHead(NUM_CLASSES)
+  maps = np.random.RandomState(0).randn(3, H, W, IN_CHANNELS).astype(np.float32)
+  variables = jax.eval_shape(head.init, jax.random.key(0), maps)
+  rng = np.random.RandomState(1)
+  variables = jax.tree.map(
+      lambda x: jnp.asarray(rng.uniform(0.5, 1.5, x.shape), x.dtype), variables)
+  out = head.apply(variables, maps)
+  p = variables["params"]["global_branch"]
+  stats = variables["batch_stats"]["global_branch"]["neck"]["bn"]
+  gap = maps.mean(axis=(1, 2))
+  bn = ((gap - stats["mean"]) / np.sqrt(stats["var"] + 1e-5)
+        * p["neck"]["bn"]["scale"] + p["neck"]["frozen_bias"])
+  np.testing.assert_allclose(out["feats"][:, 0], gap, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out["bn_feats"][:, 0], bn, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out["logits"][:, 0], bn @ p["classifier"]["kernel"],
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(out["areas"], np.ones((3, 1)))
+  assert float(out["diversity"]) == 0.0
+  assert "attention" not in out
+
+
+def _model_config(**fields):
+  config = common.get_config().model
+  config.update(dict(depth=18, num_prototypes=3, value_channels=512), **fields)
+  return config
+
+
+@pytest.mark.parametrize("fields,branches,width", [
+    (dict(), 3, 512),
+    (dict(value_conv="full", value_channels=256, ese="kept", pooling="mean",
+          global_feature="backbone_gap", diversity="kept"), 3, 512),
+    (dict(dtype="bfloat16"), 3, 512),
+    (dict(head="baseline"), 1, 512),
+])
+def test_reid_model_output_dict(fields, branches, width):
+  model = build_model(_model_config(**fields), num_classes=NUM_CLASSES)
+  images = jnp.zeros((2, 64, 64, 3))
+  out, variables = jax.eval_shape(
+      lambda: model.init_with_output(jax.random.key(0), images))
+  expected = {
+      "feats": ((2, branches, width), jnp.float32),
+      "bn_feats": ((2, branches, width), jnp.float32),
+      "logits": ((2, branches, NUM_CLASSES), jnp.float32),
+      "areas": ((2, branches), jnp.float32),
+      "diversity": ((), jnp.float32),
+  }
+  if fields.get("head") != "baseline":
+    expected["attention"] = ((2, 4, 4, 3), jnp.float32)
+  assert {k: (v.shape, v.dtype) for k, v in out.items()} == expected
+  assert set(variables) == {"params", "batch_stats"}
+  assert set(variables["params"]) == {"backbone", "head"}
+  assert {x.dtype for x in jax.tree.leaves(variables)} == {
+      jnp.dtype(jnp.float32)}
+
+
+def test_bad_head_config_is_named():
+  with pytest.raises(ValueError, match="model.pooling='max'"):
+    build_model(_model_config(pooling="max"), NUM_CLASSES)
+  with pytest.raises(ValueError, match="must divide the backbone's 512"):
+    model = build_model(_model_config(value_channels=500), NUM_CLASSES)
+    jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  with pytest.raises(ValueError, match="model.dtype='float16'"):
+    build_model(_model_config(dtype="float16"), NUM_CLASSES)
+
+
+def test_official_checkpoint_through_cli_matches_torch(tmp_path):
+  """A whole official-layout checkpoint (backbone + head) -> ReIDModel."""
+  n = 3
+  torch.manual_seed(21)
+  backbone = torchvision.models.resnet18(weights=None)
+  backbone.layer4[0].conv1.stride = (1, 1)  # last stride 1
+  backbone.layer4[0].downsample[0].stride = (1, 1)
+  for m in backbone.modules():  # non-identity BatchNorms
+    if isinstance(m, torch.nn.BatchNorm2d):
+      with torch.no_grad():
+        m.running_var.uniform_(0.5, 2.0)
+        m.bias.uniform_(-0.2, 0.2)
+  backbone.eval()
+  torch_head = randomise(TorchMUSPHead(
+      512, NUM_CLASSES, n, value_conv="depthwise", value_channels=512,
+      pooling="sum", ese="all", attention="softmax",
+      global_feature="value_mean", diversity="all"), 22).eval()
+  state = {k: v for k, v in backbone.state_dict().items()
+           if not k.startswith("fc.")}
+  state.update(torch_head.state_dict())
+  torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()},
+              "epoch": 60}, tmp_path / "model.pth.tar")
+  import_weights.main(["--musp", str(tmp_path / "model.pth.tar"),
+                       "--out", str(tmp_path / "musp")])
+
+  model = build_model(_model_config(), NUM_CLASSES)
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                               jnp.zeros((1, 64, 64, 3))))
+  fresh = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract)
+  variables = weights.load_init(fresh, tmp_path / "musp")
+  images = np.random.RandomState(4).randn(2, 64, 64, 3).astype(np.float32)
+  out = jax.jit(model.apply)(variables, images)
+  with torch.no_grad():
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    maps = torch.nn.Sequential(*list(backbone.children())[:-2])(x)
+    ref = to_numpy(torch_head(maps))
+  compare(out, ref, n, dict(value_channels=512))
