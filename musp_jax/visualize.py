@@ -1,0 +1,441 @@
+"""Pictures of a trained model: attention maps and rank lists.
+
+    python -m musp_jax.visualize attention --workdir workdirs/demo [--images a.jpg dir/]
+    python -m musp_jax.visualize ranks --workdir workdirs/demo --order worst --topk 8
+    python -m musp_jax.visualize demo --workdir workdirs/demo     # both, for `make demo`
+
+attention: one row per image, the image then each attention map laid over it
+(the paper's Figure 5); the background map is framed and titled in red. Each
+title gives the share of the image the map covers. Without --images, the first
+query images of the workdir's evaluation dataset are shown.
+
+ranks: query images of the evaluation dataset and their top-k gallery images,
+after the protocol's junk removal (same id and camera); green frame: same
+vehicle, red: another one; distances printed. The choice of queries (worst or
+best AP, random, or given indices) is in the file name and the title.
+
+Pictures go to <workdir>/pictures/ unless --out says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import cv2
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+from matplotlib import colormaps
+from matplotlib import patches
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from musp_jax import augment
+from musp_jax import inference
+from musp_jax import metrics
+from musp_jax import retrieval
+
+DISPLAY_HEIGHT = 128  # pixels of each picture cell
+MATCH, NON_MATCH, QUERY = "#1a9850", "#d73027", "#2166ac"
+ORDERS = ("worst", "best", "random")
+
+
+# --------------------------------------------------------------------------
+# Geometry and colour.
+
+
+def resize_map(map_hxw: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+  """Bilinear upsampling of an attention map onto an image of `size_hw`.
+
+  Pixel centres are aligned (cell (i, j) of an h x w map covers image rows
+  [i H/h, (i+1) H/h) and columns [j W/w, (j+1) W/w)), which is how the model
+  sees the image: resizing the input stretches it, so the map stretches the
+  same way back.
+  """
+  h, w = size_hw
+  return cv2.resize(np.asarray(map_hxw, np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def overlay(image_HxWx3: np.ndarray, map_hxw: np.ndarray, *, alpha: float = 0.5,
+            cmap: str = "jet") -> np.ndarray:
+  """The map (values in [0, 1]) in colour over the image, at the image's size."""
+  weights = np.clip(resize_map(map_hxw, image_HxWx3.shape[:2]), 0.0, 1.0)
+  heat = colormaps[cmap](weights)[..., :3] * 255.0
+  out = (1.0 - alpha) * image_HxWx3.astype(np.float32) + alpha * heat
+  return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def display_image(image_HxWx3: np.ndarray, height: int = DISPLAY_HEIGHT) -> np.ndarray:
+  """The image at `height` pixels, its aspect ratio kept."""
+  h, w = image_HxWx3.shape[:2]
+  width = max(1, int(round(w * height / h)))
+  return augment.resize(image_HxWx3, (height, width))
+
+
+def _figure(rows: int, cols: int, cell_aspects: float) -> Figure:
+  cell_h = 1.75  # inches: 128 px pictures at 100 dpi with room for two title lines
+  fig = Figure(figsize=(cols * cell_h * cell_aspects + 0.4, rows * cell_h + 0.7), dpi=100)
+  FigureCanvasAgg(fig)
+  return fig
+
+
+def _frame(ax, color: str, width: float = 4.0, style: str = "-") -> None:
+  ax.add_patch(patches.Rectangle((0, 0), 1, 1, transform=ax.transAxes, fill=False,
+                                 edgecolor=color, linewidth=width, linestyle=style,
+                                 clip_on=False))
+
+
+def figure_to_array(fig: Figure) -> np.ndarray:
+  """The rendered figure as RGB uint8 (H, W, 3)."""
+  fig.canvas.draw()
+  return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def _save(fig: Figure, path: str | epath.Path) -> str:
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(str(path), dpi=100)
+  return str(path)
+
+
+def _short(name: str, n: int = 26) -> str:
+  return name if len(name) <= n else "..." + name[-(n - 3):]
+
+
+# --------------------------------------------------------------------------
+# Attention grids.
+
+
+def attention_figure(images: Sequence[np.ndarray], attention_BxHxWxN: np.ndarray,
+                     names: Sequence[str] | None = None) -> Figure:
+  """Figure-5-style grid: per row the image, then each map over it.
+
+  Args:
+    images: the original RGB uint8 images (any sizes).
+    attention_BxHxWxN: the model's maps; the last one is the background.
+    names: row labels (file names).
+  """
+  b, _, _, n = attention_BxHxWxN.shape
+  if len(images) != b:
+    raise ValueError(f"{len(images)} images but attention for {b}.")
+  shown = [display_image(img) for img in images]
+  aspect = max(1.0, max(s.shape[1] / s.shape[0] for s in shown))
+  fig = _figure(b, n + 1, aspect)
+  axes = fig.subplots(b, n + 1, squeeze=False)
+  for r, img in enumerate(shown):
+    shares = attention_BxHxWxN[r].mean(axis=(0, 1))  # share of the image per map
+    for c, ax in enumerate(axes[r]):
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if c == 0:
+        ax.imshow(img)
+        ax.set_title("image", fontsize=10)
+        if names is not None:
+          ax.set_ylabel(_short(str(names[r])), fontsize=9)
+        continue
+      k = c - 1
+      ax.imshow(overlay(img, attention_BxHxWxN[r, :, :, k]))
+      if k == n - 1:
+        ax.set_title(f"background {100 * shares[k]:.0f}%", fontsize=10, color=NON_MATCH)
+        _frame(ax, NON_MATCH, width=3.0, style="--")
+      else:
+        ax.set_title(f"part {k + 1}  {100 * shares[k]:.0f}%", fontsize=10)
+  fig.suptitle("Attention maps (weights 0 to 1, blue to red); % = share of the image",
+               fontsize=11)
+  fig.tight_layout()
+  return fig
+
+
+def _attention_inputs(config: ml_collections.ConfigDict, images: Sequence[np.ndarray]
+                      ) -> np.ndarray:
+  return np.stack([inference.preprocess(config, img) for img in images])
+
+
+def _attention(model, variables, x_BxHxWx3: np.ndarray) -> np.ndarray:
+  return np.asarray(jax.device_get(inference.attention_fn(model)(variables, x_BxHxWx3)))
+
+
+def _check_attention(config: ml_collections.ConfigDict) -> None:
+  if config.model.head != "musp":
+    raise ValueError(f"model.head={config.model.head!r} has no attention maps; only "
+                     "the 'musp' head does.")
+
+
+def attention_grid(model, variables, config: ml_collections.ConfigDict,
+                   images: Sequence[np.ndarray], names: Sequence[str] | None = None
+                   ) -> Figure:
+  """Runs the model on RGB uint8 images and draws their attention grid."""
+  _check_attention(config)
+  attention = _attention(model, variables, _attention_inputs(config, images))
+  return attention_figure(images, attention, names)
+
+
+def eval_images(config: ml_collections.ConfigDict, count: int, *, split: str = "query",
+                data_dir: str | None = None) -> tuple[list[np.ndarray], list[str]]:
+  """The first `count` images of the evaluation dataset's split (decoded RGB)."""
+  source, _ = _eval_split(config, split, data_dir=data_dir, with_index=False)
+  count = min(count, len(source))
+  records = [source[i] for i in range(count)]
+  return ([inference.decode_image(r["image"], where=r.get("file_name", str(i)))
+           for i, r in enumerate(records)],
+          [str(r.get("file_name", i)) for i, r in enumerate(records)])
+
+
+def write_attention_images(writer, step: int, model, variables,
+                           config: ml_collections.ConfigDict, *, num_images: int = 4,
+                           images: Sequence[np.ndarray] | None = None,
+                           names: Sequence[str] | None = None) -> None:
+  """Writes the attention grid as a TensorBoard image ("attention") with clu's writer.
+
+  Without `images`, the first query images of the evaluation dataset are used.
+  Baseline models (no attention) write nothing.
+  """
+  if config.model.head != "musp":
+    return
+  if images is None:
+    images, names = eval_images(config, num_images)
+  fig = attention_grid(model, variables, config, images, names)
+  writer.write_images(step, {"attention": figure_to_array(fig)[None]})
+
+
+def attention_picture(loaded: inference.LoadedModel, out: str, *,
+                      image_paths: Sequence[str] | None = None, num_images: int = 6,
+                      data_dir: str | None = None) -> str:
+  """Draws the attention grid of image files (or of evaluation images) into `out`."""
+  _check_attention(loaded.config)
+  if image_paths:
+    files = inference.list_images(image_paths)[:num_images]
+    images = [inference.decode_image(epath.Path(p).read_bytes(), where=p) for _, p in files]
+    names = [name for name, _ in files]
+  else:
+    images, names = eval_images(loaded.config, num_images, data_dir=data_dir)
+  fig = attention_grid(loaded.model, loaded.variables, loaded.config, images, names)
+  return _save(fig, out)
+
+
+# --------------------------------------------------------------------------
+# Rank lists.
+
+
+def _eval_split(config: ml_collections.ConfigDict, split: str, *,
+                data_dir: str | None = None, with_index: bool = True):
+  """A split of the config's evaluation dataset (built first if synthetic)."""
+  from musp_jax import datasets  # pylint: disable=g-import-not-at-top
+  name = config.eval.dataset or config.dataset.name
+  builder_config = config.eval.builder_config or (
+      config.dataset.builder_config if name == config.dataset.name else "")
+  kw = dict(data_dir=data_dir or config.dataset.data_dir, builder_config=builder_config)
+  if split not in datasets.SPLITS.get(name, ()):
+    raise ValueError(
+        f"Dataset {name} has no {split!r} split (it has {datasets.SPLITS.get(name)}); "
+        "pictures need a dataset with query and gallery splits, or give --images.")
+  datasets.ensure_built(name, manual_dir=config.dataset.manual_dir, **kw)
+  source = datasets.load_split(name, split, **kw)
+  index = datasets.split_index(name, split, **kw) if with_index else None
+  return source, index
+
+
+def _split_features(loaded: inference.LoadedModel, split: str, *, data_dir: str | None,
+                    batch_size: int) -> tuple[Any, retrieval.Features]:
+  source, index = _eval_split(loaded.config, split, data_dir=data_dir)
+  items = ((f"{split}[{i}]", source[i]["image"]) for i in range(len(source)))
+  feats, areas = inference.embed_bytes(loaded, items, total=len(source),
+                                       batch_size=batch_size, flip=loaded.config.eval.flip,
+                                       desc=split)
+  return source, retrieval.Features(feats, areas, index["vehicle_id"], index["camera_id"])
+
+
+def per_query_ap(dist_QxG: np.ndarray, query: retrieval.Features,
+                 gallery: retrieval.Features) -> np.ndarray:
+  """AP of each query by the protocol (NaN where no true match is left)."""
+  aps = np.full(len(dist_QxG), np.nan)
+  for q in range(len(dist_QxG)):
+    if not np.any(gallery.ids == query.ids[q]):
+      continue
+    try:
+      aps[q] = metrics.rank_metrics(
+          dist_QxG[q:q + 1], query.ids[q:q + 1], gallery.ids, query.cams[q:q + 1],
+          gallery.cams, max_rank=1, remove_junk=bool(query.cams[q] >= 0))["mAP"]
+    except ValueError:  # only junk matches: the protocol skips this query
+      pass
+  return aps
+
+
+def choose_queries(aps: np.ndarray, order: str, count: int, *, seed: int = 0) -> np.ndarray:
+  """Indices of the `count` worst/best-AP or random valid queries."""
+  valid = np.flatnonzero(~np.isnan(aps))
+  if order == "random":
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(valid, size=min(count, len(valid)), replace=False))
+  if order not in ("worst", "best"):
+    raise ValueError(f"order={order!r}; expected one of {ORDERS}.")
+  # Stable: equal APs keep query order.
+  ranked = valid[np.argsort(aps[valid] if order == "worst" else -aps[valid], kind="stable")]
+  return ranked[:count]
+
+
+def ranked_list(dist_G: np.ndarray, query_id: int, query_cam: int,
+                gallery: retrieval.Features, topk: int) -> tuple[np.ndarray, np.ndarray]:
+  """Top-k gallery indices after junk removal, and whether each is a true match."""
+  order = np.argsort(dist_G, kind="stable")
+  same = gallery.ids[order] == query_id
+  if query_cam >= 0:
+    order = order[~(same & (gallery.cams[order] == query_cam))]
+  order = order[:topk]
+  return order, gallery.ids[order] == query_id
+
+
+def ranks_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure:
+  """rows: {"query": img, "label": str, "gallery": [img], "match": [bool], "dist": [float]}."""
+  topk = max(len(r["gallery"]) for r in rows)
+  fig = _figure(len(rows), topk + 1, 0.9)
+  axes = fig.subplots(len(rows), topk + 1, squeeze=False)
+  for r, row in enumerate(rows):
+    cells = [(row["query"], row["label"], QUERY)] + [
+        (img, f"#{i + 1}  d={d:.3f}", MATCH if m else NON_MATCH)
+        for i, (img, m, d) in enumerate(zip(row["gallery"], row["match"], row["dist"]))]
+    for c, ax in enumerate(axes[r]):
+      ax.set_xticks([])
+      ax.set_yticks([])
+      ax.set_frame_on(False)
+      if c >= len(cells):
+        continue
+      img, text, color = cells[c]
+      ax.imshow(display_image(img))
+      ax.set_title(text, fontsize=9, color=color if c else "black")
+      _frame(ax, color, width=5.0)
+  fig.suptitle(title + "\nframe: green = same vehicle, red = another vehicle, "
+               "blue = query; d = distance", fontsize=11)
+  fig.tight_layout()
+  return fig
+
+
+def ranks_picture(loaded: inference.LoadedModel, out_dir: str, *, order: str = "worst",
+                  queries: Sequence[int] | None = None, num_queries: int = 4,
+                  topk: int = 8, seed: int = 0, data_dir: str | None = None,
+                  batch_size: int = 32) -> str:
+  """Embeds the evaluation query/gallery splits and draws chosen queries' rank lists.
+
+  Returns the path of the written PNG: ranks_<order>_top<k>.png, or
+  ranks_chosen_top<k>.png for explicit `queries`.
+  """
+  if queries is None and order not in ORDERS:
+    raise ValueError(f"order={order!r}; expected one of {ORDERS}.")
+  q_source, query = _split_features(loaded, "query", data_dir=data_dir,
+                                    batch_size=batch_size)
+  g_source, gallery = _split_features(loaded, "gallery", data_dir=data_dir,
+                                      batch_size=batch_size)
+  distance = loaded.config.eval.distance
+  if distance not in retrieval.DISTANCES:
+    raise ValueError(f"eval.distance={distance!r}; expected one of {retrieval.DISTANCES}.")
+  dist_QxG = retrieval.distance_matrix(query, gallery, distance=distance,
+                                       query_block=min(len(query), 256))
+  aps = per_query_ap(dist_QxG, query, gallery)
+  if queries is not None:
+    bad = [q for q in queries if not 0 <= q < len(query)]
+    if bad:
+      raise ValueError(f"Query indices {bad} out of range: the query split has "
+                       f"{len(query)} images.")
+    chosen, order = np.asarray(queries, int), "chosen"
+    title = f"Chosen queries {list(chosen)}"
+  else:
+    chosen = choose_queries(aps, order, num_queries, seed=seed)
+    what = {"worst": "Worst-AP", "best": "Best-AP", "random": f"Random (seed {seed})"}
+    title = (f"{what[order]} queries: {len(chosen)} of {int(np.sum(~np.isnan(aps)))}"
+             + (", lowest AP first" if order == "worst" else
+                ", highest AP first" if order == "best" else ""))
+  title += f"; top-{topk}, {distance} distance, step {loaded.step}"
+  rows = []
+  for q in chosen:
+    top, match = ranked_list(dist_QxG[q], query.ids[q], query.cams[q], gallery, topk)
+    rec = q_source[int(q)]
+    ap = "n/a" if np.isnan(aps[q]) else f"{aps[q]:.2f}"
+    cam = f" cam {query.cams[q]}" if query.cams[q] >= 0 else ""
+    rows.append({
+        "query": inference.decode_image(rec["image"], where=f"query[{q}]"),
+        "label": f"query {q}: id {query.ids[q]}{cam}\nAP {ap}",
+        "gallery": [inference.decode_image(g_source[int(g)]["image"], where=f"gallery[{g}]")
+                    for g in top],
+        "match": list(match), "dist": [float(dist_QxG[q, g]) for g in top]})
+  if not rows:
+    raise ValueError("No query with a true match in the gallery; nothing to draw.")
+  path = epath.Path(out_dir) / f"ranks_{order}_top{topk}.png"
+  return _save(ranks_figure(rows, title), path)
+
+
+# --------------------------------------------------------------------------
+# Entry points.
+
+
+def demo_pictures(workdir: str, *, data_dir: str | None = None) -> list[str]:
+  """The pictures `make demo` ends with: attention grid and worst-AP rank lists."""
+  loaded = inference.load(workdir)
+  out_dir = epath.Path(workdir) / "pictures"
+  written = []
+  if loaded.has_attention:
+    written.append(attention_picture(loaded, str(out_dir / "attention.png"),
+                                     data_dir=data_dir))
+  written.append(ranks_picture(loaded, str(out_dir), order="worst", data_dir=data_dir))
+  return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  from musp_jax import embed  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(
+      prog="python -m musp_jax.visualize", description=__doc__.split("\n\n")[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+  att = sub.add_parser("attention", help="Attention maps over images.")
+  embed.add_model_args(att)
+  att.add_argument("--images", nargs="+", default=None,
+                   help="Image files/folders (default: evaluation query images).")
+  att.add_argument("--num_images", type=int, default=6)
+  att.add_argument("--out", default=None,
+                   help="PNG path (default: <workdir>/pictures/attention.png).")
+  att.add_argument("--data_dir", default=None, help="Override config.dataset.data_dir.")
+  rk = sub.add_parser("ranks", help="Rank lists of evaluation queries.")
+  embed.add_model_args(rk)
+  rk.add_argument("--order", choices=ORDERS, default="worst")
+  rk.add_argument("--queries", type=int, nargs="+", default=None,
+                  help="Query indices to show (instead of --order).")
+  rk.add_argument("--num_queries", type=int, default=4)
+  rk.add_argument("--topk", type=int, default=8)
+  rk.add_argument("--seed", type=int, default=0, help="For --order random.")
+  rk.add_argument("--out_dir", default=None,
+                  help="Folder for ranks_<order>_top<k>.png (default: <workdir>/pictures).")
+  rk.add_argument("--data_dir", default=None, help="Override config.dataset.data_dir.")
+  rk.add_argument("--batch_size", type=int, default=32)
+  demo = sub.add_parser("demo", help="Attention grid + worst-AP rank lists of a workdir.")
+  demo.add_argument("--workdir", required=True)
+  demo.add_argument("--data_dir", default=None, help="Override config.dataset.data_dir.")
+  args = parser.parse_args(argv)
+  inference.hide_gpus_from_tensorflow()
+  try:
+    if args.command == "demo":
+      written = demo_pictures(args.workdir, data_dir=args.data_dir)
+    else:
+      loaded = inference.load(args.workdir, checkpoint=args.checkpoint, step=args.step)
+      pictures = epath.Path(loaded.source).parent.parent / "pictures"
+      if args.command == "attention":
+        written = [attention_picture(
+            loaded, args.out or str(pictures / "attention.png"), image_paths=args.images,
+            num_images=args.num_images, data_dir=args.data_dir)]
+      else:
+        written = [ranks_picture(
+            loaded, args.out_dir or str(pictures), order=args.order, queries=args.queries,
+            num_queries=args.num_queries, topk=args.topk, seed=args.seed,
+            data_dir=args.data_dir, batch_size=args.batch_size)]
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps({"written": written}))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
