@@ -179,6 +179,8 @@ class MUSPHead(nn.Module):
     else:
       attention_BxHxWxN = jax.nn.sigmoid(att_logits)
 
+    # The official code writes `bmm(...) / h*w`, i.e. (sum / h) * w: the plain
+    # weighted sum on its square maps, which "sum" reproduces on any shape.
     parts_BxNxC = jnp.einsum("bhwn,bhwc->bnc", attention_BxHxWxN, value_BxHxWxC)
     if self.pooling == "mean":
       parts_BxNxC = parts_BxNxC / (h * w)

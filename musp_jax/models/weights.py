@@ -21,6 +21,7 @@ unexpected and mis-shaped keys, each with its shape.
 
 from collections.abc import Mapping, Sequence
 import os
+import pickle
 import re
 from typing import Any
 
@@ -47,7 +48,7 @@ class WeightImportError(ValueError):
 
 
 def load_state_dict(path: str | os.PathLike) -> StateDict:
-  """Reads a PyTorch state dict as {name: float numpy array}.
+  """Reads a PyTorch state dict as {name: numpy array}.
 
   Accepts a bare state dict or a training checkpoint holding one under
   "state_dict" (the official MUSP format), and strips DataParallel's "module."
@@ -69,7 +70,14 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
       raise ImportError(
           f"reading {path} needs torch (pip install 'musp-jax[torch]'); or "
           "convert it to .npz/.safetensors") from e
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+      # weights_only: never run pickled code from a downloaded checkpoint.
+      obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+      raise WeightImportError(
+          f"{path} holds objects other than tensors and plain containers; "
+          "re-save just its state_dict (torch.save(ckpt['state_dict'], ...))"
+          f": {e}") from e
     if isinstance(obj, Mapping) and "state_dict" in obj:
       obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
