@@ -45,10 +45,13 @@ def _smooth_image(h: int, w: int, seed: int = 0) -> np.ndarray:
 @pytest.mark.parametrize("name,mean,std", [
     ("half", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     ("imagenet", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    (None, (0.3, 0.3, 0.3), (0.2, 0.2, 0.2)),  # uniform, not 0.5
 ])
 def test_normalize_constants(name, mean, std):
   values = np.array([[[0, 128, 255], [255, 0, 64]]], np.uint8)  # 1x2x3
-  got = augment.normalize(values, augment.normalize_lut(name))
+  normalize = (augment.Normalize.from_name(name) if name
+               else augment.Normalize(mean, std))
+  got = normalize(values)
   assert got.dtype == np.float32 and got.shape == (1, 2, 3)
   for c in range(3):
     for x in range(2):
@@ -60,7 +63,7 @@ def test_normalize_constants(name, mean, std):
 
 def test_normalize_rejects_unknown_name():
   with pytest.raises(ValueError, match="input.normalize='zero'"):
-    augment.normalize_lut("zero")
+    augment.Normalize.from_name("zero")
 
 
 def test_test_transform_is_resize_and_normalise():
