@@ -1,7 +1,8 @@
 """grain pipelines: PK training batches and padded evaluation batches.
 
 Training: a MapDataset over this process's element positions -> PK record
-index (sampling.PKSampler) -> read record -> decode + augment -> batch ->
+index (sampling.PKSampler) -> read record -> decode, translate, flip (uint8)
+-> batch (normalise and erase straight into the batch array) ->
 `ds[start_step:]` -> to_iter_dataset -> mp_prefetch. Every element is a pure
 function of (seed, global step, position in the global batch), so the batches
 do not depend on the number of workers or processes, and resuming at step s
@@ -21,6 +22,7 @@ import math
 import os
 from typing import Any, Iterator, Sequence
 
+import cv2
 import grain
 import jax
 import numpy as np
@@ -43,7 +45,7 @@ def _hide_accelerators(worker_index: int, worker_count: int) -> None:
   os.environ["JAX_PLATFORMS"] = "cpu"
   jax.config.update("jax_platforms", "cpu")
   # One process per core already; OpenCV's own threads would oversubscribe.
-  augment.cv2.setNumThreads(1)
+  cv2.setNumThreads(1)
 
 
 def _check_split(global_batch_size: int, process_index: int,

@@ -1,7 +1,11 @@
 """grain pipelines: PK batches, worker/process independence, resume, eval."""
 
 import io
+import multiprocessing
+import os
+import sys
 
+import cv2
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
@@ -40,6 +44,23 @@ def data():
     source.append({"image": buf.getvalue(), "label": int(label),
                    "file_name": f"{i:04d}.jpg"})
   return source, labels.astype(np.int64)
+
+
+class _WorkerCheckingSource:
+  """The records, checking inside grain workers that accelerators are hidden."""
+
+  def __init__(self, records):
+    self.records = records
+
+  def __len__(self):
+    return len(self.records)
+
+  def __getitem__(self, i):
+    if multiprocessing.parent_process() is not None:  # a worker process
+      assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
+      assert cv2.getNumThreads() == 1, "worker start-up did not run"
+      assert "tensorflow" not in sys.modules
+    return self.records[i]
 
 
 def _take(it, n):
@@ -109,7 +130,8 @@ def test_two_workers_match_in_process(data):
   # Started at step 2, so this also checks that resuming does not depend on
   # the worker count.
   in_process = _take(_train(data), 7)[2:]
-  workers = _take(_train(data, start_step=2, num_workers=2), 5)
+  checked = (_WorkerCheckingSource(data[0]), data[1])
+  workers = _take(_train(checked, start_step=2, num_workers=2), 5)
   _assert_same(workers, in_process)
 
 
