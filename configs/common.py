@@ -53,6 +53,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.diversity = "all"  # product over all n maps (official) | kept: n-1 maps (paper)
   c.model.dtype = "float32"  # compute dtype; bfloat16 keeps fp32 params and BN stats
   c.model.init_from = ""  # Orbax dir written by `python -m musp_jax.import_weights`
+  # Backbone convolutions: xla (nn.Conv; cuDNN on GPU) | gemm (matrix products,
+  # models/fast_conv.py, faster on XLA's CPU backend) | auto (gemm on CPU only).
+  c.model.conv_impl = "auto"
 
   # --- losses (losses.py) ---
   c.loss = ml_collections.ConfigDict()

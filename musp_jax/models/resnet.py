@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from musp_jax.models import fast_conv
+
 # torchvision's ResNet zoo: block type and number of blocks per stage.
 STAGE_SIZES: dict[int, tuple[str, tuple[int, int, int, int]]] = {
     18: ("basic", (2, 2, 2, 2)),
@@ -39,10 +41,15 @@ conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 def conv(features: int, kernel_size: int, strides: int, dtype: Any,
-         name: str, *, groups: int = 1, use_bias: bool = False) -> nn.Conv:
-  """A PyTorch-padded conv: symmetric `kernel_size // 2` on each side."""
+         name: str, *, groups: int = 1, use_bias: bool = False,
+         impl: str = "xla") -> nn.Module:
+  """A PyTorch-padded conv: symmetric `kernel_size // 2` on each side.
+
+  impl: "xla" (nn.Conv) or "gemm" (fast_conv.GemmConv, same parameters).
+  """
   p = kernel_size // 2
-  return nn.Conv(
+  conv_cls = fast_conv.GemmConv if impl == "gemm" else nn.Conv
+  return conv_cls(
       features, (kernel_size, kernel_size), strides=(strides, strides),
       padding=((p, p), (p, p)), feature_group_count=groups, use_bias=use_bias,
       dtype=dtype, param_dtype=jnp.float32, kernel_init=conv_kernel_init,
@@ -69,6 +76,7 @@ class Block(nn.Module):
   downsample: bool = False
   train: bool = False
   dtype: Any = jnp.float32
+  conv_impl: str = "xla"  # xla | gemm (see fast_conv)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -79,12 +87,13 @@ class Block(nn.Module):
                (self.planes * 4, 1, 1)]
     y = x
     for i, (features, k, s) in enumerate(convs, start=1):
-      y = conv(features, k, s, self.dtype, f"conv{i}")(y)
+      y = conv(features, k, s, self.dtype, f"conv{i}", impl=self.conv_impl)(y)
       y = batch_norm(self.train, self.dtype, f"bn{i}")(y)
       if i < len(convs):
         y = nn.relu(y)
     if self.downsample:
-      x = conv(convs[-1][0], 1, self.strides, self.dtype, "downsample_conv")(x)
+      x = conv(convs[-1][0], 1, self.strides, self.dtype, "downsample_conv",
+               impl=self.conv_impl)(x)
       x = batch_norm(self.train, self.dtype, "downsample_bn")(x)
     return nn.relu(y + x)
 
@@ -107,11 +116,14 @@ class ResNet(nn.Module):
     last_stride: stride of the last stage (1 for re-ID: 256x256 -> 16x16).
     num_classes: adds torchvision's `fc` classifier when set (ImageNet: 1000).
     dtype: compute dtype; parameters and BatchNorm statistics stay float32.
+    conv_impl: "xla", "gemm" or "auto" (gemm on CPU, xla elsewhere); see
+      fast_conv. Same parameters either way.
   """
   depth: int = 50
   last_stride: int = 1
   num_classes: int | None = None
   dtype: Any = jnp.float32
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, images_BxHxWx3: jax.Array, *,
@@ -123,9 +135,10 @@ class ResNet(nn.Module):
     if self.last_stride not in (1, 2):
       raise ValueError(f"last_stride must be 1 or 2, got {self.last_stride}")
     kind, sizes = STAGE_SIZES[self.depth]
+    impl = fast_conv.resolve_conv_impl(self.conv_impl)
     out = {}
     x = images_BxHxWx3.astype(self.dtype)
-    x = conv(64, 7, 2, self.dtype, "conv1")(x)
+    x = conv(64, 7, 2, self.dtype, "conv1", impl=impl)(x)
     x = nn.relu(batch_norm(train, self.dtype, "bn1")(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     out["stem"] = x
@@ -138,7 +151,8 @@ class ResNet(nn.Module):
         out_features = planes * _EXPANSION[kind]
         x = Block(kind, planes, strides,
                   downsample=strides != 1 or in_features != out_features,
-                  train=train, dtype=self.dtype, name=f"layer{stage}_{b}")(x)
+                  train=train, dtype=self.dtype, conv_impl=impl,
+                  name=f"layer{stage}_{b}")(x)
         in_features = out_features
       out[f"layer{stage}"] = x
     # Average in float32: a bf16 sum over 256 pixels loses precision.

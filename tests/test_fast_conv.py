@@ -1,0 +1,137 @@
+"""GemmConv must equal flax.linen.Conv: parameters, forward and both gradients."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from musp_jax.models import fast_conv
+
+# (kernel, stride, padding, in_channels, out_channels, input size): every conv a
+# torchvision ResNet has (stem 7x7/2, 3x3/1, 3x3/2, 1x1/1, strided 1x1
+# downsample), on even and odd inputs.
+# The last field adds a (non-zero) bias, as the MUSP head's attention conv has.
+RESNET_CONVS = [
+    (7, 2, 3, 3, 8, 16, False),
+    (7, 2, 3, 3, 8, 15, False),
+    (3, 1, 1, 8, 8, 9, True),
+    (3, 2, 1, 8, 16, 10, False),
+    (3, 2, 1, 8, 16, 9, False),
+    (1, 1, 0, 16, 8, 7, True),
+    (1, 2, 0, 8, 16, 10, False),
+    (1, 2, 0, 8, 16, 9, False),
+]
+
+
+def _pair(kernel, stride, padding, out_channels, use_bias, cls, **kw):
+  return cls(out_channels, (kernel, kernel), strides=(stride, stride),
+             padding=((padding, padding), (padding, padding)), use_bias=use_bias, **kw)
+
+
+def _loss_and_grads(module, variables, x, target):
+  def loss(params, x):
+    y = module.apply({"params": params}, x)
+    return jnp.sum((y - target) ** 2)
+  return jax.value_and_grad(loss, argnums=(0, 1))(variables["params"], x)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,cin,cout,size,use_bias", RESNET_CONVS)
+def test_matches_flax_conv(kernel, stride, padding, cin, cout, size, use_bias):
+  ref = _pair(kernel, stride, padding, cout, use_bias, nn.Conv)
+  fast = _pair(kernel, stride, padding, cout, use_bias, fast_conv.GemmConv)
+  kx, kt, kp = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, (2, size, size, cin))
+  ref_vars = ref.init(kp, x)
+  fast_vars = fast.init(kp, x)
+  # Same names, shapes and (same rng) values: checkpoints and imports carry over.
+  assert jax.tree.structure(ref_vars) == jax.tree.structure(fast_vars)
+  jax.tree.map(np.testing.assert_array_equal, ref_vars, fast_vars)
+  if use_bias:  # A non-zero bias, so its gradient path is exercised.
+    ref_vars = jax.tree.map(lambda v: v + 0.1, ref_vars)
+
+  y_ref = ref.apply(ref_vars, x)
+  y_fast = jax.jit(fast.apply)(ref_vars, x)
+  assert y_fast.shape == y_ref.shape
+  np.testing.assert_allclose(y_fast, y_ref, rtol=1e-5, atol=1e-5)
+
+  target = jax.random.normal(kt, y_ref.shape)
+  loss_ref, (gp_ref, gx_ref) = _loss_and_grads(ref, ref_vars, x, target)
+  loss_fast, (gp_fast, gx_fast) = jax.jit(
+      lambda v, x: _loss_and_grads(fast, v, x, target))(ref_vars, x)
+  np.testing.assert_allclose(loss_fast, loss_ref, rtol=1e-5)
+  np.testing.assert_allclose(gx_fast, gx_ref, rtol=1e-4, atol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+               gp_fast, gp_ref)
+
+
+def test_im2col_path_matches_flax_conv(monkeypatch):
+  # The patch-matrix path for few input channels (the stem) is numerically the same conv.
+  monkeypatch.setattr(fast_conv, "IM2COL_MAX_CHANNELS", 3)
+  ref = _pair(7, 2, 3, 8, False, nn.Conv)
+  fast = _pair(7, 2, 3, 8, False, fast_conv.GemmConv)
+  x = jax.random.normal(jax.random.key(1), (2, 15, 15, 3))
+  variables = ref.init(jax.random.key(2), x)
+  target = jnp.ones((2, 8, 8, 8))
+  loss_ref, (gp_ref, _) = _loss_and_grads(ref, variables, x, target)
+  loss_fast, (gp_fast, _) = _loss_and_grads(fast, variables, x, target)
+  np.testing.assert_allclose(loss_fast, loss_ref, rtol=1e-5)
+  np.testing.assert_allclose(gp_fast["kernel"], gp_ref["kernel"], rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_conv_falls_back_to_xla():
+  ref = nn.Conv(8, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=8)
+  fast = fast_conv.GemmConv(8, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=8)
+  x = jax.random.normal(jax.random.key(3), (2, 6, 6, 8))
+  variables = ref.init(jax.random.key(4), x)
+  assert variables["params"]["kernel"].shape == (3, 3, 1, 8)
+  np.testing.assert_allclose(fast.apply(variables, x), ref.apply(variables, x),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  fast = fast_conv.GemmConv(16, (3, 3), padding=((1, 1), (1, 1)), dtype=jnp.bfloat16)
+  ref = nn.Conv(16, (3, 3), padding=((1, 1), (1, 1)))
+  x = jax.random.normal(jax.random.key(5), (2, 8, 8, 8))
+  variables = fast.init(jax.random.key(6), x)
+  assert variables["params"]["kernel"].dtype == jnp.float32
+  y = fast.apply(variables, x)
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_allclose(y.astype(jnp.float32), ref.apply(variables, x),
+                             rtol=0.05, atol=0.05)
+  grads = jax.grad(lambda p: jnp.sum(fast.apply({"params": p}, x).astype(jnp.float32)))(
+      variables["params"])
+  assert grads["kernel"].dtype == jnp.float32
+
+
+def test_same_padding_is_rejected():
+  with pytest.raises(ValueError, match="SAME"):
+    fast_conv.GemmConv(4, (3, 3), padding="SAME").init(
+        jax.random.key(0), jnp.zeros((1, 4, 4, 2)))
+
+
+def test_resolve_conv_impl():
+  assert fast_conv.resolve_conv_impl("xla") == "xla"
+  assert fast_conv.resolve_conv_impl("gemm") == "gemm"
+  # These tests run on CPU (conftest), where "auto" means the GEMM convolutions.
+  assert fast_conv.resolve_conv_impl("auto") == "gemm"
+  with pytest.raises(ValueError, match="conv_impl"):
+    fast_conv.resolve_conv_impl("cudnn")
+
+
+
+def test_resnet_conv_impl_switch_keeps_variables_and_outputs():
+  from musp_jax.models import resnet
+  x = jax.random.normal(jax.random.key(7), (2, 32, 32, 3))
+  nets = {impl: resnet.ResNet(depth=18, conv_impl=impl) for impl in ("xla", "gemm")}
+  variables = nets["xla"].init(jax.random.key(8), x)
+  jax.tree.map(np.testing.assert_array_equal, variables,
+               nets["gemm"].init(jax.random.key(8), x))
+  # Forward in training mode (batch statistics); per-conv gradients are tested above.
+  outs = {impl: jax.jit(lambda v, net=net: net.apply(v, x, train=True,
+                                                     mutable=["batch_stats"]))(variables)
+          for impl, net in nets.items()}
+  np.testing.assert_allclose(outs["gemm"][0]["pooled"], outs["xla"][0]["pooled"],
+                             rtol=1e-4, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               outs["gemm"][1], outs["xla"][1])
