@@ -44,9 +44,13 @@ def make_manager(directory: str | epath.Path, *, keep: int = 2,
       read_only=read_only,
       create=not read_only,
   )
+  # Handlers named up front, so a freshly opened manager can read metadata before
+  # any save (restore checks shapes against it).
   return ocp.CheckpointManager(
       epath.Path(directory).expanduser(), options=options,
-      item_names=("state", "data", "model"))
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "data": ocp.JsonCheckpointHandler(),
+                     "model": ocp.JsonCheckpointHandler()})
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, *,
