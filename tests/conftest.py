@@ -13,6 +13,13 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# torch (through torchvision -> triton) segfaults when its native libraries load after
+# those of the jax/TensorFlow stack; loading it first, where installed, avoids that.
+try:
+  import torchvision  # noqa: E402,F401  pylint: disable=unused-import
+except ImportError:
+  pass
+
 from absl import flags  # noqa: E402
 
 # grain reads absl flags; outside app.run they must be marked as parsed.
