@@ -1,0 +1,133 @@
+"""Multi-process (multi-host) start-up, and a launcher for N processes on one machine.
+
+On a cluster (SLURM, Open MPI, Cloud TPU) `jax.distributed.initialize()` finds
+everything itself. Elsewhere, every process needs the coordinator's address,
+the number of processes and its own id; `initialize` reads them from
+
+    JAX_COORDINATOR_ADDRESS=host:port  JAX_NUM_PROCESSES=N  JAX_PROCESS_ID=i
+
+(the first is also read by JAX itself). One machine, N processes:
+
+    python -m musp_jax.distributed --num_processes 2 -- \\
+        python -m musp_jax.main --config configs/synthetic.py:runlocal \\
+        --workdir workdirs/mh --config.distributed=True
+
+On CPU, cross-process collectives use gloo (jax's default CPU collectives,
+`jax_cpu_collectives_implementation`); each process feeds its own slice of the
+global batch (`jax.make_array_from_process_local_data`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+
+import jax
+
+ENV_ADDRESS = "JAX_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAX_PROCESS_ID"
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
+  """`jax.distributed.initialize` with arguments, environment variables or auto-detection."""
+  coordinator_address = coordinator_address or os.environ.get(ENV_ADDRESS)
+  if num_processes is None and ENV_NUM_PROCESSES in os.environ:
+    num_processes = int(os.environ[ENV_NUM_PROCESSES])
+  if process_id is None and ENV_PROCESS_ID in os.environ:
+    process_id = int(os.environ[ENV_PROCESS_ID])
+  given = (coordinator_address, num_processes, process_id)
+  if any(v is not None for v in given) and any(v is None for v in given):
+    raise ValueError(
+        f"Multi-process start-up needs all of {ENV_ADDRESS}, {ENV_NUM_PROCESSES} and "
+        f"{ENV_PROCESS_ID} (or arguments); got address={coordinator_address!r}, "
+        f"num_processes={num_processes!r}, process_id={process_id!r}.")
+  # With nothing given, JAX detects SLURM / Open MPI / TPU environments itself.
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+
+
+def free_port() -> int:
+  """A TCP port that is free on localhost now (for the coordinator)."""
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def launch_local(command: Sequence[str], num_processes: int, *, port: int | None = None,
+                 env: dict[str, str] | None = None, timeout: float | None = None,
+                 capture: bool = False) -> list[subprocess.CompletedProcess]:
+  """Runs `command` as processes 0..N-1 of one job on this machine; waits for all.
+
+  Raises CalledProcessError naming the first process that failed.
+  """
+  port = port or free_port()
+  procs, outputs = [], []
+  for i in range(num_processes):
+    proc_env = {**os.environ, **(env or {}), ENV_ADDRESS: f"127.0.0.1:{port}",
+                ENV_NUM_PROCESSES: str(num_processes), ENV_PROCESS_ID: str(i)}
+    # Files, not pipes: a process blocked on a full pipe would stall the others.
+    out = (tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) if capture else (None,
+                                                                                        None)
+    outputs.append(out)
+    procs.append(subprocess.Popen(list(command), env=proc_env, text=True, stdout=out[0],
+                                  stderr=out[1]))
+  deadline = None if timeout is None else time.monotonic() + timeout
+  try:
+    # Wait for all; one failed process leaves the others waiting forever: stop them.
+    while any(p.poll() is None for p in procs):
+      if any(p.returncode for p in procs if p.poll() is not None):
+        break
+      if deadline is not None and time.monotonic() > deadline:
+        raise subprocess.TimeoutExpired(list(command), timeout)
+      time.sleep(0.1)
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  results = []
+  for proc, files in zip(procs, outputs):
+    texts = []
+    for f in files:
+      if f is not None:
+        f.seek(0)
+        texts.append(f.read())
+        f.close()
+      else:
+        texts.append(None)
+    results.append(subprocess.CompletedProcess(proc.args, proc.returncode, *texts))
+  for i, r in enumerate(results):
+    if r.returncode:
+      raise subprocess.CalledProcessError(
+          r.returncode, f"process {i}/{num_processes}: {' '.join(command)}", r.stdout,
+          r.stderr)
+  return results
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(
+      description="Run a command as N JAX processes on this machine.",
+      usage="python -m musp_jax.distributed --num_processes N -- COMMAND ...")
+  parser.add_argument("--num_processes", type=int, required=True)
+  parser.add_argument("--port", type=int, default=None)
+  parser.add_argument("command", nargs=argparse.REMAINDER)
+  args = parser.parse_args(argv)
+  command = args.command[1:] if args.command[:1] == ["--"] else args.command
+  if not command:
+    parser.error("give the command to run after --")
+  try:
+    launch_local(command, args.num_processes, port=args.port)
+  except subprocess.CalledProcessError as e:
+    sys.exit(f"{e.cmd} exited with status {e.returncode}")
+
+
+if __name__ == "__main__":
+  main()
