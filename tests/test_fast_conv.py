@@ -62,20 +62,6 @@ def test_matches_flax_conv(kernel, stride, padding, cin, cout, size, use_bias):
                gp_fast, gp_ref)
 
 
-def test_im2col_path_matches_flax_conv(monkeypatch):
-  # The patch-matrix path for few input channels (the stem) is numerically the same conv.
-  monkeypatch.setattr(fast_conv, "IM2COL_MAX_CHANNELS", 3)
-  ref = _pair(7, 2, 3, 8, False, nn.Conv)
-  fast = _pair(7, 2, 3, 8, False, fast_conv.GemmConv)
-  x = jax.random.normal(jax.random.key(1), (2, 15, 15, 3))
-  variables = ref.init(jax.random.key(2), x)
-  target = jnp.ones((2, 8, 8, 8))
-  loss_ref, (gp_ref, _) = _loss_and_grads(ref, variables, x, target)
-  loss_fast, (gp_fast, _) = _loss_and_grads(fast, variables, x, target)
-  np.testing.assert_allclose(loss_fast, loss_ref, rtol=1e-5)
-  np.testing.assert_allclose(gp_fast["kernel"], gp_ref["kernel"], rtol=1e-4, atol=1e-4)
-
-
 def test_grouped_conv_falls_back_to_xla():
   ref = nn.Conv(8, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=8)
   fast = fast_conv.GemmConv(8, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=8)

@@ -94,22 +94,6 @@ def _conv_bwd(strides, padding, residuals, dy):
 _conv_gemm_kernel_grad.defvjp(_conv_fwd, _conv_bwd)
 
 
-def _im2col_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
-                 padding: Padding) -> jax.Array:
-  """One GEMM over the (pixels, kh*kw*Cin) patch matrix; for few input channels."""
-  kh, kw, cin, cout = kernel.shape
-  x_pad = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-  b, h, w, _ = x_pad.shape
-  out_hw = ((h - kh) // strides[0] + 1, (w - kw) // strides[1] + 1)
-  patches = jnp.concatenate(
-      [view for _, _, view in _shifted_views(x_pad, kh, kw, strides, out_hw)], axis=-1)
-  return lax.dot_general(patches, kernel.reshape(kh * kw * cin, cout),
-                         (((3,), (0,)), ((), ())))
-
-
-IM2COL_MAX_CHANNELS = 0
-
-
 def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
            padding: Padding) -> jax.Array:
   """NHWC x HWIO convolution, equal to `lax.conv_general_dilated`, CPU-friendly."""
@@ -120,8 +104,6 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
       # A strided 1x1 convolution reads every sh-th row and sw-th column.
       x = x[:, ::sh, ::sw, :]
     return lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
-  if kernel.shape[2] <= IM2COL_MAX_CHANNELS:
-    return _im2col_conv(x, kernel, strides, padding)
   return _conv_gemm_kernel_grad(x, kernel, strides, padding)
 
 
