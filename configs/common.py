@@ -99,6 +99,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 2
   c.distributed = False  # call jax.distributed.initialize() (multi-host)
+  # XLA's persistent compilation cache: a restart (resume, --mode=eval) skips compiling.
+  c.compilation_cache_dir = "~/.cache/musp_jax/xla"  # "" = off
   return apply_variants(c, arg)
 
 

@@ -25,7 +25,9 @@ from musp_jax import retrieval
 ROW_METRICS = ("mAP", "CMC@1", "CMC@5", "CMC@10", "mINP")
 
 
-def _embed(variables, images, *, model, flip: bool):
+def embed(variables, images, *, model, flip: bool) -> tuple[jax.Array, jax.Array]:
+  """Images -> (L2-normalised per-branch features (B,P,C), areas (B,P)); flip-averaged
+  (SPEC section 4) when `flip`. All-zero (padded) branches stay zero."""
   out = model.apply(variables, images, train=False)
   feats = retrieval.l2_normalize(out["feats"].astype(jnp.float32))
   if flip:
@@ -38,8 +40,8 @@ def extract_features(model, variables, source, config: ml_collections.ConfigDict
                      desc: str = "features") -> dict[str, np.ndarray]:
   """Runs the model over a whole split -> {"feats": (N,P,C), "areas": (N,P)} in order."""
   batch_sharding = NamedSharding(mesh, P("data"))
-  embed = jax.jit(functools.partial(_embed, model=model, flip=config.eval.flip),
-                  in_shardings=(NamedSharding(mesh, P()), batch_sharding))
+  embed_fn = jax.jit(functools.partial(embed, model=model, flip=config.eval.flip),
+                     in_shardings=(NamedSharding(mesh, P()), batch_sharding))
   feats = areas = None
   batches = input_pipeline.eval_batches(
       source, config.input, batch_size=config.eval.batch_size,
@@ -47,7 +49,7 @@ def extract_features(model, variables, source, config: ml_collections.ConfigDict
   total = -(-len(source) // config.eval.batch_size)
   for batch in tqdm.tqdm(batches, total=total, desc=desc, leave=False,
                          disable=jax.process_index() > 0):
-    f, a = embed(variables, input_pipeline.device_put_batch(batch["image"], batch_sharding))
+    f, a = embed_fn(variables, input_pipeline.device_put_batch(batch["image"], batch_sharding))
     keep, index = batch["mask"], batch["index"]
     if jax.process_count() > 1:
       # Each process fed its rows; every process gathers the whole batch.

@@ -29,12 +29,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import tqdm
 from etils import epath
 
 from musp_jax import augment
 from musp_jax import checkpointing
+from musp_jax import evaluator
 from musp_jax import retrieval
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -136,20 +136,10 @@ def load(workdir: str | os.PathLike | None = None, *,
   num_classes = _checkpoint_num_classes(
       manager, step, lambda k: build_model(config.model, k), size)
   model = build_model(config.model, num_classes)
-  tx = optim.make_optimizer(config.optim, 1)
-
-  def init_state():
-    variables = model.init(jax.random.key(0), jnp.zeros((1, *size, 3)), train=False)
-    return train.TrainState(
-        step=jnp.zeros((), jnp.int32), params=variables["params"],
-        batch_stats=variables.get("batch_stats", {}),
-        opt_state=tx.init(variables["params"]))
-
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-      jax.eval_shape(init_state))
-  state = _restore_state(manager, step, abstract, config.model)
+  abstract = train.abstract_train_state(
+      model, optim.make_optimizer(config.optim, 1), size,
+      jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+  state, _, _ = checkpointing.restore(manager, abstract, model_config=config.model, step=step)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   out = jax.eval_shape(functools.partial(model.apply, train=False), variables,
                        jax.ShapeDtypeStruct((1, *size, 3), jnp.float32))
@@ -158,26 +148,6 @@ def load(workdir: str | os.PathLike | None = None, *,
                               weights=weights_fingerprint(variables))
   return LoadedModel(config=config, model=model, variables=variables, step=int(step),
                      source=str(workdir / "checkpoints" / str(step)), signature=signature)
-
-
-def _state_metadata(manager, step: int):
-  # Read from the item's folder: a fresh read-only manager has no item handlers
-  # registered, and its item_metadata() is None for the state.
-  meta = ocp.StandardCheckpointer().metadata(
-      epath.Path(manager.directory) / str(step) / "state")
-  return getattr(meta, "item_metadata", meta)
-
-
-def _restore_state(manager, step: int, abstract_state, model_config):
-  """checkpointing.restore's checks (architecture, array shapes), then the state."""
-  where = f"{manager.directory}/{step}"
-  saved_model = manager.restore(step, args=ocp.args.Composite(
-      model=ocp.args.JsonRestore()))["model"]
-  checkpointing.check_model_config(saved_model, json.loads(model_config.to_json()),
-                                   where=where)
-  checkpointing.check_tree(_state_metadata(manager, step), abstract_state, where=where)
-  return manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state)))["state"]
 
 
 def _leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
@@ -200,7 +170,7 @@ def _checkpoint_num_classes(manager, step: int, make_model: Callable[[int], Any]
         functools.partial(make_model(k).init, train=False), jax.random.key(0),
         jax.ShapeDtypeStruct((1, *size, 3), jnp.float32))
     shapes.append(_leaf_shapes(variables["params"]))
-  saved_params = _state_metadata(manager, step)["params"]
+  saved_params = manager.item_metadata(step)["state"]["params"]
   saved = {k: tuple(getattr(v, "shape", ()) or ())
            for k, v in jax.tree_util.tree_leaves_with_path(saved_params)
            for k in [jax.tree_util.keystr(k, simple=True, separator="/")]}
@@ -312,23 +282,9 @@ def decode_image(data: bytes, *, where: str) -> np.ndarray:
 # Features.
 
 
-def _features(variables, images_BxHxWx3, *, model, flip: bool):
-  out = model.apply(variables, images_BxHxWx3, train=False)
-  feats = _l2(out["feats"].astype(jnp.float32))
-  if flip:
-    flipped = model.apply(variables, images_BxHxWx3[:, :, ::-1], train=False)
-    feats = _l2(feats + _l2(flipped["feats"].astype(jnp.float32)))
-  return feats, out["areas"].astype(jnp.float32)
-
-
-def _l2(x: jax.Array) -> jax.Array:
-  # All-zero (padded) branches stay zero.
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 @functools.cache
 def _jitted_features(model, flip: bool):
-  return jax.jit(functools.partial(_features, model=model, flip=flip))
+  return jax.jit(functools.partial(evaluator.embed, model=model, flip=flip))
 
 
 def embed_bytes(loaded: LoadedModel, images: Iterable[tuple[str, bytes]], *,

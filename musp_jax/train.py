@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import math
 from typing import Any
 
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
 from etils import epath
@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from musp_jax import checkpointing
 from musp_jax import datasets
+from musp_jax import distributed
 from musp_jax import evaluator
 from musp_jax import input_pipeline
 from musp_jax import losses
@@ -60,7 +61,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
   (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {**aux, "loss": loss, "grad_norm": optax.global_norm(grads),
+  metrics = {**aux, "loss": loss, "grad_norm": optax.tree.norm(grads),
              "lr": optim.current_lr(opt_state)}
   new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
                          opt_state=opt_state)
@@ -73,26 +74,31 @@ def make_mesh() -> jax.sharding.Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def create_train_state(model, tx, image_size, *, seed: int, mesh, init_from: str = ""):
-  """Initialises (or imports) variables directly into replicated device memory."""
-  replicated = NamedSharding(mesh, P())
-
-  def init():
+def _init_state(model, tx, image_size, seed: int, variables=None) -> TrainState:
+  if variables is None:
     dummy = jnp.zeros((1, *image_size, 3), jnp.float32)
     variables = model.init(jax.random.key(seed), dummy, train=False)
-    return variables
+  return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                    batch_stats=variables.get("batch_stats", {}),
+                    opt_state=tx.init(variables["params"]))
 
-  variables = jax.jit(init, out_shardings=replicated)()
-  if init_from:
-    variables = jax.device_put(weights.load_init(variables, init_from), replicated)
 
-  def make_state(variables):
-    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                      batch_stats=variables.get("batch_stats", {}),
-                      opt_state=tx.init(variables["params"]))
+def abstract_train_state(model, tx, image_size, sharding) -> TrainState:
+  """Shapes, dtypes and shardings of the state, without computing it (for restore)."""
+  shapes = jax.eval_shape(functools.partial(_init_state, model, tx, image_size, 0))
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
 
-  state = jax.jit(make_state, out_shardings=replicated)(variables)
-  return state, replicated
+
+def create_train_state(model, tx, image_size, *, seed: int, mesh, init_from: str = ""):
+  """Initialises (or imports) the state directly into replicated device memory."""
+  replicated = NamedSharding(mesh, P())
+  init = functools.partial(_init_state, model, tx, image_size, seed)
+  if not init_from:
+    return jax.jit(init, out_shardings=replicated)(), replicated
+  variables = jax.jit(lambda: init().variables, out_shardings=replicated)()
+  variables = jax.device_put(weights.load_init(variables, init_from), replicated)
+  return jax.jit(lambda v: init(v), out_shardings=replicated)(variables), replicated
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -123,6 +129,15 @@ def _mean_scalars(history: list[dict]) -> dict[str, float]:
   return out
 
 
+def _setup_jax(config) -> None:
+  """Process-wide JAX settings from the config: multi-host start-up, compile cache."""
+  if config.compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir",
+                      str(epath.Path(config.compilation_cache_dir).expanduser()))
+  if config.distributed and not jax.distributed.is_initialized():
+    distributed.initialize()
+
+
 def _data(config):
   """Builds (synthetic) or finds the training split, its labels and class count."""
   ds = config.dataset
@@ -137,8 +152,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains with the config's recipe, evaluating periodically; resumes from workdir."""
   workdir = epath.Path(workdir).expanduser()
   workdir.mkdir(parents=True, exist_ok=True)
-  if config.distributed:
-    jax.distributed.initialize()
+  _setup_jax(config)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
   if jax.process_index() == 0:
@@ -172,10 +186,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   manager = checkpointing.make_manager(workdir / "checkpoints", keep=config.keep_checkpoints)
   start_step = 0
   if manager.latest_step() is not None:
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     state, restored_step, start_step = checkpointing.restore(
-        manager, abstract, model_config=config.model)
+        manager, abstract_train_state(model, tx, config.input.image_size, state_sharding),
+        model_config=config.model)
     logging.info("Resumed from step %d in %s.", restored_step, manager.directory)
 
   # Loop.
@@ -228,6 +241,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
                         step: int | None = None) -> dict:
   """Restores a saved step (default: latest) of workdir and evaluates it."""
   workdir = epath.Path(workdir).expanduser()
+  _setup_jax(config)
   manager = checkpointing.make_manager(workdir / "checkpoints", read_only=True)
   if manager.latest_step() is None and not config.model.init_from:
     raise FileNotFoundError(
@@ -237,14 +251,15 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   _, _, num_classes = _data(config)
   model = build_model(config.model, num_classes)
   tx = optim.make_optimizer(config.optim, 1)
-  state, _ = create_train_state(model, tx, config.input.image_size, seed=config.seed,
-                                mesh=mesh, init_from=config.model.init_from)
   done = 0
   if manager.latest_step() is not None:
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    abstract = abstract_train_state(model, tx, config.input.image_size,
+                                    NamedSharding(mesh, P()))
     state, done, _ = checkpointing.restore(manager, abstract, model_config=config.model,
                                            step=step)
+  else:
+    state, _ = create_train_state(model, tx, config.input.image_size, seed=config.seed,
+                                  mesh=mesh, init_from=config.model.init_from)
   rows = evaluator.evaluate(model, state.variables, config, mesh)
   results = {"step": done, "results": rows}
   _write_results(workdir, results, name=f"eval_step_{done}")
