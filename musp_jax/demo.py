@@ -13,7 +13,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -66,9 +65,8 @@ def main(argv):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")
   from musp_jax import evaluator  # pylint: disable=g-import-not-at-top
-  from musp_jax import main as main_module  # pylint: disable=g-import-not-at-top
   from musp_jax import train  # pylint: disable=g-import-not-at-top
-  logging.get_absl_handler().addFilter(main_module._QuietLibraries())  # pylint: disable=protected-access
+  train.quiet_library_logs()
 
   config = FLAGS.config
   results = train.train_and_evaluate(config, FLAGS.workdir)

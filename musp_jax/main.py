@@ -26,24 +26,13 @@ config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/veri7
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries:
-  """Drops the INFO chatter of Orbax and grain (every save logs dozens of lines)."""
-
-  def filter(self, record) -> bool:
-    noisy = ("/orbax/", "/grain/", "/tensorflow_datasets/")
-    if not any(p in record.pathname for p in noisy):
-      return True
-    # Saves between evaluations carry no mAP by design; Orbax warns about each one.
-    return record.levelno > 20 and "tracked_metric" not in record.getMessage()
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")
   from musp_jax import train  # pylint: disable=g-import-not-at-top
+  train.quiet_library_logs()
   logging.info("Config:\n%s", FLAGS.config)
   if FLAGS.mode == "train":
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

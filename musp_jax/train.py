@@ -129,6 +129,22 @@ def _mean_scalars(history: list[dict]) -> dict[str, float]:
   return out
 
 
+class _QuietLibraries:
+  """Drops the INFO chatter of Orbax, grain and tfds (every save logs dozens of lines)."""
+
+  def filter(self, record) -> bool:
+    noisy = ("/orbax/", "/grain/", "/tensorflow_datasets/")
+    if not any(p in record.pathname for p in noisy):
+      return True
+    # Saves between evaluations carry no mAP by design; Orbax warns about each one.
+    return record.levelno > 20 and "tracked_metric" not in record.getMessage()
+
+
+def quiet_library_logs() -> None:
+  """For command-line entry points: keep the console to this project's progress."""
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
 def _setup_jax(config) -> None:
   """Process-wide JAX settings from the config: multi-host start-up, compile cache."""
   if config.compilation_cache_dir:
