@@ -68,20 +68,26 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, *,
   )
 
 
+def resolve_step(manager: ocp.CheckpointManager, step: int | None) -> int:
+  """`step` if saved (default: the latest), else FileNotFoundError listing saved steps."""
+  if step is None:
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"No checkpoint in {manager.directory}; train first.")
+  if step not in manager.all_steps():
+    raise FileNotFoundError(
+        f"No checkpoint for step {step} in {manager.directory}; saved steps: "
+        f"{sorted(manager.all_steps())}.")
+  return step
+
+
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, *,
             model_config: dict, step: int | None = None) -> tuple[Any, int, int]:
   """Restores `step` (default: latest) -> (state, step, next data step).
 
   Raises CheckpointMismatchError naming the differing model fields or arrays.
   """
-  if step is None:
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"No checkpoint in {manager.directory}.")
-  if step not in manager.all_steps():
-    raise FileNotFoundError(
-        f"No checkpoint for step {step} in {manager.directory}; saved steps: "
-        f"{sorted(manager.all_steps())}.")
+  step = resolve_step(manager, step)
   saved_model = manager.restore(step, args=ocp.args.Composite(
       model=ocp.args.JsonRestore()))["model"]
   check_model_config(saved_model, _jsonable(model_config),
@@ -110,11 +116,16 @@ def check_model_config(saved: dict, wanted: dict, *, where: str) -> None:
         + "\n  ".join(diffs))
 
 
+def path_str(keys) -> str:
+  """'params/backbone/conv1/kernel' whether the tree holds dicts or dataclasses."""
+  return jax.tree_util.keystr(keys, simple=True, separator="/")
+
+
 def check_tree(saved_metadata: Any, abstract: Any, *, where: str) -> None:
   """Compares array shapes by path; names every missing, extra or mis-shaped array."""
-  saved = {_path(k): tuple(getattr(v, "shape", ()) or ())
+  saved = {path_str(k): tuple(getattr(v, "shape", ()) or ())
            for k, v in jax.tree_util.tree_leaves_with_path(saved_metadata)}
-  wanted = {_path(k): tuple(np.shape(v))
+  wanted = {path_str(k): tuple(np.shape(v))
             for k, v in jax.tree_util.tree_leaves_with_path(abstract)}
   problems = [f"missing in checkpoint: {k} {wanted[k]}"
               for k in sorted(wanted.keys() - saved.keys())]
@@ -125,17 +136,6 @@ def check_tree(saved_metadata: Any, abstract: Any, *, where: str) -> None:
     shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
     raise CheckpointMismatchError(
         f"Checkpoint {where} does not fit the model:\n  " + "\n  ".join(shown))
-
-
-def _path(keys) -> str:
-  """'params/backbone/conv1/kernel' whether the tree holds dicts or dataclasses."""
-  parts = []
-  for k in keys:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-  return "/".join(parts)
 
 
 def _jsonable(config: Any) -> dict:

@@ -124,14 +124,7 @@ def load(workdir: str | os.PathLike | None = None, *,
   workdir, step = resolve(workdir, checkpoint=checkpoint, step=step)
   config = read_config(workdir)
   manager = checkpointing.make_manager(workdir / "checkpoints", read_only=True)
-  if step is None:
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"No checkpoint in {workdir / 'checkpoints'}; train first.")
-  if step not in manager.all_steps():
-    raise FileNotFoundError(
-        f"No checkpoint for step {step} in {workdir / 'checkpoints'}; saved steps: "
-        f"{sorted(manager.all_steps())}.")
+  step = checkpointing.resolve_step(manager, step)
   size = tuple(int(v) for v in config.input.image_size)
   num_classes = _checkpoint_num_classes(
       manager, step, lambda k: build_model(config.model, k), size)
@@ -151,7 +144,7 @@ def load(workdir: str | os.PathLike | None = None, *,
 
 
 def _leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
-  return {jax.tree_util.keystr(k, simple=True, separator="/"): tuple(np.shape(v))
+  return {checkpointing.path_str(k): tuple(np.shape(v))
           for k, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
@@ -173,7 +166,7 @@ def _checkpoint_num_classes(manager, step: int, make_model: Callable[[int], Any]
   saved_params = manager.item_metadata(step)["state"]["params"]
   saved = {k: tuple(getattr(v, "shape", ()) or ())
            for k, v in jax.tree_util.tree_leaves_with_path(saved_params)
-           for k in [jax.tree_util.keystr(k, simple=True, separator="/")]}
+           for k in [checkpointing.path_str(k)]}
   for path, shape_a in shapes[0].items():
     shape_b = shapes[1][path]
     for axis, (a, b) in enumerate(zip(shape_a, shape_b)):

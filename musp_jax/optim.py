@@ -48,15 +48,7 @@ def make_schedule(optim_config: ml_collections.ConfigDict,
 
 def _path_str(path) -> str:
   """'backbone/layer1_0/conv1/kernel' for a key path of nested dicts."""
-  parts = []
-  for key in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  return "/".join(parts)
+  return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def decay_mask(params, wd_exclude: str):
