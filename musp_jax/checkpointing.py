@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Any
 
 import jax
@@ -46,8 +47,9 @@ def make_manager(directory: str | epath.Path, *, keep: int = 2,
   )
   # Handlers named up front, so a freshly opened manager can read metadata before
   # any save (restore checks shapes against it).
+  # Orbax's array store wants absolute paths; users pass relative workdirs.
   return ocp.CheckpointManager(
-      epath.Path(directory).expanduser(), options=options,
+      epath.Path(os.path.abspath(os.path.expanduser(directory))), options=options,
       item_handlers={"state": ocp.StandardCheckpointHandler(),
                      "data": ocp.JsonCheckpointHandler(),
                      "model": ocp.JsonCheckpointHandler()})

@@ -44,6 +44,18 @@ def test_round_trip_keeps_latest_and_best(tmp_path):
   assert int(state.step) == 2
 
 
+def test_relative_directory_works(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  manager = checkpointing.make_manager("workdirs/run/checkpoints")
+  checkpointing.save(manager, 1, _state(1), next_step=2, model_config=MODEL)
+  manager.wait_until_finished()
+  assert (tmp_path / "workdirs/run/checkpoints/1").is_dir()
+  _, step, next_step = checkpointing.restore(
+      checkpointing.make_manager("workdirs/run/checkpoints", read_only=True), _abstract(),
+      model_config=MODEL)
+  assert (step, next_step) == (1, 2)
+
+
 def test_other_architecture_is_refused_with_fields_named(tmp_path):
   manager = checkpointing.make_manager(tmp_path)
   checkpointing.save(manager, 1, _state(1), next_step=1, model_config=MODEL)
