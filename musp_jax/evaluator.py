@@ -62,6 +62,7 @@ def extract_features(model, variables, source, config: ml_collections.ConfigDict
     keep = np.asarray(keep, bool)
     feats[index[keep]] = f[keep]
     areas[index[keep]] = a[keep]
+  batches.close()
   return {"feats": feats, "areas": areas}
 
 

@@ -247,6 +247,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       checkpointing.save(manager, done, state, next_step=done, model_config=config.model)
   if previous is not None:
     _check_finite(*previous, manager)
+  batches.close()  # stops grain's worker processes and frees their shared memory
   manager.wait_until_finished()
   writer.flush()
   checkpointing.log_saved(manager)
