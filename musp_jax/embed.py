@@ -4,7 +4,7 @@
     python -m musp_jax.embed --checkpoint workdirs/demo/checkpoints/120 \\
         --images a.jpg b.jpg --out feats.npz --flip
 
-The .npz has the contract's saved-features keys (feats (N, P, C) L2-normalised
+The .npz has retrieval.save_features' keys (feats (N, P, C) L2-normalised
 per branch, areas (N, P), vehicle_id and camera_id (-1: unknown), file_name,
 model_signature) plus model_source, the checkpoint it was made with, which
 `musp_jax.search` uses to embed queries with the same model.
@@ -45,7 +45,7 @@ def embed(loaded: inference.LoadedModel, images: Sequence[str], out: str, *,
 
 
 def write(path: str, features: retrieval.Features, *, model_source: str) -> None:
-  """The contract's .npz plus model_source."""
+  """retrieval.save_features' .npz plus model_source."""
   tmp = f"{path}.tmp.npz"
   retrieval.save_features(tmp, features)
   with np.load(tmp) as data:

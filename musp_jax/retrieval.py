@@ -91,7 +91,7 @@ class Features:
 
 
 def save_features(path: str | os.PathLike, features: Features) -> None:
-  """Writes the contract's .npz: feats, areas, vehicle_id, camera_id, ..."""
+  """Writes the saved-features .npz: feats, areas, vehicle_id, camera_id, ..."""
   names = features.file_names
   if names is None:
     names = np.array([""] * len(features))

@@ -23,7 +23,7 @@ def data_dir(tmp_path_factory):
   return d
 
 
-def test_records_have_the_contract_types(data_dir):
+def test_records_have_the_documented_types(data_dir):
   src = datasets.load_split(NAME, "train", data_dir=data_dir, builder_config="tiny")
   rec = src[0]
   assert rec["image"][:2] == b"\xff\xd8"  # JPEG bytes, not decoded
