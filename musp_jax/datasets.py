@@ -2,6 +2,7 @@
 
     source = load_split("veri776", "train", data_dir="~/tensorflow_datasets", builder_config="")
     source[0]  # {"image": JPEG bytes, "label": 3, "vehicle_id": 4, "camera_id": 2, ...}
+    # synthetic_vehicles records also hold "part_mask": PNG bytes of a label map
     split_index("veri776", "train", ...)  # labels / ids / cameras of the split, no images read
 
 Datasets are built once by `python -m musp_jax.build_dataset NAME ...` (licensed ones from
@@ -35,6 +36,8 @@ SPLITS = {
 }
 NEEDS_MANUAL_DIR = ("veri776", "vehicle_id", "veri_wild")
 INDEX_KEYS = reid_base.INDEX_KEYS
+# Encoded image features, read as their bytes (never decoded by TFDS).
+ENCODED_FEATURES = ("image", "part_mask")
 
 
 class DatasetNotBuiltError(FileNotFoundError):
@@ -110,10 +113,10 @@ def _check_split(name: str, split: str) -> None:
 
 
 def _to_python(record: dict[str, Any]) -> dict[str, Any]:
-  """TFDS numpy values -> Python values (text as str, image kept as JPEG bytes)."""
+  """TFDS numpy values -> Python values (text as str, encoded images kept as bytes)."""
   out = {}
   for k, v in record.items():
-    if k == "image":
+    if k in ENCODED_FEATURES:
       out[k] = bytes(v)
     elif isinstance(v, dict):
       out[k] = _to_python(v)
@@ -143,7 +146,8 @@ class ReIdSource(Sequence):
     if self._source is None:
       b = _prepared_builder(self.name, self.data_dir, self.builder_config)
       self._source = b.as_data_source(
-          self.split, decoders={"image": tfds.decode.SkipDecoding()})
+          self.split, decoders={k: tfds.decode.SkipDecoding() for k in ENCODED_FEATURES
+                                if k in b.info.features})
     return self._source
 
   def __len__(self) -> int:

@@ -14,6 +14,7 @@ from musp_jax import datasets
 from tfds_builders.synthetic_vehicles import render
 
 NAME = "synthetic_vehicles"
+VERSION = str(datasets.builder_class(NAME).VERSION)
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +28,7 @@ def test_records_have_the_documented_types(data_dir):
   src = datasets.load_split(NAME, "train", data_dir=data_dir, builder_config="tiny")
   rec = src[0]
   assert rec["image"][:2] == b"\xff\xd8"  # JPEG bytes, not decoded
+  assert rec["part_mask"][:8] == b"\x89PNG\r\n\x1a\n"  # the label map: PNG bytes
   assert isinstance(rec["image"], bytes) and isinstance(rec["file_name"], str)
   for k in ("label", "vehicle_id", "camera_id"):
     assert type(rec[k]) is int
@@ -51,12 +53,20 @@ def test_split_index_matches_records(data_dir):
 def test_split_index_rejects_a_stale_index(data_dir, tmp_path):
   copy = tmp_path / "copy"
   shutil.copytree(data_dir, copy)
-  meta = copy / NAME / "tiny" / "1.0.0" / "metadata.json"
+  meta = copy / NAME / "tiny" / VERSION / "metadata.json"
   content = json.loads(meta.read_text())
   content["index"]["query"]["vehicle_id"][0] += 1000
   meta.write_text(json.dumps(content))
   with pytest.raises(ValueError, match=r"split index query/vehicle_id\[0\].*rebuild"):
     datasets.split_index(NAME, "query", data_dir=str(copy), builder_config="tiny")
+
+
+def test_a_build_of_an_older_version_is_not_reused(tmp_path):
+  old = tmp_path / NAME / "tiny" / "1.0.0"
+  old.mkdir(parents=True)
+  (old / "dataset_info.json").write_text("{}")
+  assert VERSION != "1.0.0"
+  assert not datasets.is_built(NAME, data_dir=str(tmp_path), builder_config="tiny")
 
 
 def test_source_pickles_for_workers(data_dir):
@@ -95,7 +105,7 @@ def test_bad_names_are_rejected(data_dir):
 
 
 def test_ensure_built_is_idempotent(data_dir):
-  info = os.path.join(data_dir, NAME, "tiny", "1.0.0", "dataset_info.json")
+  info = os.path.join(data_dir, NAME, "tiny", VERSION, "dataset_info.json")
   before = os.stat(info).st_mtime_ns
   datasets.ensure_built(NAME, data_dir=data_dir, builder_config="tiny")
   assert os.stat(info).st_mtime_ns == before
@@ -118,7 +128,7 @@ def test_failed_build_leaves_nothing_complete(tmp_path, monkeypatch):
   assert not datasets.is_built(NAME, data_dir=str(tmp_path), builder_config="tiny")
   assert not datasets.get_builder(NAME, data_dir=str(tmp_path),
                                   builder_config="tiny").is_prepared()
-  assert not (tmp_path / NAME / "tiny" / "1.0.0").exists()
+  assert not (tmp_path / NAME / "tiny" / VERSION).exists()
   with pytest.raises(datasets.DatasetNotBuiltError):
     datasets.load_split(NAME, "train", data_dir=str(tmp_path), builder_config="tiny")
   monkeypatch.setattr(render, "render", real_render)

@@ -1,4 +1,5 @@
-"""Synthetic vehicles: split structure, determinism, and a task that is hard for raw pixels."""
+"""Synthetic vehicles: split structure, views and part masks, determinism, and a task that
+is hard for raw pixels."""
 
 import collections
 import io
@@ -38,9 +39,20 @@ def test_splits_like_veri(tiny):
                for g in recs["gallery"])
   cams = {r["camera_id"] for s in recs.values() for r in s}
   assert cams <= set(range(1, cfg.num_cameras + 1)) and len(cams) > 2
-  sizes = {Image.open(io.BytesIO(r["image"])).size for r in recs["train"]}
-  assert len(sizes) > 10  # sizes vary like detector crops
-  assert all(140 <= w <= 184 and 120 <= h <= 160 for w, h in sizes)
+  lo, hi = cfg.height_range
+  sizes = collections.defaultdict(set)
+  for r in recs["train"]:
+    image = Image.open(io.BytesIO(r["image"]))
+    mask = Image.open(io.BytesIO(r["part_mask"]))
+    assert mask.mode == "L" and mask.size == image.size  # one label per pixel
+    assert np.asarray(mask).max() < len(render.PART_CLASSES)
+    sizes[render.VIEWS[r["metadata"]["view"]]].add(image.size)
+  assert sizes.keys() == set(render.VIEWS)  # every view occurs
+  assert sum(map(len, sizes.values())) > 10  # sizes vary like detector crops
+  assert all(lo <= h <= hi for s in sizes.values() for _, h in s)
+  # The crop follows the vehicle: side views are wide, front and rear ones are not.
+  assert min(w / h for w, h in sizes["side"]) > 1.3
+  assert max(w / h for v in ("front", "rear") for w, h in sizes[v]) < 1.35
 
 
 def test_identity_attributes_are_consistent_and_distinct(tiny):
@@ -50,7 +62,7 @@ def test_identity_attributes_are_consistent_and_distinct(tiny):
     for r in split:
       m = r["metadata"]
       attrs[r["vehicle_id"]].add((m["color"], m["type"], m["parts"]))
-  assert all(len(a) == 1 for a in attrs.values())  # one look per identity
+  assert all(len(a) == 1 for a in attrs.values())  # one look per identity, in any view
   looks = [next(iter(a)) for a in attrs.values()]
   assert len(set(looks)) == len(looks)  # no two identities identical
   # Identities share body and colour in groups: only parts tell them apart.
@@ -59,18 +71,22 @@ def test_identity_attributes_are_consistent_and_distinct(tiny):
   assert max(models.values()) >= 3
 
 
+def _encoded(records):
+  return [(r.image, r.extra["part_mask"]) for r in records]
+
+
 def test_same_seed_same_bytes_in_any_order():
   cfg = {c.name: c for c in sv.Builder.BUILDER_CONFIGS}["tiny"]
   builder = sv.Builder(config=cfg, data_dir="/nonexistent")
-  first = [r.image for r in builder._records(range(1, 4), lambda j, cams: True)]
-  again = [r.image for r in builder._records(range(3, 0, -1), lambda j, cams: True)]
+  first = _encoded(builder._records(range(1, 4), lambda j, cams: True))
+  again = _encoded(builder._records(range(3, 0, -1), lambda j, cams: True))
   per_id = cfg.images_per_id
   assert first == again[2 * per_id:] + again[per_id:2 * per_id] + again[:per_id]
   other = sv.SyntheticConfig(name="tiny_seed1", num_train_ids=16, num_test_ids=12,
                              images_per_id=8, num_cameras=6, seed=1)
-  other_images = [r.image for r in sv.Builder(config=other, data_dir="/nonexistent")
-                  ._records(range(1, 4), lambda j, cams: True)]
-  assert all(a != b for a, b in zip(first, other_images))
+  other_images = _encoded(sv.Builder(config=other, data_dir="/nonexistent")
+                          ._records(range(1, 4), lambda j, cams: True))
+  assert all(a[0] != b[0] and a[1] != b[1] for a, b in zip(first, other_images))
 
 
 def test_built_bytes_are_reproducible(tiny, tmp_path):
@@ -78,6 +94,84 @@ def test_built_bytes_are_reproducible(tiny, tmp_path):
   datasets.build(NAME, data_dir=str(tmp_path), builder_config="tiny")
   again = datasets.load_split(NAME, "gallery", data_dir=str(tmp_path), builder_config="tiny")
   assert [r["image"] for r in again] == [r["image"] for r in recs["gallery"]]
+  assert [r["part_mask"] for r in again] == [r["part_mask"] for r in recs["gallery"]]
+
+
+# An identity with every part family: a roof rack, a sticker and a stripe.
+FULL = render.Identity(body=0, color=4, roof=1, lamp=2, wheel=1, sticker=1 + 4 * 1 + 2,
+                       stripe=1, paint=(40.0, 72.0, 165.0))
+
+
+def _clean(ident, view, index=0):
+  cam = render.make_cameras(0, 1)[0]
+  return render.render(ident, cam, render.image_rng(0, 99, index), height=150, view=view,
+                       nuisance=False)
+
+
+def _colours(image, where):
+  return {tuple(int(v) for v in c) for c in image[where]}
+
+
+def _allowed_colours(ident):
+  """The colours the drawing may give each class, from the renderer's own constants."""
+  paint = np.array(ident.paint)
+  shades = {render._fill(paint)} | {render._fill(paint * s) for s in render.BODY_SHADES}
+  return {
+      render.BACKGROUND: {(128, 128, 128), render.SHADOW_RGB},
+      render.BODY: shades | {render.PLATE_RGB},
+      render.LAMPS: {render.HEAD_LAMP_RGB, render.TAIL_LAMP_RGB, render.LAMP_RIM_RGB},
+      render.WHEELS: {render.TYRE_RGB, render.HUB_RGB, render.RIM_RGB, render.SPOKE_RGB},
+      render.WINDOWS: {render.WINDOW_RGB, render._fill(paint * render.BODY_SHADES[0])},
+      render.ROOF: {render.RACK_RGB, render.BOX_RGB, render.BOX_RIM_RGB,
+                    render.LIGHT_BAR_RGB, render.ANTENNA_RGB},
+      render.MARKS: set(ident.mark_colors),
+  }
+
+
+@pytest.mark.parametrize("view", render.VIEWS)
+def test_every_view_draws_every_part_class(view):
+  out = _clean(FULL, render.VIEWS.index(view))
+  assert out.view == render.VIEWS.index(view)
+  assert out.mask.shape == out.image.shape[:2]
+  present = set(np.unique(out.mask).tolist())
+  assert present == set(range(len(render.PART_CLASSES))), present
+  # Both the sticker and the stripe are drawn (each in its own colour).
+  marks = _colours(out.image, out.mask == render.MARKS)
+  assert marks == set(FULL.mark_colors) and len(marks) == 2
+
+
+def test_masks_are_aligned_with_the_drawing():
+  idents = render.make_identities(0, 12) + [FULL]
+  for i, ident in enumerate(idents):
+    allowed = _allowed_colours(ident)
+    for view in range(len(render.VIEWS)):
+      out = _clean(ident, view, index=i)
+      for cls, colours in allowed.items():
+        found = _colours(out.image, out.mask == cls)
+        assert found <= colours, (ident, render.VIEWS[view], render.PART_CLASSES[cls],
+                                  found - colours)
+      # Conversely every pixel in a sticker or stripe colour is labelled as one.
+      for colour in ident.mark_colors:
+        where = np.all(out.image == colour, axis=-1)
+        assert where.any() and np.all(out.mask[where] == render.MARKS)
+
+
+def test_nuisances_keep_the_geometry_and_the_occluder_hides_parts():
+  idents = render.make_identities(0, 8)
+  cams = render.make_cameras(0, 3)
+  occluded = 0
+  for vid, ident in enumerate(idents):
+    for j in range(6):
+      full = render.render(ident, cams[j % 3], render.image_rng(0, vid, j), height=140)
+      clean = render.render(ident, cams[j % 3], render.image_rng(0, vid, j), height=140,
+                            nuisance=False)
+      assert full.view == clean.view and full.image.shape == clean.image.shape
+      # Same label map, except where the occluder (labelled background) covers the vehicle.
+      differs = full.mask != clean.mask
+      assert np.all(full.mask[differs] == render.BACKGROUND)
+      occluded += differs.any()
+      assert differs.mean() < 0.25
+  assert 0 < occluded < 48  # some images are occluded, not all
 
 
 def _pixels(rec, size=(32, 32)) -> np.ndarray:
@@ -102,12 +196,12 @@ def test_raw_pixels_do_not_solve_it_but_clean_views_do(tiny):
   q, g = recs["query"], recs["gallery"]
   raw = _cmc1(q, g, np.stack([_pixels(r) for r in q]), np.stack([_pixels(r) for r in g]))
   assert raw < 0.35, raw
-  # The identity is in the pixels: canonical clean renders of the same identities are
-  # told apart exactly, also between identities of the same body and colour.
+  # The identity is in the pixels: clean renders of the same pose tell the identities
+  # apart, also those of the same body and colour.
   idents = render.make_identities(0, 28)
-  cam = render.make_cameras(0, 1)[0]
-  clean = np.stack([render.render(i, cam, None, nuisance=False).astype(np.float32).ravel()
-                    for i in idents])
-  d = ((clean[:, None] - clean[None]) ** 2).sum(-1)
-  np.fill_diagonal(d, np.inf)
-  assert d.min() > 0
+  for view in range(len(render.VIEWS)):
+    clean = np.stack([np.asarray(Image.fromarray(_clean(i, view).image).resize((48, 48)),
+                                 np.float32).ravel() for i in idents])
+    d = ((clean[:, None] - clean[None]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    assert d.min() > 0

@@ -40,6 +40,8 @@ class Record:
   camera_id: int = -1
   metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   image: bytes | None = None
+  # Values of the builder's EXTRA_FEATURES (e.g. an encoded label map), by feature name.
+  extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def require(path: os.PathLike | str, what: str, instructions: str) -> str:
@@ -73,6 +75,9 @@ class ReIdBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   # Metadata features of the dataset, e.g. {"color": np.int64}; values in Record.metadata.
   METADATA_FEATURES: Mapping[str, Any] = {}
+  # Further per-image features, e.g. {"part_mask": tfds.features.Image(...)}; values in
+  # Record.extra. Encoded images among them are stored as given and read undecoded.
+  EXTRA_FEATURES: Mapping[str, tfds.features.FeatureConnector] = {}
   DESCRIPTION = ""
   HOMEPAGE = ""
   CITATION = ""
@@ -95,6 +100,7 @@ class ReIdBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     }
     if self.METADATA_FEATURES:
       features["metadata"] = tfds.features.FeaturesDict(dict(self.METADATA_FEATURES))
+    features.update(self.EXTRA_FEATURES)
     return tfds.core.DatasetInfo(
         builder=self,
         description=self.DESCRIPTION,
@@ -148,6 +154,11 @@ class ReIdBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       }
       if self.METADATA_FEATURES:
         example["metadata"] = dict(rec.metadata)
+      if set(rec.extra) != set(self.EXTRA_FEATURES):
+        raise ValueError(f"{self.name}: record {rec.file_name} has extra features "
+                         f"{sorted(rec.extra)}, the builder declares "
+                         f"{sorted(self.EXTRA_FEATURES)}.")
+      example.update(rec.extra)
       key = len(index["label"])
       for k in INDEX_KEYS:
         index[k].append(int(example[k]))

@@ -1,17 +1,25 @@
-"""Procedural vehicle images: identities that differ in small parts, seen by many cameras.
+"""Procedural vehicle images with ground-truth part masks, seen from several viewpoints.
 
 An identity is a model (body shape + paint colour, shared by several identities) plus part
 details (roof item, lamp shape, wheel style, sticker, stripe), so telling similar
-identities apart needs the parts. Each image draws a pose, scale, lighting, background
-clutter, occlusion, blur, noise and its camera's colour cast from its own generator,
-seeded by (seed, vehicle id, image index): the same seed gives the same bytes in any
-order and in any process.
+identities apart needs the parts. Each image is a tight, detector-like crop of the
+vehicle seen from the front, the rear or the side (facing left or right); the identity's
+parts are drawn in every view where they are visible (the stripe wraps round the body,
+the sticker sits on the windscreen or bumper seen from the front or rear, on a window or
+door seen from the side, the wheel style shows only from the side). With every image
+comes a label map of the same size (PART_CLASSES: background, body and each part
+family), drawn with the same polygons as the pixels.
+
+Each image draws its view, size, pose, background clutter, occlusion, lighting, blur,
+noise and its camera's colour cast from its own generator, seeded by (seed, vehicle id,
+image index): the same seed gives the same bytes in any order and in any process.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -31,6 +39,32 @@ PART_COLORS = np.array([(250, 120, 20), (20, 200, 220), (230, 40, 160), (140, 23
                        np.float32)
 _RADIX = (NUM_BODIES, len(COLORS), NUM_ROOF, NUM_LAMP, NUM_WHEEL, NUM_STICKER, NUM_STRIPE)
 
+VIEWS = ("front", "rear", "side")
+FRONT, REAR, SIDE = range(len(VIEWS))
+# Label-map values: index into PART_CLASSES.
+PART_CLASSES = ("background", "body", "lamps", "wheels", "windows", "roof item",
+                "sticker/stripe")
+BACKGROUND, BODY, LAMPS, WHEELS, WINDOWS, ROOF, MARKS = range(len(PART_CLASSES))
+
+# Fixed colours of the drawing (the paint and the part colours come from the identity).
+WINDOW_RGB = (40, 55, 70)
+HEAD_LAMP_RGB = (255, 250, 200)
+TAIL_LAMP_RGB = (200, 20, 20)
+LAMP_RIM_RGB = (60, 60, 60)
+TYRE_RGB = (15, 15, 15)
+HUB_RGB = (70, 70, 75)
+RIM_RGB = (210, 210, 215)
+SPOKE_RGB = (200, 200, 205)
+RACK_RGB = (20, 20, 20)
+BOX_RGB = (235, 235, 235)
+BOX_RIM_RGB = (90, 90, 90)
+LIGHT_BAR_RGB = (250, 60, 40)
+ANTENNA_RGB = (10, 10, 10)
+PLATE_RGB = (215, 215, 200)
+SHADOW_RGB = (25, 25, 25)
+# Body details are drawn in the paint darkened by these factors (outline, grille, bumper).
+BODY_SHADES = (0.55, 0.35, 0.75)
+
 # Side profiles facing right in units of the car length: x in [0, 1], y up from the road.
 # (body polygon, window polygon, wheel centres x, wheel radius, roof (x0, x1, y)).
 _BODIES = (
@@ -48,7 +82,20 @@ _BODIES = (
       (1, .16)),
      ((.50, .54), (.52, .75), (.72, .75), (.80, .54)), (.2, .8), .11, (.5, .72, .80)),
 )
-_STICKER_PLACES = ((.40, .58), (.60, .58), (.15, .30), (.55, .30))  # x, y on the body
+# Seen from the front or rear, x runs across the car's width in [0, 1], y is the same
+# height as in the profile. Per body: how far the roof edge is inset from the sides.
+_ROOF_INSET = (.20, .10, .17, .08, .17)
+# y units per width unit in front/rear views: a car is about 1.8 m wide and one y
+# unit is 0.42 of a 4.5 m length.
+_FRONT_Y_SCALE = 1.05
+_SIDE_Y_SCALE = 0.42  # y units per length unit in side views
+_ROOF_ITEM_HEIGHT = 0.12  # room above the roof kept inside the crop
+# Side view: on the side window (front, rear) or on a door (front, rear); x, y.
+_STICKER_PLACES = ((.40, .58), (.60, .58), (.32, .24), (.58, .24))
+_STICKER_SIZE = (.07, .08)  # side view: length units, y units
+_STRIPE_Y = (.26, .31)
+_LAMP_Y = .36  # front / rear lamps: centre height
+MAX_ASPECT = 2.2  # widest crop (width / height)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +112,16 @@ class Identity:
   @property
   def model(self) -> tuple[int, int]:
     return self.body, self.color
+
+  @property
+  def mark_colors(self) -> tuple[tuple[int, int, int], ...]:
+    """The colours of its sticker and stripe (the MARKS class), if it has them."""
+    out = []
+    if self.sticker:
+      out.append(_fill(PART_COLORS[(self.sticker - 1) % 4]))
+    if self.stripe:
+      out.append(_fill(PART_COLORS[self.stripe - 1]))
+    return tuple(out)
 
 
 def make_identities(seed: int, count: int) -> list[Identity]:
@@ -110,132 +167,287 @@ def _fill(c) -> tuple[int, int, int]:
   return tuple(int(v) for v in np.clip(c, 0, 255))
 
 
-def render(ident: Identity, camera: Camera, rng: np.random.Generator, *,
-           size: tuple[int, int] = (160, 144), nuisance: bool = True) -> np.ndarray:
-  """Renders one (H, W, 3) uint8 image; `nuisance=False` gives a canonical clean view."""
-  h, w = size
-  img = Image.new("RGB", (w, h), _fill(camera.sky))
-  draw = ImageDraw.Draw(img)
-  hz = int(camera.horizon * h)
-  draw.rectangle((0, hz, w, h), fill=_fill(camera.ground))
+class Rendered(NamedTuple):
+  image: np.ndarray  # (H, W, 3) uint8
+  mask: np.ndarray  # (H, W) uint8, values index PART_CLASSES
+  view: int  # index into VIEWS
 
-  if nuisance:
-    # Clutter: boxes and blobs, some in car colours, so colour alone misleads.
-    for _ in range(rng.integers(3, 9)):
-      x0, y0 = rng.uniform(-0.1, 1.0) * w, rng.uniform(-0.1, 1.0) * h
-      bw, bh = rng.uniform(0.05, 0.35) * w, rng.uniform(0.05, 0.35) * h
-      col = COLORS[rng.integers(len(COLORS))] if rng.random() < 0.4 else rng.uniform(0, 255, 3)
-      shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
-      shape((x0, y0, x0 + bw, y0 + bh), fill=_fill(col))
-    facing = 1.0 if rng.random() < 0.5 else -1.0
-    yaw = rng.uniform(0.65, 1.0)  # foreshortening of an oblique view
-    length = rng.uniform(0.6, 0.9) * w
-    angle = np.deg2rad(rng.uniform(-8, 8))
-    shear = rng.uniform(-0.15, 0.15)
-    centre = np.array([w * (0.5 + rng.uniform(-0.08, 0.08)),
-                       h * (0.55 + rng.uniform(-0.08, 0.08))])
-  else:
-    facing, yaw, length, angle, shear = 1.0, 1.0, 0.8 * w, 0.0, 0.0
-    centre = np.array([w * 0.5, h * 0.55])
-  rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-  m_2x2 = rot @ np.array([[1.0, shear], [0.0, 1.0]])
-  sx, sy = length * facing * yaw, length * 0.42
 
-  def px(pts) -> list[tuple[float, float]]:
-    """Car coordinates (x along, y up) -> pixel coordinates."""
-    pts = np.asarray(pts, np.float64).reshape(-1, 2)
-    local = np.stack([(pts[:, 0] - 0.5) * sx, -(pts[:, 1] - 0.5) * sy], axis=1)
-    return [tuple(p) for p in (local @ m_2x2.T + centre)]
+class _Painter:
+  """Draws each shape into the picture and, with its class, into the label map."""
 
-  def circle(cx, cy, r, n=16):
-    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
-    # r is in car-length units; y units are 0.42 of them, so scale y by 1/0.42.
-    return px(np.stack([cx + r * np.cos(t), cy + r * np.sin(t) / 0.42], axis=1))
+  def __init__(self, img: Image.Image, mask: Image.Image,
+               to_px: Callable[[Sequence], list[tuple[float, float]]]):
+    self._rgb = ImageDraw.Draw(img)
+    self._label = ImageDraw.Draw(mask)
+    self.to_px = to_px
 
+  def polygon(self, pts, rgb, cls: int, outline=None, *, in_pixels: bool = False) -> None:
+    xy = list(pts) if in_pixels else self.to_px(pts)
+    self._rgb.polygon(xy, fill=_fill(rgb), outline=None if outline is None else _fill(outline))
+    self._label.polygon(xy, fill=cls)
+    if outline is not None:  # PIL skips an outline of the fill's own value: draw it apart
+      self._label.polygon(xy, outline=cls)
+
+  def line(self, pts, rgb, cls: int, width: int, *, in_pixels: bool = False) -> None:
+    xy = list(pts) if in_pixels else self.to_px(pts)
+    self._rgb.line(xy, fill=_fill(rgb), width=width)
+    self._label.line(xy, fill=cls, width=width)
+
+  def rect(self, x0, y0, x1, y1, rgb, cls: int, outline=None) -> None:
+    self.polygon(((x0, y0), (x1, y0), (x1, y1), (x0, y1)), rgb, cls, outline)
+
+
+def _box(x0, y0, x1, y1) -> list[tuple[float, float]]:
+  return [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
+
+
+def _ellipse(cx, cy, rx, ry, n=16) -> np.ndarray:
+  t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+  return np.stack([cx + rx * np.cos(t), cy + ry * np.sin(t)], axis=1)
+
+
+def _lamp_shape(lamp: int, x0: float, x1: float, yc: float, y_per_x: float
+                ) -> np.ndarray:
+  """One front/rear lamp of style `lamp` spanning [x0, x1] (outer edge at x0)."""
+  half = 0.045
+  if lamp == 0:  # rectangle
+    return np.array(_box(x0, yc - half, x1, yc + half))
+  if lamp == 1:  # round, as tall as the others
+    return _ellipse((x0 + x1) / 2, yc, half * y_per_x, half)
+  # slanted: high at the outer edge, narrowing inwards
+  return np.array([(x0, yc + half), (x1, yc + half * 0.2), (x1, yc - half * 0.6),
+                   (x0, yc - half)])
+
+
+def _draw_side(p: _Painter, ident: Identity, width_px: int) -> None:
+  """The profile facing +x (the caller's transform mirrors it for the other side)."""
   body_pts, window_pts, wheel_xs, wheel_r, (rx0, rx1, ry) = _BODIES[ident.body]
   paint = np.array(ident.paint)
-  dark = _fill(paint * 0.55)
-  draw.polygon(px([(0.0, 0.05), (1.0, 0.05), (1.0, 0.0), (0.0, 0.0)]), fill=(25, 25, 25))
-  draw.polygon(px(body_pts), fill=_fill(paint), outline=dark)
+  dark = paint * BODY_SHADES[0]
+  p.polygon(_box(0.0, 0.0, 1.0, 0.05), SHADOW_RGB, BACKGROUND)
+  p.polygon(body_pts, paint, BODY, outline=dark)
   if ident.stripe:
-    col = _fill(PART_COLORS[ident.stripe - 1])
-    draw.polygon(px([(.02, .26), (.98, .26), (.98, .31), (.02, .31)]), fill=col)
-  draw.polygon(px(window_pts), fill=(40, 55, 70), outline=dark)
+    p.rect(.02, _STRIPE_Y[0], .98, _STRIPE_Y[1], PART_COLORS[ident.stripe - 1], MARKS)
+  p.polygon(window_pts, WINDOW_RGB, WINDOWS, outline=dark)
   if ident.sticker:
     place, col = divmod(ident.sticker - 1, 4)
     x, y = _STICKER_PLACES[place]
     if ident.body == 3 and place < 2:  # vans have no side window there: use the body
       y = 0.75
-    draw.polygon(px([(x, y), (x + .07, y), (x + .07, y + .08), (x, y + .08)]),
-                 fill=_fill(PART_COLORS[col]))
+    p.rect(x, y, x + _STICKER_SIZE[0], y + _STICKER_SIZE[1], PART_COLORS[col], MARKS)
   # Head lamp (identity part) at the front, tail lamp at the back.
   lamp_y = 0.40
   if ident.lamp == 0:
-    head = [(.92, lamp_y - .05), (1.0, lamp_y - .05), (1.0, lamp_y + .03), (.92, lamp_y + .03)]
+    head = _box(.92, lamp_y - .05, 1.0, lamp_y + .03)
   elif ident.lamp == 1:
-    head = circle(0.955, lamp_y - 0.01, 0.035)
+    head = _ellipse(0.955, lamp_y - 0.01, 0.035, 0.035 / _SIDE_Y_SCALE)
   else:
     head = [(.88, lamp_y + .04), (1.0, lamp_y + .02), (1.0, lamp_y - .06)]
-  draw.polygon(head if ident.lamp == 1 else px(head), fill=(255, 250, 200), outline=(60, 60, 60))
-  draw.polygon(px([(0, .34), (.04, .34), (.04, .42), (0, .42)]), fill=(200, 20, 20))
+  p.polygon(head, HEAD_LAMP_RGB, LAMPS, outline=LAMP_RIM_RGB)
+  p.rect(0, .34, .04, .42, TAIL_LAMP_RGB, LAMPS)
   # Roof item.
   if ident.roof == 1:  # rack: rails with posts
-    draw.polygon(px([(rx0, ry + .06), (rx1, ry + .06), (rx1, ry + .09), (rx0, ry + .09)]),
-                 fill=(20, 20, 20))
+    p.rect(rx0, ry + .06, rx1, ry + .09, RACK_RGB, ROOF)
     for x in (rx0 + .03, rx1 - .05):
-      draw.polygon(px([(x, ry), (x + .02, ry), (x + .02, ry + .07), (x, ry + .07)]),
-                   fill=(20, 20, 20))
+      p.rect(x, ry, x + .02, ry + .07, RACK_RGB, ROOF)
   elif ident.roof == 2:  # cargo box
-    draw.polygon(px([(rx0 + .05, ry), (rx1 - .05, ry), (rx1 - .08, ry + .12),
-                     (rx0 + .08, ry + .12)]), fill=(235, 235, 235), outline=(90, 90, 90))
+    p.polygon([(rx0 + .05, ry), (rx1 - .05, ry), (rx1 - .08, ry + .12),
+               (rx0 + .08, ry + .12)], BOX_RGB, ROOF, outline=BOX_RIM_RGB)
   elif ident.roof == 3:  # light bar
     mid = (rx0 + rx1) / 2
-    draw.polygon(px([(mid - .08, ry), (mid + .08, ry), (mid + .08, ry + .06),
-                     (mid - .08, ry + .06)]), fill=(250, 60, 40))
+    p.rect(mid - .08, ry, mid + .08, ry + .06, LIGHT_BAR_RGB, ROOF)
   elif ident.roof == 4:  # antenna
-    draw.line(px([(rx0 + .04, ry), (rx0 - .04, ry + .25)]), fill=(10, 10, 10),
-              width=max(1, int(w / 80)))
+    p.line([(rx0 + .04, ry), (rx0 - .04, ry + .25)], ANTENNA_RGB, ROOF,
+           width=max(1, int(width_px / 80)))
   # Wheels: tyre, then the style.
+  r = wheel_r * 0.75
   for wx in wheel_xs:
-    cy = wheel_r * 0.42 + 0.01
-    draw.polygon(circle(wx, cy, wheel_r), fill=(15, 15, 15))
+    ry_ = r / _SIDE_Y_SCALE  # round in pixels: y units are _SIDE_Y_SCALE lengths
+    cy = ry_  # standing on the road
+    p.polygon(_ellipse(wx, cy, r, ry_), TYRE_RGB, WHEELS)
     if ident.wheel == 0:
-      draw.polygon(circle(wx, cy, wheel_r * 0.45), fill=(70, 70, 75))
+      p.polygon(_ellipse(wx, cy, r * 0.45, ry_ * 0.45), HUB_RGB, WHEELS)
     elif ident.wheel == 1:
-      rim = circle(wx, cy, wheel_r * 0.7, n=5)
-      centre_px = px([(wx, cy)])[0]
-      for p in rim:
-        draw.line([centre_px, p], fill=(200, 200, 205), width=max(1, int(w / 70)))
+      rim = p.to_px(_ellipse(wx, cy, r * 0.7, ry_ * 0.7, n=5))
+      centre = p.to_px([(wx, cy)])[0]
+      for pt in rim:
+        p.line([centre, pt], SPOKE_RGB, WHEELS, width=max(1, int(width_px / 70)),
+               in_pixels=True)
     else:
-      draw.polygon(circle(wx, cy, wheel_r * 0.7), fill=(210, 210, 215))
-      draw.polygon(circle(wx, cy, wheel_r * 0.45), fill=(15, 15, 15))
+      p.polygon(_ellipse(wx, cy, r * 0.7, ry_ * 0.7), RIM_RGB, WHEELS)
+      p.polygon(_ellipse(wx, cy, r * 0.45, ry_ * 0.45), TYRE_RGB, WHEELS)
 
+
+def _draw_end(p: _Painter, ident: Identity, view: int, width_px: int) -> None:
+  """The front or the rear: x across the width in [0, 1] as the camera sees it."""
+  _, window_pts, _, _, (_, _, roof_y) = _BODIES[ident.body]
+  belt = min(y for _, y in window_pts)
+  inset = _ROOF_INSET[ident.body]
+  paint = np.array(ident.paint)
+  dark, darker, bumper = (paint * s for s in BODY_SHADES)
+  # The rear is the front mirrored: a part on the car's left is on the image's right.
+  mirror = view == REAR
+
+  def mx(x0: float, x1: float) -> tuple[float, float]:
+    return (1 - x1, 1 - x0) if mirror else (x0, x1)
+
+  p.polygon(_box(-0.02, 0.0, 1.02, 0.05), SHADOW_RGB, BACKGROUND)
+  for x0 in (.06, .80):  # tyres, under the body
+    p.rect(x0, 0.0, x0 + .14, .18, TYRE_RGB, WHEELS)
+  p.polygon([(0, .15), (1, .15), (1, belt - .04), (.96, belt), (.04, belt), (0, belt - .04)],
+            paint, BODY, outline=dark)
+  p.polygon([(.06, belt), (.94, belt), (1 - inset, roof_y), (inset, roof_y)], paint, BODY,
+            outline=dark)
+  p.rect(.02, .15, .98, .21, bumper, BODY)
+  if ident.stripe:  # wraps round the body at the height it has on the sides
+    p.rect(.02, _STRIPE_Y[0], .98, _STRIPE_Y[1], PART_COLORS[ident.stripe - 1], MARKS)
+  if view == FRONT:
+    p.rect(.34, .30, .66, .41, darker, BODY)  # grille
+  else:
+    p.rect(.40, .22, .60, .30, PLATE_RGB, BODY)  # number plate (blank)
+  # Windscreen (front) or rear window, inside the cabin.
+  top = roof_y - .04
+  frac = (top - belt) / max(roof_y - belt, 1e-6)
+  side_in = .11 + (inset - .06) * frac
+  p.polygon([(.11, belt + .03), (.89, belt + .03), (1 - side_in, top), (side_in, top)],
+            WINDOW_RGB, WINDOWS, outline=dark)
+  lamp_rgb = HEAD_LAMP_RGB if view == FRONT else TAIL_LAMP_RGB
+  for x0, x1 in ((.05, .27), (.95, .73)):  # outer edge first, so the pair is symmetric
+    p.polygon(_lamp_shape(ident.lamp, x0, x1, _LAMP_Y, _FRONT_Y_SCALE), lamp_rgb, LAMPS,
+              outline=LAMP_RIM_RGB)
+  if ident.sticker:
+    place, col = divmod(ident.sticker - 1, 4)
+    w, h = .10, .08
+    # On the windscreen's upper corners, or on the bumper's ends.
+    x, y = ((.24, top - .13), (.66, top - .13), (.07, .22), (.83, .22))[place]
+    x0, x1 = mx(x, x + w)
+    p.rect(x0, y, x1, y + h, PART_COLORS[col], MARKS)
+  if ident.roof == 1:  # rack: the two rails end-on and a cross bar
+    for x in (inset + .04, 1 - inset - .10):
+      p.rect(x, roof_y, x + .06, roof_y + .07, RACK_RGB, ROOF)
+    p.rect(inset, roof_y + .06, 1 - inset, roof_y + .09, RACK_RGB, ROOF)
+  elif ident.roof == 2:  # cargo box
+    p.rect(inset + .05, roof_y, 1 - inset - .05, roof_y + .12, BOX_RGB, ROOF,
+           outline=BOX_RIM_RGB)
+  elif ident.roof == 3:  # light bar
+    p.rect(.30, roof_y, .70, roof_y + .06, LIGHT_BAR_RGB, ROOF)
+  elif ident.roof == 4:  # antenna near one side
+    x0, x1 = mx(inset + .04, inset + .08)
+    base, tip = (x0, x1) if not mirror else (x1, x0)
+    p.line([(base, roof_y), (tip, roof_y + .25)], ANTENNA_RGB, ROOF,
+           width=max(1, int(width_px / 80)))
+
+
+def _clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, w: int, h: int,
+             paint: bool) -> None:
+  """Boxes and blobs behind the vehicle, some in car colours, so colour alone misleads."""
+  for _ in range(rng.integers(2, 7)):
+    x0, y0 = rng.uniform(-0.1, 1.0) * w, rng.uniform(-0.1, 1.0) * h
+    bw, bh = rng.uniform(0.05, 0.35) * w, rng.uniform(0.05, 0.35) * h
+    col = COLORS[rng.integers(len(COLORS))] if rng.random() < 0.4 else rng.uniform(0, 255, 3)
+    ellipse = rng.random() < 0.5
+    if paint:
+      shape = draw.ellipse if ellipse else draw.rectangle
+      shape((x0, y0, x0 + bw, y0 + bh), fill=_fill(col))
+
+
+def render(ident: Identity, camera: Camera, rng: np.random.Generator, *,
+           height: int = 144, view: int | None = None, nuisance: bool = True) -> Rendered:
+  """Renders one image and its label map.
+
+  The crop's width follows the view (side views are wider). `view` None draws it.
+  `nuisance=False` leaves out clutter, occluder, blur, lighting, noise and colour cast
+  but draws every random number the same, so the geometry and the label map are those
+  of the image with nuisances (except where the occluder covers the vehicle).
+  """
+  drawn_view = int(rng.integers(len(VIEWS)))
+  view = drawn_view if view is None else int(view)
+  facing = 1.0 if rng.random() < 0.5 else -1.0  # side views: right or left
+  _, _, _, _, (_, _, roof_y) = _BODIES[ident.body]
+  top = roof_y + _ROOF_ITEM_HEIGHT
+  if view == SIDE:
+    yaw = rng.uniform(0.75, 1.0)  # foreshortening of a slightly oblique view
+    y_scale = _SIDE_Y_SCALE / yaw
+  else:
+    yaw = rng.uniform(0.85, 1.0)
+    y_scale = _FRONT_Y_SCALE / yaw
+  # The vehicle's box is 1 x (top * y_scale) in units of its drawn width.
+  # Crop width / height; very long side views get a looser crop, as detectors give.
+  aspect = min(MAX_ASPECT, 1.0 / (top * y_scale) * rng.uniform(0.85, 1.15))
+  h = int(height)
+  w = max(8, int(round(h * aspect)))
+  fill = rng.uniform(0.78, 0.95)  # share of the limiting crop side the vehicle spans
+  veh_w = min(fill * w, fill * h / (top * y_scale))
+  veh_h = veh_w * top * y_scale
+  # Place the box anywhere in the remaining margin.
+  left = rng.uniform(0, w - veh_w)
+  bottom = h - rng.uniform(0, h - veh_h)
+  angle = np.deg2rad(rng.uniform(-4, 4))
+  shear = rng.uniform(-0.1, 0.1) if view == SIDE else 0.0
+  rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+  m_2x2 = rot @ np.array([[1.0, shear], [0.0, 1.0]])
+  centre = np.array([left + veh_w / 2, bottom - veh_h / 2])
+  sx = veh_w * (facing if view == SIDE else 1.0)
+  sy = veh_w * y_scale
+
+  def to_px(pts) -> list[tuple[float, float]]:
+    """Vehicle coordinates (x in [0, 1], y up from the road) -> pixel coordinates."""
+    pts = np.asarray(pts, np.float64).reshape(-1, 2)
+    local = np.stack([(pts[:, 0] - 0.5) * sx, -(pts[:, 1] - top / 2) * sy], axis=1)
+    return [tuple(q) for q in (local @ m_2x2.T + centre)]
+
+  img = Image.new("RGB", (w, h), _fill(camera.sky) if nuisance else (128, 128, 128))
+  mask = Image.new("L", (w, h), BACKGROUND)
+  scene = ImageDraw.Draw(img)
+  if nuisance:
+    scene.rectangle((0, int(camera.horizon * h), w, h), fill=_fill(camera.ground))
+  _clutter(scene, rng, w, h, paint=nuisance)
+  painter = _Painter(img, mask, to_px)
+  if view == SIDE:
+    _draw_side(painter, ident, w)
+  else:
+    _draw_end(painter, ident, view, w)
+
+  # Nuisances: their random numbers are drawn whether or not they are applied.
+  occlude = rng.random() < 0.35  # a pole, a sign or another car's edge
+  ow = rng.uniform(0.06, 0.2) * w
+  ox = rng.uniform(0, w - ow)
+  oy = rng.uniform(0.0, 0.5) * h
+  occluder_rgb = rng.uniform(0, 255, 3)
+  blur = float(rng.uniform(0.3, 1.1))
+  theta = rng.uniform(0, 2 * np.pi)
+  strength = rng.uniform(0.0, 0.5)
+  brightness = rng.uniform(0.65, 1.3)
+  noise_sigma = np.float32(rng.uniform(1.0, 6.0))
   if not nuisance:
-    return np.asarray(img)
-
-  if rng.random() < 0.35:  # an occluder (pole, sign or another car's edge)
-    ow = rng.uniform(0.06, 0.22) * w
-    ox = rng.uniform(0, w - ow)
-    oy = rng.uniform(0.0, 0.5) * h
-    draw.rectangle((ox, oy, ox + ow, h), fill=_fill(rng.uniform(0, 255, 3)))
-  img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 1.3))))
+    return Rendered(np.asarray(img), np.asarray(mask), view)
+  if occlude:
+    scene.rectangle((ox, oy, ox + ow, h), fill=_fill(occluder_rgb))
+    ImageDraw.Draw(mask).rectangle((ox, oy, ox + ow, h), fill=BACKGROUND)
+  img = img.filter(ImageFilter.GaussianBlur(radius=blur))
   x_HxWx3 = np.array(img, np.float32)
   # Lighting: global brightness and a soft ramp in a random direction.
-  theta = rng.uniform(0, 2 * np.pi)
   ramp_H = np.sin(theta) * (np.arange(h, dtype=np.float32) / h - 0.5)
   ramp_W = np.cos(theta) * (np.arange(w, dtype=np.float32) / w - 0.5)
-  strength = rng.uniform(0.0, 0.5)
-  light_HxW = rng.uniform(0.65, 1.3) * (1.0 + strength * (ramp_H[:, None] + ramp_W[None, :]))
+  light_HxW = brightness * (1.0 + strength * (ramp_H[:, None] + ramp_W[None, :]))
   x_HxWx3 *= light_HxW[..., None]
   x_HxWx3 *= camera.gains
   noise = rng.standard_normal(x_HxWx3.shape, dtype=np.float32)
-  x_HxWx3 += noise * np.float32(rng.uniform(1.0, 6.0))
-  return np.clip(x_HxWx3, 0, 255).astype(np.uint8)
+  x_HxWx3 += noise * noise_sigma
+  return Rendered(np.clip(x_HxWx3, 0, 255).astype(np.uint8), np.asarray(mask), view)
 
 
 def encode_jpeg(x_HxWx3: np.ndarray, quality: int = 90) -> bytes:
   buf = io.BytesIO()
   Image.fromarray(x_HxWx3).save(buf, format="JPEG", quality=quality)
+  return buf.getvalue()
+
+
+def encode_mask(mask_HxW: np.ndarray) -> bytes:
+  """The label map as a single-channel 8-bit PNG (lossless, a few hundred bytes)."""
+  buf = io.BytesIO()
+  Image.fromarray(np.asarray(mask_HxW, np.uint8)).save(buf, format="PNG")
   return buf.getvalue()
 
 

@@ -6,6 +6,8 @@ Build (the training driver also builds it on first use):
 
 Splits like VeRi-776: `train` identities, and disjoint test identities split into `query`
 (one or two images per identity, from different cameras) and `gallery` (the rest).
+Besides the re-ID fields every record holds `part_mask`, the image's ground-truth label
+map (PNG, one channel, values index render.PART_CLASSES), and its view in `metadata`.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   num_test_ids: int = 12
   images_per_id: int = 8
   num_cameras: int = 6
-  min_size: tuple[int, int] = (120, 140)  # (H, W); each image draws its size in between
-  max_size: tuple[int, int] = (160, 184)
+  # Each image draws its height in between; its width follows the view (render.py).
+  height_range: tuple[int, int] = (112, 160)
   seed: int = 0
 
 
@@ -46,8 +48,12 @@ def part_code(ident: render.Identity) -> int:
 class Builder(reid_base.ReIdBuilder):
   """Procedurally rendered vehicles (tfds_builders/synthetic_vehicles/render.py)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {
+      "1.0.0": "First release.",
+      "2.0.0": "Front, rear and side views; tight detector-like crops whose width follows "
+               "the view; ground-truth part masks (`part_mask`) and the view in metadata.",
+  }
   BUILDER_CONFIGS = [
       SyntheticConfig(name="tiny", description="Tests: 192 images, builds in seconds.",
                       num_train_ids=16, num_test_ids=12, images_per_id=8, num_cameras=6),
@@ -58,11 +64,17 @@ class Builder(reid_base.ReIdBuilder):
                       num_cameras=20),
   ]
   DEFAULT_CONFIG_NAME = "small"
-  METADATA_FEATURES = {"color": np.int64, "type": np.int64, "parts": np.int64}
+  METADATA_FEATURES = {"color": np.int64, "type": np.int64, "parts": np.int64,
+                       "view": np.int64}
+  EXTRA_FEATURES = {
+      # Stored as the PNG bytes render.encode_mask writes; read undecoded like the image.
+      "part_mask": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
+  }
   DESCRIPTION = (
-      "Rendered vehicles: identities share body shape and colour in groups and differ in "
-      "part details; images vary pose, scale, lighting, clutter, blur, occlusion and a "
-      "per-camera colour cast.")
+      "Rendered vehicles seen from the front, rear or side: identities share body shape "
+      "and colour in groups and differ in part details; images vary view, pose, scale, "
+      "lighting, clutter, blur, occlusion and a per-camera colour cast. Each image has a "
+      "ground-truth label map of background, body and part families.")
 
   def _train_vehicle_ids(self, records) -> list[int]:
     return list(range(1, self.builder_config.num_train_ids + 1))
@@ -91,16 +103,17 @@ class Builder(reid_base.ReIdBuilder):
           continue
         cam = cams[j % len(cams)]
         rng = render.image_rng(cfg.seed, vid, j)
-        size = (int(rng.integers(cfg.min_size[0], cfg.max_size[0] + 1)),
-                int(rng.integers(cfg.min_size[1], cfg.max_size[1] + 1)))
-        pixels = render.render(ident, cameras[cam], rng, size=size)
+        height = int(rng.integers(cfg.height_range[0], cfg.height_range[1] + 1))
+        out = render.render(ident, cameras[cam], rng, height=height)
         yield reid_base.Record(
             path=None,
             file_name=f"{vid:04d}_c{cam + 1:03d}_{j:04d}.jpg",
             vehicle_id=vid,
             camera_id=cam + 1,  # 1-based like VeRi's c001
-            metadata={"color": ident.color, "type": ident.body, "parts": part_code(ident)},
-            image=render.encode_jpeg(pixels))
+            metadata={"color": ident.color, "type": ident.body, "parts": part_code(ident),
+                      "view": out.view},
+            image=render.encode_jpeg(out.image),
+            extra={"part_mask": render.encode_mask(out.mask)})
 
 
 def camera_set(seed: int, vehicle_id: int, num_cameras: int) -> list[int]:
