@@ -17,6 +17,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from musp_jax import attention_metrics
 from musp_jax import datasets
 from musp_jax import input_pipeline
 from musp_jax import protocols
@@ -78,7 +79,15 @@ def evaluate(model, variables, config: ml_collections.ConfigDict, mesh) -> dict:
     source = datasets.load_split(name, split, **kw)
     splits[split] = {**extract_features(model, variables, source, config, mesh, desc=split),
                      **datasets.split_index(name, split, **kw)}
-  return protocols.evaluate_dataset(name, splits, config.eval, builder_config=builder_config)
+  rows = protocols.evaluate_dataset(name, splits, config.eval, builder_config=builder_config)
+  # Attention maps scored against ground-truth part masks, for datasets that have them
+  # (synthetic_vehicles): one more row, musp_jax/attention_metrics.py.
+  if config.model.head == "musp":
+    sources = [datasets.load_split(name, split, **kw) for split in splits]
+    if attention_metrics.has_part_masks(sources):
+      rows[attention_metrics.ROW] = attention_metrics.evaluate(model, variables, sources,
+                                                               config, mesh)
+  return rows
 
 
 def primary_map(rows: dict) -> float:
@@ -87,8 +96,11 @@ def primary_map(rows: dict) -> float:
 
 
 def flat_scalars(rows: dict) -> dict[str, float]:
-  return {f"eval/{name}/{k}": float(row[k]) for name, row in rows.items()
-          for k in ROW_METRICS if k in row}
+  out = {f"eval/{name}/{k}": float(row[k]) for name, row in rows.items()
+         for k in ROW_METRICS if k in row}
+  if attention_metrics.ROW in rows:
+    out.update(attention_metrics.flat_scalars(rows[attention_metrics.ROW]))
+  return out
 
 
 def markdown_table(results: dict) -> str:
@@ -98,7 +110,11 @@ def markdown_table(results: dict) -> str:
     head += f" (epoch {results['epoch']:.1f})"
   lines = [head, "", "| test set | " + " | ".join(ROW_METRICS) + " | queries |",
            "|---" * (len(ROW_METRICS) + 2) + "|"]
-  for name, row in results.get("results", {}).items():
+  rows = dict(results.get("results", {}))
+  attention = rows.pop(attention_metrics.ROW, None)
+  for name, row in rows.items():
     cells = [f"{100 * row[k]:.2f}" if k in row else "-" for k in ROW_METRICS]
     lines.append(f"| {name} | " + " | ".join(cells) + f" | {row.get('num_queries', '-')} |")
-  return "\n".join(lines) + "\n"
+  if attention is not None:
+    lines += ["", attention_metrics.markdown(attention)]
+  return "\n".join(lines).rstrip("\n") + "\n"

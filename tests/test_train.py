@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 from configs import synthetic
 from musp_jax import checkpointing
 from musp_jax import datasets
+from musp_jax import evaluator
 from musp_jax import input_pipeline
 from musp_jax import optim
 from musp_jax import train
@@ -129,9 +130,10 @@ def test_eval_mode_reproduces_logged_metrics(reference_run, data_dir):
   code, out = _main(reference_run, data_dir, "--mode=eval", f"--step={logged['step']}")
   assert code == 0, out
   again = json.loads((reference_run / f"eval_step_{logged['step']}.json").read_text())
-  for name, row in logged["results"].items():
-    for k in ("mAP", "CMC@1", "mINP"):
-      assert again["results"][name][k] == pytest.approx(row[k], abs=1e-6)
+  # Every logged scalar: each protocol row's metrics and the attention scores.
+  expected = evaluator.flat_scalars(logged["results"])
+  assert any(k.startswith("attention/") for k in expected)
+  assert evaluator.flat_scalars(again["results"]) == pytest.approx(expected, abs=1e-6)
 
 
 def test_mismatched_checkpoint_is_refused(reference_run, data_dir):
