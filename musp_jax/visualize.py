@@ -2,12 +2,17 @@
 
     python -m musp_jax.visualize attention --workdir workdirs/demo [--images a.jpg dir/]
     python -m musp_jax.visualize ranks --workdir workdirs/demo --order worst --topk 8
-    python -m musp_jax.visualize demo --workdir workdirs/demo     # both, for `make demo`
+    python -m musp_jax.visualize demo --workdir workdirs/demo     # all, for `make demo`
 
 attention: one row per image, the image then each attention map laid over it
 (the paper's Figure 5); the background map is framed and titled in red. Each
 title gives the share of the image the map covers. Without --images, the first
 query images of the workdir's evaluation dataset are shown.
+
+On a dataset with ground-truth part masks (synthetic_vehicles), `demo` also draws
+attention_parts.png: per row the image, its ground-truth part map, then each
+map over the image with the share of its mass on the vehicle in that image
+(musp_jax/attention_metrics.py defines the scores).
 
 ranks: query images of the evaluation dataset and their top-k gallery images,
 after the protocol's junk removal (same id and camera); green frame: same
@@ -35,12 +40,16 @@ from matplotlib import patches
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from musp_jax import attention_metrics
 from musp_jax import augment
 from musp_jax import inference
 from musp_jax import metrics
 from musp_jax import retrieval
 
 DISPLAY_HEIGHT = 128  # pixels of each picture cell
+# Display colours of the ground-truth classes (attention_metrics.PART_CLASSES order).
+CLASS_COLORS = ("#000000", "#9e9e9e", "#ffd600", "#1e40ff", "#00e5ff", "#e53935",
+                "#ff40ff")
 MATCH, NON_MATCH, QUERY = "#1a9850", "#d73027", "#2166ac"
 ORDERS = ("worst", "best", "random")
 
@@ -151,6 +160,67 @@ def attention_figure(images: Sequence[np.ndarray], attention_BxHxWxN: np.ndarray
   return fig
 
 
+def part_map_image(mask_HxW: np.ndarray) -> np.ndarray:
+  """A label map in CLASS_COLORS as RGB uint8."""
+  palette = np.array([[int(c[i:i + 2], 16) for i in (1, 3, 5)] for c in CLASS_COLORS],
+                     np.uint8)
+  return palette[np.asarray(mask_HxW)]
+
+
+def attention_parts_figure(images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+                           attention_BxHxWxN: np.ndarray,
+                           names: Sequence[str] | None = None) -> Figure:
+  """Per row: the image, its ground-truth part map, then each map over the image.
+
+  Images and part maps are shown stretched to the maps' aspect ratio, which is the
+  model's input's: as the model sees them. Each map's title gives its share of the
+  image and, in this image, the share of its mass on the vehicle (on the background
+  for the background map).
+  """
+  b, h, w, n = attention_BxHxWxN.shape
+  if not len(images) == len(masks) == b:
+    raise ValueError(f"{len(images)} images, {len(masks)} masks, attention for {b}.")
+  size_hw = (DISPLAY_HEIGHT, max(1, round(DISPLAY_HEIGHT * w / h)))
+  shown = [augment.resize(img, size_hw) for img in images]
+  fig = _figure(b, n + 2, max(1.0, w / h))
+  axes = fig.subplots(b, n + 2, squeeze=False)
+  for r, (img, mask) in enumerate(zip(shown, masks)):
+    scores = attention_metrics.attention_scores(
+        attention_BxHxWxN[r:r + 1],
+        attention_metrics.class_fractions(mask, (h, w))[None])
+    for c, ax in enumerate(axes[r]):
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if c == 0:
+        ax.imshow(img)
+        ax.set_title("image", fontsize=10)
+        if names is not None:
+          ax.set_ylabel(_short(str(names[r])), fontsize=9)
+      elif c == 1:
+        ax.imshow(cv2.resize(part_map_image(mask), img.shape[1::-1],
+                             interpolation=cv2.INTER_NEAREST))
+        ax.set_title("ground truth", fontsize=10)
+      else:
+        k = c - 2
+        ax.imshow(overlay(img, attention_BxHxWxN[r, :, :, k]))
+        area = 100 * scores["area"][k]
+        if k == n - 1:
+          ax.set_title(f"background {area:.0f}%\n"
+                       f"{100 * scores['background_share'][k]:.0f}% on backgr.",
+                       fontsize=9, color=NON_MATCH)
+          _frame(ax, NON_MATCH, width=3.0, style="--")
+        else:
+          ax.set_title(f"part {k + 1}  {area:.0f}%\n"
+                       f"{100 * scores['vehicle_share'][k]:.0f}% on vehicle", fontsize=9)
+  fig.legend(handles=[patches.Patch(color=col, label=name) for col, name in
+                      zip(CLASS_COLORS, attention_metrics.PART_CLASSES)],
+             loc="lower center", ncol=len(CLASS_COLORS), fontsize=9, frameon=False)
+  fig.suptitle("Attention maps beside the ground-truth part map; % of the image, and "
+               "of each map's mass on the vehicle", fontsize=11)
+  fig.tight_layout(rect=(0, 0.04, 1, 1))
+  return fig
+
+
 def _attention_inputs(config: ml_collections.ConfigDict, images: Sequence[np.ndarray]
                       ) -> np.ndarray:
   return np.stack([inference.preprocess(config, img) for img in images])
@@ -216,6 +286,24 @@ def attention_picture(loaded: inference.LoadedModel, out: str, *,
     images, names = eval_images(loaded.config, num_images, data_dir=data_dir)
   fig = attention_grid(loaded.model, loaded.variables, loaded.config, images, names)
   return _save(fig, out)
+
+
+def attention_parts_picture(loaded: inference.LoadedModel, out: str, *,
+                            num_images: int = 6, data_dir: str | None = None) -> str:
+  """Draws the first query images' maps beside their ground-truth part maps into `out`."""
+  _check_attention(loaded.config)
+  source, _ = _eval_split(loaded.config, "query", data_dir=data_dir, with_index=False)
+  records = [source[i] for i in range(min(num_images, len(source)))]
+  if not attention_metrics.has_part_masks([records]):
+    raise ValueError("The evaluation dataset has no ground-truth part masks "
+                     f"({attention_metrics.MASK_KEY!r}).")
+  where = [str(r.get("file_name", i)) for i, r in enumerate(records)]
+  images = [inference.decode_image(r["image"], where=n) for r, n in zip(records, where)]
+  masks = [attention_metrics.decode_mask(r[attention_metrics.MASK_KEY], where=n)
+           for r, n in zip(records, where)]
+  attention = _attention(loaded.model, loaded.variables,
+                         _attention_inputs(loaded.config, images))
+  return _save(attention_parts_figure(images, masks, attention, where), out)
 
 
 # --------------------------------------------------------------------------
@@ -373,13 +461,18 @@ def ranks_picture(loaded: inference.LoadedModel, out_dir: str, *, order: str = "
 
 
 def demo_pictures(workdir: str, *, data_dir: str | None = None) -> list[str]:
-  """The pictures `make demo` ends with: attention grid and worst-AP rank lists."""
+  """The pictures `make demo` ends with: attention grid, the maps beside the
+  ground-truth part maps (datasets with part masks), and worst-AP rank lists."""
   loaded = inference.load(workdir)
   out_dir = epath.Path(workdir) / "pictures"
   written = []
   if loaded.has_attention:
     written.append(attention_picture(loaded, str(out_dir / "attention.png"),
                                      data_dir=data_dir))
+    source, _ = _eval_split(loaded.config, "query", data_dir=data_dir, with_index=False)
+    if attention_metrics.has_part_masks([source]):
+      written.append(attention_parts_picture(loaded, str(out_dir / "attention_parts.png"),
+                                             data_dir=data_dir))
   written.append(ranks_picture(loaded, str(out_dir), order="worst", data_dir=data_dir))
   return written
 

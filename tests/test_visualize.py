@@ -3,6 +3,7 @@
 import json
 import pathlib
 
+import cv2
 import numpy as np
 import pytest
 from matplotlib import colormaps
@@ -93,6 +94,35 @@ def test_attention_command_on_image_files(tmp_path, loaded):
     assert sum(shares) == pytest.approx(100, abs=n)  # softmax maps share the image
 
 
+def test_attention_beside_the_ground_truth_part_map():
+  from tfds_builders.synthetic_vehicles import render  # pylint: disable=g-import-not-at-top
+  ident = render.make_identities(0, 2)
+  cam = render.make_cameras(0, 1)[0]
+  drawn = [render.render(i, cam, render.image_rng(0, 5, j), height=128, view=v)
+           for j, (i, v) in enumerate(zip(ident, (render.FRONT, render.SIDE)))]
+  # Map 0 takes the top half of every image, the background map the bottom half.
+  attention = np.zeros((2, 4, 4, 2), np.float32)
+  attention[:, :2, :, 0] = 1.0
+  attention[:, 2:, :, 1] = 1.0
+  fig = visualize.attention_parts_figure([d.image for d in drawn], [d.mask for d in drawn],
+                                         attention, ["a", "b"])
+  axes = np.asarray(fig.axes).reshape(2, 4)
+  for row, d in zip(axes, drawn):
+    top, bottom = d.mask[:64], d.mask[64:]
+    assert [ax.get_title() for ax in row[:2]] == ["image", "ground truth"]
+    assert row[2].get_title() == (f"part 1  50%\n"
+                                  f"{100 * np.mean(top != render.BACKGROUND):.0f}% on vehicle")
+    assert row[3].get_title() == (f"background 50%\n"
+                                  f"{100 * np.mean(bottom == render.BACKGROUND):.0f}% on backgr.")
+    # The ground-truth panel shows the label map in the class colours.
+    shown = row[1].get_images()[0].get_array()
+    expected = visualize.part_map_image(d.mask)
+    np.testing.assert_array_equal(
+        shown, cv2.resize(expected, shown.shape[1::-1], interpolation=cv2.INTER_NEAREST))
+  legend = [t.get_text() for t in fig.legends[0].get_texts()]
+  assert legend == list(render.PART_CLASSES)
+
+
 def test_attention_written_to_tensorboard(tmp_path, loaded):
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
 
@@ -122,7 +152,8 @@ def test_demo_pictures_and_ranks_command(tmp_path, loaded, capsys):
   data_dir = tools_fixtures.shared_data_dir()
   workdir = tools_fixtures.shared_workdir()
   written = visualize.demo_pictures(str(workdir), data_dir=data_dir)
-  assert [pathlib.Path(p).name for p in written] == ["attention.png", "ranks_worst_top8.png"]
+  assert [pathlib.Path(p).name for p in written] == ["attention.png", "attention_parts.png",
+                                                      "ranks_worst_top8.png"]
   for p in written:
     with Image.open(p) as img:
       assert img.size[0] > 400 and img.size[1] > 150
