@@ -4,7 +4,9 @@
 
 Trains configs/synthetic.py (the dataset is rendered on first use), then evaluates the
 same model with random weights and a raw-pixel nearest-neighbour search on the same
-query/gallery split, so the trained mAP can be read against both. Ends with pictures.
+query/gallery split, so the trained mAP can be read against both; prints the attention
+scores against the ground-truth part masks (musp_jax/attention_metrics.py) of the
+trained and the random model. Ends with pictures.
 """
 
 import os
@@ -36,8 +38,10 @@ def raw_pixel_features(source, size: int = 32):
   return {"feats": feats[:, None, :], "areas": np.ones((len(feats), 1), np.float32)}
 
 
-def reference_rows(config, mesh) -> dict:
-  """mAP of the same model with random weights, and of raw-pixel nearest neighbours."""
+def reference_rows(config, mesh) -> tuple[dict, dict | None]:
+  """mAP of the same model with random weights, and of raw-pixel nearest neighbours;
+  and the random model's attention scores (None without part masks)."""
+  from musp_jax import attention_metrics  # pylint: disable=g-import-not-at-top
   from musp_jax import datasets  # pylint: disable=g-import-not-at-top
   from musp_jax import evaluator  # pylint: disable=g-import-not-at-top
   from musp_jax import optim  # pylint: disable=g-import-not-at-top
@@ -55,8 +59,9 @@ def reference_rows(config, mesh) -> dict:
                 **datasets.split_index(ds.name, s, **kw)} for s in ("query", "gallery")}
   pixel_rows = protocols.evaluate_dataset(ds.name, splits, config.eval,
                                           builder_config=ds.builder_config)
-  return {"random weights": next(iter(random_rows.values())),
-          "raw-pixel NN": next(iter(pixel_rows.values()))}
+  return ({"random weights": next(iter(random_rows.values())),
+           "raw-pixel NN": next(iter(pixel_rows.values()))},
+          random_rows.get(attention_metrics.ROW))
 
 
 def main(argv):
@@ -64,6 +69,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")
+  from musp_jax import attention_metrics  # pylint: disable=g-import-not-at-top
   from musp_jax import evaluator  # pylint: disable=g-import-not-at-top
   from musp_jax import train  # pylint: disable=g-import-not-at-top
   train.quiet_library_logs()
@@ -71,11 +77,21 @@ def main(argv):
   config = FLAGS.config
   results = train.train_and_evaluate(config, FLAGS.workdir)
   trained = next(iter(results["results"].values()))
-  rows = {"MUSP trained (this run)": trained, **reference_rows(config, train.make_mesh())}
+  references, random_attention = reference_rows(config, train.make_mesh())
+  rows = {"MUSP trained (this run)": trained, **references}
   table = evaluator.markdown_table({"step": results["step"], "results": rows})
   ratio = trained["mAP"] / max(rows["random weights"]["mAP"], 1e-12)
-  summary = (f"{table}\nTrained / random-weights mAP: {ratio:.1f}x; "
-             f"trained - raw-pixel mAP: {100 * (trained['mAP'] - rows['raw-pixel NN']['mAP']):+.1f} points\n")
+  pixel_map = rows["raw-pixel NN"]["mAP"]
+  summary = (f"{table}\nTrained / random-weights mAP: {ratio:.1f}x; trained / raw-pixel "
+             f"mAP: {trained['mAP'] / max(pixel_map, 1e-12):.1f}x "
+             f"({100 * (trained['mAP'] - pixel_map):+.1f} points)\n")
+  attention = results["results"].get(attention_metrics.ROW)
+  if attention is not None:
+    summary += ("\nAttention against the ground-truth part masks (%; "
+                "musp_jax/attention_metrics.py):\n\n"
+                + attention_metrics.summary_table({"MUSP trained (this run)": attention,
+                                                   "random weights": random_attention})
+                + "\n" + attention_metrics.markdown(attention))
   workdir = os.path.abspath(os.path.expanduser(FLAGS.workdir))
   with open(os.path.join(workdir, "demo_summary.md"), "w") as f:
     f.write(summary)
