@@ -216,8 +216,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ValueError as e:
     parser.error(str(e))
 
+  from absl import flags  # pylint: disable=g-import-not-at-top
   from musp_jax import inference  # pylint: disable=g-import-not-at-top
   from musp_jax import train  # pylint: disable=g-import-not-at-top
+  flags.FLAGS.mark_as_parsed()  # grain reads absl flags; this is not an absl app
   inference.hide_gpus_from_tensorflow()
   train.quiet_library_logs()
   root = pathlib.Path(args.workdir).expanduser()
