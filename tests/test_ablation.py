@@ -54,11 +54,13 @@ def test_mean_and_sample_std_over_seeds():
 
 def test_run_configs_change_only_what_the_variant_says():
   base = ablation.run_config("MUSP n=5", 0, scale=1.0)
-  half = ablation.run_config("MUSP n=5, ESE off", 2, scale=0.5,
+  half = ablation.run_config("MUSP n=5 ESE off", 2, scale=0.5,
                              overrides=[("input.image_size", (32, 32))])
   assert half.model.ese == "none" and base.model.ese != "none" and half.seed == 2
   assert half.optim.num_epochs == round(base.optim.num_epochs / 2)
   assert half.eval.every_epochs == half.optim.num_epochs  # one evaluation, at the end
+  assert half.optim.warmup_epochs == max(1, round(base.optim.warmup_epochs / 2))
+  assert all(m < half.optim.num_epochs for m in half.optim.milestones)
   assert tuple(half.input.image_size) == (32, 32)
   assert ablation.run_config("baseline", 0, scale=1.0).model.head == "baseline"
   with pytest.raises(ValueError, match="model.nmu"):
