@@ -6,10 +6,18 @@ The dataset is rendered and built on first use. A ResNet-18 at 64 px trains from
 weights in about four minutes on a 2-core CPU. There are no ImageNet weights to start
 from, so the learning rate is 1e-3 rather than the recipe's 3.5e-4 (tuned for imported
 weights) and the schedule is compressed to 8 epochs. `:runlocal` uses the tiny dataset
-(tests); variant words of configs/common.py combine, e.g. `configs/synthetic.py:baseline`.
+(tests); `:tiny` / `:small` / `:large` pick the dataset size; variant words of
+configs/common.py combine, e.g. `configs/synthetic.py:baseline`.
 """
 
 from configs import common
+
+VARIANTS = {
+    **common.VARIANTS,
+    "runlocal": {**common.VARIANTS["runlocal"], "dataset.builder_config": "tiny",
+                 "input.image_size": (64, 64)},
+    **{size: {"dataset.builder_config": size} for size in ("tiny", "small", "large")},
+}
 
 
 def get_config(arg: str | None = None):
@@ -27,8 +35,4 @@ def get_config(arg: str | None = None):
   c.eval.every_epochs = 8
   c.log_every_steps = 10
   c.checkpoint_every_steps = 200
-  c = common.apply_variants(c, arg)
-  if "runlocal" in (arg or "").split(","):
-    c.dataset.builder_config = "tiny"
-    c.input.image_size = (64, 64)
-  return c
+  return common.apply_variants(c, arg, VARIANTS)

@@ -36,6 +36,15 @@ _CHOICES = {
 }
 
 
+def resolve_value_channels(value_channels: int, *, value_conv: str,
+                           num_prototypes: int, in_channels: int) -> int:
+  """c of the value map; 0 picks each layout's own: the backbone's width for the
+  official depthwise conv, width // (n - 1) for the paper text's full conv."""
+  if value_channels:
+    return value_channels
+  return in_channels if value_conv == "depthwise" else in_channels // (num_prototypes - 1)
+
+
 def diversity_term(attention_BxHxWxN: jax.Array, *,
                    keep_background: bool) -> jax.Array:
   """Sum over batch and pixels of the product of the attention maps.
@@ -121,7 +130,8 @@ class MUSPHead(nn.Module):
   Attributes (official default / paper text):
     num_prototypes: n, including the background prototype (n >= 2).
     value_conv: "depthwise" (groups = c) / "full".
-    value_channels: c (2048 / 2048 // (n - 1)).
+    value_channels: c (2048 / 2048 // (n - 1)); 0 = that default of the
+      value_conv layout for the backbone's width (resolve_value_channels).
     pooling: "sum" over pixels / "mean".
     ese: "all" n parts before dropping the background / "kept" n-1 parts /
       "none".
@@ -133,7 +143,7 @@ class MUSPHead(nn.Module):
   num_classes: int
   num_prototypes: int = 5
   value_conv: str = "depthwise"
-  value_channels: int = 2048
+  value_channels: int = 0
   pooling: str = "sum"
   ese: str = "all"
   ese_reduction: int = 16
@@ -152,20 +162,24 @@ class MUSPHead(nn.Module):
       raise ValueError(f"model.num_prototypes={self.num_prototypes}; need >= 2"
                        " (the last prototype is background)")
 
-  def _check(self, in_channels: int):
+  def _value_channels(self, in_channels: int) -> int:
     self.check_settings()
-    if self.value_conv == "depthwise" and in_channels % self.value_channels:
+    c = resolve_value_channels(self.value_channels, value_conv=self.value_conv,
+                               num_prototypes=self.num_prototypes,
+                               in_channels=in_channels)
+    if self.value_conv == "depthwise" and (c < 1 or in_channels % c):
       raise ValueError(
-          f"model.value_conv='depthwise' uses groups=value_channels="
-          f"{self.value_channels}, which must divide the backbone's "
-          f"{in_channels} channels")
+          f"model.value_conv='depthwise' uses groups=value_channels={c}, which "
+          f"must divide the backbone's {in_channels} channels")
+    if c < 1:
+      raise ValueError(f"model.value_channels resolves to {c}; need >= 1")
+    return c
 
   @nn.compact
   def __call__(self, maps_BxHxWxD: jax.Array, *,
                train: bool = False) -> dict[str, jax.Array]:
     b, h, w, d = maps_BxHxWxD.shape
-    self._check(d)
-    n, c = self.num_prototypes, self.value_channels
+    n, c = self.num_prototypes, self._value_channels(d)
     groups = c if self.value_conv == "depthwise" else 1
     att_logits = resnet.conv(n, 3, 1, self.dtype, "attention_conv",
                              use_bias=True)(maps_BxHxWxD)

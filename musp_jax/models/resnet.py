@@ -35,6 +35,13 @@ STAGE_SIZES: dict[int, tuple[str, tuple[int, int, int, int]]] = {
 _WIDTHS = (64, 128, 256, 512)
 _EXPANSION = {"basic": 1, "bottleneck": 4}
 
+
+def output_channels(depth: int) -> int:
+  """Channels of the last stage's map: 512 (ResNet-18/34) or 2048 (50/101/152)."""
+  if depth not in STAGE_SIZES:
+    raise ValueError(f"ResNet depth {depth} is not one of {sorted(STAGE_SIZES)}")
+  return _WIDTHS[-1] * _EXPANSION[STAGE_SIZES[depth][0]]
+
 # torchvision initialises convs with kaiming_normal_(mode="fan_out"), a plain
 # (untruncated) normal.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
