@@ -11,7 +11,7 @@ the median over rounds; warm-up and compilation are excluded.
 
 Contenders:
   jax:<conv_impl>[:bfloat16]  the project's own build_model + total_loss +
-      make_optimizer + train.train_step, jitted with buffer donation
+      make_optimizer + step.jit_step (the program training runs)
       (conv_impl: xla | gemm | auto, see musp_jax/models/fast_conv.py);
   torch:eager | torch:eager_cl (channels_last) | torch:compile — torchvision
       ResNet-50 with last stride 1, a restatement of the official MUSP head
@@ -38,42 +38,32 @@ DEFAULT_CONTENDERS = "jax:auto,jax:xla,torch:eager,torch:eager_cl,torch:compile"
 
 def _jax_worker(conn, args, conv_impl: str, dtype: str) -> None:
   """Builds the project's train step and runs it on request."""
-  import functools
-  import inspect
-
   import jax
-  import jax.numpy as jnp
   import numpy as np
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
   from configs import common
   from musp_jax import optim
-  from musp_jax import train
+  from musp_jax import runtime
+  from musp_jax import state as state_lib
+  from musp_jax import step as step_lib
   from musp_jax.models import build_model
   from musp_jax.models import fast_conv
 
   c = common.get_config()
   c.model.depth = args.depth
   c.model.head = args.head
-  c.model.value_channels = 2048 if args.depth >= 50 else 512
   c.model.dtype = dtype
   c.model.conv_impl = conv_impl
   size = (args.image_size, args.image_size)
-  mesh = train.make_mesh()
+  mesh = runtime.make_mesh()
   model = build_model(c.model, args.num_classes)
-  schedule = optim.make_schedule(c.optim, 100)
   tx = optim.make_optimizer(c.optim, 100)
-  state, state_sharding = train.create_train_state(model, tx, size, seed=0, mesh=mesh)
+  state, state_sharding = state_lib.create_train_state(model, tx, size, seed=0, mesh=mesh)
   batch_sharding = NamedSharding(mesh, P("data"))
-  step_kwargs = dict(model=model, tx=tx, loss_config=c.loss)
-  if "schedule" in inspect.signature(train.train_step).parameters:
-    step_kwargs["schedule"] = schedule
-  step = jax.jit(
-      functools.partial(train.train_step, **step_kwargs),
-      in_shardings=(state_sharding, batch_sharding),
-      out_shardings=(state_sharding, NamedSharding(mesh, P())),
-      donate_argnums=0)
+  step = step_lib.jit_step(model=model, tx=tx, loss_config=c.loss, mesh=mesh,
+                           state_sharding=state_sharding)
   rng = np.random.default_rng(0)
   batch = jax.device_put({
       "image": rng.standard_normal((args.batch, *size, 3), np.float32),

@@ -1,7 +1,5 @@
 """bfloat16 compute (model.dtype) trains stably: fp32 parameters, BN statistics and loss."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +7,8 @@ import numpy as np
 from configs import common
 from musp_jax import losses
 from musp_jax import optim
-from musp_jax import train
+from musp_jax import state as state_lib
+from musp_jax import step as step_lib
 from musp_jax.models import build_model
 
 NUM_IDS, PER_ID, SIZE = 4, 4, 32
@@ -30,14 +29,13 @@ def _synthetic_batch():
 
 def test_bfloat16_training_is_stable():
   c = common.get_config("runlocal,bf16")
-  c.model.value_channels = 512
   c.optim.warmup_epochs = 0
   c.optim.lr = 1e-3
   model = build_model(c.model, NUM_IDS)
   tx = optim.make_optimizer(c.optim, steps_per_epoch=100)
   mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
                        devices=jax.devices()[:1])
-  state, _ = train.create_train_state(model, tx, (SIZE, SIZE), seed=0, mesh=mesh)
+  state, sharding = state_lib.create_train_state(model, tx, (SIZE, SIZE), seed=0, mesh=mesh)
   batch = _synthetic_batch()
 
   # The bf16 model's first loss agrees with the same weights computed in fp32.
@@ -55,8 +53,8 @@ def test_bfloat16_training_is_stable():
   assert loss16.dtype == jnp.float32
   np.testing.assert_allclose(loss16, loss32, rtol=0.05)
 
-  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx,
-                                   loss_config=c.loss))
+  step = step_lib.jit_step(model=model, tx=tx, loss_config=c.loss, mesh=mesh,
+                           state_sharding=sharding)
   history = []
   for _ in range(8):
     state, metrics = step(state, batch)
