@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import shutil
 
 import jax
 import numpy as np
@@ -63,7 +64,7 @@ def test_checkpoint_flag_and_batch_size_give_the_same_features(tmp_path, loaded)
   paths = tools_fixtures.write_images(tmp_path, 3, seed=1, suffix=".jpg")
   a = embed.embed(loaded, [str(p) for p in paths], str(tmp_path / "a.npz"),
                   batch_size=4, progress=False)
-  by_checkpoint = inference.load(checkpoint=loaded.source)
+  by_checkpoint = inference.load(loaded.source)
   assert by_checkpoint.signature == loaded.signature
   b = embed.embed(by_checkpoint, [str(p) for p in paths], str(tmp_path / "b.npz"),
                   batch_size=1, progress=False)
@@ -107,17 +108,23 @@ def test_non_image_file_is_a_clear_error(tmp_path, loaded):
     inference.list_images([str(tmp_path / "missing.jpg")])
 
 
-def test_bad_model_locations_are_clear_errors(tmp_path):
-  with pytest.raises(ValueError, match="expected a step folder"):
-    inference.load(checkpoint=str(tmp_path))
-  with pytest.raises(FileNotFoundError, match="config.json"):
-    inference.load(workdir=str(tmp_path))
-  with pytest.raises(ValueError, match="exactly one"):
-    inference.load()
+def test_bad_model_locations_are_clear_errors(tmp_path, capsys):
+  with pytest.raises(FileNotFoundError, match="holds no checkpoint: expected a training workdir"):
+    inference.load(str(tmp_path))
+  rc = embed.main(["--checkpoint", str(tmp_path / "nowhere"), "--images", str(tmp_path),
+                   "--out", str(tmp_path / "x.npz")])
+  assert rc == 2 and "holds no checkpoint" in capsys.readouterr().err
 
 
-def test_class_count_is_read_from_the_checkpoint(loaded):
+def test_class_count_and_config_come_from_the_checkpoint(loaded, tmp_path):
   logits = jax.eval_shape(
       lambda v: loaded.model.apply(v, np.zeros((1, 64, 64, 3), np.float32))["logits"],
       loaded.variables)
   assert logits.shape[-1] == 6  # tools_fixtures.make_workdir's num_classes
+  # The step folder alone is enough: no config.json, no training data.
+  step_dir = pathlib.Path(loaded.source)
+  copy = tmp_path / "moved" / "checkpoints" / step_dir.name
+  shutil.copytree(step_dir, copy)
+  moved = inference.load(copy)
+  assert moved.signature == loaded.signature
+  assert moved.config.to_dict() == loaded.config.to_dict()

@@ -323,6 +323,21 @@ def save_init(directory: str | os.PathLike, variables: Variables,
   checkpointer.wait_until_finished()
 
 
+def init_metadata(path: str | os.PathLike) -> dict[str, Any]:
+  """The metadata `save_init` stored (kind "backbone" or "model", num_classes, ...)."""
+  path = _init_dir(path)
+  return dict(ocp.StandardCheckpointer().metadata(path).custom_metadata or {})
+
+
+def _init_dir(path: str | os.PathLike) -> str:
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(
+        f"init checkpoint {path} is not a directory; write one with "
+        "`python -m musp_jax.import_weights`")
+  return path
+
+
 def load_init(variables: Variables, path: str | os.PathLike) -> dict[str, Any]:
   """Merges an Orbax checkpoint written by `save_init` into `variables`.
 
@@ -331,11 +346,7 @@ def load_init(variables: Variables, path: str | os.PathLike) -> dict[str, Any]:
   (a backbone-only checkpoint leaves the head as initialised). Raises a
   WeightImportError naming every missing, unexpected or mis-shaped key.
   """
-  path = os.path.abspath(os.fspath(path))
-  if not os.path.isdir(path):
-    raise FileNotFoundError(
-        f"init checkpoint {path} is not a directory; write one with "
-        "`python -m musp_jax.import_weights`")
+  path = _init_dir(path)
   restored = ocp.StandardCheckpointer().restore(path)
   flat_ckpt = traverse_util.flatten_dict(_to_dict(restored))
   flat_vars = traverse_util.flatten_dict(_to_dict(variables))
