@@ -8,8 +8,7 @@
 
 The function takes RGB uint8 images of the exported size (any batch size) and
 does the preprocessing itself: resize to the model's input size (bilinear,
-antialiased when shrinking), normalise, run the model, L2-normalise each
-branch's pre-BN feature (SPEC section 4). It is a `jax.export` artefact
+antialiased when shrinking), normalise, then `features.embed` (SPEC section 4). It is a `jax.export` artefact
 (StableHLO) lowered for CPU and CUDA; loading needs jax and numpy only.
 
 The file is an .npz: "exported" (the serialized function's bytes) and "metadata"
@@ -35,12 +34,10 @@ def serving_fn(model, variables: Any, config, *, input_hw: tuple[int, int],
                flip: bool = False) -> Callable[[jax.Array], dict[str, jax.Array]]:
   """uint8 images (N, *input_hw, 3) -> {"feats", "areas"}; weights are closed over."""
   from musp_jax import augment  # pylint: disable=g-import-not-at-top
+  from musp_jax import features  # pylint: disable=g-import-not-at-top
   mean, std = (np.asarray(v, np.float32)
                for v in augment.NORMALIZE_CONSTANTS[config.input.normalize])
   model_hw = tuple(int(v) for v in config.input.image_size)
-
-  def l2(x):
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
   def fn(images_NxHxWx3: jax.Array) -> dict[str, jax.Array]:
     if images_NxHxWx3.dtype != jnp.uint8 or images_NxHxWx3.shape[1:] != (*input_hw, 3):
@@ -49,13 +46,8 @@ def serving_fn(model, variables: Any, config, *, input_hw: tuple[int, int],
     x = images_NxHxWx3.astype(jnp.float32) / 255.0
     if tuple(input_hw) != model_hw:
       x = jax.image.resize(x, (x.shape[0], *model_hw, 3), "bilinear", antialias=True)
-    x = (x - mean) / std
-    out = model.apply(variables, x, train=False)
-    feats = l2(out["feats"].astype(jnp.float32))
-    if flip:
-      mirrored = model.apply(variables, x[:, :, ::-1], train=False)["feats"]
-      feats = l2(feats + l2(mirrored.astype(jnp.float32)))
-    return {"feats": feats, "areas": out["areas"].astype(jnp.float32)}
+    feats, areas = features.embed(variables, (x - mean) / std, model=model, flip=flip)
+    return {"feats": feats, "areas": areas}
 
   return fn
 
@@ -63,7 +55,7 @@ def serving_fn(model, variables: Any, config, *, input_hw: tuple[int, int],
 def export(loaded, *, input_hw: tuple[int, int] | None = None, flip: bool = False,
            platforms: Sequence[str] = ("cpu", "cuda")) -> tuple[bytes, dict]:
   """A LoadedModel (musp_jax.inference.load) -> (serialized function, metadata)."""
-  from musp_jax import inference  # pylint: disable=g-import-not-at-top
+  from musp_jax import features  # pylint: disable=g-import-not-at-top
   input_hw = tuple(int(v) for v in (input_hw or loaded.image_size))
   if len(input_hw) != 2 or min(input_hw) < 1:
     raise ValueError(f"input size {input_hw}: expected (height, width) > 0.")
@@ -77,7 +69,7 @@ def export(loaded, *, input_hw: tuple[int, int] | None = None, flip: bool = Fals
       "input": {"shape": ["batch", *input_hw, 3], "dtype": "uint8", "channels": "RGB"},
       "outputs": {k: [str(d) for d in v.shape] for k, v in
                   zip(("areas", "feats"), exported.out_avals)},
-      "model_signature": inference.with_flip(loaded.signature, flip),
+      "model_signature": features.with_flip(loaded.signature, flip),
       "model_source": loaded.source,
       "platforms": list(exported.platforms),
       "jax_version": jax.__version__,
@@ -133,7 +125,7 @@ def load(path: str) -> ExportedModel:
 
 def main(argv: Sequence[str] | None = None) -> int:
   from musp_jax import embed  # pylint: disable=g-import-not-at-top
-  from musp_jax import inference  # pylint: disable=g-import-not-at-top
+  from musp_jax import runtime  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(
       prog="python -m musp_jax.export", description=__doc__.split("\n\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -146,9 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   if not args.out.endswith(".npz"):
     parser.error(f"--out {args.out}: expected a .npz path.")
-  inference.hide_gpus_from_tensorflow()
+  runtime.setup()
   try:
-    loaded = inference.load(args.workdir, checkpoint=args.checkpoint, step=args.step)
+    loaded = embed.load_model(args)
     serialized, metadata = export(loaded, input_hw=args.input_size, flip=args.flip,
                                   platforms=args.platforms)
   except (FileNotFoundError, ValueError) as e:

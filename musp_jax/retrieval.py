@@ -90,16 +90,21 @@ class Features:
         self.model_signature)
 
 
-def save_features(path: str | os.PathLike, features: Features) -> None:
-  """Writes the saved-features .npz: feats, areas, vehicle_id, camera_id, ..."""
+def save_features(path: str | os.PathLike, features: Features,
+                  **extra: np.ndarray) -> None:
+  """Writes the saved-features .npz (feats, areas, vehicle_id, camera_id, file_name,
+  model_signature, and any `extra` arrays) atomically: a killed write leaves no file."""
   names = features.file_names
   if names is None:
     names = np.array([""] * len(features))
-  np.savez(path, feats=features.feats.astype(np.float32),
+  path = os.fspath(path)
+  tmp = f"{path}.tmp.npz"
+  np.savez(tmp, feats=features.feats.astype(np.float32),
            areas=features.areas.astype(np.float32),
            vehicle_id=features.ids, camera_id=features.cams,
            file_name=np.asarray(names, dtype=str),
-           model_signature=np.array(features.model_signature))
+           model_signature=np.array(features.model_signature), **extra)
+  os.replace(tmp, path)
 
 
 def load_features(path: str | os.PathLike) -> Features:
@@ -132,20 +137,6 @@ def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
   xp = jnp if isinstance(x, jax.Array) else np
   norm = xp.sqrt(xp.sum(x * x, axis=axis, keepdims=True))
   return x / xp.maximum(norm, eps)
-
-
-def flip_average(feats_a: np.ndarray, feats_b: np.ndarray,
-                 areas_a: np.ndarray, areas_b: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray]:
-  """Averages two views' (N, P, C) features, re-normalised per branch.
-
-  Typically an image and its horizontal flip. Areas are averaged as well.
-  """
-  if feats_a.shape != feats_b.shape or areas_a.shape != areas_b.shape:
-    raise ValueError(f"flip_average: shapes differ: feats {feats_a.shape} vs "
-                     f"{feats_b.shape}, areas {areas_a.shape} vs {areas_b.shape}")
-  feats = l2_normalize((feats_a.astype(np.float32) + feats_b) / 2.0)
-  return feats.astype(np.float32), ((areas_a + areas_b) / 2.0).astype(np.float32)
 
 
 # --------------------------------------------------------------------------

@@ -21,8 +21,10 @@ from typing import Any
 import numpy as np
 
 from musp_jax import embed as embed_lib
+from musp_jax import features
 from musp_jax import inference
 from musp_jax import retrieval
+from musp_jax import runtime
 
 DISTANCES = ("cam_squared", "cam")
 
@@ -43,29 +45,23 @@ def query_features(queries: Sequence[str], gallery: retrieval.Features, *,
   """Query features, checked to come from the gallery's model."""
   if len(queries) == 1 and queries[0].endswith(".npz"):
     query = retrieval.load_features(queries[0])
-    inference.check_signature(query.model_signature, gallery.model_signature,
-                              found_where=queries[0], expected_where=gallery_path)
+    features.check_signature(query.model_signature, gallery.model_signature,
+                             found_where=queries[0], expected_where=gallery_path)
     return query
-  if workdir is None and checkpoint is None:
+  model_path = workdir or checkpoint
+  if model_path is None:
     if not gallery_source:
       raise ValueError(
           f"{gallery_path} does not name the model that made it (no model_source); "
           "pass --workdir or --checkpoint to embed the queries.")
-    checkpoint = gallery_source
-  loaded = inference.load(workdir, checkpoint=checkpoint, step=step)
-  flip = bool(_signature_field(gallery.model_signature, "flip", False))
-  inference.check_signature(inference.with_flip(loaded.signature, flip),
-                            gallery.model_signature, found_where=f"model {loaded.source}",
-                            expected_where=gallery_path)
+    model_path = gallery_source
+  loaded = inference.load(model_path, step=step)
+  flip = bool(features.signature_field(gallery.model_signature, "flip", False))
+  features.check_signature(features.with_flip(loaded.signature, flip),
+                           gallery.model_signature, found_where=f"model {loaded.source}",
+                           expected_where=gallery_path)
   return inference.embed_files(loaded, inference.list_images(queries),
                                batch_size=batch_size, flip=flip, progress=progress)
-
-
-def _signature_field(signature: str, key: str, default: Any) -> Any:
-  try:
-    return json.loads(signature).get(key, default)
-  except (json.JSONDecodeError, AttributeError):
-    return default
 
 
 def search(query: retrieval.Features, gallery: retrieval.Features, *, topk: int = 10,
@@ -74,7 +70,7 @@ def search(query: retrieval.Features, gallery: retrieval.Features, *, topk: int 
   if distance not in DISTANCES:
     raise ValueError(f"distance={distance!r}; expected one of {DISTANCES}.")
   if query.feats.shape[1:] != gallery.feats.shape[1:]:
-    raise inference.SignatureMismatchError(
+    raise features.SignatureMismatchError(
         f"Query features are {query.feats.shape[1:]} (P, C), gallery features "
         f"{gallery.feats.shape[1:]}: they come from different models.")
   dist_QxG = retrieval.distance_matrix(query, gallery, distance=distance,
@@ -128,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   if args.topk < 1:
     parser.error(f"--topk {args.topk}: expected >= 1.")
-  inference.hide_gpus_from_tensorflow()
+  runtime.setup()
   try:
     gallery, source = load_gallery(args.gallery)
     query = query_features(args.query, gallery, gallery_path=args.gallery,

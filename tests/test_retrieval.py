@@ -127,19 +127,6 @@ def test_evaluate_from_saved_features(tmp_path):
     retrieval.load_features(tmp_path / "bad.npz")
 
 
-def test_flip_average():
-  rng = np.random.default_rng(4)
-  a, b = rng.normal(size=(2, 4, 3, 5)).astype(np.float32)
-  b[:, 2] = a[:, 2] = 0.0  # a zero-padded branch stays zero
-  areas_a, areas_b = rng.uniform(size=(2, 4, 3)).astype(np.float32)
-  feats, areas = retrieval.flip_average(a, b, areas_a, areas_b)
-  mean = (a[:, :2] + b[:, :2]) / 2
-  norm = np.linalg.norm(mean, axis=-1, keepdims=True)
-  np.testing.assert_allclose(feats[:, :2], mean / norm, rtol=1e-6)
-  np.testing.assert_array_equal(feats[:, 2], 0.0)
-  np.testing.assert_allclose(areas, (areas_a + areas_b) / 2)
-
-
 def _rerank_by_definition(q_g, q_q, g_g, k1, k2, lam):
   """k-reciprocal re-ranking written from the paper with sets and loops."""
   num_q = q_g.shape[0]

@@ -8,7 +8,7 @@ import pytest
 
 import tools_fixtures
 from musp_jax import embed
-from musp_jax import inference
+from musp_jax import features
 from musp_jax import retrieval
 from musp_jax import search
 
@@ -93,7 +93,7 @@ def test_features_of_another_model_are_refused(gallery, tmp_path, capsys):
   other = tmp_path / "other.npz"
   _save_with_signature(other, g, weights="0123456789abcdef", num_prototypes=5)
   # Image queries embedded with this workdir's model against a gallery of another.
-  with pytest.raises(inference.SignatureMismatchError,
+  with pytest.raises(features.SignatureMismatchError,
                      match=r"(?s)another model.*num_prototypes.*weights"):
     search.query_features([str(paths[0])], retrieval.load_features(other),
                           gallery_path=str(other), gallery_source="",
