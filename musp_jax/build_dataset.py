@@ -1,9 +1,12 @@
 r"""Builds a re-ID dataset into array_record files (no apache_beam needed).
 
     python -m musp_jax.build_dataset veri776 --manual_dir ~/data/VeRi
-    python -m musp_jax.build_dataset vehicle_id --manual_dir ~/data/VehicleID --config small
-    python -m musp_jax.build_dataset veri_wild --manual_dir ~/data/VERI-Wild --config large
+    python -m musp_jax.build_dataset vehicle_id --manual_dir ~/data/VehicleID
+    python -m musp_jax.build_dataset veri_wild --manual_dir ~/data/VERI-Wild
     python -m musp_jax.build_dataset synthetic_vehicles --config small
+
+VehicleID and VERI-Wild are built once with every test list the download holds
+(evaluation picks one with eval.test_size).
 
 Unreadable images are skipped and counted (--strict stops at the first one). A failed
 build leaves nothing that reads as complete; run the command again.
@@ -25,15 +28,15 @@ _MANUAL_DIR = flags.DEFINE_string(
     "manual_dir", "", "Folder of the manual download (licensed datasets).")
 _DATA_DIR = flags.DEFINE_string("data_dir", "~/tensorflow_datasets", "Output folder.")
 _CONFIG = flags.DEFINE_string(
-    "config", None, "Builder config: small/medium/large (vehicle_id, veri_wild), "
-    "tiny/small/large (synthetic_vehicles); none for veri776.")
+    "config", None, "Builder config of synthetic_vehicles: tiny/small/large (default "
+    "small); the other datasets have none.")
 _STRICT = flags.DEFINE_bool("strict", False, "Fail on the first unreadable image.")
 
 
 def main(argv: Sequence[str]) -> int:
-  if len(argv) != 2 or argv[1] not in datasets.BUILDERS:
+  if len(argv) != 2 or argv[1] not in datasets.DATASETS:
     raise app.UsageError(
-        f"Give one dataset name: {' | '.join(datasets.BUILDERS)} (got {argv[1:]}).")
+        f"Give one dataset name: {' | '.join(datasets.DATASETS)} (got {argv[1:]}).")
   name = argv[1]
   config = _CONFIG.value
   if config is None:  # the builder's default config, if it has configs

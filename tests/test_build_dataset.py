@@ -64,8 +64,7 @@ def test_missing_manual_dir_prints_instructions(tmp_path, capsys):
 def test_missing_image_folder_is_named(tmp_path, capsys):
   write_vehicle_id(tmp_path / "VID")
   os.rename(tmp_path / "VID" / "image", tmp_path / "VID" / "images")
-  assert run("vehicle_id", data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "VID"),
-             config="small") == 1
+  assert run("vehicle_id", data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "VID")) == 1
   err = capsys.readouterr().err
   assert f"Missing {tmp_path / 'VID' / 'image'}: expected the image folder" in err
   assert "Manual download instructions" in err
@@ -74,16 +73,15 @@ def test_missing_image_folder_is_named(tmp_path, capsys):
 def test_unreadable_images_are_skipped_and_counted(tmp_path, capsys):
   write_vehicle_id(tmp_path / "VID", bad=BAD)
   data_dir = str(tmp_path / "tfds")
-  assert run("vehicle_id", data_dir=data_dir, manual_dir=str(tmp_path / "VID"),
-             config="small") == 0
+  assert run("vehicle_id", data_dir=data_dir, manual_dir=str(tmp_path / "VID")) == 0
   out = capsys.readouterr().out
   assert "Skipped 3 unreadable images" in out
   for name in BAD:
     assert f"image/{name}.jpg" in out
-  src = datasets.load_split("vehicle_id", "train", data_dir=data_dir, builder_config="small")
+  src = datasets.load_split("vehicle_id", "train", data_dir=data_dir, builder_config="")
   assert [r["file_name"] for r in src] == [f"image/{k}.jpg" for k in range(4)]
   # Labels stay those of the listed identities (ids 1, 2 and the bad images' 10-12).
-  index = datasets.split_index("vehicle_id", "train", data_dir=data_dir, builder_config="small")
+  index = datasets.split_index("vehicle_id", "train", data_dir=data_dir, builder_config="")
   np.testing.assert_array_equal(index["label"], [0, 0, 1, 1])
 
 
@@ -91,9 +89,9 @@ def test_strict_fails_on_the_first_unreadable_image(tmp_path, capsys):
   write_vehicle_id(tmp_path / "VID", bad={"truncated": BAD["truncated"]})
   data_dir = tmp_path / "tfds"
   assert run("vehicle_id", data_dir=str(data_dir), manual_dir=str(tmp_path / "VID"),
-             config="small", strict=True) == 1
+             strict=True) == 1
   assert "Unreadable image image/truncated.jpg" in capsys.readouterr().err
-  assert not datasets.is_built("vehicle_id", data_dir=str(data_dir), builder_config="small")
+  assert not datasets.is_built("vehicle_id", data_dir=str(data_dir), builder_config="")
 
 
 def test_unknown_dataset_is_a_usage_error():
