@@ -9,11 +9,9 @@ query/gallery split, so the trained mAP can be read against both. Ends with pict
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app
+from absl import flags
+from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "workdirs/demo", "Where logs, checkpoints and results go.")
@@ -40,21 +38,22 @@ def reference_rows(config, mesh) -> dict:
   """mAP of the same model with random weights, and of raw-pixel nearest neighbours."""
   from musp_jax import datasets  # pylint: disable=g-import-not-at-top
   from musp_jax import evaluator  # pylint: disable=g-import-not-at-top
-  from musp_jax import optim  # pylint: disable=g-import-not-at-top
-  from musp_jax import protocols  # pylint: disable=g-import-not-at-top
-  from musp_jax import train  # pylint: disable=g-import-not-at-top
+  from musp_jax import retrieval  # pylint: disable=g-import-not-at-top
+  from musp_jax import state  # pylint: disable=g-import-not-at-top
   from musp_jax.models import build_model  # pylint: disable=g-import-not-at-top
 
-  ds = config.dataset
-  kw = dict(data_dir=ds.data_dir, builder_config=ds.builder_config)
-  model = build_model(config.model, datasets.num_classes(ds.name, **kw))
-  state, _ = train.create_train_state(model, optim.make_optimizer(config.optim, 1),
-                                      config.input.image_size, seed=config.seed, mesh=mesh)
-  random_rows = evaluator.evaluate(model, state.variables, config, mesh)
-  splits = {s: {**raw_pixel_features(datasets.load_split(ds.name, s, **kw)),
-                **datasets.split_index(ds.name, s, **kw)} for s in ("query", "gallery")}
-  pixel_rows = protocols.evaluate_dataset(ds.name, splits, config.eval,
-                                          builder_config=ds.builder_config)
+  target = datasets.eval_set(config)
+  kw = dict(data_dir=config.dataset.data_dir, builder_config=target.builder_config)
+  model = build_model(config.model, datasets.num_classes(config.dataset.name, **kw))
+  random_variables = state.init_variables(model, config.input.image_size, config.seed)
+  random_rows = evaluator.evaluate(model, random_variables, config, mesh)
+  pixels = {}
+  for role, split in target.splits.items():
+    raw = raw_pixel_features(datasets.load_split(target.name, split, **kw))
+    index = datasets.split_index(target.name, split, **kw)
+    pixels[role] = retrieval.Features(raw["feats"], raw["areas"], index["vehicle_id"],
+                                      index["camera_id"])
+  pixel_rows = target.run_protocol(pixels, config.eval)
   return {"random weights": next(iter(random_rows.values())),
           "raw-pixel NN": next(iter(pixel_rows.values()))}
 
@@ -62,16 +61,15 @@ def reference_rows(config, mesh) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], "GPU")
+  from musp_jax import runtime  # pylint: disable=g-import-not-at-top
+  runtime.setup()
   from musp_jax import evaluator  # pylint: disable=g-import-not-at-top
   from musp_jax import train  # pylint: disable=g-import-not-at-top
-  train.quiet_library_logs()
 
   config = FLAGS.config
   results = train.train_and_evaluate(config, FLAGS.workdir)
   trained = next(iter(results["results"].values()))
-  rows = {"MUSP trained (this run)": trained, **reference_rows(config, train.make_mesh())}
+  rows = {"MUSP trained (this run)": trained, **reference_rows(config, runtime.make_mesh())}
   table = evaluator.markdown_table({"step": results["step"], "results": rows})
   ratio = trained["mAP"] / max(rows["random weights"]["mAP"], 1e-12)
   summary = (f"{table}\nTrained / random-weights mAP: {ratio:.1f}x; "

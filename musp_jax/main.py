@@ -6,15 +6,10 @@
 Kept short on purpose: all logic lives in musp_jax.train and is importable and tested.
 """
 
-import os
-
-# TensorFlow (imported by tfds and clu) must not take GPU memory from JAX.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and results.")
@@ -29,10 +24,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], "GPU")
+  from musp_jax import runtime  # pylint: disable=g-import-not-at-top
+  runtime.setup()
   from musp_jax import train  # pylint: disable=g-import-not-at-top
-  train.quiet_library_logs()
   logging.info("Config:\n%s", FLAGS.config)
   if FLAGS.mode == "train":
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

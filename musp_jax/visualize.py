@@ -20,6 +20,7 @@ Pictures go to <workdir>/pictures/ unless --out says otherwise.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -36,9 +37,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from musp_jax import augment
+from musp_jax import evaluator
 from musp_jax import inference
 from musp_jax import metrics
 from musp_jax import retrieval
+from musp_jax import runtime
 
 DISPLAY_HEIGHT = 128  # pixels of each picture cell
 MATCH, NON_MATCH, QUERY = "#1a9850", "#d73027", "#2166ac"
@@ -175,10 +178,10 @@ def attention_grid(model, variables, config: ml_collections.ConfigDict,
   return attention_figure(images, attention, names)
 
 
-def eval_images(config: ml_collections.ConfigDict, count: int, *, split: str = "query",
-                data_dir: str | None = None) -> tuple[list[np.ndarray], list[str]]:
-  """The first `count` images of the evaluation dataset's split (decoded RGB)."""
-  source, _ = _eval_split(config, split, data_dir=data_dir, with_index=False)
+def eval_images(config: ml_collections.ConfigDict, count: int, *, role: str = "query"
+                ) -> tuple[list[np.ndarray], list[str]]:
+  """The first `count` images of a protocol split of the evaluation dataset (RGB)."""
+  source = _eval_source(config, role)
   count = min(count, len(source))
   records = [source[i] for i in range(count)]
   return ([inference.decode_image(r["image"], where=r.get("file_name", str(i)))
@@ -186,26 +189,16 @@ def eval_images(config: ml_collections.ConfigDict, count: int, *, split: str = "
           [str(r.get("file_name", i)) for i, r in enumerate(records)])
 
 
-def write_attention_images(writer, step: int, model, variables,
-                           config: ml_collections.ConfigDict, *, num_images: int = 4,
-                           images: Sequence[np.ndarray] | None = None,
-                           names: Sequence[str] | None = None) -> None:
-  """Writes the attention grid as a TensorBoard image ("attention") with clu's writer.
-
-  Without `images`, the first query images of the evaluation dataset are used.
-  Baseline models (no attention) write nothing.
-  """
-  if config.model.head != "musp":
-    return
-  if images is None:
-    images, names = eval_images(config, num_images)
-  fig = attention_grid(model, variables, config, images, names)
-  writer.write_images(step, {"attention": figure_to_array(fig)[None]})
+def eval_attention_grid(model, variables, config: ml_collections.ConfigDict, *,
+                        num_images: int = 4) -> np.ndarray:
+  """The attention grid of the first evaluation query images, as RGB uint8 (H, W, 3)
+  (training writes it to TensorBoard at each evaluation)."""
+  images, names = eval_images(config, num_images)
+  return figure_to_array(attention_grid(model, variables, config, images, names))
 
 
 def attention_picture(loaded: inference.LoadedModel, out: str, *,
-                      image_paths: Sequence[str] | None = None, num_images: int = 6,
-                      data_dir: str | None = None) -> str:
+                      image_paths: Sequence[str] | None = None, num_images: int = 6) -> str:
   """Draws the attention grid of image files (or of evaluation images) into `out`."""
   _check_attention(loaded.config)
   if image_paths:
@@ -213,7 +206,7 @@ def attention_picture(loaded: inference.LoadedModel, out: str, *,
     images = [inference.decode_image(epath.Path(p).read_bytes(), where=p) for _, p in files]
     names = [name for name, _ in files]
   else:
-    images, names = eval_images(loaded.config, num_images, data_dir=data_dir)
+    images, names = eval_images(loaded.config, num_images)
   fig = attention_grid(loaded.model, loaded.variables, loaded.config, images, names)
   return _save(fig, out)
 
@@ -222,32 +215,17 @@ def attention_picture(loaded: inference.LoadedModel, out: str, *,
 # Rank lists.
 
 
-def _eval_split(config: ml_collections.ConfigDict, split: str, *,
-                data_dir: str | None = None, with_index: bool = True):
-  """A split of the config's evaluation dataset (built first if synthetic)."""
+def _eval_source(config: ml_collections.ConfigDict, role: str):
+  """The split playing `role` in the evaluation dataset's protocol (built if synthetic)."""
   from musp_jax import datasets  # pylint: disable=g-import-not-at-top
-  name = config.eval.dataset or config.dataset.name
-  builder_config = config.eval.builder_config or (
-      config.dataset.builder_config if name == config.dataset.name else "")
-  kw = dict(data_dir=data_dir or config.dataset.data_dir, builder_config=builder_config)
-  if split not in datasets.SPLITS.get(name, ()):
+  target = datasets.eval_set(config)
+  if role not in target.splits:
     raise ValueError(
-        f"Dataset {name} has no {split!r} split (it has {datasets.SPLITS.get(name)}); "
+        f"Dataset {target.name}'s protocol has splits {sorted(target.splits)}, no {role!r}; "
         "pictures need a dataset with query and gallery splits, or give --images.")
-  datasets.ensure_built(name, manual_dir=config.dataset.manual_dir, **kw)
-  source = datasets.load_split(name, split, **kw)
-  index = datasets.split_index(name, split, **kw) if with_index else None
-  return source, index
-
-
-def _split_features(loaded: inference.LoadedModel, split: str, *, data_dir: str | None,
-                    batch_size: int) -> tuple[Any, retrieval.Features]:
-  source, index = _eval_split(loaded.config, split, data_dir=data_dir)
-  items = ((f"{split}[{i}]", source[i]["image"]) for i in range(len(source)))
-  feats, areas = inference.embed_bytes(loaded, items, total=len(source),
-                                       batch_size=batch_size, flip=loaded.config.eval.flip,
-                                       desc=split)
-  return source, retrieval.Features(feats, areas, index["vehicle_id"], index["camera_id"])
+  kw = dict(data_dir=config.dataset.data_dir, builder_config=target.builder_config)
+  datasets.ensure_built(target.name, manual_dir=config.dataset.manual_dir, **kw)
+  return datasets.load_split(target.name, target.splits[role], **kw)
 
 
 def per_query_ap(dist_QxG: np.ndarray, query: retrieval.Features,
@@ -317,8 +295,7 @@ def ranks_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure:
 
 def ranks_picture(loaded: inference.LoadedModel, out_dir: str, *, order: str = "worst",
                   queries: Sequence[int] | None = None, num_queries: int = 4,
-                  topk: int = 8, seed: int = 0, data_dir: str | None = None,
-                  batch_size: int = 32) -> str:
+                  topk: int = 8, seed: int = 0) -> str:
   """Embeds the evaluation query/gallery splits and draws chosen queries' rank lists.
 
   Returns the path of the written PNG: ranks_<order>_top<k>.png, or
@@ -326,11 +303,12 @@ def ranks_picture(loaded: inference.LoadedModel, out_dir: str, *, order: str = "
   """
   if queries is None and order not in ORDERS:
     raise ValueError(f"order={order!r}; expected one of {ORDERS}.")
-  q_source, query = _split_features(loaded, "query", data_dir=data_dir,
-                                    batch_size=batch_size)
-  g_source, gallery = _split_features(loaded, "gallery", data_dir=data_dir,
-                                      batch_size=batch_size)
-  distance = loaded.config.eval.distance
+  config = loaded.config
+  q_source, g_source = _eval_source(config, "query"), _eval_source(config, "gallery")
+  _, splits = evaluator.split_features(loaded.model, loaded.variables, config,
+                                       runtime.make_mesh())
+  query, gallery = splits["query"], splits["gallery"]
+  distance = config.eval.distance
   if distance not in retrieval.DISTANCES:
     raise ValueError(f"eval.distance={distance!r}; expected one of {retrieval.DISTANCES}.")
   dist_QxG = retrieval.distance_matrix(query, gallery, distance=distance,
@@ -374,14 +352,26 @@ def ranks_picture(loaded: inference.LoadedModel, out_dir: str, *, order: str = "
 
 def demo_pictures(workdir: str, *, data_dir: str | None = None) -> list[str]:
   """The pictures `make demo` ends with: attention grid and worst-AP rank lists."""
-  loaded = inference.load(workdir)
+  loaded = with_overrides(inference.load(workdir), data_dir=data_dir)
   out_dir = epath.Path(workdir) / "pictures"
   written = []
   if loaded.has_attention:
-    written.append(attention_picture(loaded, str(out_dir / "attention.png"),
-                                     data_dir=data_dir))
-  written.append(ranks_picture(loaded, str(out_dir), order="worst", data_dir=data_dir))
+    written.append(attention_picture(loaded, str(out_dir / "attention.png")))
+  written.append(ranks_picture(loaded, str(out_dir), order="worst"))
   return written
+
+
+def with_overrides(loaded: inference.LoadedModel, *, data_dir: str | None = None,
+                   eval_batch_size: int | None = None) -> inference.LoadedModel:
+  """The model with its saved config pointing at another data_dir / eval batch size."""
+  if data_dir is None and eval_batch_size is None:
+    return loaded
+  config = ml_collections.ConfigDict(loaded.config.to_dict())
+  if data_dir is not None:
+    config.dataset.data_dir = data_dir
+  if eval_batch_size is not None:
+    config.eval.batch_size = eval_batch_size
+  return dataclasses.replace(loaded, config=config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -409,27 +399,28 @@ def main(argv: Sequence[str] | None = None) -> int:
   rk.add_argument("--out_dir", default=None,
                   help="Folder for ranks_<order>_top<k>.png (default: <workdir>/pictures).")
   rk.add_argument("--data_dir", default=None, help="Override config.dataset.data_dir.")
-  rk.add_argument("--batch_size", type=int, default=32)
+  rk.add_argument("--batch_size", type=int, default=None,
+                  help="Override config.eval.batch_size (a multiple of the device count).")
   demo = sub.add_parser("demo", help="Attention grid + worst-AP rank lists of a workdir.")
   demo.add_argument("--workdir", required=True)
   demo.add_argument("--data_dir", default=None, help="Override config.dataset.data_dir.")
   args = parser.parse_args(argv)
-  inference.hide_gpus_from_tensorflow()
+  runtime.setup()
   try:
     if args.command == "demo":
       written = demo_pictures(args.workdir, data_dir=args.data_dir)
     else:
-      loaded = inference.load(args.workdir, checkpoint=args.checkpoint, step=args.step)
+      loaded = with_overrides(embed.load_model(args), data_dir=args.data_dir,
+                              eval_batch_size=getattr(args, "batch_size", None))
       pictures = epath.Path(loaded.source).parent.parent / "pictures"
       if args.command == "attention":
         written = [attention_picture(
             loaded, args.out or str(pictures / "attention.png"), image_paths=args.images,
-            num_images=args.num_images, data_dir=args.data_dir)]
+            num_images=args.num_images)]
       else:
         written = [ranks_picture(
             loaded, args.out_dir or str(pictures), order=args.order, queries=args.queries,
-            num_queries=args.num_queries, topk=args.topk, seed=args.seed,
-            data_dir=args.data_dir, batch_size=args.batch_size)]
+            num_queries=args.num_queries, topk=args.topk, seed=args.seed)]
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -6,6 +6,7 @@ Runs `python -m musp_jax.main` in subprocesses where the behaviour is about proc
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -20,12 +21,18 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from tensorboard.util import tensor_util
 
 from configs import synthetic
 from musp_jax import checkpointing
 from musp_jax import datasets
+from musp_jax import inference
 from musp_jax import input_pipeline
+from musp_jax import metrics
 from musp_jax import optim
+from musp_jax import retrieval
+from musp_jax import state as state_lib
+from musp_jax import step as step_lib
 from musp_jax import train
 from musp_jax.models import build_model
 
@@ -84,14 +91,43 @@ def reference_run(tmp_path_factory, data_dir):
   return workdir
 
 
-def test_run_writes_results_and_checkpoints(reference_run):
+def _events(workdir):
+  """{tag: [(step, value or image shape)]} of the run's TensorBoard files."""
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  acc = event_accumulator.EventAccumulator(str(workdir), size_guidance={"tensors": 0})
+  acc.Reload()
+  return {tag: [(e.step, tensor_util.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)]
+          for tag in acc.Tags()["tensors"]}
+
+
+def test_run_writes_results_and_checkpoints(reference_run, data_dir):
+  # 128 training images in batches of 8: 16 steps an epoch, 2 epochs.
   results = json.loads((reference_run / "results.json").read_text())
-  row = next(iter(results["results"].values()))
-  assert 0.0 < row["mAP"] <= 1.0
+  assert (results["step"], results["epoch"]) == (32, 2.0)
+  ((name, row),) = results["results"].items()
+  assert name == "synthetic_vehicles"
+  # Every query of the tiny set has a gallery match under another camera.
+  query = datasets.split_index("synthetic_vehicles", "query", data_dir=str(data_dir),
+                               builder_config="tiny")
+  assert row["num_queries"] == len(query["vehicle_id"])
   assert 0.0 <= row["CMC@1"] <= row["CMC@5"] <= row["CMC@10"] <= 1.0
-  assert (reference_run / "results.md").read_text().count("|") > 6
+  assert f"| {name} | {100 * row['mAP']:.2f} |" in (reference_run / "results.md").read_text()
+  # Checkpoints: a save every 2 steps, the latest two kept, plus the best evaluation.
+  manager = checkpointing.make_manager(reference_run / "checkpoints", read_only=True)
+  assert manager.latest_step() == 32 and manager.best_step() in (16, 32)
+  assert set(manager.all_steps()) == {30, 32, manager.best_step()}
+  restored = checkpointing.load_variables(reference_run / "checkpoints" / "32")
+  assert restored.run.num_classes == 16
+  assert restored.run.label_vehicle_ids == tuple(range(1, 17))  # synthetic ids 1..16
+  assert restored.run.config.model.depth == 18
   assert json.loads((reference_run / "config.json").read_text())["model"]["depth"] == 18
-  assert list(reference_run.glob("events.out.tfevents.*"))
+  # TensorBoard: the training loss falls (at lr 1e-4 for 32 steps the triplet term
+  # moves most: 3.1 -> 2.4), and each evaluation has its attention grid.
+  events = _events(reference_run)
+  assert len(events["train/loss"]) == 16
+  triplet = [float(v) for _, v in events["train/triplet_loss"]]
+  assert np.mean(triplet[-4:]) < 0.9 * np.mean(triplet[:4]), triplet
+  assert [step for step, _ in events["attention"]] == [16, 32]
 
 
 def test_sigkill_during_save_then_resume_matches_uninterrupted(tmp_path, data_dir, reference_run):
@@ -132,6 +168,37 @@ def test_eval_mode_reproduces_logged_metrics(reference_run, data_dir):
   for name, row in logged["results"].items():
     for k in ("mAP", "CMC@1", "mINP"):
       assert again["results"][name][k] == pytest.approx(row[k], abs=1e-6)
+
+
+def test_eval_on_another_dataset_needs_only_that_dataset(reference_run, tmp_path):
+  """Cross-domain: the checkpoint describes itself, so the training data is not read.
+
+  The evaluation data_dir holds only a tiny VeRi-776 build; the figures must equal
+  those of the tools' single-device path (inference.embed_files + metrics.rank_metrics).
+  """
+  import test_tfds_veri776  # pylint: disable=g-import-not-at-top
+  expected = test_tfds_veri776.write_veri(tmp_path / "VeRi")
+  other = tmp_path / "tfds"
+  datasets.build("veri776", data_dir=str(other), builder_config="",
+                 manual_dir=str(tmp_path / "VeRi"))
+  code, out = _main(reference_run, other, "--mode=eval", "--config.eval.dataset=veri776")
+  assert code == 0, out
+  got = json.loads((reference_run / "eval_step_32.json").read_text())["results"]["veri776"]
+  loaded = inference.load(reference_run)
+  feats = {}
+  for folder in ("image_query", "image_test"):
+    names = sorted(n for n in expected if n.startswith(folder))
+    files = [(n, str(tmp_path / "VeRi" / n)) for n in names]
+    feats[folder] = (inference.embed_files(loaded, files, progress=False),
+                     np.array([expected[n][1] for n in names]),
+                     np.array([expected[n][2] for n in names]))
+  (q, q_ids, q_cams), (g, g_ids, g_cams) = feats["image_query"], feats["image_test"]
+  distmat = np.asarray(retrieval.cam_distance(q.feats, q.areas, g.feats, g.areas))
+  want = metrics.rank_metrics(distmat, q_ids, g_ids, q_cams, g_cams)
+  assert got["num_queries"] == want["num_valid_queries"] == 2
+  assert got["mAP"] == pytest.approx(want["mAP"], abs=1e-6)
+  assert got["mINP"] == pytest.approx(want["mINP"], abs=1e-6)
+  assert got["CMC@1"] == pytest.approx(want["cmc"][0], abs=1e-6)
 
 
 def test_mismatched_checkpoint_is_refused(reference_run, data_dir):
@@ -179,21 +246,23 @@ def test_sharded_step_equals_single_device_step(data_dir):
   config.input.image_size = (64, 64)
   config.input.num_ids, config.input.num_instances = 4, 2
   config.dataset.data_dir = str(data_dir)
-  source, labels, num_classes = train._data(config)
-  model = build_model(config.model, num_classes)
+  data = train.training_data(config)
+  model = build_model(config.model, data.num_classes)
   tx = optim.make_optimizer(config.optim, 10)
   batches = list(_take(input_pipeline.train_batches(
-      source, labels, config.input, seed=0, start_step=0, global_batch_size=8), 5))
+      data.source, data.labels, config.input, seed=0, start_step=0, global_batch_size=8),
+      5))
   steps, shardings = {}, {}
   for n in (1, 8):
     mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
                          devices=jax.devices()[:n])
-    state, shardings[n] = train.create_train_state(model, tx, (64, 64), seed=0, mesh=mesh)
-    steps[n] = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx,
-                                                     loss_config=config.loss),
+    state, shardings[n] = state_lib.create_train_state(model, tx, (64, 64), seed=0,
+                                                       mesh=mesh)
+    # Not donated: each step starts from the same state on both meshes.
+    steps[n] = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx,
+                                         loss_config=config.loss),
                        in_shardings=(shardings[n], NamedSharding(mesh, P("data"))))
   state = jax.device_put(state, shardings[1])
-  losses = []
   for batch in batches:
     batch = jax.tree.map(jnp.asarray, batch)
     new = {n: steps[n](jax.device_put(state, shardings[n]), batch) for n in (1, 8)}
@@ -205,10 +274,10 @@ def test_sharded_step_equals_single_device_step(data_dir):
     old = jax.device_get(state.params)
     update = lambda s: np.sqrt(sum(np.sum((np.asarray(x) - y) ** 2) for x, y in zip(
         jax.tree.leaves(s.params), jax.tree.leaves(old))))
+    # Adam moves ~11M parameters by ~lr = 1e-4 each (warmup): an update norm ~0.3.
+    assert update(s1) > 0.03
     np.testing.assert_allclose(update(s8), update(s1), rtol=1e-3)
-    losses.append(float(m1["loss"]))
     state = new[1][0]
-  assert losses[-1] != losses[0]
 
 
 def _take(iterator, n):
