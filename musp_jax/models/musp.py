@@ -58,10 +58,8 @@ class BNNeck(nn.Module):
 
   @nn.compact
   def __call__(self, feats_BxC: jax.Array) -> jax.Array:
-    y = nn.BatchNorm(
-        use_running_average=not self.train, momentum=0.9, epsilon=1e-5,
-        use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
-        use_fast_variance=False, name="bn")(feats_BxC)
+    y = resnet.batch_norm(self.train, jnp.float32, "bn",
+                          use_bias=False)(feats_BxC)
     bias = self.param("frozen_bias", nn.initializers.zeros,
                       (feats_BxC.shape[-1],), jnp.float32)
     return y + jax.lax.stop_gradient(bias)
