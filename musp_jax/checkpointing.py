@@ -106,7 +106,8 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, *,
 # Fields that change parameter shapes or meaning; dtype and init_from do not.
 _ARCH_FIELDS = ("depth", "last_stride", "head", "num_prototypes", "value_conv",
                 "value_channels", "ese", "ese_reduction", "attention",
-                "global_feature", "pooling")
+                "global_feature", "pooling",
+                "global_branch")
 
 
 def check_model_config(saved: dict, wanted: dict, *, where: str) -> None:

@@ -191,7 +191,8 @@ def weights_fingerprint(variables: Any) -> str:
 # The model signature stored with saved features.
 
 SIGNATURE_FIELDS = ("head", "depth", "last_stride", "num_prototypes", "value_conv",
-                    "value_channels", "pooling", "ese", "attention", "global_feature")
+                    "value_channels", "pooling", "ese", "attention", "global_feature",
+                    "global_branch")
 
 
 def model_signature(config: ml_collections.ConfigDict, *, num_parts: int, channels: int,

@@ -36,6 +36,7 @@ def build_head(model_config: ml_collections.ConfigDict, num_classes: int):
       attention=c.attention,
       global_feature=c.global_feature,
       diversity=c.diversity,
+      global_branch=c.global_branch,
       dtype=compute_dtype(c.dtype))
   head.check_settings()  # fail at build time, not after a backbone init
   return head
