@@ -52,12 +52,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # c; 0 = the layout's own: the backbone's width for the depthwise conv (official),
   # width // (n - 1) for the full conv (paper text).
   c.model.value_channels = 0
-  c.model.pooling = "sum"  # sum (official) | mean (paper)
+  # sum | official: the official `/ h*w`, i.e. (sum / h) * w | mean (paper). At the
+  # recipe's square 256x256 "sum" equals "official" exactly; "sum" stays the default
+  # because a feature's scale should not depend on the aspect ratio (imports of
+  # official checkpoints get "official", which reproduces them at any size).
+  c.model.pooling = "sum"
   c.model.ese = "all"  # all: on n parts (official) | kept: on n-1 parts (paper) | none
   c.model.ese_reduction = 16
   c.model.attention = "softmax"  # softmax | sigmoid
   c.model.global_feature = "value_mean"  # value_mean (official) | backbone_gap (paper)
   c.model.diversity = "all"  # product over all n maps (official) | kept: n-1 maps (paper)
+  c.model.global_branch = True  # the official --has-global; False: n-1 part branches only
   c.model.dtype = "float32"  # compute dtype; bfloat16 keeps fp32 params and BN stats
   c.model.init_from = ""  # Orbax dir written by `python -m musp_jax.import_weights`
   # Backbone convolutions: xla (nn.Conv; cuDNN on GPU) | gemm (matrix products,

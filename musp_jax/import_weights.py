@@ -7,8 +7,10 @@
 without torch); the depth is read from its layout, `fc.*` is dropped. The
 checkpoint holds the backbone only; the head starts fresh.
 --musp: a whole official-MUSP training checkpoint (backbone + head). The model
-settings it implies (n, c, ESE, classes) are printed as config overrides; the
-training/eval config must use them.
+settings it implies (n, c, ESE, global branch or not, classes, and pooling
+"official", the official code's at any input size) are printed as config
+overrides and recorded in the checkpoint's metadata; the training/eval config
+must use them.
 """
 
 import argparse

@@ -17,7 +17,9 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # dtype, conv_impl, init_from and the loss-side `diversity` do not.
 ARCH_FIELDS = ("depth", "last_stride", "head", "num_prototypes", "value_conv",
                "value_channels", "ese", "ese_reduction", "attention",
-               "global_feature", "pooling")
+               "global_feature", "pooling", "global_branch")
+# What a field added after the first release meant before it existed.
+_ARCH_DEFAULTS = {"global_branch": True}
 
 
 def compute_dtype(name: str):
@@ -30,10 +32,11 @@ def compute_dtype(name: str):
 def architecture(model_config: Any) -> dict[str, Any]:
   """The ARCH_FIELDS of a model config (ConfigDict or dict), value_channels resolved.
 
-  Fields a config lacks are None (configs written before the field existed).
+  Fields a config lacks take their meaning from before they existed (_ARCH_DEFAULTS),
+  or None.
   """
   get = model_config.get
-  arch = {k: get(k) for k in ARCH_FIELDS}
+  arch = {k: get(k, _ARCH_DEFAULTS.get(k)) for k in ARCH_FIELDS}
   if arch["head"] == "musp" and arch["depth"] in resnet.STAGE_SIZES:
     arch["value_channels"] = musp.resolve_value_channels(
         arch["value_channels"] or 0, value_conv=arch["value_conv"],
@@ -60,6 +63,7 @@ def build_head(model_config: ml_collections.ConfigDict, num_classes: int):
       attention=c.attention,
       global_feature=c.global_feature,
       diversity=c.diversity,
+      global_branch=c.global_branch,
       dtype=compute_dtype(c.dtype))
   head.check_settings()  # fail at build time, not after a backbone init
   return head

@@ -9,7 +9,8 @@ Three jobs:
         value.{weight,bias}          head/value_conv
         c_.fc.0.weight, c_.fc.2.weight   head/ese/fc1, fc2
         neck.{i}, classifier.{i}     head/part_branches[i] for i < n-1,
-                                     head/global_branch for i = n-1
+                                     head/global_branch for i = n-1 (if
+                                     the checkpoint has it: n classifiers)
   * `save_init` / `load_init`: the Orbax checkpoint written by
     `python -m musp_jax.import_weights` and merged into fresh variables
     (config.model.init_from).
@@ -163,17 +164,17 @@ def _fill(template: Variables, state_dict: StateDict, *, layout: str,
           what: str) -> dict[str, Any]:
   """Builds variables shaped like `template` from a torch state dict.
 
-  `layout` says what `template` holds: "resnet" (a ResNet's variables), "head"
-  (a MUSP head's) or "model" (a ReIDModel's: "backbone" and "head" under each
-  collection). Raises one WeightImportError naming every missing, mis-shaped
-  and unexpected key.
+  `layout` says what `template` holds: "resnet" (a ResNet's variables) or
+  "model" (a ReIDModel's: "backbone" and/or "head" under each collection).
+  Raises one WeightImportError naming every missing, mis-shaped and
+  unexpected key.
   """
   flat = traverse_util.flatten_dict(_to_dict(template))
   out, consumed = {}, set()
   missing, misshaped = [], []
   for path, leaf in flat.items():
     collection, *modules, name = path
-    in_head = layout == "head"
+    in_head = False
     if layout == "model":  # drop the "backbone" / "head" level
       in_head = modules[0] == "head"
       modules = modules[1:]
@@ -240,50 +241,60 @@ def import_musp(state_dict: StateDict, variables: Variables, *,
   """Official-MUSP state dict (backbone + head) -> ReIDModel variables.
 
   `variables` must come from a ReIDModel with a MUSP head built to the
-  checkpoint's shapes (depth, n, c, ESE, number of classes); see
-  `musp_checkpoint_shapes`.
+  checkpoint's shapes (depth, n, c, ESE, global branch, number of classes);
+  see `musp_checkpoint_shapes`.
   """
-  num_parts = _num_parts(variables["params"].get("head", {}), what)
+  head = variables["params"].get("head", {})
+  num_parts = _num_parts(head, what)
+  _, has_global = _official_layout(state_dict, what)
+  if has_global != ("global_branch" in head):
+    raise WeightImportError(
+        f"{what} {'has a' if has_global else 'has no'} global branch; build "
+        f"the model with model.global_branch={has_global}")
   return _fill(variables, state_dict, layout="model", num_parts=num_parts,
                what=what)
 
 
-def import_musp_head(state_dict: StateDict, variables: Variables, *,
-                     what: str = "MUSP head state dict") -> dict[str, Any]:
-  """The head part of an official-MUSP state dict -> MUSPHead variables.
+def _official_layout(state_dict: StateDict, what: str) -> tuple[int, bool]:
+  """(n, whether there is a global branch) of an official-MUSP state dict.
 
-  Backbone keys (conv1, bn1, layer*) are ignored.
+  The official code keeps n - 1 part branches (one discarded background
+  prototype) and adds a global one with `--has-global`: n classifiers mean a
+  global branch, n - 1 none.
   """
-  return _fill(variables, state_dict, layout="head",
-               num_parts=_num_parts(variables["params"], what),
-               ignore=("conv1.", "bn1.", "layer"), what=what)
+  for k in ("key.weight", "value.weight", "classifier.0.weight"):
+    if k not in state_dict:
+      raise WeightImportError(f"{what}: no {k!r}; is it a MUSP (attention) "
+                              "model?")
+  n = int(state_dict["key.weight"].shape[0])
+  num_branches = len([k for k in state_dict
+                      if re.fullmatch(r"classifier\.\d+\.weight", k)])
+  if num_branches not in (n - 1, n):
+    raise WeightImportError(
+        f"{what}: {num_branches} classifiers for {n} prototypes; expected "
+        f"{n - 1} parts (one discarded background prototype) and optionally a "
+        f"global branch: {n - 1} or {n}")
+  return n, num_branches == n
 
 
 def musp_checkpoint_shapes(state_dict: StateDict) -> dict[str, Any]:
   """Reads the model settings that an official-MUSP state dict implies.
 
   Returns model-config fields (depth, num_prototypes, value_channels,
-  value_conv, ese, ese_reduction) plus num_classes.
+  value_conv, ese, ese_reduction, global_branch, pooling) plus num_classes.
+  Pooling is "official": the official `bmm(...) / h*w` at any input size.
   """
-  for k in ("key.weight", "value.weight", "classifier.0.weight"):
-    if k not in state_dict:
-      raise WeightImportError(f"official MUSP checkpoint: no {k!r}; is it a "
-                              "MUSP (attention) model?")
-  n, in_channels = state_dict["key.weight"].shape[:2]
+  n, has_global = _official_layout(state_dict, "official MUSP checkpoint")
+  in_channels = state_dict["key.weight"].shape[1]
   c, value_in = state_dict["value.weight"].shape[:2]
-  num_branches = len([k for k in state_dict
-                      if re.fullmatch(r"classifier\.\d+\.weight", k)])
-  if num_branches != n:
-    raise WeightImportError(
-        f"official MUSP checkpoint: {num_branches} classifiers for {n} "
-        f"prototypes; only the layout with one discarded (background) "
-        f"prototype and a global branch (n classifiers) is supported")
   out = {
       "depth": resnet_depth(state_dict),
-      "num_prototypes": int(n),
+      "num_prototypes": n,
       "value_channels": int(c),
       "value_conv": "full" if value_in == in_channels else "depthwise",
       "ese": "all" if "c_.fc.0.weight" in state_dict else "none",
+      "global_branch": has_global,
+      "pooling": "official",
       "num_classes": int(state_dict["classifier.0.weight"].shape[0]),
   }
   if out["ese"] == "all":
