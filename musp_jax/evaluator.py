@@ -36,7 +36,7 @@ def extract_features(model, variables, source, config: ml_collections.ConfigDict
   batches = input_pipeline.eval_batches(
       source, config.input, batch_size=config.eval.batch_size,
       process_index=jax.process_index(), process_count=jax.process_count())
-  total = -(-len(source) // config.eval.batch_size)
+  total = input_pipeline.num_eval_batches(len(source), config.eval.batch_size)
   for batch in tqdm.tqdm(batches, total=total, desc=desc, leave=False,
                          disable=jax.process_index() > 0):
     f, a = embed_fn(variables, input_pipeline.device_put_batch(batch["image"], batch_sharding))
