@@ -31,7 +31,7 @@ def extract_features(model, variables, source, config: ml_collections.ConfigDict
                      desc: str = "features") -> dict[str, np.ndarray]:
   """Runs the model over a whole split -> {"feats": (N,P,C), "areas": (N,P)} in order."""
   batch_sharding = NamedSharding(mesh, P("data"))
-  embed_fn = features.jitted_embed(model, bool(config.eval.flip))
+  embed_fn = features.jitted_embed(model, bool(config.eval.flip), config.input.normalize)
   feats = areas = None
   batches = input_pipeline.eval_batches(
       source, config.input, batch_size=config.eval.batch_size,

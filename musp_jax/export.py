@@ -8,7 +8,8 @@
 
 The function takes RGB uint8 images of the exported size (any batch size) and
 does the preprocessing itself: resize to the model's input size (bilinear,
-antialiased when shrinking), normalise, then `features.embed` (SPEC section 4). It is a `jax.export` artefact
+antialiased when shrinking), then `features.embed`, which normalises as training
+and evaluation do (SPEC section 4). It is a `jax.export` artefact
 (StableHLO) lowered for CPU and CUDA; loading needs jax and numpy only.
 
 The file is an .npz: "exported" (the serialized function's bytes) and "metadata"
@@ -33,20 +34,21 @@ FORMAT = "musp_jax.export/1"
 def serving_fn(model, variables: Any, config, *, input_hw: tuple[int, int],
                flip: bool = False) -> Callable[[jax.Array], dict[str, jax.Array]]:
   """uint8 images (N, *input_hw, 3) -> {"feats", "areas"}; weights are closed over."""
-  from musp_jax import augment  # pylint: disable=g-import-not-at-top
   from musp_jax import features  # pylint: disable=g-import-not-at-top
-  mean, std = (np.asarray(v, np.float32)
-               for v in augment.NORMALIZE_CONSTANTS[config.input.normalize])
   model_hw = tuple(int(v) for v in config.input.image_size)
 
   def fn(images_NxHxWx3: jax.Array) -> dict[str, jax.Array]:
     if images_NxHxWx3.dtype != jnp.uint8 or images_NxHxWx3.shape[1:] != (*input_hw, 3):
       raise ValueError(f"Expected uint8 images (N, {input_hw[0]}, {input_hw[1]}, 3), got "
                        f"{images_NxHxWx3.dtype} {images_NxHxWx3.shape}.")
-    x = images_NxHxWx3.astype(jnp.float32) / 255.0
+    pixels = images_NxHxWx3
     if tuple(input_hw) != model_hw:
-      x = jax.image.resize(x, (x.shape[0], *model_hw, 3), "bilinear", antialias=True)
-    feats, areas = features.embed(variables, (x - mean) / std, model=model, flip=flip)
+      # Resizing commutes with the per-channel affine normalisation (its weights sum
+      # to 1), so it runs on pixel values and `embed` normalises as everywhere else.
+      pixels = jax.image.resize(pixels.astype(jnp.float32), (pixels.shape[0], *model_hw, 3),
+                                "bilinear", antialias=True)
+    feats, areas = features.embed(variables, pixels, model=model, flip=flip,
+                                  normalize=config.input.normalize)
     return {"feats": feats, "areas": areas}
 
   return fn

@@ -6,7 +6,9 @@ per-branch features are normalised, summed and normalised again, and the areas a
 averaged, so an image and its mirror image get the same features and areas.
 
 `embed` is what evaluation (sharded, over grain batches), export (inside the serialized
-function), and the tools (embed, search, visualize) all call. The model signature says
+function), and the tools (embed, search, visualize) all call. It takes pixels (uint8, as
+the input workers hand them over) and normalises them on the device
+(preprocess.normalize, the same function the train step uses). The model signature says
 which feature sets may be compared: features of two models, or of one model fed
 differently, must never be ranked against each other.
 """
@@ -24,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from musp_jax import models
+from musp_jax import preprocess
 from musp_jax.retrieval import l2_normalize
 
 
@@ -31,12 +34,14 @@ class SignatureMismatchError(ValueError):
   """Features come from another model than the one they are compared with."""
 
 
-def embed(variables: Any, images_BxHxWx3: jax.Array, *, model,
-          flip: bool) -> tuple[jax.Array, jax.Array]:
-  """Normalised images -> (features (B, P, C), areas (B, P)), float32.
+def embed(variables: Any, pixels_BxHxWx3: jax.Array, *, model, flip: bool,
+          normalize: str) -> tuple[jax.Array, jax.Array]:
+  """Pixels (uint8, or float in [0, 255]) -> (features (B, P, C), areas (B, P)), float32.
 
-  Features are L2-normalised per branch; all-zero (padded) branches stay zero.
+  `normalize` is input.normalize of the model's run config. Features are
+  L2-normalised per branch; all-zero (padded) branches stay zero.
   """
+  images_BxHxWx3 = preprocess.normalize(pixels_BxHxWx3, normalize)
   out = model.apply(variables, images_BxHxWx3, train=False)
   feats = l2_normalize(out["feats"].astype(jnp.float32))
   areas = out["areas"].astype(jnp.float32)
@@ -48,9 +53,10 @@ def embed(variables: Any, images_BxHxWx3: jax.Array, *, model,
 
 
 @functools.cache
-def jitted_embed(model, flip: bool):
-  """jit(embed) for one model, compiled once per input shape (single device)."""
-  return jax.jit(functools.partial(embed, model=model, flip=flip))
+def jitted_embed(model, flip: bool, normalize: str):
+  """jit(embed) for one model, compiled once per input shape."""
+  preprocess.normalize_constants(normalize)  # a bad name fails here, not in the trace
+  return jax.jit(functools.partial(embed, model=model, flip=flip, normalize=normalize))
 
 
 # --------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from musp_jax import augment
 from musp_jax import checkpointing
 from musp_jax import features
 from musp_jax import models
+from musp_jax import preprocess
 from musp_jax import retrieval
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -128,11 +129,11 @@ def embed_bytes(loaded: LoadedModel, images: Iterable[tuple[str, bytes]], *,
   Batches have a fixed size (the last one padded) so the model compiles once.
   """
   transform = augment.TestTransform.from_config(loaded.config.input)
-  fn = features.jitted_embed(loaded.model, flip)
+  fn = features.jitted_embed(loaded.model, flip, loaded.config.input.normalize)
   feats, areas, batch = [], [], []
 
   def run(batch):
-    x = np.zeros((batch_size, *loaded.image_size, 3), np.float32)
+    x = np.zeros((batch_size, *loaded.image_size, 3), np.uint8)
     for i, (name, data) in enumerate(batch):
       try:
         x[i] = transform(data)
@@ -172,14 +173,15 @@ def embed_files(loaded: LoadedModel, files: Sequence[tuple[str, str]], *,
       model_signature=features.with_flip(loaded.signature, flip))
 
 
-def preprocess(config: ml_collections.ConfigDict, image_HxWx3: np.ndarray) -> np.ndarray:
-  """A decoded RGB uint8 image -> the model's input, as the test transform makes it."""
-  transform = augment.TestTransform.from_config(config.input)
-  return transform.normalize(augment.resize(image_HxWx3, transform.size_hw))
+def resize_to_model(config: ml_collections.ConfigDict, image_HxWx3: np.ndarray) -> np.ndarray:
+  """A decoded RGB uint8 image -> uint8 pixels at the model's size (the test transform)."""
+  return augment.resize(image_HxWx3, tuple(config.input.image_size))
 
 
 @functools.cache
-def attention_fn(model) -> Callable:
-  """jit((variables, images (B, H, W, 3)) -> attention (B, h, w, n) float32)."""
-  return jax.jit(lambda variables, images: model.apply(
-      variables, images, train=False)["attention"].astype(jnp.float32))
+def attention_fn(model, normalize: str) -> Callable:
+  """jit((variables, uint8 pixels (B, H, W, 3)) -> attention (B, h, w, n) float32)."""
+  preprocess.normalize_constants(normalize)
+  return jax.jit(lambda variables, pixels: model.apply(
+      variables, preprocess.normalize(pixels, normalize),
+      train=False)["attention"].astype(jnp.float32))

@@ -1,8 +1,8 @@
 """grain pipelines: PK training batches and padded evaluation batches.
 
 Training: a MapDataset over this process's element positions -> PK record
-index (sampling.PKSampler) -> read record -> decode, translate, flip (uint8)
--> batch (normalise and erase straight into the batch array) ->
+index (sampling.PKSampler) -> read record -> decode, translate, flip (uint8),
+draw the erase box -> batch (uint8 images, erase boxes, labels) ->
 `ds[start_step:]` -> to_iter_dataset -> mp_prefetch. Every element is a pure
 function of (seed, global step, position in the global batch), so the batches
 do not depend on the number of workers or processes, and resuming at step s
@@ -60,7 +60,7 @@ def _check_split(global_batch_size: int, process_index: int,
 
 
 class _TrainElement:
-  """Process-local position -> uint8 geometry, erase box and label."""
+  """Process-local position -> uint8 pixels, erase box and label."""
 
   def __init__(self, source, labels, sampler, transform, *, seed,
                local_batch_size, process_index):
@@ -72,12 +72,12 @@ class _TrainElement:
     self.local_batch_size = local_batch_size
     self.offset = process_index * local_batch_size
 
-  def __call__(self, position: int) -> tuple[np.ndarray, Any, np.int32]:
+  def __call__(self, position: int) -> tuple[np.ndarray, np.ndarray, np.int32]:
     step, slot = divmod(int(position), self.local_batch_size)
     slot += self.offset  # position within the global batch
     record = int(self.sampler[step][slot])
     rng = np.random.default_rng([self.seed, _AUGMENT_STREAM, step, slot])
-    pixels, box = self.transform.geometry(self.source[record]["image"], rng)
+    pixels, box = self.transform(self.source[record]["image"], rng)
     return pixels, box, np.int32(self.labels[record])
 
 
@@ -97,37 +97,39 @@ class _EvalElement:
     step, slot = divmod(int(position), self.local_batch_size)
     index = step * self.global_batch_size + self.offset + slot
     if index < self.num_records:
-      return self.transform.geometry(self.source[index]["image"]), index
+      return self.transform(self.source[index]["image"]), index
     return None, -1
 
 
 class _Batcher:
-  """grain batch_fn: normalises every element straight into the batch array.
+  """grain batch_fn: stacks the uint8 images straight into the batch array.
 
-  Elements stay uint8 until here, and the float32 batch is written once, in
-  shared memory when a worker hands it to the main process (grain then
-  passes a handle instead of copying 50 MB per batch).
+  Images stay uint8 up to the device (normalisation and erasing run in the
+  jitted step, musp_jax/preprocess.py). A worker writes the batch once, in
+  shared memory, and grain hands the main process a handle instead of
+  copying the array.
   """
 
-  def __init__(self, transform, shared_memory: bool):
-    self.transform = transform
+  def __init__(self, size_hw: tuple[int, int], shared_memory: bool):
+    self.size_hw = tuple(size_hw)
     self.shared_memory = shared_memory
 
   def _images(self, n: int) -> np.ndarray:
-    shape = (n, *self.transform.size_hw, 3)
+    shape = (n, *self.size_hw, 3)
     if self.shared_memory:
-      return grain.multiprocessing.SharedMemoryArray(shape, np.float32)
-    return np.empty(shape, np.float32)
+      return grain.multiprocessing.SharedMemoryArray(shape, np.uint8)
+    return np.empty(shape, np.uint8)
 
 
 class _TrainBatcher(_Batcher):
 
   def __call__(self, elements) -> dict[str, np.ndarray]:
     images = self._images(len(elements))
-    for out, (pixels, box, _) in zip(images, elements):
-      self.transform.finish(pixels, box, out)
-    labels = np.array([label for _, _, label in elements], np.int32)
-    return {"image": images, "label": labels}
+    for out, (pixels, _, _) in zip(images, elements):
+      out[...] = pixels
+    return {"image": images,
+            "erase": np.stack([box for _, box, _ in elements]),
+            "label": np.array([label for _, _, label in elements], np.int32)}
 
 
 class _EvalBatcher(_Batcher):
@@ -136,9 +138,9 @@ class _EvalBatcher(_Batcher):
     images = self._images(len(elements))
     for out, (pixels, _) in zip(images, elements):
       if pixels is None:
-        out.fill(0.0)  # padding
+        out.fill(0)  # padding
       else:
-        self.transform.normalize(pixels, out)
+        out[...] = pixels
     index = np.array([i for _, i in elements], np.int32)
     return {"image": images, "mask": index >= 0, "index": index}
 
@@ -191,7 +193,7 @@ def train_dataset(
       process_index=process_index)
   ds = grain.MapDataset.range(_MAX_STEPS * local).map(element)
   return ds.batch(local, drop_remainder=True,
-                  batch_fn=_TrainBatcher(transform, shared_memory))
+                  batch_fn=_TrainBatcher(transform.size_hw, shared_memory))
 
 
 def train_batches(
@@ -207,9 +209,10 @@ def train_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
   """Endless PK training batches from global step `start_step`.
 
-  Yields {"image": float32 (b, H, W, 3) normalised, "label": int32 (b,)},
-  b = global_batch_size / process_count: rows [process_index * b, ...) of
-  each global batch. `labels` (from datasets.split_index) gives each record's
+  Yields {"image": uint8 (b, H, W, 3), "erase": int32 (b, 4) erase boxes,
+  "label": int32 (b,)}, b = global_batch_size / process_count: rows
+  [process_index * b, ...) of each global batch. The train step normalises and
+  erases on the device (preprocess.train_images). `labels` (from datasets.split_index) gives each record's
   label without reading images.
   """
   if start_step < 0:
@@ -236,9 +239,10 @@ def eval_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
   """Every record of `source` once, in order, in global batches of batch_size.
 
-  Yields {"image": float32 (b, H, W, 3), "mask": bool (b,), "index": int32
+  Yields {"image": uint8 (b, H, W, 3), "mask": bool (b,), "index": int32
   (b,)} with b = batch_size / process_count; the last global batch is padded
-  with zero images, mask False and index -1. `index` is the record's position
+  with zero images, mask False and index -1. The feature function normalises
+  on the device (features.embed). `index` is the record's position
   in `source` (global), so gathered rows can be matched to split_index.
   """
   local = _check_split(batch_size, process_index, process_count)
@@ -248,7 +252,7 @@ def eval_batches(
   element = _EvalElement(
       source, transform, num_records=n, global_batch_size=batch_size,
       local_batch_size=local, process_index=process_index)
-  batcher = _EvalBatcher(transform, input_config.num_workers > 0)
+  batcher = _EvalBatcher(transform.size_hw, input_config.num_workers > 0)
   ds = grain.MapDataset.range(steps * local).map(element)
   ds = ds.batch(local, batch_fn=batcher)
   return _to_iterator(ds, input_config)

@@ -152,7 +152,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       data.source, data.labels, config.input, seed=config.seed, start_step=start_step,
       global_batch_size=global_batch, process_index=jax.process_index(),
       process_count=jax.process_count())
-  train_step = step_lib.jit_step(model=model, tx=tx, loss_config=config.loss, mesh=mesh,
+  train_step = step_lib.jit_step(model=model, tx=tx, loss_config=config.loss,
+                                 input_config=config.input, mesh=mesh,
                                  state_sharding=state_sharding)
   batch_sharding = NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)

@@ -156,11 +156,13 @@ def attention_figure(images: Sequence[np.ndarray], attention_BxHxWxN: np.ndarray
 
 def _attention_inputs(config: ml_collections.ConfigDict, images: Sequence[np.ndarray]
                       ) -> np.ndarray:
-  return np.stack([inference.preprocess(config, img) for img in images])
+  return np.stack([inference.resize_to_model(config, img) for img in images])
 
 
-def _attention(model, variables, x_BxHxWx3: np.ndarray) -> np.ndarray:
-  return np.asarray(jax.device_get(inference.attention_fn(model)(variables, x_BxHxWx3)))
+def _attention(model, variables, config: ml_collections.ConfigDict,
+               pixels_BxHxWx3: np.ndarray) -> np.ndarray:
+  fn = inference.attention_fn(model, config.input.normalize)
+  return np.asarray(jax.device_get(fn(variables, pixels_BxHxWx3)))
 
 
 def _check_attention(config: ml_collections.ConfigDict) -> None:
@@ -174,7 +176,7 @@ def attention_grid(model, variables, config: ml_collections.ConfigDict,
                    ) -> Figure:
   """Runs the model on RGB uint8 images and draws their attention grid."""
   _check_attention(config)
-  attention = _attention(model, variables, _attention_inputs(config, images))
+  attention = _attention(model, variables, config, _attention_inputs(config, images))
   return attention_figure(images, attention, names)
 
 

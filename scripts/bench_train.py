@@ -62,14 +62,12 @@ def _jax_worker(conn, args, conv_impl: str, dtype: str) -> None:
   tx = optim.make_optimizer(c.optim, 100)
   state, state_sharding = state_lib.create_train_state(model, tx, size, seed=0, mesh=mesh)
   batch_sharding = NamedSharding(mesh, P("data"))
-  step = step_lib.jit_step(model=model, tx=tx, loss_config=c.loss, mesh=mesh,
-                           state_sharding=state_sharding)
-  rng = np.random.default_rng(0)
-  batch = jax.device_put({
-      "image": rng.standard_normal((args.batch, *size, 3), np.float32),
-      # P identities x K=4 images, as the PK sampler makes them.
-      "label": np.repeat(np.arange(args.batch // 4), 4).astype(np.int32) % args.num_classes,
-  }, batch_sharding)
+  step = step_lib.jit_step(model=model, tx=tx, loss_config=c.loss, input_config=c.input,
+                           mesh=mesh, state_sharding=state_sharding)
+  # As the input pipeline hands batches over: uint8 pixels and erase boxes (the step
+  # normalises and erases on the device).
+  batch = jax.device_put(step_lib.random_batch(np.random.default_rng(0), args.batch, size,
+                                               args.num_classes), batch_sharding)
   t0 = time.perf_counter()
   for _ in range(args.warmup):
     state, metrics = step(state, batch)

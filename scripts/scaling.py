@@ -52,19 +52,14 @@ def _setup(c, num_classes: int, n: int, batch: int, image_size: int, seed: int =
   state, state_sharding = state_lib.create_train_state(
       model, tx, (image_size, image_size), seed=seed, mesh=mesh)
   batch_sharding = NamedSharding(mesh, P("data"))
-  step = step_lib.jit_step(model=model, tx=tx, loss_config=c.loss, mesh=mesh,
-                           state_sharding=state_sharding)
+  step = step_lib.jit_step(model=model, tx=tx, loss_config=c.loss, input_config=c.input,
+                           mesh=mesh, state_sharding=state_sharding)
   rng = np.random.default_rng(seed)
   per_process = batch // jax.process_count()
   rows = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
-  images = rng.standard_normal((batch, image_size, image_size, 3)).astype(np.float32)
-  labels = (np.repeat(np.arange(batch // 4), 4) % num_classes).astype(np.int32)
-  device_batch = {
-      "image": jax.make_array_from_process_local_data(batch_sharding, images[rows],
-                                                      images.shape),
-      "label": jax.make_array_from_process_local_data(batch_sharding, labels[rows],
-                                                      labels.shape),
-  }
+  host = step_lib.random_batch(rng, batch, (image_size, image_size), num_classes)
+  device_batch = {k: jax.make_array_from_process_local_data(batch_sharding, v[rows], v.shape)
+                  for k, v in host.items()}
   return [state, step, device_batch]
 
 

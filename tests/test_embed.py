@@ -21,9 +21,13 @@ def loaded():
 
 
 def _reference_features(loaded, path):
-  """Test transform + model + per-branch L2 norm, written out independently."""
+  """Test transform + normalisation + model + per-branch L2 norm, written out independently."""
   data = pathlib.Path(path).read_bytes()
-  x = augment.TestTransform.from_config(loaded.config.input)(data)[None]
+  assert loaded.config.input.normalize == "half"
+  pixels = augment.TestTransform.from_config(loaded.config.input)(data)[None]
+  # (v / 255 - 0.5) / 0.5 in XLA's float32 order (a divide by a constant is a multiply by
+  # its reciprocal): a 1-ulp difference in the input moves random-weight features ~4e-5.
+  x = (pixels.astype(np.float32) - 127.5) * np.float32(1 / 127.5)
   out = loaded.model.apply(loaded.variables, x, train=False)
   feats = np.asarray(out["feats"], np.float64)[0]
   norms = np.linalg.norm(feats, axis=-1, keepdims=True)

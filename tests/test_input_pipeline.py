@@ -89,14 +89,21 @@ def test_train_batches_are_pk(data):
   _, labels = data
   spe = input_pipeline.steps_per_epoch(len(labels), GLOBAL_BATCH)
   batches = _take(_train(data), 2 * spe + 1)  # crosses two epoch boundaries
+  erased = 0
   for b in batches:
-    assert set(b) == {"image", "label"}
+    assert set(b) == {"image", "erase", "label"}
     assert b["image"].shape == (GLOBAL_BATCH, 32, 32, 3)
-    assert b["image"].dtype == np.float32 and b["label"].dtype == np.int32
+    # uint8 to the device: the step normalises and erases (preprocess.py).
+    assert b["image"].dtype == np.uint8 and b["label"].dtype == np.int32
     ids = b["label"].reshape(P, K)
     assert (ids == ids[:, :1]).all() and len(set(ids[:, 0])) == P
-    # Normalised to [-1, 1] (mean = std = 0.5) or the erasing fill.
-    assert b["image"].min() >= -1.0 and b["image"].max() <= 1.0
+    assert b["erase"].shape == (GLOBAL_BATCH, 4) and b["erase"].dtype == np.int32
+    top, left, h, w = b["erase"].T
+    none = h == 0
+    assert (b["erase"][none] == 0).all()
+    assert (top + h <= 32).all() and (left + w <= 32).all() and (w[~none] > 0).all()
+    erased += int(np.sum(~none))
+  assert 0 < erased < len(batches) * GLOBAL_BATCH  # erase_prob 0.5
 
 
 def test_labels_come_from_the_label_array(data):

@@ -260,7 +260,8 @@ def test_sharded_step_equals_single_device_step(data_dir):
                                                        mesh=mesh)
     # Not donated: each step starts from the same state on both meshes.
     steps[n] = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx,
-                                         loss_config=config.loss),
+                                         loss_config=config.loss,
+                                         input_config=config.input),
                        in_shardings=(shardings[n], NamedSharding(mesh, P("data"))))
   state = jax.device_put(state, shardings[1])
   for batch in batches:
