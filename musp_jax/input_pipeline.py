@@ -1,12 +1,13 @@
 """grain pipelines: PK training batches and padded evaluation batches.
 
-Training: a MapDataset over this process's element positions -> PK record
-index (sampling.PKSampler) -> read record -> decode, translate, flip (uint8),
-draw the erase box -> batch (uint8 images, erase boxes, labels) ->
-`ds[start_step:]` -> to_iter_dataset -> mp_prefetch. Every element is a pure
-function of (seed, global step, position in the global batch), so the batches
-do not depend on the number of workers or processes, and resuming at step s
-rebuilds the dataset at s instead of restoring iterator state.
+Training: a MapDataset over steps -> this process's slots of the PK batch
+(sampling.PKSampler) -> per slot: read record, decode, translate, flip (uint8,
+written straight into the batch array) and draw the erase box -> batch (uint8
+images, erase boxes, labels) -> `ds[start_step:]` -> to_iter_dataset ->
+mp_prefetch. Every image is a pure function of (seed, global step, position in
+the global batch), so the batches do not depend on the number of workers or
+processes, and resuming at step s rebuilds the dataset at s instead of
+restoring iterator state.
 
 Multi-host: process i loads rows [i*b, (i+1)*b) of every global batch
 (b = global_batch_size / process_count); `device_put_batch` assembles the
@@ -18,8 +19,13 @@ grain (which imports JAX without using it) and hide accelerators first.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
+import threading
+import weakref
+from multiprocessing import resource_tracker
+from multiprocessing import shared_memory
 from typing import Any, Iterator, Sequence
 
 import cv2
@@ -59,11 +65,112 @@ def _check_split(global_batch_size: int, process_index: int,
   return global_batch_size // process_count
 
 
-class _TrainElement:
-  """Process-local position -> uint8 pixels, erase box and label."""
+class _LentSegment(shared_memory.SharedMemory):
+  """A worker's private segment, seen under the public name it is lent out as.
 
-  def __init__(self, source, labels, sampler, transform, *, seed,
-               local_batch_size, process_index):
+  Closing it (grain does, when the worker drops its array) releases only this view,
+  never the worker's mapping, which the next batch reuses.
+  """
+
+  def __init__(self, private: shared_memory.SharedMemory, public: str):  # pylint: disable=super-init-not-called
+    self._name = "/" + public
+    self._fd = -1
+    self._mmap = None
+    self._size = private.size
+    self._buf = memoryview(private.buf)
+
+
+class _SharedBatchMemory:
+  """Batch arrays in shared memory that a worker reuses once the main process is done.
+
+  grain hands a SharedMemoryArray to the main process by name, and the last user
+  unlinks that name (grain's contract; its main-process iterator does, when the batch is
+  dropped). A fresh 12 MiB segment per batch costs its page faults in the worker, about
+  a fifth of decoding the batch (scripts/bench_input.py). So a worker keeps its
+  segments mapped under private names and lends each batch under a new public name, a
+  hard link to the same memory: once the public name is gone, the segment is free.
+  Without hard links in /dev/shm (another OS), or with every segment still lent, a
+  batch gets a fresh segment, as grain would make it.
+  """
+
+  def __init__(self, max_segments: int):
+    self.max_segments = max_segments
+    self.segments: list[list] = []  # [private SharedMemory, public name lent last]
+    self.serial = itertools.count()
+    self.linkable = os.path.isdir(_SHM_DIR)
+    self.lock = threading.Lock()
+    weakref.finalize(self, _unlink_segments, self.segments)
+
+  def array(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    with self.lock:
+      segment = self._free_segment(nbytes) if self.linkable else None
+      if segment is not None:
+        private = segment[0]
+        public = f"{private.name}_{next(self.serial)}"
+        try:
+          os.link(os.path.join(_SHM_DIR, private.name), os.path.join(_SHM_DIR, public))
+        except OSError:
+          self.linkable = False
+        else:
+          segment[1] = public
+          # As for any segment grain makes: should the main process never unlink it
+          # (batches in flight when the pipeline closes), the tracker does at exit.
+          resource_tracker.register("/" + public, "shared_memory")
+          return grain.multiprocessing.SharedMemoryArray.from_shared_memory(
+              _LentSegment(private, public), shape, dtype)
+    return grain.multiprocessing.SharedMemoryArray(shape, dtype)
+
+  def _free_segment(self, nbytes: int) -> list | None:
+    for segment in self.segments:
+      private, public = segment
+      if private.size == nbytes and not os.path.exists(os.path.join(_SHM_DIR, public)):
+        return segment
+    if len(self.segments) < self.max_segments:
+      segment = [shared_memory.SharedMemory(create=True, size=nbytes), ""]
+      self.segments.append(segment)
+      return segment
+    return None
+
+
+def _unlink_segments(segments: list[list]) -> None:
+  for private, _ in segments:
+    try:
+      private.unlink()
+    except OSError:
+      pass
+
+
+_SHM_DIR = "/dev/shm"
+# Batches a worker can have lent at once: its output buffer, its read-ahead, and what
+# the main process holds (grain's buffer, the batch being copied to the device).
+_MAX_LENT_BATCHES = 12
+_shared_batch_memory: _SharedBatchMemory | None = None  # one per worker process
+
+
+def _shared_array(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+  global _shared_batch_memory
+  if _shared_batch_memory is None:
+    _shared_batch_memory = _SharedBatchMemory(_MAX_LENT_BATCHES)
+  return _shared_batch_memory.array(shape, dtype)
+
+
+def _batch_images(n: int, size_hw: tuple[int, int], shared: bool) -> np.ndarray:
+  shape = (n, *size_hw, 3)
+  return _shared_array(shape, np.uint8) if shared else np.empty(shape, np.uint8)
+
+
+class _TrainBatch:
+  """Step -> this process's rows of the global PK batch at that step.
+
+  Each image is written into the batch array as it is made (uint8; normalisation
+  and erasing run in the jitted step, musp_jax/preprocess.py), so a worker never
+  holds a batch's images twice. In a worker the array is in shared memory, and
+  grain hands the main process a handle instead of copying it.
+  """
+
+  def __init__(self, source, labels, sampler, transform, *, seed, local_batch_size,
+               process_index, shared_memory):
     self.source = source
     self.labels = labels
     self.sampler = sampler
@@ -71,77 +178,45 @@ class _TrainElement:
     self.seed = seed
     self.local_batch_size = local_batch_size
     self.offset = process_index * local_batch_size
+    self.shared_memory = shared_memory
 
-  def __call__(self, position: int) -> tuple[np.ndarray, np.ndarray, np.int32]:
-    step, slot = divmod(int(position), self.local_batch_size)
-    slot += self.offset  # position within the global batch
-    record = int(self.sampler[step][slot])
-    rng = np.random.default_rng([self.seed, _AUGMENT_STREAM, step, slot])
-    pixels, box = self.transform(self.source[record]["image"], rng)
-    return pixels, box, np.int32(self.labels[record])
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    step = int(step)
+    slots = range(self.offset, self.offset + self.local_batch_size)
+    records = self.sampler[step][self.offset:self.offset + self.local_batch_size]
+    images = _batch_images(len(slots), self.transform.size_hw, self.shared_memory)
+    boxes = np.empty((len(slots), 4), np.int32)
+    for i, (slot, record) in enumerate(zip(slots, records)):
+      # Seeded by position in the global batch: independent of workers and processes.
+      rng = np.random.default_rng([self.seed, _AUGMENT_STREAM, step, slot])
+      images[i], boxes[i] = self.transform(self.source[int(record)]["image"], rng)
+    return {"image": images, "erase": boxes,
+            "label": np.asarray(self.labels[records], np.int32)}
 
 
-class _EvalElement:
-  """Process-local position -> (uint8 pixels or None past the end, index)."""
+class _EvalBatch:
+  """Step -> this process's rows of the padded evaluation batch at that step."""
 
   def __init__(self, source, transform, *, num_records, global_batch_size,
-               local_batch_size, process_index):
+               local_batch_size, process_index, shared_memory):
     self.source = source
     self.transform = transform
     self.num_records = num_records
     self.global_batch_size = global_batch_size
     self.local_batch_size = local_batch_size
     self.offset = process_index * local_batch_size
-
-  def __call__(self, position: int) -> tuple[np.ndarray | None, int]:
-    step, slot = divmod(int(position), self.local_batch_size)
-    index = step * self.global_batch_size + self.offset + slot
-    if index < self.num_records:
-      return self.transform(self.source[index]["image"]), index
-    return None, -1
-
-
-class _Batcher:
-  """grain batch_fn: stacks the uint8 images straight into the batch array.
-
-  Images stay uint8 up to the device (normalisation and erasing run in the
-  jitted step, musp_jax/preprocess.py). A worker writes the batch once, in
-  shared memory, and grain hands the main process a handle instead of
-  copying the array.
-  """
-
-  def __init__(self, size_hw: tuple[int, int], shared_memory: bool):
-    self.size_hw = tuple(size_hw)
     self.shared_memory = shared_memory
 
-  def _images(self, n: int) -> np.ndarray:
-    shape = (n, *self.size_hw, 3)
-    if self.shared_memory:
-      return grain.multiprocessing.SharedMemoryArray(shape, np.uint8)
-    return np.empty(shape, np.uint8)
-
-
-class _TrainBatcher(_Batcher):
-
-  def __call__(self, elements) -> dict[str, np.ndarray]:
-    images = self._images(len(elements))
-    for out, (pixels, _, _) in zip(images, elements):
-      out[...] = pixels
-    return {"image": images,
-            "erase": np.stack([box for _, box, _ in elements]),
-            "label": np.array([label for _, _, label in elements], np.int32)}
-
-
-class _EvalBatcher(_Batcher):
-
-  def __call__(self, elements) -> dict[str, np.ndarray]:
-    images = self._images(len(elements))
-    for out, (pixels, _) in zip(images, elements):
-      if pixels is None:
-        out.fill(0)  # padding
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    first = int(step) * self.global_batch_size + self.offset
+    index = np.arange(first, first + self.local_batch_size)
+    index = np.where(index < self.num_records, index, -1).astype(np.int32)
+    images = _batch_images(len(index), self.transform.size_hw, self.shared_memory)
+    for i, record in enumerate(index):
+      if record < 0:
+        images[i] = 0  # padding
       else:
-        out[...] = pixels
-    index = np.array([i for _, i in elements], np.int32)
+        images[i] = self.transform(self.source[int(record)]["image"])
     return {"image": images, "mask": index >= 0, "index": index}
 
 
@@ -188,12 +263,9 @@ def train_dataset(
   local = _check_split(global_batch_size, process_index, process_count)
   sampler = sampling.PKSampler(labels, num_ids=p, num_instances=k, seed=seed)
   transform = augment.TrainTransform.from_config(input_config)
-  element = _TrainElement(
+  return grain.MapDataset.range(_MAX_STEPS).map(_TrainBatch(
       source, labels, sampler, transform, seed=seed, local_batch_size=local,
-      process_index=process_index)
-  ds = grain.MapDataset.range(_MAX_STEPS * local).map(element)
-  return ds.batch(local, drop_remainder=True,
-                  batch_fn=_TrainBatcher(transform.size_hw, shared_memory))
+      process_index=process_index, shared_memory=shared_memory))
 
 
 def train_batches(
@@ -212,8 +284,8 @@ def train_batches(
   Yields {"image": uint8 (b, H, W, 3), "erase": int32 (b, 4) erase boxes,
   "label": int32 (b,)}, b = global_batch_size / process_count: rows
   [process_index * b, ...) of each global batch. The train step normalises and
-  erases on the device (preprocess.train_images). `labels` (from datasets.split_index) gives each record's
-  label without reading images.
+  erases on the device (preprocess.train_images). `labels` (from
+  datasets.split_index) gives each record's label without reading images.
   """
   if start_step < 0:
     raise ValueError(f"start_step={start_step} must be >= 0.")
@@ -249,12 +321,10 @@ def eval_batches(
   n = len(source)
   steps = num_eval_batches(n, batch_size)
   transform = augment.TestTransform.from_config(input_config)
-  element = _EvalElement(
+  ds = grain.MapDataset.range(steps).map(_EvalBatch(
       source, transform, num_records=n, global_batch_size=batch_size,
-      local_batch_size=local, process_index=process_index)
-  batcher = _EvalBatcher(transform.size_hw, input_config.num_workers > 0)
-  ds = grain.MapDataset.range(steps * local).map(element)
-  ds = ds.batch(local, batch_fn=batcher)
+      local_batch_size=local, process_index=process_index,
+      shared_memory=input_config.num_workers > 0))
   return _to_iterator(ds, input_config)
 
 

@@ -142,6 +142,27 @@ def test_two_workers_match_in_process(data):
   _assert_same(workers, in_process)
 
 
+def test_worker_batch_memory_is_reused_only_after_release(data):
+  # Workers recycle a batch's shared memory once the main process drops the batch:
+  # batches still held must keep their contents while later ones reuse memory.
+  want = _take(_train(data), 24)
+  it = _train(data, num_workers=2)
+  try:
+    held = {}
+    for step in range(24):
+      batch = next(it)
+      if step % 5 == 0:
+        held[step] = batch
+      else:
+        _assert_same([batch], [want[step]])
+      del batch
+  finally:
+    it.close()
+  assert len(held) == 5
+  for step, batch in held.items():
+    _assert_same([batch], [want[step]])
+
+
 def test_two_processes_make_the_global_batch(data):
   whole = _take(_train(data), 4)
   parts = [_take(_train(data, process_index=i, process_count=2), 4)
