@@ -49,6 +49,7 @@ import dataclasses
 import functools
 import os
 from typing import Any
+import zipfile
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -64,6 +65,7 @@ RERANK_INPUT = {"cam_squared": "cam_squared", "cam": "cam_squared",
                 "cosine": "cosine", "euclidean": "squared_euclidean"}
 NPZ_KEYS = ("feats", "areas", "vehicle_id", "camera_id", "file_name",
             "model_signature")
+PLAIN_KEYS = ("feats", "pids", "camids")  # features of any model (load_features)
 Precision = jax.lax.Precision
 
 
@@ -116,17 +118,92 @@ def save_features(path: str | os.PathLike, features: Features) -> None:
            model_signature=np.array(features.model_signature))
 
 
+def _open_npz(path: str) -> np.lib.npyio.NpzFile:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such file")
+  try:
+    data = np.load(path, allow_pickle=False)
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile):
+    # numpy's own message talks about pickles, which says nothing useful here.
+    raise ValueError(f"{path}: not a readable .npz archive of arrays (written by "
+                     "numpy.savez)") from None
+  if not isinstance(data, np.lib.npyio.NpzFile):
+    raise ValueError(f"{path}: holds a single .npy array; expected an .npz archive "
+                     "(numpy.savez) with named arrays")
+  return data
+
+
+def _read_key(data, path: str, key: str, kinds: str, what: str,
+              shape: tuple[int | None, ...] | None = None) -> np.ndarray:
+  """data[key], checked: dtype kind in `kinds`, shape (None: any size)."""
+  try:
+    x = data[key]
+  except ValueError:  # an object array: numpy needs pickle to read it
+    raise ValueError(f"{path}: key {key!r} holds Python objects; expected "
+                     f"{what}") from None
+  if x.dtype.kind not in kinds:
+    raise ValueError(f"{path}: key {key!r} has dtype {x.dtype}; expected {what}")
+  if shape is not None and (x.ndim != len(shape) or any(
+      n is not None and n != m for n, m in zip(shape, x.shape))):
+    want = "(" + ", ".join("?" if n is None else str(n) for n in shape) + (
+        ",)" if len(shape) == 1 else ")")
+    raise ValueError(f"{path}: key {key!r} has shape {x.shape}; expected {want}")
+  if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
+    row = int(np.argwhere(~np.isfinite(x))[0][0])
+    raise ValueError(f"{path}: key {key!r} has NaN or infinite values (row {row})")
+  return x
+
+
 def load_features(path: str | os.PathLike) -> Features:
-  """Reads a .npz written by `save_features` (or any tool using its keys)."""
-  with np.load(path, allow_pickle=False) as data:
-    missing = [k for k in NPZ_KEYS if k not in data.files]
+  """Reads saved features, in either of two .npz layouts.
+
+  - `save_features`' (embed, the evaluator): feats (N, P, C), areas (N, P),
+    vehicle_id (N,), camera_id (N,), optionally file_name (N,) and
+    model_signature.
+  - plain, for features of any model: feats (N, D) or (N, P, C) float, pids
+    (N,) int, camids (N,) int, optionally areas (N, P) (default: equal
+    weights; (N, D) features are one branch, P = 1).
+  Errors name the file and the key.
+  """
+  path = os.fspath(path)
+  with _open_npz(path) as data:
+    keys = set(data.files)
+    ours = bool(keys & {"vehicle_id", "camera_id"})
+    needed = (("feats", "areas", "vehicle_id", "camera_id") if ours
+              else ("feats", "pids", "camids"))
+    missing = [k for k in needed if k not in keys]
     if missing:
-      raise ValueError(f"{path}: missing keys {missing}; a features file "
-                       f"needs {list(NPZ_KEYS)}, found {sorted(data.files)}")
-    return Features(data["feats"].astype(np.float32),
-                    data["areas"].astype(np.float32), data["vehicle_id"],
-                    data["camera_id"], data["file_name"],
-                    str(data["model_signature"]))
+      raise ValueError(
+          f"{path}: missing keys {missing} (found {sorted(keys)}); a features file "
+          f"holds {list(NPZ_KEYS[:4])} (retrieval.save_features) or the plain "
+          f"{list(PLAIN_KEYS)} (+ optional areas)")
+    feats = _read_key(data, path, "feats", "f", "float features (N, D) or (N, P, C)")
+    if feats.ndim not in (2, 3) or feats.shape[0] == 0 or feats.shape[-1] == 0:
+      raise ValueError(f"{path}: key 'feats' has shape {feats.shape}; expected "
+                       "(N, D) or (N, P, C) with N, D, C > 0")
+    n = feats.shape[0]
+    if feats.ndim == 2:
+      feats = feats[:, None, :]
+    ids_key, cams_key = ("vehicle_id", "camera_id") if ours else ("pids", "camids")
+    ids = _read_key(data, path, ids_key, "iu", "integer ids", (n,))
+    cams = _read_key(data, path, cams_key, "iu", "integer camera ids (-1: none)", (n,))
+    if "areas" in keys:
+      areas = _read_key(data, path, "areas", "f", "float areas (N, P)",
+                        (n, feats.shape[1]))
+      bad = np.flatnonzero((areas < 0).any(-1) | (areas.sum(-1) <= 0))
+      if bad.size:
+        raise ValueError(f"{path}: key 'areas' row {int(bad[0])} is {areas[bad[0]]}; "
+                         "expected non-negative weights with a positive sum")
+    else:
+      areas = np.ones(feats.shape[:2], np.float32)
+    names = signature = None
+    if "file_name" in keys:
+      names = _read_key(data, path, "file_name", "US", "strings (N,)", (n,))
+    if "model_signature" in keys:
+      signature = str(_read_key(data, path, "model_signature", "US",
+                                "a string", ()))
+  return Features(feats.astype(np.float32), areas.astype(np.float32), ids, cams,
+                  names, signature or "")
 
 
 def _as_features(x: "Features | str | os.PathLike", what: str) -> Features:

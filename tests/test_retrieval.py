@@ -228,3 +228,77 @@ def test_rerank_takes_squared_distances(distance):
     plain = rerank.k_reciprocal_rerank(*(np.sqrt(r) for r in ref), k1=4, k2=3,
                                        lambda_value=0.3)
     assert np.max(np.abs(plain - want)) > 1e-2
+
+
+def test_plain_features_format(tmp_path):
+  """feats (N, D) + pids + camids: one branch, equal weights."""
+  rng = np.random.default_rng(7)
+  qx, gx = rng.normal(size=(9, 12)), rng.normal(size=(20, 12))
+  q_ids, g_ids = rng.integers(0, 4, 9), rng.integers(0, 4, 20)
+  q_cams, g_cams = rng.integers(0, 2, 9), rng.integers(0, 2, 20)
+  np.savez(tmp_path / "q.npz", feats=qx.astype(np.float32), pids=q_ids, camids=q_cams)
+  np.savez(tmp_path / "g.npz", feats=gx, pids=g_ids, camids=g_cams)  # float64 is fine
+  q = retrieval.load_features(tmp_path / "q.npz")
+  assert q.feats.shape == (9, 1, 12) and q.feats.dtype == np.float32
+  np.testing.assert_array_equal(q.areas, np.ones((9, 1)))
+  np.testing.assert_array_equal(q.ids, q_ids)
+  assert q.file_names is None and q.model_signature == ""
+  euclid = np.linalg.norm(qx[:, None] - gx[None], axis=-1)
+  want = metrics.rank_metrics(euclid, q_ids, g_ids, q_cams, g_cams, max_rank=5)
+  for distance in ("euclidean", "cam_squared"):  # P = 1: the same ranking
+    _assert_same(retrieval.evaluate(tmp_path / "q.npz", tmp_path / "g.npz",
+                                    distance=distance, max_rank=5), want)
+  # (N, P, C) with areas reads as the saved-features format does.
+  f = _features(rng, 5)
+  np.savez(tmp_path / "p.npz", feats=f.feats, areas=f.areas, pids=f.ids, camids=f.cams)
+  p = retrieval.load_features(tmp_path / "p.npz")
+  np.testing.assert_array_equal(p.feats, f.feats)
+  np.testing.assert_array_equal(p.areas, f.areas)
+
+
+def _write(path, **arrays):
+  np.savez(path, **arrays)
+  return path
+
+
+@pytest.mark.parametrize("arrays, message", [
+    (dict(feats=np.zeros((3, 4), np.int32), pids=[1, 2, 3], camids=[0, 0, 0]),
+     r"key 'feats' has dtype int32; expected float"),
+    (dict(feats=np.zeros((3, 4)), pids=[1.0, 2.0, 3.0], camids=[0, 0, 0]),
+     r"key 'pids' has dtype float64; expected integer ids"),
+    (dict(feats=np.zeros((3, 4)), pids=[1, 2], camids=[0, 0, 0]),
+     r"key 'pids' has shape \(2,\); expected \(3,\)"),
+    (dict(feats=np.zeros((3, 4)), pids=[1, 2, 3], camids=np.zeros((3, 1), int)),
+     r"key 'camids' has shape \(3, 1\); expected \(3,\)"),
+    (dict(feats=np.zeros((3, 2, 4, 1)), pids=[1, 2, 3], camids=[0, 0, 0]),
+     r"key 'feats' has shape \(3, 2, 4, 1\); expected \(N, D\) or \(N, P, C\)"),
+    (dict(feats=np.array([[0.0, np.nan]]), pids=[1], camids=[0]),
+     r"key 'feats' has NaN or infinite values \(row 0\)"),
+    (dict(feats=np.zeros((2, 3, 4)), areas=np.ones((2, 2)), pids=[1, 2], camids=[0, 0]),
+     r"key 'areas' has shape \(2, 2\); expected \(2, 3\)"),
+    (dict(feats=np.zeros((2, 2, 4)), areas=[[1.0, 1.0], [0.0, 0.0]], pids=[1, 2],
+          camids=[0, 0]), r"key 'areas' row 1 is \[0. 0.\]"),
+    (dict(feats=np.zeros((2, 4)), ids=[1, 2]),
+     r"missing keys \['pids', 'camids'\] \(found \['feats', 'ids'\]\)"),
+    (dict(feats=np.zeros((2, 1, 4)), areas=np.ones((2, 1)), vehicle_id=[1, 2]),
+     r"missing keys \['camera_id'\]"),
+    (dict(feats=np.zeros((2, 4)), pids=np.array([1, "a"], dtype=object), camids=[0, 0]),
+     r"key 'pids' holds Python objects"),
+])
+def test_bad_features_files_name_file_and_key(tmp_path, arrays, message):
+  path = _write(tmp_path / "bad.npz", **arrays)
+  with pytest.raises(ValueError, match=f"^{str(path)}: {message}"):
+    retrieval.load_features(path)
+
+
+def test_unreadable_features_files(tmp_path):
+  text = tmp_path / "feats.txt"
+  text.write_text("not numpy\n")
+  with pytest.raises(ValueError, match="not a readable .npz archive") as e:
+    retrieval.load_features(text)
+  assert "pickle" not in str(e.value) and str(text) in str(e.value)
+  np.save(tmp_path / "one.npy", np.zeros((2, 3)))
+  with pytest.raises(ValueError, match="single .npy array"):
+    retrieval.load_features(tmp_path / "one.npy")
+  with pytest.raises(FileNotFoundError, match="absent.npz"):
+    retrieval.load_features(tmp_path / "absent.npz")
