@@ -130,9 +130,15 @@ def export_onnx(loaded, *, input_hw: tuple[int, int] | None = None,
                 flip: bool = False) -> tuple[bytes, dict]:
   """A LoadedModel -> (ONNX model bytes, metadata): images -> feats, areas."""
   from musp_jax import to_onnx  # pylint: disable=g-import-not-at-top
+  if loaded.config.model.get("dtype", "float32") != "float32":
+    raise ValueError(f"ONNX export takes float32 models; this one computes in "
+                     f"model.dtype={loaded.config.model.dtype!r}.")
   input_hw = _input_hw(loaded, input_hw)
-  fn = serving_fn(loaded.model, loaded.variables, loaded.config, input_hw=input_hw,
-                  flip=flip)
+  # Convolutions as convolutions (not the CPU training path's matrix products,
+  # models/fast_conv.py): the same parameters and function, and the Conv nodes
+  # ONNX runtimes optimise best.
+  model = loaded.model.clone(backbone=loaded.model.backbone.clone(conv_impl="xla"))
+  fn = serving_fn(model, loaded.variables, loaded.config, input_hw=input_hw, flip=flip)
   (batch,) = jax.export.symbolic_shape("batch")
   spec = jax.ShapeDtypeStruct((batch, *input_hw, 3), jnp.uint8)
 

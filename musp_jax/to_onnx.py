@@ -355,7 +355,7 @@ _RULES: dict[str, Callable] = {
 
 def _sub_jaxpr(eqn) -> jcore.ClosedJaxpr | None:
   """The body of a call-like equation (jit, custom_jvp_call, custom_vjp_call)."""
-  for key in ("jaxpr", "call_jaxpr"):
+  for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
     body = eqn.params.get(key)
     if isinstance(body, jcore.ClosedJaxpr):
       return body
