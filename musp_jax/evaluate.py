@@ -30,6 +30,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from musp_jax import protocols
 from musp_jax import retrieval
 
 
@@ -53,7 +54,6 @@ def run_protocol(name: str, splits: dict[str, retrieval.Features], *, size: str,
                  ) -> dict[str, dict[str, float]]:
   """The one call into the dataset protocols ({row name: row})."""
   from configs import common  # pylint: disable=g-import-not-at-top
-  from musp_jax import protocols  # pylint: disable=g-import-not-at-top
   eval_config = common.get_config().eval
   eval_config.distance = options.pop("distance")
   eval_config.rerank = options.pop("rerank")
@@ -117,8 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--query", help="Query features (.npz).")
   parser.add_argument("--gallery", help="Gallery features (.npz).")
   parser.add_argument("--test", help="VehicleID: the whole test list's features (.npz).")
-  parser.add_argument("--protocol", choices=("veri776", "vehicle_id", "veri_wild",
-                                             "synthetic_vehicles"),
+  parser.add_argument("--protocol", choices=protocols.DATASETS,
                       help="A dataset's evaluation protocol (default: plain query vs "
                       "gallery, junk removed).")
   parser.add_argument("--size", default="", help="Test size named in the rows "
