@@ -89,10 +89,11 @@ def flat_scalars(rows: dict) -> dict[str, float]:
           for k in ROW_METRICS if k in row}
 
 
-def markdown_table(results: dict) -> str:
-  """A results table as the paper reports it (metrics in %)."""
-  head = f"Results at step {results.get('step', '?')}"
-  if "epoch" in results:
+def markdown_table(results: dict, *, title: str | None = None) -> str:
+  """A results table as the paper reports it (metrics in %); `title` replaces the
+  "Results at step N" line."""
+  head = title or f"Results at step {results.get('step', '?')}"
+  if "epoch" in results and title is None:
     head += f" (epoch {results['epoch']:.1f})"
   lines = [head, "", "| test set | " + " | ".join(ROW_METRICS) + " | queries |",
            "|---" * (len(ROW_METRICS) + 2) + "|"]
