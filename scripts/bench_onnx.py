@@ -20,7 +20,6 @@ import json
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import onnxruntime
 
