@@ -296,24 +296,6 @@ def pairwise_distance(q_feats, q_areas, g_feats, g_areas, *,
                _prepare(g_feats, g_areas, distance), distance, precision)
 
 
-def cam_distance(q_feats, q_areas, g_feats, g_areas, *, squared: bool = True,
-                 precision: Precision = Precision.HIGHEST) -> jax.Array:
-  """CAM-weighted distance of one block (SPEC section 4).
-
-  Args:
-    q_feats, g_feats: (Nq, P, C), (Ng, P, C) per-branch features.
-    q_areas, g_areas: (Nq, P), (Ng, P) areas (weights before normalisation).
-    squared: sum_p w_p ||.||^2 (official code) or sum_p w_p ||.|| (paper).
-    precision: matmul precision; HIGHEST keeps float32 on GPUs (no TF32).
-
-  Returns:
-    (Nq, Ng) float32 distances.
-  """
-  return pairwise_distance(q_feats, q_areas, g_feats, g_areas,
-                           distance="cam_squared" if squared else "cam",
-                           precision=precision)
-
-
 # --------------------------------------------------------------------------
 # Exact ranking of a (Qb, G) distance block.
 

@@ -34,7 +34,8 @@ def _direct_cam(qf, qa, gf, ga, squared):
 def test_cam_distance_equals_direct_formula(squared, normalize):
   rng = np.random.default_rng(0)
   q, g = _features(rng, 9, 5, 16, normalize=normalize), _features(rng, 13, 5, 16)
-  got = retrieval.cam_distance(q.feats, q.areas, g.feats, g.areas, squared=squared)
+  got = retrieval.pairwise_distance(q.feats, q.areas, g.feats, g.areas,
+                                     distance="cam_squared" if squared else "cam")
   want = _direct_cam(q.feats, q.areas, g.feats, g.areas, squared)
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
 
