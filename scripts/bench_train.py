@@ -238,6 +238,7 @@ def _start(ctx, name: str, args):
   target = _jax_worker if framework == "jax" else _torch_worker
   proc = ctx.Process(target=target, args=(child, args, mode, dtype), daemon=True)
   proc.start()
+  child.close()  # so a contender that dies (out of memory, say) ends recv() with EOFError
   return parent, proc
 
 
@@ -267,7 +268,11 @@ def main() -> None:
   # Start (and compile) one at a time, so compilations do not compete.
   for name in names:
     conn, proc = _start(ctx, name, args)
-    _, info = conn.recv()
+    try:
+      _, info = conn.recv()
+    except EOFError:
+      proc.join()
+      raise SystemExit(f"{name} exited (code {proc.exitcode}) before it was ready.") from None
     workers[name] = (conn, proc)
     print(f"{name:28s} ready: {info}", flush=True)
   times = {n: [] for n in names}

@@ -50,7 +50,8 @@ SHAPES = {
             "train_reps": 5, "train_steps": 5, "train_warmup": 3,
             "eval": ["--q", "10000", "--g", "128517", "--scale", "1", "--parts", "5",
                      "--channels", "2048", "--query_block", "1024"],
-            "timeouts": {"platform": 60, "parity": 120, "train": 270, "eval": 150}},
+            # Worst cases, together under 10 minutes (a run takes about 6).
+            "timeouts": {"platform": 45, "parity": 100, "train": 300, "eval": 120}},
     True: {"depth": 18, "image_size": 32, "batch": 8, "num_classes": 8,
            "parity_batch": 2,
            # Each contender costs a process and a compilation: one of each framework
@@ -252,7 +253,7 @@ def orchestrate(args) -> int:
       print(f"\n=== {part} (limit {shape['timeouts'][part]} s) ===", flush=True)
       t0 = time.perf_counter()
       with open(out / f"{part}.log", "w") as log:
-        # A session of its own, so a part that runs out of time goes with its children.
+        # A process group of its own, so a part that runs out of time goes with its children.
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, cwd=ROOT, start_new_session=True)
         copier = _tee(proc, log)
