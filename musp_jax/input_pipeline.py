@@ -72,7 +72,8 @@ class _LentSegment(shared_memory.SharedMemory):
   never the worker's mapping, which the next batch reuses.
   """
 
-  def __init__(self, private: shared_memory.SharedMemory, public: str):  # pylint: disable=super-init-not-called
+  # pylint: disable-next=super-init-not-called
+  def __init__(self, private: shared_memory.SharedMemory, public: str):
     self._name = "/" + public
     self._fd = -1
     self._mmap = None

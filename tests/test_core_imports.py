@@ -63,7 +63,8 @@ got = retrieval.evaluate(q, g)
 want = metrics.rank_metrics(retrieval.distance_matrix(q, g), q.ids, g.ids, q.cams, g.cams)
 print(json.dumps({{"loaded": sorted(m for m, v in sys.modules.items()
                              if m.split(".")[0] in {io_stack.BLOCKED!r} and v is not None),
-                  "feats": list(feats.shape), "norms": np.linalg.norm(np.asarray(feats), axis=-1).tolist(),
+                  "feats": list(feats.shape),
+                  "norms": np.linalg.norm(np.asarray(feats), axis=-1).tolist(),
                   "losses": [float(m["loss"]), float(m2["loss"])], "step": int(st.step),
                   "mAP": [got["mAP"], want["mAP"]]}}))
 '''
