@@ -44,7 +44,7 @@ GOAL_RATIO, GOAL_BF16_IMG_S, GOAL_EVAL_S = 1.5, 3000.0, 2.0
 # Full size on the GPU; --dry-run: the same code paths at CPU-test size.
 SHAPES = {
     False: {"depth": 50, "image_size": 256, "batch": 64, "num_classes": 576,
-            "parity_batch": 4,
+            "parity_images": 8,
             "contenders": "jax:auto,jax:auto:bfloat16,torch:eager_cl,torch:eager_cl:bfloat16,"
                           "torch:compile_cl,torch:compile_cl:bfloat16",
             "train_reps": 5, "train_steps": 5, "train_warmup": 3,
@@ -53,7 +53,7 @@ SHAPES = {
             # Worst cases, together under 10 minutes (a run takes about 6).
             "timeouts": {"platform": 45, "parity": 100, "train": 300, "eval": 120}},
     True: {"depth": 18, "image_size": 32, "batch": 8, "num_classes": 8,
-           "parity_batch": 2,
+           "parity_images": 8,
            # Each contender costs a process and a compilation: one of each framework
            # (torch.compile builds C++ kernels for minutes on a CPU; parity runs the
            # bfloat16 model here, tests/test_mixed_precision.py its step).
@@ -116,7 +116,7 @@ def part_parity(args) -> dict:
   cpu, device = jax.devices("cpu")[0], jax.devices()[0]
   c = common.get_config()
   c.model.depth = shape["depth"]
-  batch = step.random_batch(np.random.default_rng(0), 4 * shape["parity_batch"], size,
+  batch = step.random_batch(np.random.default_rng(0), shape["parity_images"], size,
                             shape["num_classes"])
   with jax.default_device(cpu):  # the same weights on both devices
     variables = state.init_variables(build_model(c.model, shape["num_classes"]), size, seed=0)
@@ -124,20 +124,20 @@ def part_parity(args) -> dict:
   for dtype in ("float32", "bfloat16"):
     c.model.dtype = dtype
     model = build_model(c.model, shape["num_classes"])
-    embed = jax.jit(functools.partial(features.embed, model=model, flip=False,
-                                      normalize=c.input.normalize))
 
-    @jax.jit
-    def train_loss(variables, batch, model=model):
-      x = preprocess.train_images(batch, c.input)
-      outputs, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
-      return losses.total_loss(outputs, batch["label"], c.loss)[0]
+    def outputs(variables, batch, *, model):
+      """Features and areas (eval mode) and the loss in train mode: one compilation."""
+      feats, areas = features.embed(variables, batch["image"], model=model, flip=False,
+                                    normalize=c.input.normalize)
+      out, _ = model.apply(variables, preprocess.train_images(batch, c.input), train=True,
+                           mutable=["batch_stats"])
+      return feats, areas, losses.total_loss(out, batch["label"], c.loss)[0]
 
+    jitted = jax.jit(functools.partial(outputs, model=model))
     got = {}
     for name, where in (("cpu", cpu), ("device", device)):
-      v, b = jax.device_put((variables, batch), where)
-      f, a = embed(v, b["image"])
-      got[name] = (np.asarray(f), np.asarray(a), float(train_loss(v, b)))
+      f, a, loss = jitted(*jax.device_put((variables, batch), where))
+      got[name] = (np.asarray(f), np.asarray(a), float(loss))
     (f0, a0, l0), (f1, a1, l1) = got["cpu"], got["device"]
     cos = np.sum(f0 * f1, -1) / np.maximum(
         np.linalg.norm(f0, axis=-1) * np.linalg.norm(f1, axis=-1), 1e-12)
