@@ -131,7 +131,10 @@ def export_onnx(loaded, *, input_hw: tuple[int, int] | None = None,
   # Convolutions as convolutions (not the CPU training path's matrix products,
   # models/fast_conv.py): the same parameters and function, and the Conv nodes
   # ONNX runtimes optimise best.
-  model = loaded.model.clone(backbone=loaded.model.backbone.clone(conv_impl="xla"))
+  head = loaded.model.head
+  if hasattr(head, "conv_impl"):  # the MUSP head's depthwise value conv
+    head = head.clone(conv_impl="xla")
+  model = loaded.model.clone(backbone=loaded.model.backbone.clone(conv_impl="xla"), head=head)
   fn = serving_fn(model, loaded.variables, loaded.config, input_hw=input_hw, flip=flip)
   (batch,) = jax.export.symbolic_shape("batch")
   spec = jax.ShapeDtypeStruct((batch, *input_hw, 3), jnp.uint8)

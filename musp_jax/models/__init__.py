@@ -64,7 +64,8 @@ def build_head(model_config: ml_collections.ConfigDict, num_classes: int):
       global_feature=c.global_feature,
       diversity=c.diversity,
       global_branch=c.global_branch,
-      dtype=compute_dtype(c.dtype))
+      dtype=compute_dtype(c.dtype),
+      conv_impl=c.get("conv_impl", "auto"))
   head.check_settings()  # fail at build time, not after a backbone init
   return head
 
