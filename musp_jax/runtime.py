@@ -7,12 +7,19 @@
 - the INFO chatter of Orbax, grain and tfds is dropped from the absl log;
 - with a config: XLA's persistent compilation cache (a restart skips compiling) and the
   multi-process start-up (`config.distributed`).
-`make_mesh` is the one data-parallel mesh of training and evaluation.
+`make_mesh` is the one data-parallel mesh of training and evaluation. `print_error` is
+how every entry point reports an error a user can act on (`USER_ERRORS`): one line,
+`error: ...`, with the traceback only when asked for (--verbose); `run_entry_point`
+also turns a requested stop (`Stopped`) or Ctrl-C into a message and an exit code.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
+import traceback
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -71,3 +78,46 @@ def make_mesh() -> jax.sharding.Mesh:
   """A 1-D data-parallel mesh over every device of every process."""
   return jax.make_mesh((jax.device_count(),), ("data",),
                        axis_types=(jax.sharding.AxisType.Auto,))
+
+
+# Errors a user can act on: a bad value or key, a missing, unreadable or foreign file,
+# a busy workdir, a diverged run. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, ImportError, FloatingPointError)
+
+
+class Stopped(Exception):
+  """A run that stopped as it was asked to (a signal), its work saved."""
+
+  def __init__(self, message: str, exit_code: int):
+    super().__init__(message)
+    self.exit_code = exit_code
+
+
+def print_error(error: BaseException, *, verbose: bool = False) -> None:
+  """Prints `error: <message>` to stderr, after the traceback when `verbose`."""
+  if verbose:
+    traceback.print_exception(error)
+  print(f"error: {error}", file=sys.stderr, flush=True)
+
+
+def run_entry_point(fn: Callable[[], Any], *, verbose: bool = False) -> Any:
+  """Returns fn(); exits with one line on an error a user can act on, a stop or Ctrl-C.
+
+  Exit codes: 1 for an error, 128 + the signal number for a stop, 130 for Ctrl-C.
+  """
+  try:
+    return fn()
+  except Stopped as e:
+    print(e, file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
+  except KeyboardInterrupt:
+    print("Interrupted.", file=sys.stderr, flush=True)
+    sys.exit(130)
+  except USER_ERRORS as e:
+    print_error(e, verbose=verbose)
+    sys.exit(1)
+
+
+def add_verbose_arg(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--verbose", action="store_true",
+                      help="On an error, print its traceback too.")
