@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from musp_jax import outputs
+
 FORMAT = "musp_jax.export/1"
 
 
@@ -78,8 +80,9 @@ def export(loaded, *, input_hw: tuple[int, int] | None = None, flip: bool = Fals
 
 
 def save(path: str, serialized: bytes, metadata: dict) -> None:
-  with open(path, "wb") as f:
-    np.savez(f, exported=np.frombuffer(serialized, np.uint8),
+  """Writes the export atomically: a failed or killed write leaves `path` as it was."""
+  with outputs.atomic_file(path) as tmp:
+    np.savez(tmp, exported=np.frombuffer(serialized, np.uint8),
              metadata=np.array(json.dumps(metadata)))
 
 
@@ -135,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="Image size the function takes (default: the model's).")
   parser.add_argument("--flip", action="store_true", help="Flip-averaged features.")
   parser.add_argument("--platforms", nargs="+", default=["cpu", "cuda"])
+  runtime.add_verbose_arg(parser)
   args = parser.parse_args(argv)
   if not args.out.endswith(".npz"):
     parser.error(f"--out {args.out}: expected a .npz path.")
@@ -143,10 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     loaded = embed.load_model(args)
     serialized, metadata = export(loaded, input_hw=args.input_size, flip=args.flip,
                                   platforms=args.platforms)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    save(args.out, serialized, metadata)
+  except runtime.USER_ERRORS as e:
+    runtime.print_error(e, verbose=args.verbose)
     return 2
-  save(args.out, serialized, metadata)
   print(f"Wrote {args.out} ({len(serialized) / 2**20:.1f} MiB): "
         f"{json.dumps(metadata['input'])} -> {json.dumps(metadata['outputs'])}")
   return 0

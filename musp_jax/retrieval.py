@@ -38,6 +38,7 @@ import dataclasses
 import functools
 import os
 from typing import Any
+import zipfile
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -45,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from musp_jax import metrics
+from musp_jax import outputs
 from musp_jax import rerank as rerank_lib
 
 DISTANCES = ("cam_squared", "cam", "cosine", "euclidean")
@@ -97,19 +99,26 @@ def save_features(path: str | os.PathLike, features: Features,
   names = features.file_names
   if names is None:
     names = np.array([""] * len(features))
-  path = os.fspath(path)
-  tmp = f"{path}.tmp.npz"
-  np.savez(tmp, feats=features.feats.astype(np.float32),
-           areas=features.areas.astype(np.float32),
-           vehicle_id=features.ids, camera_id=features.cams,
-           file_name=np.asarray(names, dtype=str),
-           model_signature=np.array(features.model_signature), **extra)
-  os.replace(tmp, path)
+  with outputs.atomic_file(path) as tmp:
+    np.savez(tmp, feats=features.feats.astype(np.float32),
+             areas=features.areas.astype(np.float32),
+             vehicle_id=features.ids, camera_id=features.cams,
+             file_name=np.asarray(names, dtype=str),
+             model_signature=np.array(features.model_signature), **extra)
 
 
 def load_features(path: str | os.PathLike) -> Features:
   """Reads a .npz written by `save_features` (or any tool using its keys)."""
-  with np.load(path, allow_pickle=False) as data:
+  what = "a features .npz (as `python -m musp_jax.embed` writes)"
+  try:
+    data = np.load(path, allow_pickle=False)
+  except FileNotFoundError:
+    raise
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    raise ValueError(f"{path} is not {what}: numpy cannot read it ({e}).") from e
+  if not isinstance(data, np.lib.npyio.NpzFile):
+    raise ValueError(f"{path} holds a single array, not {what}.")
+  with data:
     missing = [k for k in NPZ_KEYS if k not in data.files]
     if missing:
       raise ValueError(f"{path}: missing keys {missing}; a features file "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -23,6 +24,7 @@ import numpy as np
 from musp_jax import embed as embed_lib
 from musp_jax import features
 from musp_jax import inference
+from musp_jax import outputs
 from musp_jax import retrieval
 from musp_jax import runtime
 
@@ -54,6 +56,11 @@ def query_features(queries: Sequence[str], gallery: retrieval.Features, *,
       raise ValueError(
           f"{gallery_path} does not name the model that made it (no model_source); "
           "pass --workdir or --checkpoint to embed the queries.")
+    if not os.path.exists(gallery_source):
+      raise FileNotFoundError(
+          f"{gallery_path} was made by the model in {gallery_source}, which is not there "
+          "any more (moved or deleted); pass --workdir or --checkpoint with its new place "
+          "(the model is checked against the gallery's signature).")
     model_path = gallery_source
   loaded = inference.load(model_path, step=step)
   flip = bool(features.signature_field(gallery.model_signature, "flip", False))
@@ -121,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "instead of the table).")
   parser.add_argument("--batch_size", type=int, default=32)
   embed_lib.add_model_args(parser, required=False)
+  runtime.add_verbose_arg(parser)
   args = parser.parse_args(argv)
   if args.topk < 1:
     parser.error(f"--topk {args.topk}: expected >= 1.")
@@ -132,18 +140,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                            checkpoint=args.checkpoint, step=args.step,
                            batch_size=args.batch_size)
     results = search(query, gallery, topk=args.topk, distance=args.distance)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    payload = {"gallery": args.gallery, "distance": args.distance, "topk": args.topk,
+               "queries": results}
+    if args.json == "-":
+      print(json.dumps(payload, indent=2))
+      return 0
+    print(format_table(results))
+    if args.json:
+      outputs.write_text(args.json, json.dumps(payload, indent=2))
+  except runtime.USER_ERRORS as e:
+    runtime.print_error(e, verbose=args.verbose)
     return 2
-  payload = {"gallery": args.gallery, "distance": args.distance, "topk": args.topk,
-             "queries": results}
-  if args.json == "-":
-    print(json.dumps(payload, indent=2))
-    return 0
-  print(format_table(results))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(payload, f, indent=2)
   return 0
 
 
