@@ -67,7 +67,7 @@ def main(argv):
   from musp_jax import train  # pylint: disable=g-import-not-at-top
 
   config = FLAGS.config
-  results = train.train_and_evaluate(config, FLAGS.workdir)
+  results = runtime.run_entry_point(lambda: train.train_and_evaluate(config, FLAGS.workdir))
   trained = next(iter(results["results"].values()))
   rows = {"MUSP trained (this run)": trained, **reference_rows(config, runtime.make_mesh())}
   table = evaluator.markdown_table({"step": results["step"], "results": rows})
