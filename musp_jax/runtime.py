@@ -16,6 +16,7 @@ also turns a requested stop (`Stopped`) or Ctrl-C into a message and an exit cod
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import traceback
@@ -23,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+from absl import flags
 from absl import logging
 from etils import epath
 
@@ -121,3 +123,82 @@ def run_entry_point(fn: Callable[[], Any], *, verbose: bool = False) -> Any:
 def add_verbose_arg(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--verbose", action="store_true",
                       help="On an error, print its traceback too.")
+
+
+# --------------------------------------------------------------------------
+# Command-line flags of the absl entry points (main, demo).
+
+
+def exit_with_error(message: str, code: int = 2) -> None:
+  """A usage error: `error: <message>` and exit."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def _config_spec(argv) -> str | None:
+  """The value of --config (file[:args]) on the command line."""
+  spec = None
+  for i, arg in enumerate(argv[1:], start=1):
+    if arg == "--config" and i + 1 < len(argv):
+      spec = argv[i + 1]
+    elif arg.startswith("--config="):
+      spec = arg[len("--config="):]
+  return spec
+
+
+def _config_file(argv) -> object | None:
+  """The config named by --config, loaded again to name its fields in an error."""
+  spec = _config_spec(argv)
+  if not spec:
+    return None
+  path, _, arg = spec.partition(":")
+  try:
+    module_spec = importlib.util.spec_from_file_location("_config_for_error", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+  except Exception:  # pylint: disable=broad-except  # the flag error is reported anyway
+    return None
+
+
+def _config_override_error(argv) -> str | None:
+  """Names the first --config.<a>.<b> override that is not a field of the config."""
+  config = _config_file(argv)
+  if config is None:
+    return None
+  for arg in argv[1:]:
+    if not arg.startswith("--config."):
+      continue
+    parts = arg[len("--config."):].split("=", 1)[0].split(".")
+    node = config
+    for i, part in enumerate(parts):
+      fields = sorted(node.keys()) if hasattr(node, "keys") else []
+      if part not in fields:
+        where = ".".join(parts[:i]) or "the config"
+        expected = (f"its fields are {', '.join(fields)}" if fields
+                    else f"{where} is a value, not a section")
+        return f"{arg}: unknown config key; {where} has no field {part!r} ({expected})."
+      node = node[part]
+  return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing for app.run(flags_parser=...): a bad flag, config file or
+  --config.<key> override is reported in one line, naming the key and the fields there
+  are."""
+  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  try:
+    remaining = FLAGS(argv)
+    FLAGS.config.keys()  # a config file that failed to load raises only when used
+    return remaining
+  except OSError as e:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    exit_with_error(f"--config={_config_spec(argv)}: {lines[-1]}")
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    message = str(e)
+    if "Error whilst parsing config file" in message:  # the config module's own error
+      lines = [line.strip() for line in message.splitlines() if line.strip()]
+      message = f"{lines[0].split(':')[0]}: {lines[-1]}"
+    elif not isinstance(e, flags.IllegalFlagValueError):
+      message = _config_override_error(argv) or message
+    exit_with_error(message.strip().strip('"'))
