@@ -151,7 +151,7 @@ def query_vectors(feats_NxPxC: np.ndarray, areas_NxP: np.ndarray,
 
 
 def _pad_columns(x: np.ndarray, dim: int) -> np.ndarray:
-  """Zero columns up to `dim` (PQ needs a dimension divisible by M)."""
+  """Zero columns up to `dim` (a multiple of PQ's M, or of 16 for SIMD scans)."""
   if x.shape[1] == dim:
     return np.ascontiguousarray(x, np.float32)
   out = np.zeros((len(x), dim), np.float32)
@@ -321,7 +321,8 @@ def _resolve(spec: Spec, num_items: int, dim0: int) -> dict[str, Any]:
     dim = -(-dim0 // pq_m) * pq_m
     factory = f"IVF{nlist},PQ{pq_m}"
   else:
-    pq_m, dim = None, dim0
+    # faiss' SIMD scanners need a multiple of 16 dimensions (else scalar code).
+    pq_m, dim = None, -(-dim0 // 16) * 16
     factory = f"IVF{nlist},{'SQ8' if codec == 'sq8' else 'Flat'}"
   # Flat codes: scan every list by default, so search is exact (docstring).
   nprobe = spec.nprobe or (nlist if codec == "flat" else max(1, nlist // 32))
@@ -550,7 +551,9 @@ class GalleryIndex:
       raise IndexFileError(f"{self.path / ANN} holds {self.ann.ntotal} vectors of "
                            f"dimension {self.ann.d}, the index recorded {n} of "
                            f"{params['dim']}.")
-    self._ivf = faiss.extract_index_ivf(self.ann)
+    self._ivf = ivf = faiss.extract_index_ivf(self.ann)
+    self._centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+    self._centroid_areas = self._centroids[:, p * c:p * c + p]
 
   def __len__(self) -> int:
     return int(self.meta["num_items"])
@@ -598,10 +601,16 @@ class GalleryIndex:
           query.feats[lo:hi], query.areas[lo:hi], k, nprobe, max(candidates, k))
     return dist, index
 
-  def _ann_search(self, u: np.ndarray, count: int, nprobe: int):
+  def _scan(self, u_BxD: np.ndarray, coarse_BxL: np.ndarray, count: int, nprobe: int):
+    """faiss' top `count` scores of u, scanning the nprobe best lists by coarse_BxL."""
     count = min(count, len(self))
-    params = faiss.SearchParametersIVF(nprobe=nprobe)
-    return self.ann.search(_pad_columns(u, self.params["dim"]), count, params=params)
+    if nprobe < coarse_BxL.shape[1]:
+      lists = np.argpartition(-coarse_BxL, nprobe - 1, axis=1)[:, :nprobe]
+    else:
+      lists = np.broadcast_to(np.arange(coarse_BxL.shape[1]), coarse_BxL.shape)
+    self._ivf.nprobe = lists.shape[1]  # the wrapper checks the lists' shape by it
+    return self._ivf.search_preassigned(u_BxD, count, lists,
+                                        np.take_along_axis(coarse_BxL, lists, 1))
 
   def _exact(self, qf: np.ndarray, qa: np.ndarray, idx_BxK: np.ndarray) -> np.ndarray:
     """Exact distances to candidates (inf where the index returned none)."""
@@ -618,17 +627,23 @@ class GalleryIndex:
     return np.where(idx_BxK >= 0, d[:b, :k], np.inf).astype(np.float32)
 
   def _search_block(self, qf, qa, k, nprobe, candidates):
+    dim = self.params["dim"]
+    # Coarse scores are computed once: u(t) - u(2) is (t - 2) a_q on the a block
+    # of z, so a centroid's score moves by (t - 2) a_q . (its a block).
+    u1 = _pad_columns(query_vectors(qf, qa, 2.0), dim)
+    coarse1 = u1 @ self._centroids.T
+    coarse_area = qa @ self._centroid_areas.T
     # Pass 1: t = 2, the area-scaled inner product.
-    _, i1 = self._ann_search(query_vectors(qf, qa, 2.0), candidates, nprobe)
+    _, i1 = self._scan(u1, coarse1, candidates, nprobe)
     d1 = self._exact(qf, qa, i1)
-    kth = np.partition(d1, k - 1, axis=1)[:, k - 1] if d1.shape[1] >= k else (
-        np.full(len(d1), np.inf, np.float32))
+    kth = np.partition(d1, k - 1, axis=1)[:, k - 1]
     threshold = np.where(np.isfinite(kth), kth, 2.0).astype(np.float32)
-    # Pass 2: t = d, the k-th distance found; repeated while not certified.
-    u2 = query_vectors(qf, qa, threshold)
+    # Pass 2: t = d, the k-th distance found; widened until certified if exhaustive.
+    u2 = _pad_columns(query_vectors(qf, qa, threshold), dim)
+    coarse2 = coarse1 + (threshold - 2.0)[:, None] * coarse_area
     count = candidates
     while True:
-      s2, i2 = self._ann_search(u2, count, nprobe)
+      s2, i2 = self._scan(u2, coarse2, count, nprobe)
       if not self.exhaustive(nprobe) or s2.shape[1] >= len(self):
         break
       # m < 0 beyond float32 rounding of the scores (see the module docstring).
