@@ -13,7 +13,8 @@ orders them.
 
 Codes kept in memory per image (`Spec.codec`): `flat` (4 bytes a dimension,
 exact scores; the default below 65,536 images, where search is then exact),
-`sq8` (1 byte a dimension; the default above) or `pq` (M bytes). IVF rather
+`sq8` (1 byte a dimension; the default above) or `pq` (1 byte per
+`pq_dims` dimensions). IVF rather
 than HNSW: training on a sample and adding shard by shard streams, the build
 is a few matrix products, and memory is the codes alone, while HNSW keeps a
 graph over full vectors and builds slowly on a CPU. SQ8 rather than PQ by
@@ -32,8 +33,13 @@ Expanding the square, for any threshold t,
 
   r (t - D) = sum_p a_q^p a_g^p (t - n_q^p - n_g^p + 2 f_q^p . f_g^p)
             = u_q(t) . z_g,   with
-  z_g    = [a_g^1 f_g^1, ..., a_g^P f_g^P,  a_g,  a_g n_g]         (P*C + 2P)
-  u_q(t) = [2 a_q^1 f_q^1, ..., 2 a_q^P f_q^P,  a_q (t - n_q),  -a_q].
+  z_g    = [a_g^1 f_g^1, ..., a_g^P f_g^P,  s a_g,  s a_g n_g]           (P*C + 2P)
+  u_q(t) = [2 a_q^1 f_q^1, ..., 2 a_q^P f_q^P,  a_q (t - n_q) / s,  -a_q / s]
+
+for any s > 0. s = 1/16 (AREA_SCALE): k-means and the assignment of items to
+inverted lists see z alone, and at s = 1 the area block would group items by
+their areas instead of by the feature block that decides which lists a query
+probes (recall@10 stalled at 0.945 however many lists were scanned).
 
 The index stores z_g and returns the items of largest u_q(t) . z_g. Areas are
 positive (the global branch has a fixed pseudo-area), so r > 0 and the score's
@@ -41,7 +47,8 @@ sign is the sign of t - D: items closer than t score above zero, the others
 below. For L2-normalised features (n = 1) and t = 2 the score is
 2 (a_q f_q) . (a_g f_g), the inner product of the area-scaled concatenated
 features. The score is not monotone in D (it is scaled by r, which differs
-from item to item), so a query is answered in two passes:
+from item to item), so a query is answered in two passes over the same
+nprobe lists (those whose centroids score best under u_q(2)):
 
   1. t = 2: K candidates, their exact D; d = the k-th smallest of them.
   2. t = d: K candidates, their exact D; the top k of both passes by (D, index).
@@ -116,8 +123,11 @@ STORE_DTYPES = ("float32", "float16")
 # Galleries from this size get SQ8 codes by default; below it flat codes (exact
 # scores, 4 bytes a dimension) cost little memory and make search exact.
 APPROX_FROM = 65_536
-PQ_DIMS_PER_CODE = 4  # PQ sub-vector length: the default M is about dim / 4
 ADD_CHUNK = 65_536  # vectors per faiss add (bounded memory)
+# The area block of z is scaled by this and u's by its inverse (exact: a power of
+# two), so that k-means and the assignment of items to lists, which see z alone,
+# group items by their features, the block that decides which lists a query probes.
+AREA_SCALE = 1.0 / 16
 
 
 class IndexFileError(ValueError):
@@ -129,33 +139,38 @@ class IndexFileError(ValueError):
 
 
 def gallery_vectors(feats_NxPxC: np.ndarray, areas_NxP: np.ndarray) -> np.ndarray:
-  """z = [a f (P*C), a (P), a |f|^2 (P)], float32 (N, P*C + 2P)."""
+  """z = [a f (P*C), s a (P), s a |f|^2 (P)], float32 (N, P*C + 2P); s = AREA_SCALE."""
   feats = np.asarray(feats_NxPxC, np.float32)
   areas = np.asarray(areas_NxP, np.float32)
   n = len(feats)
   sq_NxP = np.einsum("npc,npc->np", feats, feats)
-  return np.concatenate([(feats * areas[..., None]).reshape(n, -1), areas,
-                         areas * sq_NxP], axis=1)
+  return np.concatenate([(feats * areas[..., None]).reshape(n, -1), AREA_SCALE * areas,
+                         AREA_SCALE * areas * sq_NxP], axis=1)
 
 
 def query_vectors(feats_NxPxC: np.ndarray, areas_NxP: np.ndarray,
                   threshold: float | np.ndarray) -> np.ndarray:
-  """u(t) = [2 a f, a (t - |f|^2), -a]: u(t) . z_g = r (t - D(q, g))."""
+  """u(t) = [2 a f, a (t - |f|^2) / s, -a / s]: u(t) . z_g = r (t - D(q, g))."""
   feats = np.asarray(feats_NxPxC, np.float32)
   areas = np.asarray(areas_NxP, np.float32)
   n = len(feats)
   t = np.broadcast_to(np.asarray(threshold, np.float32).reshape(-1, 1), (n, 1))
   sq_NxP = np.einsum("npc,npc->np", feats, feats)
   return np.concatenate([2.0 * (feats * areas[..., None]).reshape(n, -1),
-                         areas * (t - sq_NxP), -areas], axis=1)
+                         areas * (t - sq_NxP) / AREA_SCALE, -areas / AREA_SCALE], axis=1)
 
 
-def _pad_columns(x: np.ndarray, dim: int) -> np.ndarray:
-  """Zero columns up to `dim` (a multiple of PQ's M, or of 16 for SIMD scans)."""
-  if x.shape[1] == dim:
-    return np.ascontiguousarray(x, np.float32)
-  out = np.zeros((len(x), dim), np.float32)
-  out[:, :x.shape[1]] = x
+def _place(v: np.ndarray, params: dict[str, Any]) -> np.ndarray:
+  """z or u with zero columns after the feature block and after the area block.
+
+  Each block fills whole PQ sub-vectors (else one sub-quantizer would mix the
+  small, scaled area entries with features) or whole 16-float SIMD words.
+  """
+  n, offset = len(v), params["area_offset"]
+  features = v.shape[1] - 2 * params["parts"]
+  out = np.zeros((n, params["dim"]), np.float32)
+  out[:, :features] = v[:, :features]
+  out[:, offset:offset + v.shape[1] - features] = v[:, features:]
   return out
 
 
@@ -283,7 +298,7 @@ class Spec:
   """What kind of faiss index to build (None / "auto": chosen from the size)."""
   nlist: int | None = None  # inverted lists; auto ~ 4 sqrt(N), >= 39 items a list
   codec: str = "auto"  # flat | sq8 | pq | auto (sq8 from APPROX_FROM items, else flat)
-  pq_m: int | None = None  # PQ sub-quantizers (8 bits each); auto ~ dim / 4
+  pq_dims: int = 4  # dimensions per PQ code byte (sub-vector length)
   nprobe: int | None = None  # lists scanned per query by default; auto: see _resolve
   candidates: int = 100  # K of each pass by default
   store: str = "float32"  # feature store dtype
@@ -291,7 +306,7 @@ class Spec:
   seed: int = 0  # which vectors train the index
 
 
-def _resolve(spec: Spec, num_items: int, dim0: int) -> dict[str, Any]:
+def _resolve(spec: Spec, num_items: int, parts: int, channels: int) -> dict[str, Any]:
   """The concrete parameters written to meta.json."""
   if spec.codec not in CODECS:
     raise ValueError(f"codec={spec.codec!r}; expected one of {CODECS}.")
@@ -311,18 +326,19 @@ def _resolve(spec: Spec, num_items: int, dim0: int) -> dict[str, Any]:
   train_size = min(train_size, num_items)
   if train_size < nlist:
     raise ValueError(f"train_size={train_size} < nlist={nlist}.")
+  # Blocks of whole PQ sub-vectors, or of 16 floats: faiss' SIMD scanners need a
+  # multiple of 16 dimensions (else scalar code).
+  block = spec.pq_dims if codec == "pq" else 16
+  if block < 1:
+    raise ValueError(f"pq_dims={block}; expected >= 1.")
+  area_offset = -(-parts * channels // block) * block
+  dim = area_offset + -(-2 * parts // block) * block
   if codec == "pq":
-    pq_m = spec.pq_m or -(-dim0 // PQ_DIMS_PER_CODE)
-    if not 1 <= pq_m <= dim0:
-      raise ValueError(f"pq_m={pq_m}; expected 1..{dim0} (the vector dimension).")
     if train_size < 256:
       raise ValueError(f"PQ codes need >= 256 training vectors, the gallery has "
                        f"{train_size}; use codec='flat'.")
-    dim = -(-dim0 // pq_m) * pq_m
-    factory = f"IVF{nlist},PQ{pq_m}"
+    factory = f"IVF{nlist},PQ{dim // block}"
   else:
-    # faiss' SIMD scanners need a multiple of 16 dimensions (else scalar code).
-    pq_m, dim = None, -(-dim0 // 16) * 16
     factory = f"IVF{nlist},{'SQ8' if codec == 'sq8' else 'Flat'}"
   # Flat codes: scan every list by default, so search is exact (docstring).
   nprobe = spec.nprobe or (nlist if codec == "flat" else max(1, nlist // 32))
@@ -330,8 +346,8 @@ def _resolve(spec: Spec, num_items: int, dim0: int) -> dict[str, Any]:
     raise ValueError(f"nprobe={nprobe}; expected 1..nlist={nlist}.")
   if spec.candidates < 1:
     raise ValueError(f"candidates={spec.candidates}; expected >= 1.")
-  return {"factory": factory, "codec": codec, "nlist": nlist, "pq_m": pq_m,
-          "dim": dim, "nprobe": nprobe, "candidates": spec.candidates,
+  return {"factory": factory, "codec": codec, "nlist": nlist, "parts": parts,
+          "area_scale": AREA_SCALE, "area_offset": area_offset, "dim": dim, "nprobe": nprobe, "candidates": spec.candidates,
           "store": spec.store, "train_size": train_size, "seed": spec.seed}
 
 
@@ -351,7 +367,7 @@ def build(shards: Sequence[str | os.PathLike], out: str | os.PathLike,
   if out.exists() and not overwrite:
     raise FileExistsError(f"{out} exists; remove it or pass overwrite (--overwrite).")
   layout = _scan(shards)
-  params = _resolve(spec, layout.num_items, layout.parts * layout.channels + 2 * layout.parts)
+  params = _resolve(spec, layout.num_items, layout.parts, layout.channels)
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
   try:
@@ -422,17 +438,16 @@ def _build_ann(tmp: pathlib.Path, num_items: int, params: dict[str, Any]):
   """Trains the faiss index on a seeded sample of z, then adds every item in order."""
   feats = np.load(tmp / FEATS, mmap_mode="r")
   areas = np.load(tmp / "areas.npy")
-  dim = params["dim"]
   rng = np.random.default_rng(params["seed"])
   sample = np.sort(rng.choice(num_items, params["train_size"], replace=False))
   logging.info("Index: training %s on %d vectors of dimension %d", params["factory"],
-               len(sample), dim)
-  ann = faiss.index_factory(dim, params["factory"], faiss.METRIC_INNER_PRODUCT)
-  ann.train(_pad_columns(gallery_vectors(feats[sample], areas[sample]), dim))
+               len(sample), params["dim"])
+  ann = faiss.index_factory(params["dim"], params["factory"], faiss.METRIC_INNER_PRODUCT)
+  ann.train(_place(gallery_vectors(feats[sample], areas[sample]), params))
   z_max = 0.0
   for lo in range(0, num_items, ADD_CHUNK):
     hi = min(lo + ADD_CHUNK, num_items)
-    z = _pad_columns(gallery_vectors(feats[lo:hi], areas[lo:hi]), dim)
+    z = _place(gallery_vectors(feats[lo:hi], areas[lo:hi]), params)
     z_max = max(z_max, float(np.sqrt(np.max(np.einsum("nd,nd->n", z, z)))))
     ann.add(z)
     logging.info("Index: added %d/%d", hi, num_items)
@@ -533,6 +548,10 @@ class GalleryIndex:
                     hash_it=verify_features or name != FEATS)
     except (KeyError, TypeError) as e:
       raise IndexFileError(f"{self.path / META} is incomplete: no {e}.") from e
+    if params.get("area_scale") != AREA_SCALE:
+      raise IndexFileError(f"{self.path / META}: built with area scale "
+                           f"{params.get('area_scale')}, this version uses {AREA_SCALE}; "
+                           "build the index again.")
     self.meta = meta
     self.params = params
     self.feats = _load_npy(self.path / FEATS, (n, p, c), params["store"], mmap=True)
@@ -553,7 +572,9 @@ class GalleryIndex:
                            f"{params['dim']}.")
     self._ivf = ivf = faiss.extract_index_ivf(self.ann)
     self._centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
-    self._centroid_areas = self._centroids[:, p * c:p * c + p]
+    # u(t) - u(2) = (t - 2) a_q / AREA_SCALE on the area block (pass 2).
+    offset = params["area_offset"]
+    self._centroid_areas = self._centroids[:, offset:offset + p] / AREA_SCALE
 
   def __len__(self) -> int:
     return int(self.meta["num_items"])
@@ -601,16 +622,12 @@ class GalleryIndex:
           query.feats[lo:hi], query.areas[lo:hi], k, nprobe, max(candidates, k))
     return dist, index
 
-  def _scan(self, u_BxD: np.ndarray, coarse_BxL: np.ndarray, count: int, nprobe: int):
-    """faiss' top `count` scores of u, scanning the nprobe best lists by coarse_BxL."""
-    count = min(count, len(self))
-    if nprobe < coarse_BxL.shape[1]:
-      lists = np.argpartition(-coarse_BxL, nprobe - 1, axis=1)[:, :nprobe]
-    else:
-      lists = np.broadcast_to(np.arange(coarse_BxL.shape[1]), coarse_BxL.shape)
-    self._ivf.nprobe = lists.shape[1]  # the wrapper checks the lists' shape by it
-    return self._ivf.search_preassigned(u_BxD, count, lists,
-                                        np.take_along_axis(coarse_BxL, lists, 1))
+  def _scan(self, u_BxD: np.ndarray, lists_BxL: np.ndarray, coarse_BxL: np.ndarray,
+            count: int):
+    """faiss' top `count` scores of u in the given lists (coarse: u . centroid)."""
+    self._ivf.nprobe = lists_BxL.shape[1]  # the wrapper checks the lists' shape by it
+    return self._ivf.search_preassigned(u_BxD, min(count, len(self)), lists_BxL,
+                                        coarse_BxL)
 
   def _exact(self, qf: np.ndarray, qa: np.ndarray, idx_BxK: np.ndarray) -> np.ndarray:
     """Exact distances to candidates (inf where the index returned none)."""
@@ -627,23 +644,23 @@ class GalleryIndex:
     return np.where(idx_BxK >= 0, d[:b, :k], np.inf).astype(np.float32)
 
   def _search_block(self, qf, qa, k, nprobe, candidates):
-    dim = self.params["dim"]
-    # Coarse scores are computed once: u(t) - u(2) is (t - 2) a_q on the a block
-    # of z, so a centroid's score moves by (t - 2) a_q . (its a block).
-    u1 = _pad_columns(query_vectors(qf, qa, 2.0), dim)
-    coarse1 = u1 @ self._centroids.T
-    coarse_area = qa @ self._centroid_areas.T
     # Pass 1: t = 2, the area-scaled inner product.
-    _, i1 = self._scan(u1, coarse1, candidates, nprobe)
+    u1 = _place(query_vectors(qf, qa, 2.0), self.params)
+    coarse1, lists = self._ivf.quantizer.search(u1, nprobe)
+    _, i1 = self._scan(u1, lists, coarse1, candidates)
     d1 = self._exact(qf, qa, i1)
     kth = np.partition(d1, k - 1, axis=1)[:, k - 1]
     threshold = np.where(np.isfinite(kth), kth, 2.0).astype(np.float32)
-    # Pass 2: t = d, the k-th distance found; widened until certified if exhaustive.
-    u2 = _pad_columns(query_vectors(qf, qa, threshold), dim)
-    coarse2 = coarse1 + (threshold - 2.0)[:, None] * coarse_area
+    # Pass 2: t = d, the k-th distance found, in the same lists; u(t) - u(2) is
+    # (t - 2) a_q / AREA_SCALE on the area block, so a centroid's score moves by
+    # (t - 2) a_q . (its area block) / AREA_SCALE. Widened until certified if
+    # exhaustive.
+    u2 = _place(query_vectors(qf, qa, threshold), self.params)
+    coarse2 = coarse1 + (threshold - 2.0)[:, None] * np.einsum(
+        "bp,blp->bl", qa, self._centroid_areas[lists])
     count = candidates
     while True:
-      s2, i2 = self._scan(u2, coarse2, count, nprobe)
+      s2, i2 = self._scan(u2, lists, coarse2, count)
       if not self.exhaustive(nprobe) or s2.shape[1] >= len(self):
         break
       # m < 0 beyond float32 rounding of the scores (see the module docstring).

@@ -218,10 +218,11 @@ def build_index_main(argv: Sequence[str]) -> int:
   parser.add_argument("--out", required=True, help="Index folder to write.")
   parser.add_argument("--codec", choices=("auto", "flat", "sq8", "pq"), default="auto",
                       help="Codes in memory: flat (exact scores, 4 B a dimension), sq8 "
-                           "(1 B), pq (--pq_m B a vector); auto: sq8 from 65,536 "
+                           "(1 B), pq (1 B per --pq_dims); auto: sq8 from 65,536 "
                            "images, else flat.")
   parser.add_argument("--nlist", type=int, default=None, help="Inverted lists (auto).")
-  parser.add_argument("--pq_m", type=int, default=None, help="PQ bytes a vector (auto).")
+  parser.add_argument("--pq_dims", type=int, default=4,
+                      help="Dimensions per PQ code byte (--codec pq).")
   parser.add_argument("--nprobe", type=int, default=None,
                       help="Default lists scanned per query (auto: all for flat).")
   parser.add_argument("--candidates", type=int, default=100,
@@ -233,7 +234,7 @@ def build_index_main(argv: Sequence[str]) -> int:
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   try:
     from musp_jax import index as index_lib  # pylint: disable=g-import-not-at-top
-    spec = index_lib.Spec(nlist=args.nlist, codec=args.codec, pq_m=args.pq_m,
+    spec = index_lib.Spec(nlist=args.nlist, codec=args.codec, pq_dims=args.pq_dims,
                           nprobe=args.nprobe, candidates=args.candidates, store=args.store)
     out = index_lib.build(args.gallery, args.out, spec, overwrite=args.overwrite)
     built = index_lib.GalleryIndex(out)
