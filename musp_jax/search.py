@@ -158,8 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--nprobe", type=int, default=None,
                       help="With --index: inverted lists scanned (default: the index's).")
   parser.add_argument("--candidates", type=int, default=None,
-                      help="With --index: candidates re-ranked per pass (default: the "
-                           "index's).")
+                      help="With --index: candidates re-ranked per pass (default: 2 x "
+                           "--topk).")
   parser.add_argument("--verify_index", action="store_true",
                       help="With --index: also check the feature store's SHA-256.")
   parser.add_argument("--json", default=None,
@@ -225,8 +225,6 @@ def build_index_main(argv: Sequence[str]) -> int:
                       help="Dimensions per PQ code byte (--codec pq).")
   parser.add_argument("--nprobe", type=int, default=None,
                       help="Default lists scanned per query (auto: all for flat).")
-  parser.add_argument("--candidates", type=int, default=100,
-                      help="Default candidates re-ranked per pass.")
   parser.add_argument("--store", choices=("float32", "float16"), default="float32",
                       help="Feature store dtype for the exact re-ranking.")
   parser.add_argument("--overwrite", action="store_true")
@@ -235,7 +233,7 @@ def build_index_main(argv: Sequence[str]) -> int:
   try:
     from musp_jax import index as index_lib  # pylint: disable=g-import-not-at-top
     spec = index_lib.Spec(nlist=args.nlist, codec=args.codec, pq_dims=args.pq_dims,
-                          nprobe=args.nprobe, candidates=args.candidates, store=args.store)
+                          nprobe=args.nprobe, store=args.store)
     out = index_lib.build(args.gallery, args.out, spec, overwrite=args.overwrite)
     built = index_lib.GalleryIndex(out)
   except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:

@@ -142,7 +142,7 @@ def main():
   parser.add_argument("--k", type=int, default=10)
   parser.add_argument("--codec", default="auto")
   parser.add_argument("--nlist", type=int, default=None)
-  parser.add_argument("--settings", default="8:20,16:20,32:20,32:50",
+  parser.add_argument("--settings", default="4:20,8:20,16:20,16:50",
                       help="nprobe:candidates pairs to measure")
   parser.add_argument("--latency_queries", type=int, default=None,
                       help="queries timed one at a time (default: all)")
