@@ -190,7 +190,8 @@ def run(args, work: pathlib.Path) -> None:
   t_open = time.perf_counter() - t
   params = gallery.params
   print(f"[2] build: {t_build:.0f} s ({params['factory']}, trained on "
-        f"{params['train_size']:,}, default nprobe {params['nprobe']}); index in memory {_mib(ann_bytes)} "
+        f"{params['train_size']:,}, default nprobe {params['nprobe']}); index in memory "
+        f"{_mib(ann_bytes)} "
         f"({ann_bytes / len(gallery):.0f} B/image); on disk {_mib(disk)} with the "
         f"feature store (shards: {_mib(shard_bytes)}); peak memory "
         f"{_mib(peak_build)} above the start; open {t_open:.1f} s")
