@@ -95,7 +95,7 @@ def test_features_of_another_model_are_refused(gallery, tmp_path, capsys):
   # Image queries embedded with this workdir's model against a gallery of another.
   with pytest.raises(features.SignatureMismatchError,
                      match=r"(?s)another model.*num_prototypes.*weights"):
-    search.query_features([str(paths[0])], retrieval.load_features(other),
+    search.query_features([str(paths[0])], retrieval.load_features(other).model_signature,
                           gallery_path=str(other), gallery_source="",
                           workdir=str(tools_fixtures.shared_workdir()), progress=False)
   # A features file as query against it: same check, through the CLI.
@@ -116,4 +116,5 @@ def test_gallery_without_model_source_needs_a_model(gallery, tmp_path):
   g, source = search.load_gallery(str(bare))
   assert source == ""
   with pytest.raises(ValueError, match="pass --workdir or --checkpoint"):
-    search.query_features([str(paths[0])], g, gallery_path=str(bare), gallery_source="")
+    search.query_features([str(paths[0])], g.model_signature, gallery_path=str(bare),
+                          gallery_source="")
