@@ -31,6 +31,7 @@ def extract_features(model, variables, source, config: ml_collections.ConfigDict
                      desc: str = "features") -> dict[str, np.ndarray]:
   """Runs the model over a whole split -> {"feats": (N,P,C), "areas": (N,P)} in order."""
   batch_sharding = NamedSharding(mesh, P("data"))
+  variables = jax.device_put(variables, NamedSharding(mesh, P()))  # no copy if already
   embed_fn = features.jitted_embed(model, bool(config.eval.flip))
   feats = areas = None
   batches = input_pipeline.eval_batches(
@@ -62,7 +63,6 @@ def split_features(model, variables, config: ml_collections.ConfigDict, mesh
   target = datasets.eval_set(config)
   kw = dict(data_dir=config.dataset.data_dir, builder_config=target.builder_config)
   datasets.ensure_built(target.name, manual_dir=config.dataset.manual_dir, **kw)
-  variables = jax.device_put(variables, NamedSharding(mesh, P()))  # no copy if already
   out = {}
   for role, split in target.splits.items():
     source = datasets.load_split(target.name, split, **kw)
@@ -89,10 +89,11 @@ def flat_scalars(rows: dict) -> dict[str, float]:
           for k in ROW_METRICS if k in row}
 
 
-def markdown_table(results: dict) -> str:
-  """A results table as the paper reports it (metrics in %)."""
-  head = f"Results at step {results.get('step', '?')}"
-  if "epoch" in results:
+def markdown_table(results: dict, *, title: str | None = None) -> str:
+  """A results table as the paper reports it (metrics in %); `title` replaces the
+  "Results at step N" line."""
+  head = title or f"Results at step {results.get('step', '?')}"
+  if "epoch" in results and title is None:
     head += f" (epoch {results['epoch']:.1f})"
   lines = [head, "", "| test set | " + " | ".join(ROW_METRICS) + " | queries |",
            "|---" * (len(ROW_METRICS) + 2) + "|"]

@@ -8,6 +8,17 @@ Distances (SPEC section 4), for features f (N, P, C) and areas a (N, P):
   euclidean    D = ||x_q - x_g||       on the concatenated feature
   with w_p = a_q^p a_g^p / sum_j a_q^j a_g^j.
 
+k-reciprocal re-ranking (`rerank=True`) is defined on squared Euclidean
+distances: Zhong et al. square the Euclidean distance before re-ranking, and
+fast-reid and torchreid hand it squared distances. So re-ranking always takes
+the squared-Euclidean member of the chosen distance (RERANK_INPUT), and the
+lambda-weighted original distance in its result is that one too:
+
+  cam_squared  -> cam_squared          (a weighted sum of squared L2 distances)
+  cam          -> cam_squared          (the same weights, squared L2 per branch)
+  cosine       -> cosine               (1 - cos = |x_q/|x_q| - x_g/|x_g||^2 / 2)
+  euclidean    -> ||x_q - x_g||^2
+
 `cam_squared` is one large GEMM: expanding the square,
   sum_p a_q^p a_g^p ||f_q^p - f_g^p||^2
       = sum_p a_q^p a_g^p (|f_q^p|^2 + |f_g^p|^2) - 2 [a_q f_q] . [a_g f_g]
@@ -50,8 +61,12 @@ from musp_jax import outputs
 from musp_jax import rerank as rerank_lib
 
 DISTANCES = ("cam_squared", "cam", "cosine", "euclidean")
+# The distance k-reciprocal re-ranking is computed from (module docstring).
+RERANK_INPUT = {"cam_squared": "cam_squared", "cam": "cam_squared",
+                "cosine": "cosine", "euclidean": "squared_euclidean"}
 NPZ_KEYS = ("feats", "areas", "vehicle_id", "camera_id", "file_name",
             "model_signature")
+PLAIN_KEYS = ("feats", "pids", "camids")  # features of any model (load_features)
 Precision = jax.lax.Precision
 
 
@@ -107,26 +122,92 @@ def save_features(path: str | os.PathLike, features: Features,
              model_signature=np.array(features.model_signature), **extra)
 
 
-def load_features(path: str | os.PathLike) -> Features:
-  """Reads a .npz written by `save_features` (or any tool using its keys)."""
-  what = "a features .npz (as `python -m musp_jax.embed` writes)"
+def _open_npz(path: str) -> np.lib.npyio.NpzFile:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such file")
   try:
     data = np.load(path, allow_pickle=False)
-  except FileNotFoundError:
-    raise
-  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-    raise ValueError(f"{path} is not {what}: numpy cannot read it ({e}).") from e
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile):
+    # numpy's own message talks about pickles, which says nothing useful here.
+    raise ValueError(f"{path}: not a readable .npz archive of arrays (written by "
+                     "numpy.savez)") from None
   if not isinstance(data, np.lib.npyio.NpzFile):
-    raise ValueError(f"{path} holds a single array, not {what}.")
-  with data:
-    missing = [k for k in NPZ_KEYS if k not in data.files]
+    raise ValueError(f"{path}: holds a single .npy array; expected an .npz archive "
+                     "(numpy.savez) with named arrays")
+  return data
+
+
+def _read_key(data, path: str, key: str, kinds: str, what: str,
+              shape: tuple[int | None, ...] | None = None) -> np.ndarray:
+  """data[key], checked: dtype kind in `kinds`, shape (None: any size)."""
+  try:
+    x = data[key]
+  except ValueError:  # an object array: numpy needs pickle to read it
+    raise ValueError(f"{path}: key {key!r} holds Python objects; expected "
+                     f"{what}") from None
+  if x.dtype.kind not in kinds:
+    raise ValueError(f"{path}: key {key!r} has dtype {x.dtype}; expected {what}")
+  if shape is not None and (x.ndim != len(shape) or any(
+      n is not None and n != m for n, m in zip(shape, x.shape))):
+    want = "(" + ", ".join("?" if n is None else str(n) for n in shape) + (
+        ",)" if len(shape) == 1 else ")")
+    raise ValueError(f"{path}: key {key!r} has shape {x.shape}; expected {want}")
+  if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
+    row = int(np.argwhere(~np.isfinite(x))[0][0])
+    raise ValueError(f"{path}: key {key!r} has NaN or infinite values (row {row})")
+  return x
+
+
+def load_features(path: str | os.PathLike) -> Features:
+  """Reads saved features, in either of two .npz layouts.
+
+  - `save_features`' (embed, the evaluator): feats (N, P, C), areas (N, P),
+    vehicle_id (N,), camera_id (N,), optionally file_name (N,) and
+    model_signature.
+  - plain, for features of any model: feats (N, D) or (N, P, C) float, pids
+    (N,) int, camids (N,) int, optionally areas (N, P) (default: equal
+    weights; (N, D) features are one branch, P = 1).
+  Errors name the file and the key.
+  """
+  path = os.fspath(path)
+  with _open_npz(path) as data:
+    keys = set(data.files)
+    ours = bool(keys & {"vehicle_id", "camera_id"})
+    needed = (("feats", "areas", "vehicle_id", "camera_id") if ours
+              else ("feats", "pids", "camids"))
+    missing = [k for k in needed if k not in keys]
     if missing:
-      raise ValueError(f"{path}: missing keys {missing}; a features file "
-                       f"needs {list(NPZ_KEYS)}, found {sorted(data.files)}")
-    return Features(data["feats"].astype(np.float32),
-                    data["areas"].astype(np.float32), data["vehicle_id"],
-                    data["camera_id"], data["file_name"],
-                    str(data["model_signature"]))
+      raise ValueError(
+          f"{path}: missing keys {missing} (found {sorted(keys)}); a features file "
+          f"holds {list(NPZ_KEYS[:4])} (retrieval.save_features) or the plain "
+          f"{list(PLAIN_KEYS)} (+ optional areas)")
+    feats = _read_key(data, path, "feats", "f", "float features (N, D) or (N, P, C)")
+    if feats.ndim not in (2, 3) or feats.shape[0] == 0 or feats.shape[-1] == 0:
+      raise ValueError(f"{path}: key 'feats' has shape {feats.shape}; expected "
+                       "(N, D) or (N, P, C) with N, D, C > 0")
+    n = feats.shape[0]
+    if feats.ndim == 2:
+      feats = feats[:, None, :]
+    ids_key, cams_key = ("vehicle_id", "camera_id") if ours else ("pids", "camids")
+    ids = _read_key(data, path, ids_key, "iu", "integer ids", (n,))
+    cams = _read_key(data, path, cams_key, "iu", "integer camera ids (-1: none)", (n,))
+    if "areas" in keys:
+      areas = _read_key(data, path, "areas", "f", "float areas (N, P)",
+                        (n, feats.shape[1]))
+      bad = np.flatnonzero((areas < 0).any(-1) | (areas.sum(-1) <= 0))
+      if bad.size:
+        raise ValueError(f"{path}: key 'areas' row {int(bad[0])} is {areas[bad[0]]}; "
+                         "expected non-negative weights with a positive sum")
+    else:
+      areas = np.ones(feats.shape[:2], np.float32)
+    names = signature = None
+    if "file_name" in keys:
+      names = _read_key(data, path, "file_name", "US", "strings (N,)", (n,))
+    if "model_signature" in keys:
+      signature = str(_read_key(data, path, "model_signature", "US",
+                                "a string", ()))
+  return Features(feats.astype(np.float32), areas.astype(np.float32), ids, cams,
+                  names, signature or "")
 
 
 def _as_features(x: "Features | str | os.PathLike", what: str) -> Features:
@@ -172,7 +253,7 @@ def _prepare(feats_NxPxC, areas_NxP, distance: str) -> tuple[jax.Array, ...]:
   if distance == "cosine":
     norm = jnp.sqrt(jnp.sum(flat_NxD * flat_NxD, axis=-1, keepdims=True))
     return (flat_NxD / jnp.maximum(norm, 1e-12),)
-  return flat_NxD, jnp.sum(sq_NxP, axis=-1)
+  return flat_NxD, jnp.sum(sq_NxP, axis=-1)  # euclidean, squared_euclidean
 
 
 def _pair(q, g, distance: str, precision) -> jax.Array:
@@ -200,8 +281,8 @@ def _pair(q, g, distance: str, precision) -> jax.Array:
     return num / dot(q_a, g_a)
   if distance == "cosine":
     return 1.0 - dot(q[0], g[0])
-  d2 = q[1][:, None] + g[1][None, :] - 2.0 * dot(q[0], g[0])
-  return jnp.sqrt(jnp.maximum(d2, 0.0))
+  d2 = jnp.maximum(q[1][:, None] + g[1][None, :] - 2.0 * dot(q[0], g[0]), 0.0)
+  return d2 if distance == "squared_euclidean" else jnp.sqrt(d2)
 
 
 @functools.partial(jax.jit, static_argnames=("distance", "precision"))
@@ -212,24 +293,6 @@ def pairwise_distance(q_feats, q_areas, g_feats, g_areas, *,
   _check_distance(distance)
   return _pair(_prepare(q_feats, q_areas, distance),
                _prepare(g_feats, g_areas, distance), distance, precision)
-
-
-def cam_distance(q_feats, q_areas, g_feats, g_areas, *, squared: bool = True,
-                 precision: Precision = Precision.HIGHEST) -> jax.Array:
-  """CAM-weighted distance of one block (SPEC section 4).
-
-  Args:
-    q_feats, g_feats: (Nq, P, C), (Ng, P, C) per-branch features.
-    q_areas, g_areas: (Nq, P), (Ng, P) areas (weights before normalisation).
-    squared: sum_p w_p ||.||^2 (official code) or sum_p w_p ||.|| (paper).
-    precision: matmul precision; HIGHEST keeps float32 on GPUs (no TF32).
-
-  Returns:
-    (Nq, Ng) float32 distances.
-  """
-  return pairwise_distance(q_feats, q_areas, g_feats, g_areas,
-                           distance="cam_squared" if squared else "cam",
-                           precision=precision)
 
 
 # --------------------------------------------------------------------------
@@ -357,30 +420,42 @@ def _query_blocks(table: _SameIdTable, query_block: int):
 
 
 class _Accumulator:
+  """Sums of the per-query results, and the per-query results themselves."""
 
-  def __init__(self, max_rank: int):
+  def __init__(self, max_rank: int, num_queries: int):
     self.max_rank = max_rank
     self.ap = self.inp = 0.0
     self.first_hist = np.zeros(max_rank + 1, np.int64)
     self.n = 0
+    # Queries never added (no true match) keep NaN / -1.
+    self.all_ap = np.full(num_queries, np.nan)
+    self.all_inp = np.full(num_queries, np.nan)
+    self.first_hit = np.full(num_queries, -1, np.int64)
 
-  def add(self, ap, first, inp, n: int):
+  def add(self, queries: np.ndarray, ap, first, inp):
+    n = len(queries)
     ap, first, inp = (np.asarray(x.addressable_shards[0].data)[:n]
                       for x in (ap, first, inp))
+    self.all_ap[queries], self.all_inp[queries] = ap, inp
+    self.first_hit[queries] = first
     self.ap += float(np.sum(ap, dtype=np.float64))
     self.inp += float(np.sum(inp, dtype=np.float64))
     self.first_hist += np.bincount(np.minimum(first, self.max_rank),
                                    minlength=self.max_rank + 1)
     self.n += n
 
-  def result(self) -> dict[str, Any]:
+  def result(self, per_query: bool) -> dict[str, Any]:
     if self.n == 0:
       raise ValueError("evaluate: no query has a true match in the gallery "
                        "(after junk removal); nothing to evaluate")
-    return {"mAP": self.ap / self.n,
-            "cmc": np.cumsum(self.first_hist[:self.max_rank]) / self.n,
-            "mINP": self.inp / self.n,
-            "num_valid_queries": self.n}
+    result = {"mAP": self.ap / self.n,
+              "cmc": np.cumsum(self.first_hist[:self.max_rank]) / self.n,
+              "mINP": self.inp / self.n,
+              "num_valid_queries": self.n}
+    if per_query:
+      result["per_query"] = {"AP": self.all_ap, "INP": self.all_inp,
+                             "first_hit": self.first_hit}
+    return result
 
 
 def _effective_block(query_block: int, table: "_SameIdTable") -> int:
@@ -399,10 +474,17 @@ def _check_block(query_block: int) -> None:
 
 def rank_distmat(distmat: np.ndarray, q_ids, g_ids, q_cams, g_cams, *,
                  max_rank: int = 50, remove_junk: bool = True,
-                 query_block: int = 1024, mesh: Mesh | None = None
-                 ) -> dict[str, Any]:
-  """`metrics.rank_metrics` computed on the device, query block by block."""
+                 query_block: int = 1024, mesh: Mesh | None = None,
+                 per_query: bool = False) -> dict[str, Any]:
+  """`metrics.rank_metrics` computed on the device, query block by block.
+
+  With `per_query`, also "per_query": {"AP", "INP", "first_hit"}, as
+  `metrics.rank_metrics` returns them (NaN / -1 for queries without a true
+  match).
+  """
   distmat = np.asarray(distmat, np.float32)
+  if distmat.ndim != 2:
+    raise ValueError(f"rank_distmat: distmat must be 2-D, got {distmat.shape}")
   mesh = mesh or default_mesh()
   _check_block(query_block)
   rows, cols, repl = _shardings(mesh)
@@ -411,15 +493,14 @@ def rank_distmat(distmat: np.ndarray, q_ids, g_ids, q_cams, g_cams, *,
   num_g = distmat.shape[1]
   g_pad = _round_up(num_g, mesh.size)
   g_valid = _put(np.arange(g_pad) < num_g, rows)
-  acc = _Accumulator(max_rank)
+  acc = _Accumulator(max_rank, distmat.shape[0])
   for queries, width in _query_blocks(table, query_block):
-    n = len(queries)
     block = np.zeros((query_block, g_pad), np.float32)
-    block[:n, :num_g] = distmat[queries]
+    block[:len(queries), :num_g] = distmat[queries]
     idx, pos, junk = (_put(_pad_rows(x, query_block), repl)
                       for x in table.table(queries, width))
-    acc.add(*_distmat_block(_put(block, cols), g_valid, idx, pos, junk), n)
-  return acc.result()
+    acc.add(queries, *_distmat_block(_put(block, cols), g_valid, idx, pos, junk))
+  return acc.result(per_query)
 
 
 def _prepare_gallery(gallery: Features, distance: str, mesh: Mesh):
@@ -441,8 +522,14 @@ def distance_matrix(query: "Features | str | os.PathLike",
                     precision: Precision = Precision.HIGHEST) -> np.ndarray:
   """The full (Q, G) matrix on the host (computed in query blocks)."""
   _check_distance(distance)
-  query, gallery = _as_features(query, "query"), _as_features(gallery, "gallery")
-  mesh = mesh or default_mesh()
+  return _distance_matrix(_as_features(query, "query"),
+                          _as_features(gallery, "gallery"), distance=distance,
+                          query_block=query_block, mesh=mesh or default_mesh(),
+                          precision=precision)
+
+
+def _distance_matrix(query: Features, gallery: Features, *, distance: str,
+                     query_block: int, mesh: Mesh, precision) -> np.ndarray:
   _, _, repl = _shardings(mesh)
   g_prep, _ = _prepare_gallery(gallery, distance, mesh)
   out = np.empty((len(query), len(gallery)), np.float32)
@@ -464,7 +551,8 @@ def evaluate(query: "Features | str | os.PathLike",
              rerank: bool = False, rerank_k1: int = 20, rerank_k2: int = 6,
              rerank_lambda: float = 0.3, mesh: Mesh | None = None,
              precision: Precision = Precision.HIGHEST,
-             return_distmat: bool = False) -> dict[str, Any]:
+             return_distmat: bool = False,
+             per_query: bool = False) -> dict[str, Any]:
   """Retrieval metrics of query vs gallery features, streamed on the device.
 
   Args:
@@ -474,13 +562,21 @@ def evaluate(query: "Features | str | os.PathLike",
     max_rank: CMC length.
     query_block: queries per device step; the device holds one
       (query_block, G) distance block.
-    rerank: k-reciprocal re-ranking (needs the (Q+G)^2 matrix on the host).
+    rerank: k-reciprocal re-ranking (needs the (Q+G)^2 matrix on the host),
+      computed from RERANK_INPUT[distance], the squared-Euclidean member of
+      `distance` (module docstring); the result names it "rerank_input".
     mesh: devices to shard the gallery over (default: all devices).
     precision: matmul precision of the distance.
-    return_distmat: also return the full (Q, G) matrix as "distmat".
+    return_distmat: also return the full (Q, G) matrix as "distmat" (after
+      re-ranking, if any).
+    per_query: also return "per_query": {"AP" (Q,), "INP" (Q,), "first_hit"
+      (Q,)} in query order; first_hit is the 0-based rank of the first true
+      match after junk removal; a query without a true match has NaN AP and
+      INP and first_hit -1 (it is not counted in the means).
 
   Returns:
-    {"mAP", "cmc" (max_rank,), "mINP", "num_valid_queries"} (+ "distmat").
+    {"mAP", "cmc" (max_rank,), "mINP", "num_valid_queries"} (+ "distmat",
+    "per_query", "rerank_input").
   """
   _check_distance(distance)
   query, gallery = _as_features(query, "query"), _as_features(gallery, "gallery")
@@ -491,38 +587,41 @@ def evaluate(query: "Features | str | os.PathLike",
   _check_block(query_block)
   labels = (query.ids, gallery.ids, query.cams, gallery.cams)
   options = dict(max_rank=max_rank, remove_junk=remove_junk,
-                 query_block=query_block, mesh=mesh)
-  dm = functools.partial(distance_matrix, distance=distance,
-                         query_block=query_block, mesh=mesh, precision=precision)
+                 query_block=query_block, mesh=mesh, per_query=per_query)
+  dm = functools.partial(_distance_matrix, query_block=query_block, mesh=mesh,
+                         precision=precision)
   if rerank:
+    rerank_input = RERANK_INPUT[distance]
+    dm = functools.partial(dm, distance=rerank_input)
     distmat = rerank_lib.k_reciprocal_rerank(
         dm(query, gallery), dm(query, query), dm(gallery, gallery),
         k1=rerank_k1, k2=rerank_k2, lambda_value=rerank_lambda)
   elif return_distmat:
-    distmat = dm(query, gallery)
+    distmat = dm(query, gallery, distance=distance)
   else:
     distmat = None
   if distmat is not None:
     result = rank_distmat(distmat, *labels, **options)
     if return_distmat:
       result["distmat"] = distmat
+    if rerank:
+      result["rerank_input"] = rerank_input
     return result
 
   _, _, repl = _shardings(mesh)
   g_prep, g_valid = _prepare_gallery(gallery, distance, mesh)
   table = _SameIdTable(*labels, remove_junk)
   query_block = _effective_block(query_block, table)
-  acc = _Accumulator(max_rank)
+  acc = _Accumulator(max_rank, len(query))
   for queries, width in _query_blocks(table, query_block):
     qf = _put(_pad_rows(query.feats[queries].astype(np.float32), query_block), repl)
     qa = _put(_pad_rows(query.areas[queries].astype(np.float32), query_block, 1.0),
               repl)
     idx, pos, junk = (_put(_pad_rows(x, query_block), repl)
                       for x in table.table(queries, width))
-    acc.add(*_features_block(qf, qa, g_prep, g_valid, idx, pos, junk,
-                             distance=distance, precision=precision),
-            len(queries))
-  return acc.result()
+    acc.add(queries, *_features_block(qf, qa, g_prep, g_valid, idx, pos, junk,
+                                      distance=distance, precision=precision))
+  return acc.result(per_query)
 
 
 def result_row(result: dict[str, Any], ranks: Sequence[int] = (1, 5, 10)

@@ -39,7 +39,6 @@ from matplotlib.figure import Figure
 from musp_jax import augment
 from musp_jax import evaluator
 from musp_jax import inference
-from musp_jax import metrics
 from musp_jax import outputs
 from musp_jax import retrieval
 from musp_jax import runtime
@@ -229,22 +228,6 @@ def _eval_source(config: ml_collections.ConfigDict, role: str):
   return datasets.load_split(target.name, target.splits[role], **kw)
 
 
-def per_query_ap(dist_QxG: np.ndarray, query: retrieval.Features,
-                 gallery: retrieval.Features) -> np.ndarray:
-  """AP of each query by the protocol (NaN where no true match is left)."""
-  aps = np.full(len(dist_QxG), np.nan)
-  for q in range(len(dist_QxG)):
-    if not np.any(gallery.ids == query.ids[q]):
-      continue
-    try:
-      aps[q] = metrics.rank_metrics(
-          dist_QxG[q:q + 1], query.ids[q:q + 1], gallery.ids, query.cams[q:q + 1],
-          gallery.cams, max_rank=1, remove_junk=bool(query.cams[q] >= 0))["mAP"]
-    except ValueError:  # only junk matches: the protocol skips this query
-      pass
-  return aps
-
-
 def choose_queries(aps: np.ndarray, order: str, count: int, *, seed: int = 0) -> np.ndarray:
   """Indices of the `count` worst/best-AP or random valid queries."""
   valid = np.flatnonzero(~np.isnan(aps))
@@ -260,11 +243,11 @@ def choose_queries(aps: np.ndarray, order: str, count: int, *, seed: int = 0) ->
 
 def ranked_list(dist_G: np.ndarray, query_id: int, query_cam: int,
                 gallery: retrieval.Features, topk: int) -> tuple[np.ndarray, np.ndarray]:
-  """Top-k gallery indices after junk removal, and whether each is a true match."""
+  """Top-k gallery indices after junk removal (same id and camera), and whether each
+  is a true match: the list the per-query AP was computed on."""
   order = np.argsort(dist_G, kind="stable")
   same = gallery.ids[order] == query_id
-  if query_cam >= 0:
-    order = order[~(same & (gallery.cams[order] == query_cam))]
+  order = order[~(same & (gallery.cams[order] == query_cam))]
   order = order[:topk]
   return order, gallery.ids[order] == query_id
 
@@ -314,7 +297,9 @@ def ranks_picture(loaded: inference.LoadedModel, out_dir: str, *, order: str = "
     raise ValueError(f"eval.distance={distance!r}; expected one of {retrieval.DISTANCES}.")
   dist_QxG = retrieval.distance_matrix(query, gallery, distance=distance,
                                        query_block=min(len(query), 256))
-  aps = per_query_ap(dist_QxG, query, gallery)
+  # Per-query AP by the protocol's junk rule, from the exact device ranking.
+  aps = retrieval.rank_distmat(dist_QxG, query.ids, gallery.ids, query.cams, gallery.cams,
+                               remove_junk=True, per_query=True)["per_query"]["AP"]
   if queries is not None:
     bad = [q for q in queries if not 0 <= q < len(query)]
     if bad:

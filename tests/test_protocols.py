@@ -17,7 +17,7 @@ def _features(rng, ids, cams, p=2, c=6):
 
 
 def _reference_row(q, g, remove_junk):
-  distmat = np.asarray(retrieval.cam_distance(q.feats, q.areas, g.feats, g.areas))
+  distmat = np.asarray(retrieval.pairwise_distance(q.feats, q.areas, g.feats, g.areas))
   r = metrics.rank_metrics(distmat, q.ids, g.ids, q.cams, g.cams,
                            remove_junk=remove_junk)
   return {"mAP": r["mAP"], "CMC@1": r["cmc"][0], "CMC@5": r["cmc"][4],

@@ -238,7 +238,7 @@ def test_eval_on_another_dataset_needs_only_that_dataset(reference_run, tmp_path
                      np.array([expected[n][1] for n in names]),
                      np.array([expected[n][2] for n in names]))
   (q, q_ids, q_cams), (g, g_ids, g_cams) = feats["image_query"], feats["image_test"]
-  distmat = np.asarray(retrieval.cam_distance(q.feats, q.areas, g.feats, g.areas))
+  distmat = np.asarray(retrieval.pairwise_distance(q.feats, q.areas, g.feats, g.areas))
   want = metrics.rank_metrics(distmat, q_ids, g_ids, q_cams, g_cams)
   assert got["num_queries"] == want["num_valid_queries"] == 2
   assert got["mAP"] == pytest.approx(want["mAP"], abs=1e-6)
