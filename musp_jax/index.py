@@ -104,6 +104,7 @@ import jax
 import numpy as np
 
 from musp_jax import features
+from musp_jax import outputs
 from musp_jax import retrieval
 
 try:
@@ -365,8 +366,9 @@ def build(shards: Sequence[str | os.PathLike], out: str | os.PathLike,
   """
   shards = [os.fspath(s) for s in shards]
   out = pathlib.Path(out)
-  if out.exists() and not overwrite:
-    raise FileExistsError(f"{out} exists; remove it or pass overwrite (--overwrite).")
+  # Only an index folder is replaced: never a training workdir or any other folder.
+  outputs.check_replaceable(out, owned=_is_index_folder, what="an index folder",
+                            overwrite=overwrite)
   layout = _scan(shards)
   params = _resolve(spec, layout.num_items, layout.parts, layout.channels)
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -467,6 +469,15 @@ def _file_record(path: pathlib.Path) -> dict[str, Any]:
     for block in iter(functools.partial(f.read, 1 << 24), b""):
       digest.update(block)
   return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _is_index_folder(path: str | os.PathLike) -> bool:
+  """Whether `path` holds an index this module wrote (its meta.json and format)."""
+  try:
+    meta = json.loads((pathlib.Path(path) / META).read_text())
+  except (OSError, ValueError):
+    return False
+  return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
 def _move_into_place(tmp: pathlib.Path, out: pathlib.Path) -> None:

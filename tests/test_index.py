@@ -125,6 +125,14 @@ def test_cli_index_mode_equals_brute_force(data, tmp_path, capsys):
   # An existing index is not overwritten without --overwrite.
   assert search.main(["index", "--gallery", str(gallery_npz), "--out", str(out)]) == 2
   assert "exists" in capsys.readouterr().err
+  # Nor is any folder that is not an index, even with --overwrite (a training workdir).
+  workdir = tmp_path / "workdir"
+  (workdir / "checkpoints").mkdir(parents=True)
+  assert search.main(["index", "--gallery", str(gallery_npz), "--out", str(workdir),
+                      "--overwrite"]) == 2
+  assert (f"error: {workdir} exists and is not an index folder; refusing to replace it, "
+          "even with --overwrite.") in capsys.readouterr().err
+  assert [p.name for p in workdir.iterdir()] == ["checkpoints"]
 
 
 def test_multi_shard_build_equals_single_file_build(data, tmp_path):
