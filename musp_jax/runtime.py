@@ -11,13 +11,17 @@
 how every entry point reports an error a user can act on (`USER_ERRORS`): one line,
 `error: ...`, with the traceback only when asked for (--verbose); `run_entry_point`
 also turns a requested stop (`Stopped`) or Ctrl-C into a message and an exit code.
+`StopRequests` lets a loop stop cleanly on the first SIGINT/SIGTERM and leaves the
+second to the system (the process ends at once).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -93,6 +97,42 @@ class Stopped(Exception):
   def __init__(self, message: str, exit_code: int):
     super().__init__(message)
     self.exit_code = exit_code
+
+
+class StopRequests(contextlib.AbstractContextManager):
+  """SIGINT/SIGTERM handlers for a loop that stops cleanly (training's).
+
+  The first signal sets `signum`: the loop finishes its step, saves and stops. The
+  handlers are then back to the system's default, so a second signal ends the process
+  at once, wherever it is (also inside a long device call, where a Python handler
+  would wait).
+  """
+
+  SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._previous: dict = {}
+
+  def __enter__(self) -> StopRequests:
+    try:
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+    except ValueError:  # not the main thread: signals stay as they are
+      self._previous = {}
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    self.signum = signum
+    for s in self.SIGNALS:
+      signal.signal(s, signal.SIG_DFL)
+    print(f"\n{signal.Signals(signum).name} received: finishing the current step and "
+          "saving it (Ctrl-C again to stop at once, without saving).", file=sys.stderr,
+          flush=True)
+
+  def __exit__(self, *exc) -> None:
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
 
 
 def print_error(error: BaseException, *, verbose: bool = False) -> None:

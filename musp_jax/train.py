@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import math
 import signal
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -100,42 +99,6 @@ class _FiniteLossGuard:
     if step in saved:
       where += f"; checkpoint {step} holds the weights that gave this loss"
     return where
-
-
-class _StopRequests(contextlib.AbstractContextManager):
-  """SIGINT/SIGTERM handlers for the training loop.
-
-  The first signal sets `signum`: the loop finishes its step, saves and stops. The
-  handlers are then back to the system's default, so a second signal ends the process
-  at once, wherever it is (also inside a long device call, where a Python handler
-  would wait).
-  """
-
-  SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-  def __init__(self):
-    self.signum: int | None = None
-    self._previous: dict = {}
-
-  def __enter__(self) -> _StopRequests:
-    try:
-      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-    except ValueError:  # not the main thread: signals stay as they are
-      self._previous = {}
-    return self
-
-  def _handle(self, signum, frame) -> None:
-    del frame
-    self.signum = signum
-    for s in self.SIGNALS:
-      signal.signal(s, signal.SIG_DFL)
-    print(f"\n{signal.Signals(signum).name} received: finishing the current step and "
-          "saving it (Ctrl-C again to stop at once, without saving).", file=sys.stderr,
-          flush=True)
-
-  def __exit__(self, *exc) -> None:
-    for s, handler in self._previous.items():
-      signal.signal(s, handler)
 
 
 def _mean_scalars(history: list[dict]) -> dict[str, float]:
@@ -259,7 +222,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
   guard = _FiniteLossGuard(manager)
   history: list[dict] = []
   try:
-    with _StopRequests() as stop:
+    with runtime.StopRequests() as stop:
       for step in range(start_step, total_steps):
         state, metrics = train_step(state, input_pipeline.device_put_batch(
             next(batches), batch_sharding))

@@ -1,7 +1,8 @@
 """The training driver end to end on the tiny synthetic dataset.
 
 Runs `python -m musp_jax.main` in subprocesses where the behaviour is about processes
-(SIGKILL and resume, exit messages), and the pure step in-process for sharding.
+(SIGKILL, Ctrl-C, a second run on the workdir, resume, error lines), and the pure step
+in-process for sharding.
 """
 
 from __future__ import annotations
@@ -136,8 +137,16 @@ def test_run_writes_results_and_checkpoints(reference_run, data_dir):
   assert [step for step, _ in events["attention"]] == [16, 32]
 
 
-def test_sigkill_during_save_then_resume_matches_uninterrupted(tmp_path, data_dir, reference_run):
-  workdir = tmp_path / "killed"
+def test_killed_and_interrupted_runs_resume_exactly(tmp_path, data_dir, reference_run):
+  """SIGKILL during a save, then Ctrl-C, then a resume: the reference run's numbers.
+
+  1. Killed while a save is in flight: the lock and a temporary folder are left.
+  2. The resumed run takes the lock over; a second run on the workdir is refused.
+     Ctrl-C, as a terminal sends it to the whole process group (grain's worker
+     included), finishes the step, saves it and stops, naming the step.
+  3. The run resumed from that step ends with the uninterrupted run's weights.
+  """
+  workdir = tmp_path / "w"
   proc = _main(workdir, data_dir, wait=False)
   ckpt = workdir / "checkpoints"
   # Kill while a save is in flight (Orbax writes into a temporary folder first) once a
@@ -153,12 +162,34 @@ def test_sigkill_during_save_then_resume_matches_uninterrupted(tmp_path, data_di
   assert proc.poll() is None, "the run ended before it could be killed"
   proc.send_signal(signal.SIGKILL)
   proc.communicate()
-  # The killed run never released its lock; the next run takes it over.
-  assert json.loads((workdir / ".lock").read_text())["pid"] == proc.pid
+  assert json.loads((workdir / ".lock").read_text())["pid"] == proc.pid  # not released
+  killed = proc.pid
+
+  proc = _main(workdir, data_dir, "--config.input.num_workers=1", wait=False,
+               start_new_session=True)
+  second = _Output(proc)
+  resumed = int(second.wait_for(r"Resumed from step (\d+) in ").group(1))
+  _wait_for_a_save(workdir, proc, after=resumed)
+  code, out = _main(workdir, data_dir)
+  assert code == 1
+  assert _error_line(out).startswith(
+      f"error: {workdir} is in use by another training run (host "
+      f"{socket.gethostname()}, pid {proc.pid}, since ")
+  os.killpg(proc.pid, signal.SIGINT)
+  out = second.finish()
+  assert f"Took over the lock of host {socket.gethostname()}, pid {killed}," in out
+  assert proc.returncode == 128 + signal.SIGINT, out
+  stopped = re.search(r"Stopped by SIGINT after step (\d+): checkpoint \1 is saved in "
+                      rf"{ckpt}\. Run the same command again to resume from it\.", out)
+  assert stopped, out
+  assert "Traceback" not in out and "leaked" not in out
+  step = int(stopped.group(1))
+  assert checkpointing.finished_steps(ckpt)[-1] == step
+  assert (workdir / ".lock").read_text() == ""  # released
+
   code, out = _main(workdir, data_dir)
   assert code == 0, out
-  assert "Resumed from step" in out
-  assert f"Took over the lock of host {socket.gethostname()}, pid {proc.pid}," in out
+  assert f"Resumed from step {step} in " in out and "Took over" not in out
   step_a, state_a = _final_params(reference_run)
   step_b, state_b = _final_params(workdir)
   assert step_a == step_b
@@ -167,6 +198,50 @@ def test_sigkill_during_save_then_resume_matches_uninterrupted(tmp_path, data_di
   results_a = json.loads((reference_run / "results.json").read_text())
   results_b = json.loads((workdir / "results.json").read_text())
   assert results_a == results_b
+
+
+class _Output:
+  """A subprocess's merged output, read line by line in a thread."""
+
+  def __init__(self, proc):
+    self.proc, self.lines = proc, []
+    self._thread = threading.Thread(target=self._read, daemon=True)
+    self._thread.start()
+
+  def _read(self):
+    for line in self.proc.stdout:
+      self.lines.append(line)
+
+  def wait_for(self, pattern: str, timeout: float = 600) -> re.Match:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+      for line in list(self.lines):
+        if m := re.search(pattern, line):
+          return m
+      assert self.proc.poll() is None, "".join(self.lines)
+      time.sleep(0.05)
+    raise AssertionError(f"no {pattern!r} in:\n{''.join(self.lines)}")
+
+  def finish(self, timeout: float = 300) -> str:
+    self.proc.wait(timeout=timeout)
+    self._thread.join(timeout=10)
+    self.proc.stdout.close()
+    return "".join(self.lines)
+
+
+def _wait_for_a_save(workdir, proc, *, after: int = 0, timeout: float = 600) -> None:
+  """Waits until a checkpoint newer than step `after` is complete on disk."""
+  deadline = time.time() + timeout
+  while max(checkpointing.finished_steps(workdir / "checkpoints"), default=0) <= after:
+    assert time.time() < deadline and proc.poll() is None
+    time.sleep(0.05)
+
+
+def _error_line(out: str) -> str:
+  """The run's error: its one `error: ` line, with no traceback anywhere."""
+  assert "Traceback" not in out, out
+  (line,) = [line for line in out.splitlines() if line.startswith("error: ")]
+  return line
 
 
 def test_eval_mode_reproduces_logged_metrics(reference_run, data_dir):
@@ -252,13 +327,6 @@ def test_mismatched_checkpoint_is_refused(reference_run, data_dir):
   assert "model.num_prototypes: checkpoint has 5, config asks 3" in out
 
 
-def _error_line(out: str) -> str:
-  """The run's error: its one `error: ` line, with no traceback anywhere."""
-  assert "Traceback" not in out, out
-  (line,) = [line for line in out.splitlines() if line.startswith("error: ")]
-  return line
-
-
 def test_unknown_config_key_is_rejected(tmp_path, data_dir):
   code, out = _main(tmp_path, data_dir, "--config.model.nmu=3")
   assert code == 2
@@ -305,90 +373,6 @@ def test_rerun_past_the_end_of_its_schedule_is_refused(reference_run, data_dir):
       k: v for k, v in before.items() if k != ".lock"}
 
 
-class _Output:
-  """A subprocess's merged output, read line by line in a thread."""
-
-  def __init__(self, proc):
-    self.proc, self.lines = proc, []
-    self._thread = threading.Thread(target=self._read, daemon=True)
-    self._thread.start()
-
-  def _read(self):
-    for line in self.proc.stdout:
-      self.lines.append(line)
-
-  def wait_for(self, pattern: str, timeout: float = 600) -> re.Match:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-      for line in list(self.lines):
-        if m := re.search(pattern, line):
-          return m
-      assert self.proc.poll() is None, "".join(self.lines)
-      time.sleep(0.05)
-    raise AssertionError(f"no {pattern!r} in:\n{''.join(self.lines)}")
-
-  def finish(self, timeout: float = 300) -> str:
-    self.proc.wait(timeout=timeout)
-    self._thread.join(timeout=10)
-    self.proc.stdout.close()
-    return "".join(self.lines)
-
-
-def _wait_for_a_save(workdir, proc, *, after: int = 0, timeout: float = 600) -> None:
-  """Waits until a checkpoint newer than step `after` is complete on disk."""
-  deadline = time.time() + timeout
-  while max(checkpointing.finished_steps(workdir / "checkpoints"), default=0) <= after:
-    assert time.time() < deadline and proc.poll() is None
-    time.sleep(0.05)
-
-
-def test_lock_then_signals_save_and_stop(tmp_path, data_dir):
-  """A second run is refused; Ctrl-C saves and stops; a second Ctrl-C stops at once.
-
-  Ctrl-C in a terminal reaches the whole process group, grain's workers included, so
-  the runs get sessions of their own and the signals go to the group.
-  """
-  workdir = tmp_path / "w"
-  # 4 epochs, so that the resumed run is still training when it is stopped.
-  epochs = "--config.optim.num_epochs=4"
-  proc = _main(workdir, data_dir, epochs, "--config.input.num_workers=1", wait=False,
-               start_new_session=True)
-  first = _Output(proc)
-  _wait_for_a_save(workdir, proc)
-  code, out = _main(workdir, data_dir)
-  assert code == 1
-  assert _error_line(out).startswith(
-      f"error: {workdir} is in use by another training run (host "
-      f"{socket.gethostname()}, pid {proc.pid}, since ")
-
-  os.killpg(proc.pid, signal.SIGINT)
-  out = first.finish()
-  assert proc.returncode == 128 + signal.SIGINT, out
-  stopped = re.search(r"Stopped by SIGINT after step (\d+): checkpoint \1 is saved in "
-                      rf"{workdir / 'checkpoints'}\. Run the same command again to "
-                      r"resume from it\.", out)
-  assert stopped, out
-  assert "Traceback" not in out and "leaked" not in out
-  step = int(stopped.group(1))
-  assert checkpointing.finished_steps(workdir / "checkpoints")[-1] == step
-  manager = checkpointing.make_manager(workdir / "checkpoints", read_only=True)
-  data = manager.restore(step, args=checkpointing.ocp.args.Composite(
-      data=checkpointing.ocp.args.JsonRestore()))["data"]
-  assert data == {"next_step": step}
-  assert (workdir / ".lock").read_text() == ""  # released
-
-  proc = _main(workdir, data_dir, epochs, wait=False, start_new_session=True)
-  second = _Output(proc)
-  second.wait_for(rf"Resumed from step {step} in ")
-  _wait_for_a_save(workdir, proc, after=step)  # the loop runs, its handlers are set
-  os.killpg(proc.pid, signal.SIGINT)
-  second.wait_for("SIGINT received: finishing the current step and saving it")
-  os.killpg(proc.pid, signal.SIGINT)
-  out = second.finish(timeout=30)
-  assert proc.returncode == -signal.SIGINT, out  # ended by the signal itself
-  assert "Stopped by" not in out and "Traceback" not in out
-
-
 def test_missing_dataset_names_the_build_command(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   out = subprocess.run(
@@ -432,20 +416,6 @@ def test_nan_message_names_a_finished_checkpoint_before_the_bad_weights(tmp_path
       f"in {tmp_path / 'checkpoints'}; checkpoint 4 holds the weights that gave this "
       "loss). Lower optim.lr, enable optim.grad_clip, or check the input data.")
   assert checkpointing.finished_steps(tmp_path / "checkpoints") == [2, 4]
-
-
-def test_first_stop_signal_leaves_the_second_to_the_system():
-  """The handler asks the loop to stop, then restores the system's default, so a second
-  signal ends the process wherever it is (checked for real in the subprocess test)."""
-  previous = signal.getsignal(signal.SIGTERM)
-  with train._StopRequests() as stop:
-    assert stop.signum is None
-    os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(0.1)  # the handler runs at the next bytecode
-    assert stop.signum == signal.SIGTERM
-    assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-  assert signal.getsignal(signal.SIGTERM) == previous
 
 
 def test_sharded_step_equals_single_device_step(data_dir):
