@@ -42,7 +42,9 @@ def torchvision_resnet(depth: int, last_stride: int = 2, *, seed: int = 0,
 
 
 def numpy_state_dict(model: torch.nn.Module) -> dict[str, np.ndarray]:
-  return {k: v.numpy() for k, v in model.state_dict().items()}
+  # Copies: .numpy() shares the tensor's memory, jax on the CPU may keep using it
+  # without a copy, and a torch forward in train mode updates BN statistics in place.
+  return {k: v.numpy().copy() for k, v in model.state_dict().items()}
 
 
 def torch_forward(model: torch.nn.Module, images_nhwc: np.ndarray):
