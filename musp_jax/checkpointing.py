@@ -14,14 +14,22 @@ The latest `keep` steps are kept, and the best step by mAP is kept as well.
 restores params and batch_stats only (no optimizer state). Steps written before `run`
 existed hold `model` (the model config) instead; they are read with their workdir's
 config.json and the class count is taken from the classifier's shape.
+
+A step whose files are missing or unreadable (a truncated array file, a deleted
+`_METADATA`, a lost item) is corrupt, which is not the same as a step of another
+architecture: restoring the latest step falls back to the newest intact one, naming the
+corrupt step and why, and training moves the corrupt step aside (to
+<workdir>/corrupt_checkpoints/) so that it can save that step again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -39,6 +47,17 @@ _LEGACY_MODEL_ITEM = "model"
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint does not fit the model the config describes."""
+
+
+class CheckpointCorruptError(ValueError):
+  """A saved step's files are missing or unreadable."""
+
+
+# Errors of reading a step's files (tensorstore reports a truncated file as a
+# ValueError, a missing item is a KeyError); anything else, e.g. running out of device
+# memory, is not the step's fault and is raised as it is.
+_READ_ERRORS = (ValueError, OSError, KeyError)
+CORRUPT_FOLDER = "corrupt_checkpoints"  # next to checkpoints/
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,21 +156,106 @@ def saved_model_config(manager: ocp.CheckpointManager, step: int) -> dict:
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, *,
-            model_config: Any, step: int | None = None) -> tuple[Any, int, int]:
+            model_config: Any, step: int | None = None,
+            set_aside_corrupt: bool = False) -> tuple[Any, int, int]:
   """Restores the whole train state of `step` (default: latest), for resuming.
 
   Returns (state, step, next data step). Raises CheckpointMismatchError naming the
-  differing model fields or arrays.
+  differing model fields or arrays. Without `step`, a corrupt latest step is logged
+  and skipped for the newest intact one (and, with `set_aside_corrupt`, moved to
+  <checkpoints>/../corrupt_checkpoints/); an explicit corrupt `step` is an error.
   """
-  step = resolve_step(manager, step)
+  if step is not None:
+    step = resolve_step(manager, step)
+    return _restore_step(manager, step, abstract_state, model_config)
+  resolve_step(manager, None)  # no checkpoint at all: FileNotFoundError
+  corrupt = []
+  for candidate in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored = _restore_step(manager, candidate, abstract_state, model_config)
+    except CheckpointCorruptError as e:
+      corrupt.append(candidate)
+      moved = f"; moved it to {_set_aside(manager, candidate)}" if set_aside_corrupt else ""
+      logging.warning("%s%s. Falling back to the step before it.", e, moved)
+      continue
+    if set_aside_corrupt and corrupt:
+      manager.reload()
+    return restored
+  raise CheckpointCorruptError(
+      f"Every checkpoint in {manager.directory} is corrupt (steps {sorted(corrupt)}; "
+      "the reasons are logged above); train in a new --workdir.")
+
+
+def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
+                  model_config: Any) -> tuple[Any, int, int]:
   where = f"{manager.directory}/{step}"
-  check_model_config(saved_model_config(manager, step), model_config, where=where)
-  check_tree(manager.item_metadata(step)["state"], abstract_state, where=where)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      data=ocp.args.JsonRestore(),
-  ))
-  return restored["state"], step, int(restored["data"]["next_step"])
+  _check_intact(manager.directory / str(step), ("state", "data"))
+  with _reading(step, where):
+    saved = saved_model_config(manager, step)
+  check_model_config(saved, model_config, where=where)
+  with _reading(step, where):
+    metadata = manager.item_metadata(step)["state"]
+  check_tree(metadata, abstract_state, where=where)
+  with _reading(step, where):
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=ocp.args.JsonRestore(),
+    ))
+    return restored["state"], step, int(restored["data"]["next_step"])
+
+
+def _check_intact(step_dir: epath.Path, items: tuple[str, ...]) -> None:
+  """Raises CheckpointCorruptError naming the first missing file of a step folder.
+
+  `items` must be present, and `run` (or a legacy step's `model`) with them.
+  """
+  missing = None
+  if not (step_dir / "run").exists() and not (step_dir / _LEGACY_MODEL_ITEM).exists():
+    missing = "run/ (what the model is)"
+  for item in items:
+    if missing is None and not (step_dir / item).is_dir():
+      missing = f"{item}/"
+  if missing is None and "state" in items and not (step_dir / "state/_METADATA").exists():
+    missing = "state/_METADATA (the array tree)"
+  if missing:
+    raise CheckpointCorruptError(f"Checkpoint step {step_dir.name} in {step_dir.parent} "
+                                 f"is corrupt: {missing} is missing")
+
+
+@contextlib.contextmanager
+def _reading(step: int, where: str) -> Iterator[None]:
+  """Turns a failure to read a step's files into CheckpointCorruptError."""
+  try:
+    yield
+  except CheckpointMismatchError:
+    raise
+  except _READ_ERRORS as e:
+    text = str(e).split(" [tensorstore_spec=")[0].strip().strip("'\"")
+    text = text.splitlines()[0] if text else type(e).__name__
+    raise CheckpointCorruptError(
+        f"Checkpoint step {step} in {os.path.dirname(where)} is corrupt: "
+        f"{text[:1000]}") from e
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int) -> str:
+  """Moves a corrupt step out of the manager's folder (kept for inspection)."""
+  target = epath.Path(manager.directory).parent / CORRUPT_FOLDER / str(step)
+  if jax.process_index() == 0:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    suffix = 1
+    while target.exists():
+      target = target.parent / f"{step}.{suffix}"
+      suffix += 1
+    (epath.Path(manager.directory) / str(step)).rename(target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f"set_aside_{step}")
+  return str(target)
+
+
+def finished_steps(directory: str | os.PathLike) -> list[int]:
+  """The steps whose saves are complete on disk (in-flight ones excluded), sorted."""
+  return sorted(ocp.utils.checkpoint_steps(epath.Path(directory)))
 
 
 def check_model_config(saved: Any, wanted: Any, *, where: str) -> None:
@@ -161,8 +265,8 @@ def check_model_config(saved: Any, wanted: Any, *, where: str) -> None:
            for k in models.ARCH_FIELDS if a[k] != b[k]]
   if diffs:
     raise CheckpointMismatchError(
-        f"Checkpoint {where} was written for another architecture:\n  "
-        + "\n  ".join(diffs))
+        f"Checkpoint {where} was written for another architecture: " + "; ".join(diffs)
+        + ".")
 
 
 def path_str(keys) -> str:
@@ -219,25 +323,44 @@ def load_variables(path: str | os.PathLike, *, step: int | None = None,
 
   params and batch_stats are restored by a partial Orbax restore: no optimizer state
   is read, and no dataset is needed. `sharding` (default: the first local device) is
-  where the arrays are placed, e.g. replicated over a mesh.
+  where the arrays are placed, e.g. replicated over a mesh. Without `step`, a corrupt
+  latest step is logged and the newest intact one is used.
   """
   directory, step = locate(path, step)
   options = ocp.CheckpointManagerOptions(read_only=True, create=False)
   # The PyTree handler reads the same files as the Standard one and can restore a
   # subtree (partial_restore).
   manager = _manager(directory, options, ocp.PyTreeCheckpointHandler())
-  step = resolve_step(manager, step)
-  where = directory / str(step)
-  run = _run_info(manager, step, where)
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  saved = manager.item_metadata(step)["state"]
-  saved = getattr(saved, "tree", saved)
-  target = {col: jax.tree.map(
-      lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding),
-      saved.get(col, {})) for col in ("params", "batch_stats")}
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-      partial_restore=True)))["state"]
+  if step is not None:
+    return _load_step(manager, resolve_step(manager, step), sharding)
+  resolve_step(manager, None)  # no checkpoint at all: FileNotFoundError
+  corrupt = []
+  for candidate in sorted(manager.all_steps(), reverse=True):
+    try:
+      return _load_step(manager, candidate, sharding)
+    except CheckpointCorruptError as e:
+      corrupt.append(candidate)
+      logging.warning("%s. Using the step before it.", e)
+  raise CheckpointCorruptError(
+      f"Every checkpoint in {directory} is corrupt (steps {sorted(corrupt)}; the "
+      "reasons are logged above).")
+
+
+def _load_step(manager: ocp.CheckpointManager, step: int,
+               sharding: jax.sharding.Sharding) -> Restored:
+  where = manager.directory / str(step)
+  _check_intact(where, ("state",))
+  run = _run_info(manager, step, where)
+  with _reading(step, str(where)):
+    saved = manager.item_metadata(step)["state"]
+    saved = getattr(saved, "tree", saved)
+    target = {col: jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding),
+        saved.get(col, {})) for col in ("params", "batch_stats")}
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))["state"]
   return Restored(variables={"params": restored["params"],
                              "batch_stats": restored.get("batch_stats", {})},
                   run=run, step=int(step), source=str(where))
@@ -245,8 +368,9 @@ def load_variables(path: str | os.PathLike, *, step: int | None = None,
 
 def _run_info(manager: ocp.CheckpointManager, step: int, where: epath.Path) -> RunInfo:
   if (where / "run").exists():
-    return RunInfo.from_json(manager.restore(
-        step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"])
+    with _reading(step, str(where)):
+      return RunInfo.from_json(manager.restore(
+          step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"])
   # A step written before `run` existed: the workdir's config.json and the shapes.
   config_path = where.parent.parent / "config.json"
   if not config_path.exists():
@@ -255,8 +379,11 @@ def _run_info(manager: ocp.CheckpointManager, step: int, where: epath.Path) -> R
         f"checkpoint, and {config_path} (its run config) is missing; restore config.json "
         "next to checkpoints/.")
   config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
-  check_model_config(saved_model_config(manager, step), config.model, where=str(where))
-  return RunInfo(config=config, num_classes=_classifier_classes(manager, step, where))
+  with _reading(step, str(where)):
+    saved = saved_model_config(manager, step)
+  check_model_config(saved, config.model, where=str(where))
+  with _reading(step, str(where)):
+    return RunInfo(config=config, num_classes=_classifier_classes(manager, step, where))
 
 
 def _classifier_classes(manager: ocp.CheckpointManager, step: int,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import shutil
 from collections.abc import Callable, Mapping
 from typing import Any, Iterator, Sequence
 
@@ -155,13 +156,21 @@ def is_built(name: str, *, data_dir: str, builder_config: str | None) -> bool:
   return os.path.exists(os.path.join(path, "dataset_info.json"))
 
 
+def _not_built(name: str, data_dir: str, builder_config: str | None,
+               manual_dir: str | None = None) -> DatasetNotBuiltError:
+  """The error for a dataset missing from data_dir, naming the command that builds it."""
+  cmd = build_command(name, data_dir=data_dir, builder_config=builder_config,
+                      manual_dir=manual_dir)
+  hint = (" (DIR: the folder of the manual download)"
+          if spec(name).manual_download and not manual_dir else "")
+  return DatasetNotBuiltError(
+      f"Dataset {name}{'/' + builder_config if builder_config else ''} is not built in "
+      f"{os.path.expanduser(data_dir)}; build it with: {cmd}{hint}")
+
+
 def _prepared_builder(name: str, data_dir: str, builder_config: str | None):
   if not is_built(name, data_dir=data_dir, builder_config=builder_config):
-    hint = " (DIR: the folder of the manual download)" if spec(name).manual_download else ""
-    raise DatasetNotBuiltError(
-        f"Dataset {name}{'/' + builder_config if builder_config else ''} is not built in "
-        f"{os.path.expanduser(data_dir)}. Build it with:\n  "
-        f"{build_command(name, data_dir=data_dir, builder_config=builder_config)}{hint}")
+    raise _not_built(name, data_dir, builder_config)
   return get_builder(name, data_dir=data_dir, builder_config=builder_config)
 
 
@@ -287,12 +296,21 @@ class BuildReport:
   path: str
   num_examples: dict[str, int]
   skipped: list[str]
+  # Why an existing build was replaced (the manual folder's changes), or [].
+  rebuilt_because: list[str] = dataclasses.field(default_factory=list)
+  note: str = ""  # e.g. an older build that cannot be checked against its folder
 
 
 def build(name: str, *, data_dir: str, builder_config: str | None,
-          manual_dir: str | None = None, strict: bool = False) -> BuildReport:
-  """Builds a dataset into data_dir (a no-op if built). Nothing partial is left behind:
-  TFDS writes into a temporary folder and renames it only when every split is done."""
+          manual_dir: str | None = None, strict: bool = False,
+          rebuild: bool = False) -> BuildReport:
+  """Builds a dataset into data_dir. Nothing partial is left behind: TFDS writes into a
+  temporary folder and renames it only when every split is done.
+
+  An existing build is kept unless its manual folder changed since (the lists' contents,
+  the files' sizes, see reid_base.manual_fingerprint) or `rebuild` is set; then the new
+  build replaces it once complete, and a failed one leaves the old build in place.
+  """
   if spec(name).manual_download:
     instructions = builder_class(name).MANUAL_DOWNLOAD_INSTRUCTIONS
     if not manual_dir:
@@ -305,13 +323,50 @@ def build(name: str, *, data_dir: str, builder_config: str | None,
           f"Missing {manual_dir}: expected the {name} manual download folder.\n\n"
           f"Manual download instructions:\n{instructions}")
   b = get_builder(name, data_dir=data_dir, builder_config=builder_config, strict=strict)
-  b.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None),
-      file_format="array_record")
+  changes, note = ([], "")
+  if is_built(name, data_dir=data_dir, builder_config=builder_config):
+    if rebuild:
+      changes = ["--rebuild was given"]
+    elif spec(name).manual_download:
+      stored = b.info.metadata.get("manual_fingerprint")
+      if stored is None:
+        note = (f"This build of {name} predates the record of its manual folder, so a "
+                "change to the folder cannot be seen; pass --rebuild to build it again.")
+      else:
+        changes = [f"the manual folder {manual_dir} changed since: {change}"
+                   for change in reid_base.fingerprint_changes(
+                       stored, reid_base.manual_fingerprint(manual_dir))]
+  if changes:
+    b = _rebuild(name, b, data_dir=data_dir, builder_config=builder_config,
+                 manual_dir=manual_dir, strict=strict)
+  else:
+    b.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None),
+        file_format="array_record")
   return BuildReport(
       path=os.fspath(b.data_path),
       num_examples={s: b.info.splits[s].num_examples for s in b.info.splits},
-      skipped=list(b.skipped))
+      skipped=list(b.skipped), rebuilt_because=changes, note=note)
+
+
+def _rebuild(name: str, old: reid_base.ReIdBuilder, *, data_dir: str,
+             builder_config: str | None, manual_dir: str | None,
+             strict: bool) -> reid_base.ReIdBuilder:
+  """Builds again; the old build is moved aside and restored if the new one fails."""
+  path = os.fspath(old.data_path)
+  aside = f"{path}.old-{os.getpid()}"
+  os.rename(path, aside)
+  try:
+    b = get_builder(name, data_dir=data_dir, builder_config=builder_config, strict=strict)
+    b.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None),
+        file_format="array_record")
+  except BaseException:
+    if not os.path.exists(path):
+      os.rename(aside, path)
+    raise
+  shutil.rmtree(aside, ignore_errors=True)
+  return b
 
 
 def ensure_built(name: str, *, data_dir: str, builder_config: str | None,
@@ -324,9 +379,4 @@ def ensure_built(name: str, *, data_dir: str, builder_config: str | None,
   if not spec(name).manual_download:
     build(name, data_dir=data_dir, builder_config=builder_config)
     return
-  cmd = build_command(name, data_dir=data_dir, builder_config=builder_config,
-                      manual_dir=manual_dir)
-  hint = "" if manual_dir else " (DIR: the folder of the manual download)"
-  raise DatasetNotBuiltError(
-      f"Dataset {name}{'/' + builder_config if builder_config else ''} is not built in "
-      f"{os.path.expanduser(data_dir)}. Build it with:\n  {cmd}{hint}")
+  raise _not_built(name, data_dir, builder_config, manual_dir)

@@ -13,6 +13,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from musp_jax import runtime
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "workdirs/demo", "Where logs, checkpoints and results go.")
 config_flags.DEFINE_config_file("config", "configs/synthetic.py", "The demo config.",
@@ -61,13 +63,13 @@ def reference_rows(config, mesh) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from musp_jax import runtime  # pylint: disable=g-import-not-at-top
   runtime.setup()
   from musp_jax import evaluator  # pylint: disable=g-import-not-at-top
+  from musp_jax import outputs  # pylint: disable=g-import-not-at-top
   from musp_jax import train  # pylint: disable=g-import-not-at-top
 
   config = FLAGS.config
-  results = train.train_and_evaluate(config, FLAGS.workdir)
+  results = runtime.run_entry_point(lambda: train.train_and_evaluate(config, FLAGS.workdir))
   trained = next(iter(results["results"].values()))
   rows = {"MUSP trained (this run)": trained, **reference_rows(config, runtime.make_mesh())}
   table = evaluator.markdown_table({"step": results["step"], "results": rows})
@@ -75,8 +77,7 @@ def main(argv):
   summary = (f"{table}\nTrained / random-weights mAP: {ratio:.1f}x; "
              f"trained - raw-pixel mAP: {100 * (trained['mAP'] - rows['raw-pixel NN']['mAP']):+.1f} points\n")
   workdir = os.path.abspath(os.path.expanduser(FLAGS.workdir))
-  with open(os.path.join(workdir, "demo_summary.md"), "w") as f:
-    f.write(summary)
+  outputs.write_text(os.path.join(workdir, "demo_summary.md"), summary)
   try:
     from musp_jax import visualize  # pylint: disable=g-import-not-at-top
     pictures = visualize.demo_pictures(workdir)
@@ -91,4 +92,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=runtime.parse_flags)

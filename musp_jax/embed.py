@@ -60,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--flip", action="store_true",
                       help="Average the features of each image and its mirror image.")
+  runtime.add_verbose_arg(parser)
   args = parser.parse_args(argv)
   if not args.out.endswith(".npz"):
     parser.error(f"--out {args.out}: expected a .npz path.")
@@ -69,8 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     loaded = load_model(args)
     features = embed(loaded, args.images, args.out, batch_size=args.batch_size,
                      flip=args.flip)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
+  except runtime.USER_ERRORS as e:
+    runtime.print_error(e, verbose=args.verbose)
     return 2
   print(f"Wrote {args.out}: {len(features)} images, feats {features.feats.shape[1:]} "
         f"(P, C), model {loaded.source}.")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from typing import Any
 
 from musp_jax import datasets
 from musp_jax import features
+from musp_jax import outputs
 from musp_jax import retrieval
 
 
@@ -104,10 +104,7 @@ def _write_json(path: str, report: dict[str, Any]) -> None:
   if path == "-":
     sys.stdout.write(text)
     return
-  tmp = f"{path}.tmp"  # a failed write leaves any earlier file whole
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  outputs.write_text(path, text)  # a failed write leaves any earlier file whole
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -135,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="vehicle_id: random galleries averaged.")
   parser.add_argument("--seed", type=int, default=0, help="vehicle_id: split seed.")
   parser.add_argument("--json", help="Also write the results as JSON ('-': stdout).")
+  parser.add_argument("--verbose", action="store_true",
+                      help="On an error, print its traceback too.")
   args = parser.parse_args(argv)
   if args.protocol == "vehicle_id":
     if not args.test or args.query or args.gallery:
@@ -155,17 +154,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         rerank_k1=args.rerank_k1, rerank_k2=args.rerank_k2,
         rerank_lambda=args.rerank_lambda, keep_junk=args.keep_junk,
         query_block=args.query_block, trials=args.trials, seed=args.seed)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    from musp_jax import evaluator  # pylint: disable=g-import-not-at-top
+    files = args.test or f"{args.query} vs {args.gallery}"
+    title = (f"Saved features {files}: protocol {args.protocol or 'plain'}, distance "
+             f"{args.distance}" + (" + re-ranking" if args.rerank else ""))
+    if args.json != "-":
+      print(evaluator.markdown_table(report, title=title))
+    if args.json:
+      _write_json(args.json, report)
+  except runtime.USER_ERRORS as e:
+    runtime.print_error(e, verbose=args.verbose)
     return 2
-  from musp_jax import evaluator  # pylint: disable=g-import-not-at-top
-  files = args.test or f"{args.query} vs {args.gallery}"
-  title = (f"Saved features {files}: protocol {args.protocol or 'plain'}, distance "
-           f"{args.distance}" + (" + re-ranking" if args.rerank else ""))
-  if args.json != "-":
-    print(evaluator.markdown_table(report, title=title))
-  if args.json:
-    _write_json(args.json, report)
   return 0
 
 

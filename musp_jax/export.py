@@ -56,6 +56,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from musp_jax import outputs as safe_outputs
+
 FORMAT = "musp_jax.export/1"
 ONNX_FORMAT = "musp_jax.onnx/1"
 FORMATS = ("jax", "onnx")
@@ -181,8 +183,9 @@ def onnx_parity(serialized: bytes, reference: Callable[[np.ndarray], dict],
 
 
 def save(path: str, serialized: bytes, metadata: dict) -> None:
-  with open(path, "wb") as f:
-    np.savez(f, exported=np.frombuffer(serialized, np.uint8),
+  """Writes the export atomically: a failed or killed write leaves `path` as it was."""
+  with safe_outputs.atomic_file(path) as tmp:
+    np.savez(tmp, exported=np.frombuffer(serialized, np.uint8),
              metadata=np.array(json.dumps(metadata)))
 
 
@@ -243,6 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="jax format: platforms to lower for (default: cpu cuda).")
   parser.add_argument("--no_verify", action="store_true",
                       help="onnx format: skip the onnxruntime parity check.")
+  runtime.add_verbose_arg(parser)
   args = parser.parse_args(argv)
   suffix = ".onnx" if args.format == "onnx" else ".npz"
   if not args.out.endswith(suffix):
@@ -271,19 +275,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if max(parity.values()) > PARITY_TOLERANCE:
           raise ValueError(f"the ONNX model differs from the JAX function by more than "
                            f"{PARITY_TOLERANCE} ({parity}); not written.")
+      # A failed or killed write leaves an earlier file whole.
+      with safe_outputs.atomic_file(args.out) as tmp:
+        with open(tmp, "wb") as f:
+          f.write(serialized)
     else:
       serialized, metadata = export(loaded, input_hw=args.input_size, flip=args.flip,
                                     platforms=args.platforms or ("cpu", "cuda"))
-  except (FileNotFoundError, ValueError, NotImplementedError) as e:
-    print(f"error: {e}", file=sys.stderr)
+      save(args.out, serialized, metadata)
+  except (*runtime.USER_ERRORS, NotImplementedError) as e:
+    runtime.print_error(e, verbose=args.verbose)
     return 2
-  if args.format == "onnx":
-    tmp = f"{args.out}.tmp"  # a failed write leaves an earlier file whole
-    with open(tmp, "wb") as f:
-      f.write(serialized)
-    os.replace(tmp, args.out)
-  else:
-    save(args.out, serialized, metadata)
   print(f"Wrote {args.out} ({len(serialized) / 2**20:.1f} MiB): "
         f"{json.dumps(metadata['input'])} -> {json.dumps(metadata['outputs'])}")
   return 0

@@ -14,15 +14,22 @@ Multi-host: process i loads rows [i*b, (i+1)*b) of every global batch
 global array from the process-local rows.
 
 Workers are spawned processes; they import this module, numpy, OpenCV and
-grain (which imports JAX without using it) and hide accelerators first.
+grain (which imports JAX without using it), hide accelerators first, ignore
+Ctrl-C and SIGTERM (the training process stops them) and exit when the training
+process is gone (`_start_worker`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import gc
 import itertools
 import math
 import os
+import signal
 import threading
+import time
 import weakref
 from multiprocessing import resource_tracker
 from multiprocessing import shared_memory
@@ -42,16 +49,42 @@ steps_per_epoch = sampling.steps_per_epoch
 _AUGMENT_STREAM = 1
 # Length of the (conceptually endless) training dataset, in steps.
 _MAX_STEPS = 2**40
+# How often a worker checks that the training process is still alive, in seconds.
+_PARENT_POLL_S = 0.5
+# Signals that stop training; the training process handles them, workers ignore them.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def _hide_accelerators(worker_index: int, worker_count: int) -> None:
-  """grain worker start-up: keep TensorFlow/JAX off the GPUs in workers."""
+def _start_worker(worker_index: int, worker_count: int, *, parent_pid: int) -> None:
+  """grain worker start-up: no accelerators, no terminal signals, die with the parent.
+
+  Ctrl-C reaches every process of the terminal's group and a scheduler's SIGTERM may
+  reach every process of the job: the training process handles both (it finishes its
+  step and saves) and stops its workers itself, so workers ignore them. A trainer
+  killed outright (SIGKILL, the OOM killer) cannot stop them: a watchdog thread ends
+  the worker once its parent is gone, and the shared memory of its batches is freed
+  by multiprocessing's resource tracker when the last worker exits.
+  """
   del worker_index, worker_count
   os.environ["CUDA_VISIBLE_DEVICES"] = ""
   os.environ["JAX_PLATFORMS"] = "cpu"
   jax.config.update("jax_platforms", "cpu")
   # One process per core already; OpenCV's own threads would oversubscribe.
   cv2.setNumThreads(1)
+  for signum in _STOP_SIGNALS:  # blocked since birth (see _WorkerBatches)
+    signal.signal(signum, signal.SIG_IGN)
+  if hasattr(signal, "pthread_sigmask"):
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+  threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True,
+                   name="exit-with-parent").start()
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+  # Polled rather than prctl(PR_SET_PDEATHSIG): grain starts workers from helper
+  # threads, and that signal fires when the starting thread ends, not the process.
+  while os.getppid() == parent_pid:
+    time.sleep(_PARENT_POLL_S)
+  os._exit(1)  # pylint: disable=protected-access
 
 
 def _check_split(global_batch_size: int, process_index: int,
@@ -223,17 +256,76 @@ class _EvalBatch:
 
 def _to_iterator(ds: grain.MapDataset, input_config: Any) -> Iterator[Any]:
   buffer = max(1, int(input_config.prefetch_buffer))
+  workers = int(input_config.num_workers)
   # Elements are whole batches: one reader thread per process, a buffer of a
-  # few batches (grain's default of 500 batches would hold gigabytes).
-  it_ds = ds.to_iter_dataset(
-      grain.ReadOptions(num_threads=1, prefetch_buffer_size=buffer))
-  if input_config.num_workers > 0:
+  # few batches (grain's default of 500 batches would hold gigabytes). In worker
+  # processes the read-ahead is the queue to the main process alone: a batch a
+  # worker made ahead into its own buffer is dropped at shutdown without freeing its
+  # shared memory.
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=1, prefetch_buffer_size=0 if workers > 0 else buffer))
+  if workers > 0:
     it_ds = it_ds.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=int(input_config.num_workers),
+        grain.MultiprocessingOptions(num_workers=workers,
                                      per_worker_buffer_size=buffer),
-        worker_init_fn=_hide_accelerators,
+        worker_init_fn=functools.partial(_start_worker, parent_pid=os.getpid()),
     )
+    with _stop_signals_blocked():
+      return _WorkerBatches(iter(it_ds))
   return iter(it_ds)
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked() -> Iterator[None]:
+  """SIGINT and SIGTERM wait (blocked) in this thread while the block runs.
+
+  Threads started meanwhile inherit the blocked signals, and so do the processes they
+  spawn (a signal mask survives fork and exec).
+  """
+  if not hasattr(signal, "pthread_sigmask"):  # not POSIX
+    yield
+    return
+  old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+  try:
+    yield
+  finally:
+    signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class _WorkerBatches:
+  """grain's multi-process iterator, created and advanced with the stop signals blocked.
+
+  grain starts its helper threads, and they the worker processes, while the iterator
+  is created and advanced: those start with SIGINT and SIGTERM blocked until
+  `_start_worker` ignores them, so a Ctrl-C that reaches the whole process group while
+  a worker is still importing cannot kill it. In the calling thread a signal waits for
+  the end of one `next`, then is handled as usual.
+  """
+
+  def __init__(self, iterator: Iterator[Any]):
+    self._iterator = iterator
+
+  def __iter__(self) -> _WorkerBatches:
+    return self
+
+  def __next__(self) -> Any:
+    with _stop_signals_blocked():
+      return next(self._iterator)
+
+  def close(self) -> None:
+    """Stops the workers; returns once the shared memory of every batch is freed."""
+    if self._iterator is None:
+      return
+    self._iterator.close()
+    # Batches already in this process are freed as they are dropped, by grain's
+    # deletion thread; those held in grain's reference cycles are dropped by a
+    # collection. A task queued behind them returns once that thread has caught up,
+    # so an exit right after this cannot leave shared memory behind.
+    self._iterator = None
+    gc.collect()
+    pool = getattr(grain.multiprocessing.SharedMemoryArray, "_del_thread_pool", None)
+    if pool is not None:
+      pool.apply(int)
 
 
 def train_dataset(

@@ -59,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from musp_jax import metrics
+from musp_jax import outputs
 from musp_jax import rerank as rerank_lib
 
 DISTANCES = ("cam_squared", "cam", "cosine", "euclidean")
@@ -115,14 +116,12 @@ def save_features(path: str | os.PathLike, features: Features,
   names = features.file_names
   if names is None:
     names = np.array([""] * len(features))
-  path = os.fspath(path)
-  tmp = f"{path}.tmp.npz"
-  np.savez(tmp, feats=features.feats.astype(np.float32),
-           areas=features.areas.astype(np.float32),
-           vehicle_id=features.ids, camera_id=features.cams,
-           file_name=np.asarray(names, dtype=str),
-           model_signature=np.array(features.model_signature), **extra)
-  os.replace(tmp, path)
+  with outputs.atomic_file(path) as tmp:
+    np.savez(tmp, feats=features.feats.astype(np.float32),
+             areas=features.areas.astype(np.float32),
+             vehicle_id=features.ids, camera_id=features.cams,
+             file_name=np.asarray(names, dtype=str),
+             model_signature=np.array(features.model_signature), **extra)
 
 
 def _open_npz(path: str) -> np.lib.npyio.NpzFile:

@@ -1,14 +1,24 @@
 """Training and evaluation driver, read top to bottom in stages.
 
-mesh -> data -> model and optimizer -> restore -> loop (step, log, evaluate, checkpoint).
-The step itself is the pure `step.train_step`, compiled by `step.jit_step`; the state
-lives in musp_jax/state.py; evaluation and the results files in musp_jax/evaluator.py.
+config check and workdir lock -> mesh -> data -> model and optimizer -> restore ->
+loop (step, log, evaluate, checkpoint). The step itself is the pure `step.train_step`,
+compiled by `step.jit_step`; the state lives in musp_jax/state.py; evaluation and the
+results files in musp_jax/evaluator.py.
+
+Stopping: the first SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption) lets the
+current step finish, saves it, waits for the save and raises TrainingInterrupted,
+which names the step to resume from; a second one ends the process at once (the
+save in flight, if any, is abandoned and cleaned up by the next run). Any other
+exception leaving the loop first waits for the saves in flight, so a checkpoint it
+names is complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -25,15 +35,28 @@ from musp_jax import datasets
 from musp_jax import evaluator
 from musp_jax import input_pipeline
 from musp_jax import optim
+from musp_jax import outputs
 from musp_jax import runtime
 from musp_jax import state as state_lib
 from musp_jax import step as step_lib
+from musp_jax import validate
 from musp_jax.models import build_model
 from musp_jax.models import weights
 
 
 class NonFiniteLossError(FloatingPointError):
   pass
+
+
+class TrainingInterrupted(runtime.Stopped):
+  """SIGINT/SIGTERM stopped training after a finished, saved step."""
+
+  def __init__(self, signum: int, step: int, directory: str):
+    self.signum = signum
+    super().__init__(
+        f"Stopped by {signal.Signals(signum).name} after step {step}: checkpoint {step} "
+        f"is saved in {directory}. Run the same command again to resume from it.",
+        exit_code=128 + signum)
 
 
 class _FiniteLossGuard:
@@ -57,12 +80,25 @@ class _FiniteLossGuard:
     (step, metrics), self.pending = self.pending, None
     loss = float(metrics["loss"])
     if not math.isfinite(loss):
-      last = self.manager.latest_step()
-      where = (f"the last good checkpoint is step {last} in {self.manager.directory}"
-               if last is not None else "no checkpoint was saved yet")
       raise NonFiniteLossError(
-          f"Loss became {loss} at step {step + 1}; training stopped ({where}). "
-          "Lower optim.lr, enable optim.grad_clip, or check the input data.")
+          f"Loss became {loss} at step {step + 1}; training stopped ("
+          f"{self._last_good(step)}). Lower optim.lr, enable optim.grad_clip, or "
+          "check the input data.")
+
+  def _last_good(self, step: int) -> str:
+    """The newest finished checkpoint whose weights gave a finite loss.
+
+    The loss of step `step + 1` is that of checkpoint `step`'s weights, so only the
+    steps before it are known to be good; saves still in flight are waited for.
+    """
+    self.manager.wait_until_finished()
+    saved = checkpointing.finished_steps(self.manager.directory)
+    good = [s for s in saved if s < step]
+    where = (f"the last good checkpoint is step {good[-1]} in {self.manager.directory}"
+             if good else "no good checkpoint was saved")
+    if step in saved:
+      where += f"; checkpoint {step} holds the weights that gave this loss"
+    return where
 
 
 def _mean_scalars(history: list[dict]) -> dict[str, float]:
@@ -102,26 +138,44 @@ def training_data(config: ml_collections.ConfigDict) -> TrainingData:
 def _schedule(config, num_images: int) -> tuple[int, int, int]:
   """(global batch, steps per epoch, total steps) of the recipe."""
   global_batch = config.input.num_ids * config.input.num_instances
-  if global_batch % jax.device_count():
-    raise ValueError(
-        f"input.num_ids * input.num_instances = {global_batch} must be divisible by "
-        f"the {jax.device_count()} devices.")
   steps_per_epoch = input_pipeline.steps_per_epoch(num_images, global_batch)
   return global_batch, steps_per_epoch, config.optim.num_epochs * steps_per_epoch
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains with the config's recipe, evaluating periodically; resumes from workdir."""
-  workdir = epath.Path(workdir).expanduser()
-  workdir.mkdir(parents=True, exist_ok=True)
-  runtime.configure_jax(config)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+def _lock(workdir: epath.Path) -> contextlib.AbstractContextManager:
+  """The workdir's lock (one per process of a multi-host run); none on object stores."""
+  if "://" in str(workdir):
+    logging.warning("%s is not a local folder: it is not locked against a second run.",
+                    workdir)
+    return contextlib.nullcontext()
+  name = outputs.LOCK_NAME
+  if jax.process_count() > 1:
+    name += f".{jax.process_index()}"
+  return outputs.WorkdirLock(workdir, name)
 
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains with the config's recipe, evaluating periodically; resumes from workdir.
+
+  Returns the latest results (those of results.json). Raises ConfigError before
+  anything runs if a field is unusable, WorkdirLockedError if another run trains in
+  workdir, TrainingInterrupted after a signal.
+  """
+  workdir = epath.Path(workdir).expanduser()
+  runtime.configure_jax(config)
+  validate.check_config(config, mode="train")
+  workdir.mkdir(parents=True, exist_ok=True)
+  with _lock(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
   # Mesh.
   mesh = runtime.make_mesh()
 
   # Data.
   data = training_data(config)
+  validate.check_identities(config, data.num_classes)
   global_batch, steps_per_epoch, total_steps = _schedule(config, len(data.source))
   eval_every = max(1, config.eval.every_epochs * steps_per_epoch)
   logging.info("%d training images, %d ids; %d steps/epoch, %d steps.",
@@ -134,20 +188,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       model, tx, config.input.image_size, seed=config.seed, mesh=mesh,
       init_from=config.model.init_from)
 
-  # Restore: the latest checkpoint of this workdir, data position included.
+  # Restore: the newest intact checkpoint of this workdir, data position included.
   manager = checkpointing.make_manager(workdir / "checkpoints", keep=config.keep_checkpoints)
   start_step = 0
   if manager.latest_step() is not None:
     state, restored_step, start_step = checkpointing.restore(
         manager, state_lib.abstract_train_state(
             model, tx, config.input.image_size, state_sharding),
-        model_config=config.model)
+        model_config=config.model, set_aside_corrupt=True)
+    validate.check_resume(restored_step, total_steps=total_steps,
+                          steps_per_epoch=steps_per_epoch, config=config,
+                          where=str(manager.directory))
     logging.info("Resumed from step %d in %s.", restored_step, manager.directory)
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   run = checkpointing.RunInfo(config, data.num_classes, data.label_vehicle_ids)
+  results: dict = evaluator.read_results(workdir)
+  if start_step >= total_steps:
+    logging.info("Training in %s is complete (step %d of %d): nothing to train. "
+                 "Evaluate it with --mode=eval.", workdir, start_step, total_steps)
+    return results
 
   # Loop.
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   batches = input_pipeline.train_batches(
       data.source, data.labels, config.input, seed=config.seed, start_step=start_step,
       global_batch_size=global_batch, process_index=jax.process_index(),
@@ -159,26 +222,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
   guard = _FiniteLossGuard(manager)
   history: list[dict] = []
-  results: dict = evaluator.read_results(workdir)
-  for step in range(start_step, total_steps):
-    state, metrics = train_step(state, input_pipeline.device_put_batch(next(batches),
-                                                                       batch_sharding))
-    guard.push(step, metrics)
-    history.append(metrics)
-    report(done := step + 1)
-    if done % config.log_every_steps == 0 or done == total_steps:
-      writer.write_scalars(done, {f"train/{k}": v for k, v in _mean_scalars(history).items()})
-      history = []
-    if done % eval_every == 0 or done == total_steps:
+  try:
+    with runtime.StopRequests() as stop:
+      for step in range(start_step, total_steps):
+        state, metrics = train_step(state, input_pipeline.device_put_batch(
+            next(batches), batch_sharding))
+        guard.push(step, metrics)
+        history.append(metrics)
+        report(done := step + 1)
+        if done % config.log_every_steps == 0 or done == total_steps:
+          writer.write_scalars(done, {f"train/{k}": v
+                                      for k, v in _mean_scalars(history).items()})
+          history = []
+        saved = True
+        if done % eval_every == 0 or done == total_steps:
+          guard.flush()
+          results = _evaluate(model, state, config, mesh, writer, done, steps_per_epoch,
+                              workdir)
+          checkpointing.save(manager, done, state, next_step=done, run=run, metrics={
+              checkpointing.METRIC: evaluator.primary_map(results["results"])})
+        elif done % config.checkpoint_every_steps == 0:
+          guard.flush()
+          checkpointing.save(manager, done, state, next_step=done, run=run)
+        else:
+          saved = False
+        if stop.signum is not None and done < total_steps:
+          if not saved:
+            guard.flush()
+            checkpointing.save(manager, done, state, next_step=done, run=run)
+          manager.wait_until_finished()
+          raise TrainingInterrupted(stop.signum, done, str(manager.directory))
       guard.flush()
-      results = _evaluate(model, state, config, mesh, writer, done, steps_per_epoch, workdir)
-      checkpointing.save(manager, done, state, next_step=done, run=run, metrics={
-          checkpointing.METRIC: evaluator.primary_map(results["results"])})
-    elif done % config.checkpoint_every_steps == 0:
-      guard.flush()
-      checkpointing.save(manager, done, state, next_step=done, run=run)
-  guard.flush()
-  batches.close()  # stops grain's worker processes and frees their shared memory
+  except BaseException:
+    # Saves in flight finish before the error is reported, so what it names exists.
+    with contextlib.suppress(Exception):
+      manager.wait_until_finished()
+    raise
+  finally:
+    batches.close()  # stops grain's worker processes and frees their shared memory
   manager.wait_until_finished()
   writer.flush()
   checkpointing.log_saved(manager)
@@ -205,10 +286,22 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
 
   The model is the checkpoint's own (its saved config and class count); config must
   agree on the architecture and gives the evaluation settings and dataset, so another
-  dataset than the training one (cross-domain) needs only itself built.
+  dataset than the training one (cross-domain) needs only itself built. The results
+  go to <workdir>/eval_step_<step>.json and .md; if workdir cannot be written (checked
+  before anything is computed) they are only returned, under "not_written" the reason.
   """
   workdir = epath.Path(workdir).expanduser()
   runtime.configure_jax(config)
+  validate.check_config(config, mode="eval")
+  if not (workdir / "checkpoints").is_dir() and config.model.init_from and step is not None:
+    raise ValueError("--step needs a workdir with checkpoints; --config.model.init_from "
+                     "names imported weights, which have no steps.")
+  unwritable = None
+  if jax.process_index() == 0 and "://" not in str(workdir) and workdir.is_dir():
+    unwritable = outputs.check_writable(workdir)
+    if unwritable:
+      logging.warning("Cannot write the results to %s (%s): they will only be printed.",
+                      workdir, unwritable)
   mesh = runtime.make_mesh()
   replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
   if (workdir / "checkpoints").is_dir() or not config.model.init_from:
@@ -218,9 +311,6 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
     model = build_model(config.model, restored.run.num_classes)
     variables, done = restored.variables, restored.step
   else:  # imported weights: a whole official model (its head included)
-    if step is not None:
-      raise ValueError("--step needs a workdir with checkpoints; --config.model.init_from "
-                       "names imported weights, which have no steps.")
     # A backbone-only import has no classifier; features do not depend on its size.
     num_classes = weights.init_metadata(config.model.init_from).get("num_classes", 1)
     model = build_model(config.model, num_classes)
@@ -229,5 +319,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
     done = 0
   rows = evaluator.evaluate(model, variables, config, mesh)
   results = {"step": done, "results": rows}
+  if unwritable:
+    return {**results, "not_written": f"{workdir} is not writable ({unwritable})"}
   evaluator.write_results(workdir, results, name=f"eval_step_{done}")
   return results

@@ -39,6 +39,7 @@ from matplotlib.figure import Figure
 from musp_jax import augment
 from musp_jax import evaluator
 from musp_jax import inference
+from musp_jax import outputs
 from musp_jax import retrieval
 from musp_jax import runtime
 
@@ -99,9 +100,9 @@ def figure_to_array(fig: Figure) -> np.ndarray:
 
 
 def _save(fig: Figure, path: str | epath.Path) -> str:
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(str(path), dpi=100)
+  """Saves atomically: a picture is either the old one or the whole new one."""
+  with outputs.atomic_file(path) as tmp:
+    fig.savefig(tmp, dpi=100)
   return str(path)
 
 
@@ -391,6 +392,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   demo = sub.add_parser("demo", help="Attention grid + worst-AP rank lists of a workdir.")
   demo.add_argument("--workdir", required=True)
   demo.add_argument("--data_dir", default=None, help="Override config.dataset.data_dir.")
+  for sub_parser in (att, rk, demo):
+    runtime.add_verbose_arg(sub_parser)
   args = parser.parse_args(argv)
   runtime.setup()
   try:
@@ -408,8 +411,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         written = [ranks_picture(
             loaded, args.out_dir or str(pictures), order=args.order, queries=args.queries,
             num_queries=args.num_queries, topk=args.topk, seed=args.seed)]
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
+  except runtime.USER_ERRORS as e:
+    runtime.print_error(e, verbose=args.verbose)
     return 2
   print(json.dumps({"written": written}))
   return 0

@@ -97,3 +97,31 @@ def test_strict_fails_on_the_first_unreadable_image(tmp_path, capsys):
 def test_unknown_dataset_is_a_usage_error():
   with pytest.raises(app.UsageError, match="Give one dataset name"):
     run("veri")
+
+
+def test_a_changed_manual_folder_is_rebuilt(tmp_path, capsys):
+  """The build records the folder's lists and file sizes; a fixed folder is seen."""
+  manual, data_dir = tmp_path / "VID", str(tmp_path / "tfds")
+  write_vehicle_id(manual, bad={"missing": None})
+  assert run("vehicle_id", data_dir=data_dir, manual_dir=str(manual)) == 0
+  assert "train: 4)" in capsys.readouterr().out  # the missing image is skipped
+  assert run("vehicle_id", data_dir=data_dir, manual_dir=str(manual)) == 0
+  out = capsys.readouterr().out
+  assert "Rebuilt" not in out and "train: 4)" in out  # unchanged: reused
+  Image.fromarray(np.full((16, 16, 3), 99, np.uint8)).save(manual / "image" / "missing.jpg")
+  assert run("vehicle_id", data_dir=data_dir, manual_dir=str(manual)) == 0
+  out = capsys.readouterr().out
+  assert (f"Rebuilt vehicle_id, replacing the last build: the manual folder {manual} "
+          "changed since: 5 files besides the lists, 4 at the last build.") in out
+  assert "train: 5)" in out
+  index = datasets.split_index("vehicle_id", "train", data_dir=data_dir, builder_config="")
+  np.testing.assert_array_equal(index["vehicle_id"], [1, 1, 2, 2, 10])
+  # An edited list is seen too; a failed rebuild keeps the last build.
+  (manual / "train_test_split" / "train_list.txt").write_text("")
+  assert run("vehicle_id", data_dir=data_dir, manual_dir=str(manual)) == 1
+  err = capsys.readouterr().err
+  assert (f"error: {manual / 'train_test_split' / 'train_list.txt'} is empty: expected "
+          'lines "<imgid> <vehicle_id>".') in err.splitlines()
+  assert len(datasets.load_split("vehicle_id", "train", data_dir=data_dir,
+                                 builder_config="")) == 5
+  assert sorted(os.listdir(tmp_path / "tfds" / "vehicle_id")) == ["2.0.0"]

@@ -132,3 +132,17 @@ def test_class_count_and_config_come_from_the_checkpoint(loaded, tmp_path):
   moved = inference.load(copy)
   assert moved.signature == loaded.signature
   assert moved.config.to_dict() == loaded.config.to_dict()
+
+
+def test_output_is_written_whole_or_not_at_all(tmp_path, capsys):
+  images = tools_fixtures.write_images(tmp_path / "images", 2)
+  (tmp_path / "taken.npz").mkdir()  # a folder where the file would go
+  rc = embed.main(["--workdir", str(tools_fixtures.shared_workdir()),
+                   "--images", str(images[0]), "--out", str(tmp_path / "taken.npz")])
+  assert rc == 2
+  assert (f"error: {tmp_path / 'taken.npz'} is a folder; expected a file path to write."
+          in capsys.readouterr().err)
+  out = tmp_path / "feats.npz"
+  assert embed.main(["--workdir", str(tools_fixtures.shared_workdir()),
+                     "--images", *map(str, images), "--out", str(out)]) == 0
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["feats.npz", "images", "taken.npz"]

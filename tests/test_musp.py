@@ -29,7 +29,9 @@ def relative_error(actual, expected) -> float:
 
 
 def numpy_state_dict(module: torch.nn.Module) -> dict[str, np.ndarray]:
-  return {k: v.numpy() for k, v in module.state_dict().items()}
+  # Copies: .numpy() shares the tensor's memory, jax on the CPU may keep using it
+  # without a copy, and a torch forward in train mode updates BN statistics in place.
+  return {k: v.numpy().copy() for k, v in module.state_dict().items()}
 
 
 def official(n: int) -> dict:

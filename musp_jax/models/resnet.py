@@ -42,6 +42,13 @@ def output_channels(depth: int) -> int:
     raise ValueError(f"ResNet depth {depth} is not one of {sorted(STAGE_SIZES)}")
   return _WIDTHS[-1] * _EXPANSION[STAGE_SIZES[depth][0]]
 
+
+def output_stride(last_stride: int) -> int:
+  """Input pixels per pixel of the last stage's map: the stem (conv and max-pool)
+  reduces 4x, stages 2 and 3 2x each, the last stage `last_stride`x."""
+  return 4 * 2 * 2 * last_stride
+
+
 # torchvision initialises convs with kaiming_normal_(mode="fan_out"), a plain
 # (untruncated) normal.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")

@@ -25,6 +25,7 @@ import os
 import pickle
 import re
 from typing import Any
+import zipfile
 
 from flax import traverse_util
 import jax
@@ -58,12 +59,17 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
   path = os.fspath(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f"weights file {path} does not exist")
-  if path.endswith(".npz"):
-    with np.load(path) as f:
-      sd = {k: f[k] for k in f.files}
-  elif path.endswith(".safetensors"):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    sd = load_file(path)
+  if path.endswith((".npz", ".safetensors")):
+    try:
+      if path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as f:
+          sd = {k: f[k] for k in f.files}
+      else:
+        from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+        sd = load_file(path)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+      raise WeightImportError(f"{path} is not a readable {os.path.splitext(path)[1]} "
+                              f"file of tensors: {_first_line(e)}") from e
   else:
     try:
       import torch  # pylint: disable=g-import-not-at-top
@@ -78,7 +84,11 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
       raise WeightImportError(
           f"{path} holds objects other than tensors and plain containers; "
           "re-save just its state_dict (torch.save(ckpt['state_dict'], ...))"
-          f": {e}") from e
+          f": {_first_line(e)}") from e
+    except Exception as e:  # torch reports a truncated or foreign file many ways
+      raise WeightImportError(
+          f"{path} is not a readable PyTorch file (truncated or another format?): "
+          f"{_first_line(e)}") from e
     if isinstance(obj, Mapping) and "state_dict" in obj:
       obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
@@ -87,6 +97,10 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
     sd = {k: v.detach().float().numpy() if v.is_floating_point()
           else v.numpy() for k, v in obj.items() if torch.is_tensor(v)}
   return {k.removeprefix("module."): np.asarray(v) for k, v in sd.items()}
+
+
+def _first_line(error: BaseException) -> str:
+  return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _leaf_source(collection: str, leaf: str, ndim: int) -> tuple[str, Any]:
@@ -277,18 +291,19 @@ def _official_layout(state_dict: StateDict, what: str) -> tuple[int, bool]:
   return n, num_branches == n
 
 
-def musp_checkpoint_shapes(state_dict: StateDict) -> dict[str, Any]:
+def musp_checkpoint_shapes(state_dict: StateDict, *,
+                           what: str = "official MUSP checkpoint") -> dict[str, Any]:
   """Reads the model settings that an official-MUSP state dict implies.
 
   Returns model-config fields (depth, num_prototypes, value_channels,
   value_conv, ese, ese_reduction, global_branch, pooling) plus num_classes.
   Pooling is "official": the official `bmm(...) / h*w` at any input size.
   """
-  n, has_global = _official_layout(state_dict, "official MUSP checkpoint")
+  n, has_global = _official_layout(state_dict, what)
   in_channels = state_dict["key.weight"].shape[1]
   c, value_in = state_dict["value.weight"].shape[:2]
   out = {
-      "depth": resnet_depth(state_dict),
+      "depth": resnet_depth(state_dict, what=what),
       "num_prototypes": n,
       "value_channels": int(c),
       "value_conv": "full" if value_in == in_channels else "depthwise",
@@ -303,7 +318,7 @@ def musp_checkpoint_shapes(state_dict: StateDict) -> dict[str, Any]:
   return out
 
 
-def resnet_depth(state_dict: StateDict) -> int:
+def resnet_depth(state_dict: StateDict, *, what: str = "state dict") -> int:
   """The torchvision depth whose block counts match the state dict."""
   kind = "bottleneck" if "layer1.0.conv3.weight" in state_dict else "basic"
   counts = []
@@ -314,8 +329,9 @@ def resnet_depth(state_dict: StateDict) -> int:
   for depth, (k, sizes) in resnet.STAGE_SIZES.items():
     if k == kind and tuple(counts) == sizes:
       return depth
-  raise WeightImportError(f"state dict has {kind} blocks per stage {counts}; "
-                          f"no torchvision ResNet has that layout")
+  raise WeightImportError(f"{what} has {kind} blocks per stage {counts}; no "
+                          "torchvision ResNet has that layout (expected a ResNet-"
+                          f"{'/'.join(map(str, resnet.STAGE_SIZES))} state dict)")
 
 
 # --- Orbax initialisation checkpoints --------------------------------------
@@ -332,6 +348,14 @@ def save_init(directory: str | os.PathLike, variables: Variables,
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(directory, tree, custom_metadata=dict(metadata or {}))
   checkpointer.wait_until_finished()
+
+
+def is_init_checkpoint(path: str | os.PathLike) -> bool:
+  """Whether `path` is a folder `save_init` wrote (what import_weights may replace)."""
+  try:
+    return init_metadata(path).get("kind") in ("backbone", "model")
+  except Exception:  # pylint: disable=broad-except  # anything else is not one
+    return False
 
 
 def init_metadata(path: str | os.PathLike) -> dict[str, Any]:

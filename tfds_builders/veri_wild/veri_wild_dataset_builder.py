@@ -128,6 +128,9 @@ def read_split_list(path: str) -> list[tuple[str, str, int]]:
             f"{path}:{line_no}: {rel!r} has no numeric vehicle folder (<vid>/<imgid>)")
       stem = parts[-1][:-4] if parts[-1].lower().endswith(".jpg") else parts[-1]
       out.append((parts[-2], stem, cam))
+  if not out:
+    raise reid_base.ManualDataError(
+        f"{path} is empty: expected lines \"<vid>/<imgid>\" or \"<relpath> <label> <camid>\".")
   return out
 
 
