@@ -6,6 +6,9 @@ Dataset configs call `get_config()` and change what differs; they never copy it.
 The config is locked: `--config.model.nmu=3` fails with the unknown key named.
 """
 
+from collections.abc import Mapping
+from typing import Any
+
 import ml_collections
 
 
@@ -17,7 +20,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # --- data (tfds_builders/, musp_jax/datasets.py) ---
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "synthetic_vehicles"  # veri776 | vehicle_id | veri_wild | synthetic_vehicles
-  c.dataset.builder_config = "small"  # test size / synthetic size
+  # TFDS builder config: the synthetic dataset's size (tiny | small | large); the
+  # licensed datasets have none ("").
+  c.dataset.builder_config = "small"
   c.dataset.data_dir = "~/tensorflow_datasets"
   c.dataset.manual_dir = ""  # only needed to build a licensed dataset
 
@@ -44,13 +49,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.head = "musp"  # musp | baseline
   c.model.num_prototypes = 5  # n, the last one is background
   c.model.value_conv = "depthwise"  # depthwise (official) | full (paper)
-  c.model.value_channels = 2048  # c; paper text: 2048 // (n - 1)
-  c.model.pooling = "sum"  # sum (official) | mean (paper)
+  # c; 0 = the layout's own: the backbone's width for the depthwise conv (official),
+  # width // (n - 1) for the full conv (paper text).
+  c.model.value_channels = 0
+  # sum | official: the official `/ h*w`, i.e. (sum / h) * w | mean (paper). At the
+  # recipe's square 256x256 "sum" equals "official" exactly; "sum" stays the default
+  # because a feature's scale should not depend on the aspect ratio (imports of
+  # official checkpoints get "official", which reproduces them at any size).
+  c.model.pooling = "sum"
   c.model.ese = "all"  # all: on n parts (official) | kept: on n-1 parts (paper) | none
   c.model.ese_reduction = 16
   c.model.attention = "softmax"  # softmax | sigmoid
   c.model.global_feature = "value_mean"  # value_mean (official) | backbone_gap (paper)
   c.model.diversity = "all"  # product over all n maps (official) | kept: n-1 maps (paper)
+  c.model.global_branch = True  # the official --has-global; False: n-1 part branches only
   c.model.dtype = "float32"  # compute dtype; bfloat16 keeps fp32 params and BN stats
   c.model.init_from = ""  # Orbax dir written by `python -m musp_jax.import_weights`
   # Backbone convolutions: xla (nn.Conv; cuDNN on GPU) | gemm (matrix products,
@@ -84,7 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # --- evaluation (retrieval.py, protocols.py) ---
   c.eval = ml_collections.ConfigDict()
   c.eval.dataset = ""  # empty: the training dataset; else another (cross-domain)
-  c.eval.builder_config = ""
+  c.eval.test_size = "small"  # VehicleID / VERI-Wild test set: small | medium | large
   c.eval.batch_size = 128
   c.eval.every_epochs = 10
   c.eval.distance = "cam_squared"  # cam_squared (official) | cam (paper) | cosine | euclidean
@@ -104,56 +116,50 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return apply_variants(c, arg)
 
 
-SIZES = ("small", "medium", "large")
+# Variant words: each is a set of overrides, applied in the order the words are given.
+# Dataset configs extend the table (test sizes, synthetic sizes, their own runlocal).
+VARIANTS: dict[str, dict[str, Any]] = {
+    # A laptop-sized run of the same code path: ResNet-18, 128 px, one epoch.
+    "runlocal": {"model.depth": 18, "input.image_size": (128, 128), "input.num_ids": 4,
+                 "input.num_instances": 4, "input.num_workers": 0, "optim.num_epochs": 1,
+                 "optim.warmup_epochs": 0, "eval.every_epochs": 1},
+    "baseline": {"model.head": "baseline"},
+    # The paper's text (SPEC section 1 table, right column); its value width
+    # c = 2048 // (n - 1) is what value_channels=0 resolves to for the full conv.
+    "paper": {"model.value_conv": "full", "model.pooling": "mean", "model.ese": "kept",
+              "model.global_feature": "backbone_gap", "model.diversity": "kept",
+              "eval.distance": "cam"},
+    "ese_off": {"model.ese": "none"},
+    "sigmoid": {"model.attention": "sigmoid"},
+    "bf16": {"model.dtype": "bfloat16"},
+}
+# The test-set sizes of VehicleID and VERI-Wild (eval.test_size).
+TEST_SIZE_VARIANTS = {size: {"eval.test_size": size} for size in ("small", "medium", "large")}
+MAX_PROTOTYPES = 8
 
 
-def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+def apply_variants(c: ml_collections.ConfigDict, arg: str | None,
+                   variants: Mapping[str, Mapping[str, Any]] = VARIANTS
+                   ) -> ml_collections.ConfigDict:
   """Applies comma-separated variant words, e.g. "baseline", "paper,n=3", "runlocal".
 
-  Words: runlocal, baseline, paper, ese_off, sigmoid, bf16, n=<int>, and a test size
-  (small/medium/large) for datasets that have several. Unknown words are rejected, so
-  a typo never trains the wrong model.
+  Words are the keys of `variants`, plus n=<int> (model.num_prototypes). Unknown
+  words are rejected, so a typo never trains the wrong model.
   """
-  paper = False
   for word in filter(None, (arg or "").split(",")):
-    if word == "runlocal":
-      # A laptop-sized run of the same code path: ResNet-18, 128 px, one epoch.
-      c.model.depth = 18
-      c.input.image_size = (128, 128)
-      c.input.num_ids, c.input.num_instances = 4, 4
-      c.input.num_workers = 0
-      c.optim.num_epochs = 1
-      c.optim.warmup_epochs = 0
-      c.eval.every_epochs = 1
-    elif word in SIZES:
-      c.dataset.builder_config = word
-    elif word == "baseline":
-      c.model.head = "baseline"
-    elif word == "paper":
-      # The paper's text (SPEC section 1 table, right column).
-      paper = True
-      c.model.value_conv = "full"
-      c.model.pooling = "mean"
-      c.model.ese = "kept"
-      c.model.global_feature = "backbone_gap"
-      c.model.diversity = "kept"
-      c.eval.distance = "cam"
-    elif word == "ese_off":
-      c.model.ese = "none"
-    elif word == "sigmoid":
-      c.model.attention = "sigmoid"
-    elif word == "bf16":
-      c.model.dtype = "bfloat16"
-    elif word.startswith("n="):
-      n = int(word[2:])
-      if not 2 <= n <= 8:
-        raise ValueError(f"Config variant {word!r}: n must be in 2..8.")
-      c.model.num_prototypes = n
+    if word.startswith("n=") and word[2:].isdigit():
+      overrides = {"model.num_prototypes": int(word[2:])}
+      if not 2 <= overrides["model.num_prototypes"] <= MAX_PROTOTYPES:
+        raise ValueError(f"Config variant {word!r}: n must be in 2..{MAX_PROTOTYPES}.")
+    elif word in variants:
+      overrides = variants[word]
     else:
       raise ValueError(
-          f"Unknown config variant {word!r} in {arg!r}; expected a comma-separated list of "
-          "runlocal, baseline, paper, ese_off, sigmoid, bf16, n=<int>, small/medium/large.")
-  # The value map has the backbone's width; the paper's text splits it over the parts.
-  width = 2048 if c.model.depth >= 50 else 512
-  c.model.value_channels = width // (c.model.num_prototypes - 1) if paper else width
+          f"Unknown config variant {word!r} in {arg!r}; expected a comma-separated list "
+          f"of {', '.join(variants)}, n=<int>.")
+    for key, value in overrides.items():
+      section, field = key.split(".")
+      if field not in c[section]:  # a typo in a table must not add a field
+        raise KeyError(f"Config variant {word!r} sets unknown field {key!r}.")
+      c[section][field] = value
   return c

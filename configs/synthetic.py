@@ -8,11 +8,18 @@ ImageNet weights to start from and the run is short, so the learning rate is 3e-
 than the recipe's 3.5e-4 (tuned for imported weights) and stays there for 9 of the 10
 epochs: after 8 epochs at 1e-3 with a decay at epoch 6 the model was still far from
 fitting the training identities (README, "Synthetic vehicles"). `:runlocal` uses the tiny
-dataset (tests); variant words of configs/common.py combine, e.g.
-`configs/synthetic.py:baseline`.
+dataset (tests); `:tiny` / `:small` / `:large` pick the dataset size; variant words of
+configs/common.py combine, e.g. `configs/synthetic.py:baseline`.
 """
 
 from configs import common
+
+VARIANTS = {
+    **common.VARIANTS,
+    "runlocal": {**common.VARIANTS["runlocal"], "dataset.builder_config": "tiny",
+                 "input.image_size": (64, 64)},
+    **{size: {"dataset.builder_config": size} for size in ("tiny", "small", "large")},
+}
 
 
 def get_config(arg: str | None = None):
@@ -30,8 +37,4 @@ def get_config(arg: str | None = None):
   c.eval.every_epochs = 10
   c.log_every_steps = 10
   c.checkpoint_every_steps = 200
-  c = common.apply_variants(c, arg)
-  if "runlocal" in (arg or "").split(","):
-    c.dataset.builder_config = "tiny"
-    c.input.image_size = (64, 64)
-  return c
+  return common.apply_variants(c, arg, VARIANTS)

@@ -51,12 +51,12 @@ from typing import Any, Sequence
 
 import cv2
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from musp_jax import features
 from tfds_builders.synthetic_vehicles.render import PART_CLASSES
 
 ROW = "attention vs part masks"  # the name of the scores' entry among the result rows
@@ -238,14 +238,6 @@ def has_part_masks(sources: Sequence[Sequence[dict[str, Any]]]) -> bool:
 
 
 @functools.cache
-def _attention_fn(model, mesh):
-  batch = NamedSharding(mesh, P("data"))
-  return jax.jit(
-      lambda variables, images: model.apply(variables, images, train=False)
-      ["attention"].astype(jnp.float32),
-      in_shardings=(NamedSharding(mesh, P()), batch))
-
-
 def evaluate(model, variables, sources: Sequence[Sequence[dict[str, Any]]], config,
              mesh) -> dict[str, Any]:
   """Scores a MUSP model's attention on the splits' images (JSON-ready, `to_row`).
@@ -254,8 +246,9 @@ def evaluate(model, variables, sources: Sequence[Sequence[dict[str, Any]]], conf
   sharded over the mesh; every process ends with the same row.
   """
   from musp_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  fn = _attention_fn(model, mesh)
+  fn = features.jitted_attention(model, config.input.normalize)
   batch_sharding = NamedSharding(mesh, P("data"))
+  variables = jax.device_put(variables, NamedSharding(mesh, P()))  # no copy if already
   maps, fractions = [], []
   for source in sources:
     batches = input_pipeline.eval_batches(

@@ -2,8 +2,9 @@
 
 Train (SPEC section 3, the official code's order): random 2D translation
 (with probability p resize to 1.125x and take a random crop, else resize),
-horizontal flip, normalisation, random erasing on the normalised image.
-Test: resize and normalise.
+horizontal flip, and the box of random erasing. Test: resize. Both hand over
+uint8 pixels: normalisation and the erasing itself (after normalisation, as the
+official code) run on the device in the jitted step (musp_jax/preprocess.py).
 
 OpenCV rather than PIL: its decoder and SIMD resize are about twice as fast,
 which is what lets a CPU core keep up with a GPU (scripts/bench_input.py).
@@ -19,18 +20,12 @@ record, so an image's augmentation does not depend on worker count or order.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any
 
 import cv2
 import numpy as np
 
-NORMALIZE_CONSTANTS = {
-    # The official code normalises with mean = std = 0.5 (values in [-1, 1]).
-    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
 ERASE_ATTEMPTS = 100  # as the reference RandomErasing
 
 
@@ -100,43 +95,7 @@ def erase_box(
   return None
 
 
-@dataclasses.dataclass(frozen=True)
-class Normalize:
-  """uint8 RGB (H, W, 3) -> float32 (v / 255 - mean) / std per channel."""
-
-  mean: tuple[float, float, float]
-  std: tuple[float, float, float]
-
-  @classmethod
-  def from_name(cls, normalize: str) -> Normalize:
-    if normalize not in NORMALIZE_CONSTANTS:
-      raise ValueError(
-          f"input.normalize={normalize!r}; expected one of "
-          f"{sorted(NORMALIZE_CONSTANTS)}."
-      )
-    return cls(*NORMALIZE_CONSTANTS[normalize])
-
-  @functools.cached_property
-  def _lut(self) -> np.ndarray:
-    mean, std = np.asarray(self.mean), np.asarray(self.std)
-    values = np.arange(256, dtype=np.float64)[:, None] / 255.0
-    return ((values - mean) / std).astype(np.float32)[None]  # (1, 256, 3)
-
-  def __call__(
-      self, img_HxWx3: np.ndarray, out: np.ndarray | None = None
-  ) -> np.ndarray:
-    """Returns the normalised image, written into `out` when given."""
-    if out is None:
-      out = np.empty(img_HxWx3.shape, np.float32)
-    if len(set(self.mean)) == 1 and len(set(self.std)) == 1:
-      # Same constants for every channel (the official 0.5): two scalar
-      # passes cost a third of a table look-up.
-      np.multiply(img_HxWx3, np.float32(1.0 / (255.0 * self.std[0])), out=out)
-      out -= np.float32(self.mean[0] / self.std[0])
-      return out
-    # Per-channel constants: one exact table look-up per pixel, faster than
-    # float arithmetic broadcast over the channel axis.
-    return cv2.LUT(np.ascontiguousarray(img_HxWx3), self._lut, dst=out)
+NO_ERASE = (0, 0, 0, 0)  # an erase box of height 0: nothing is erased
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,14 +103,12 @@ class TrainTransform:
   """Decode + SPEC section 3 train augmentation; call with (bytes, rng)."""
 
   size_hw: tuple[int, int]
-  normalize: Normalize
   translate_prob: float
   translate_scale: float
   flip_prob: float
   erase_prob: float
   erase_area: tuple[float, float]
   erase_min_aspect: float
-  erase_fill: tuple[float, float, float]
 
   @classmethod
   def from_config(cls, input_config: Any) -> TrainTransform:
@@ -167,27 +124,21 @@ class TrainTransform:
       raise ValueError(f"input.translate_scale={c.translate_scale}; need >= 1.")
     return cls(
         size_hw=tuple(c.image_size),
-        normalize=Normalize.from_name(c.normalize),
         translate_prob=float(c.translate_prob),
         translate_scale=float(c.translate_scale),
         flip_prob=float(c.flip_prob),
         erase_prob=float(c.erase_prob),
         erase_area=(float(lo), float(hi)),
         erase_min_aspect=float(c.erase_min_aspect),
-        erase_fill=tuple(float(v) for v in c.erase_fill),
     )
 
-  def __call__(self, data: bytes, rng: np.random.Generator) -> np.ndarray:
-    """The augmented float32 (H, W, 3) image."""
-    return self.finish(*self.geometry(data, rng))
-
-  def geometry(
+  def __call__(
       self, data: bytes, rng: np.random.Generator
-  ) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
-    """Decode, translate and flip (uint8), and the erasing box to apply.
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """Decode, translate and flip: uint8 (H, W, 3), and the erase box.
 
-    Split from `finish` so a batch can be normalised straight into its
-    output buffer: a quarter of the bytes travel between the stages.
+    The box is int32 (top, left, height, width), NO_ERASE when the image is
+    not erased; preprocess.erase fills it on the device.
     """
     img = decode(data)
     # Always draw the translation, flip and erase decisions, so one op's
@@ -210,47 +161,19 @@ class TrainTransform:
       box = erase_box(
           rng, h, w, area=self.erase_area, min_aspect=self.erase_min_aspect
       )
-    return np.ascontiguousarray(img), box
-
-  def finish(
-      self,
-      pixels_HxWx3: np.ndarray,
-      box: tuple[int, int, int, int] | None,
-      out: np.ndarray | None = None,
-  ) -> np.ndarray:
-    """Normalises (into `out` when given), then erases `box` with the fill."""
-    x = self.normalize(pixels_HxWx3, out)
-    if box is not None:
-      t, l, bh, bw = box
-      x[t : t + bh, l : l + bw] = self._fill_image[:bh, :bw]
-    return x
-
-  @functools.cached_property
-  def _fill_image(self) -> np.ndarray:
-    # Copying rows of a ready-made fill is ~20x faster than broadcasting a
-    # 3-vector into the box.
-    fill = np.empty((*self.size_hw, 3), np.float32)
-    fill[:] = self.erase_fill
-    return fill
+    return np.ascontiguousarray(img), np.asarray(box or NO_ERASE, np.int32)
 
 
 @dataclasses.dataclass(frozen=True)
 class TestTransform:
-  """Decode, resize and normalise (SPEC section 3 test transform)."""
+  """Decode and resize (SPEC section 3 test transform, before normalisation)."""
 
   size_hw: tuple[int, int]
-  normalize: Normalize
 
   @classmethod
   def from_config(cls, input_config: Any) -> TestTransform:
-    return cls(
-        size_hw=tuple(input_config.image_size),
-        normalize=Normalize.from_name(input_config.normalize),
-    )
+    return cls(size_hw=tuple(input_config.image_size))
 
   def __call__(self, data: bytes) -> np.ndarray:
-    return self.normalize(self.geometry(data))
-
-  def geometry(self, data: bytes) -> np.ndarray:
-    """Decoded and resized uint8 (H, W, 3), before normalisation."""
+    """Decoded and resized uint8 (H, W, 3)."""
     return resize(decode(data), self.size_hw)

@@ -1,12 +1,18 @@
 r"""Builds a re-ID dataset into array_record files (no apache_beam needed).
 
     python -m musp_jax.build_dataset veri776 --manual_dir ~/data/VeRi
-    python -m musp_jax.build_dataset vehicle_id --manual_dir ~/data/VehicleID --config small
-    python -m musp_jax.build_dataset veri_wild --manual_dir ~/data/VERI-Wild --config large
+    python -m musp_jax.build_dataset vehicle_id --manual_dir ~/data/VehicleID
+    python -m musp_jax.build_dataset veri_wild --manual_dir ~/data/VERI-Wild
     python -m musp_jax.build_dataset synthetic_vehicles --config small
 
+VehicleID and VERI-Wild are built once with every test list the download holds
+(evaluation picks one with eval.test_size).
+
 Unreadable images are skipped and counted (--strict stops at the first one). A failed
-build leaves nothing that reads as complete; run the command again.
+build leaves nothing that reads as complete; run the command again. Run again on a
+built dataset, the command rebuilds it if the manual folder changed since (a list
+edited, an image added, replaced or removed), or with --rebuild; the old build stays
+until the new one is complete.
 """
 
 from __future__ import annotations
@@ -19,21 +25,24 @@ from absl import flags
 import tensorflow_datasets as tfds
 
 from musp_jax import datasets
-from tfds_builders import reid_base
+from musp_jax import runtime
 
 _MANUAL_DIR = flags.DEFINE_string(
     "manual_dir", "", "Folder of the manual download (licensed datasets).")
 _DATA_DIR = flags.DEFINE_string("data_dir", "~/tensorflow_datasets", "Output folder.")
 _CONFIG = flags.DEFINE_string(
-    "config", None, "Builder config: small/medium/large (vehicle_id, veri_wild), "
-    "tiny/small/large (synthetic_vehicles); none for veri776.")
+    "config", None, "Builder config of synthetic_vehicles: tiny/small/large (default "
+    "small); the other datasets have none.")
 _STRICT = flags.DEFINE_bool("strict", False, "Fail on the first unreadable image.")
+_REBUILD = flags.DEFINE_bool("rebuild", False, "Build again even if the manual folder "
+                             "has not changed since the last build.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "On an error, print its traceback too.")
 
 
 def main(argv: Sequence[str]) -> int:
-  if len(argv) != 2 or argv[1] not in datasets.BUILDERS:
+  if len(argv) != 2 or argv[1] not in datasets.DATASETS:
     raise app.UsageError(
-        f"Give one dataset name: {' | '.join(datasets.BUILDERS)} (got {argv[1:]}).")
+        f"Give one dataset name: {' | '.join(datasets.DATASETS)} (got {argv[1:]}).")
   name = argv[1]
   config = _CONFIG.value
   if config is None:  # the builder's default config, if it has configs
@@ -42,10 +51,15 @@ def main(argv: Sequence[str]) -> int:
   tfds.display_progress_bar(True)
   try:
     report = datasets.build(name, data_dir=_DATA_DIR.value, builder_config=config,
-                            manual_dir=_MANUAL_DIR.value, strict=_STRICT.value)
-  except (reid_base.ManualDataError, reid_base.CorruptImageError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
+                            manual_dir=_MANUAL_DIR.value, strict=_STRICT.value,
+                            rebuild=_REBUILD.value)
+  except runtime.USER_ERRORS as e:
+    runtime.print_error(e, verbose=_VERBOSE.value)
     return 1
+  if report.rebuilt_because:
+    print(f"Rebuilt {name}, replacing the last build: {'; '.join(report.rebuilt_because)}.")
+  if report.note:
+    print(f"note: {report.note}")
   sizes = ", ".join(f"{s}: {n}" for s, n in sorted(report.num_examples.items()))
   print(f"Built {name}{'/' + config if config else ''} in {report.path} ({sizes}).")
   if report.skipped:

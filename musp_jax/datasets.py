@@ -1,12 +1,16 @@
-"""Random-access re-ID records from the built TFDS datasets (no TensorFlow graph code).
+"""The dataset table, and random-access re-ID records from the built TFDS datasets.
 
     source = load_split("veri776", "train", data_dir="~/tensorflow_datasets", builder_config="")
     source[0]  # {"image": JPEG bytes, "label": 3, "vehicle_id": 4, "camera_id": 2, ...}
     # synthetic_vehicles records also hold "part_mask": PNG bytes of a label map
     split_index("veri776", "train", ...)  # labels / ids / cameras of the split, no images read
 
-Datasets are built once by `python -m musp_jax.build_dataset NAME ...` (licensed ones from
-their manual download folder); the synthetic one is built on first use by `ensure_built`.
+`DATASETS` is everything the package knows about a dataset, in one place: its TFDS
+builder, whether it is built from a manual download, which splits its evaluation
+protocol reads and which protocol that is. Datasets are built once by
+`python -m musp_jax.build_dataset NAME ...` (licensed ones from their manual download
+folder); the synthetic one is built on first use by `ensure_built`. No TensorFlow graph
+code runs: records are read with `tfds.data_source`.
 """
 
 from __future__ import annotations
@@ -14,27 +18,41 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import shutil
+from collections.abc import Callable, Mapping
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from musp_jax import protocols
 from tfds_builders import reid_base
 
-# Dataset name -> builder module (tfds_builders/<name>/<name>_dataset_builder.py).
-BUILDERS = {
-    "veri776": "tfds_builders.veri776.veri776_dataset_builder",
-    "vehicle_id": "tfds_builders.vehicle_id.vehicle_id_dataset_builder",
-    "veri_wild": "tfds_builders.veri_wild.veri_wild_dataset_builder",
-    "synthetic_vehicles": "tfds_builders.synthetic_vehicles.synthetic_vehicles_dataset_builder",
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """One row of the dataset table."""
+  builder: str  # module of the TFDS builder (its class `Builder`)
+  manual_download: bool  # built from a licensed download (--manual_dir)
+  # Protocol role -> split name; "{n}" is the test size's number (builder.TEST_SIZES).
+  eval_splits: Mapping[str, str]
+  protocol: Callable[..., dict]  # musp_jax.protocols.<protocol>
+
+
+DATASETS: dict[str, Dataset] = {
+    "veri776": Dataset(
+        "tfds_builders.veri776.veri776_dataset_builder", True,
+        {"query": "query", "gallery": "gallery"}, protocols.query_gallery),
+    "vehicle_id": Dataset(
+        "tfds_builders.vehicle_id.vehicle_id_dataset_builder", True,
+        {"test": "test_{n}"}, protocols.vehicle_id),
+    "veri_wild": Dataset(
+        "tfds_builders.veri_wild.veri_wild_dataset_builder", True,
+        {"query": "query_{n}", "gallery": "gallery_{n}"}, protocols.veri_wild),
+    "synthetic_vehicles": Dataset(
+        "tfds_builders.synthetic_vehicles.synthetic_vehicles_dataset_builder", False,
+        {"query": "query", "gallery": "gallery"}, protocols.query_gallery),
 }
-SPLITS = {
-    "veri776": ("train", "query", "gallery"),
-    "vehicle_id": ("train", "test"),
-    "veri_wild": ("train", "query", "gallery"),
-    "synthetic_vehicles": ("train", "query", "gallery"),
-}
-NEEDS_MANUAL_DIR = ("veri776", "vehicle_id", "veri_wild")
 INDEX_KEYS = reid_base.INDEX_KEYS
 # Encoded image features, read as their bytes (never decoded by TFDS).
 ENCODED_FEATURES = ("image", "part_mask")
@@ -44,10 +62,55 @@ class DatasetNotBuiltError(FileNotFoundError):
   """The dataset has not been built into data_dir; the message holds the command."""
 
 
+def spec(name: str) -> Dataset:
+  """The table row of `name`, or a ValueError listing the known datasets."""
+  if name not in DATASETS:
+    raise ValueError(f"Unknown dataset {name!r}; expected one of {sorted(DATASETS)}.")
+  return DATASETS[name]
+
+
 def builder_class(name: str) -> type[reid_base.ReIdBuilder]:
-  if name not in BUILDERS:
-    raise ValueError(f"Unknown dataset {name!r}; expected one of {sorted(BUILDERS)}.")
-  return importlib.import_module(BUILDERS[name]).Builder
+  return importlib.import_module(spec(name).builder).Builder
+
+
+def test_sizes(name: str) -> dict[str, int]:
+  """Test-size words -> numbers of ids, for datasets with several test sets."""
+  return dict(getattr(builder_class(name), "TEST_SIZES", {}))
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+  """What evaluation reads: a dataset, its build, the protocol's splits, a row name."""
+  name: str
+  builder_config: str
+  splits: dict[str, str]  # protocol role -> split
+  row_name: str
+
+  def run_protocol(self, features_by_role: Mapping[str, Any], eval_config=None,
+                   **overrides) -> dict[str, dict[str, float]]:
+    return spec(self.name).protocol(features_by_role, name=self.row_name,
+                                    eval_config=eval_config, **overrides)
+
+
+def eval_set(config: Any) -> EvalSet:
+  """The evaluation dataset of a run config: eval.dataset (default: the training
+  dataset), its test size (eval.test_size) and build (the training build when it is
+  the training dataset, else the builder's default)."""
+  name = config.eval.dataset or config.dataset.name
+  row = spec(name)
+  if name == config.dataset.name:
+    builder_config = config.dataset.builder_config
+  else:
+    cls = builder_class(name)
+    builder_config = cls.DEFAULT_CONFIG_NAME if cls.BUILDER_CONFIGS else ""
+  sizes = test_sizes(name)
+  if not sizes:
+    return EvalSet(name, builder_config, dict(row.eval_splits), name)
+  size = config.eval.test_size
+  if size not in sizes:
+    raise ValueError(f"eval.test_size={size!r}; {name} has test sizes {list(sizes)}.")
+  splits = {role: split.format(n=sizes[size]) for role, split in row.eval_splits.items()}
+  return EvalSet(name, builder_config, splits, f"{name}_{size}")
 
 
 def config_names(name: str) -> tuple[str, ...]:
@@ -79,7 +142,7 @@ def build_command(name: str, *, data_dir: str, builder_config: str | None,
                   manual_dir: str | None = None) -> str:
   """The shell command that builds this dataset."""
   cmd = f"python -m musp_jax.build_dataset {name}"
-  if name in NEEDS_MANUAL_DIR:
+  if spec(name).manual_download:
     cmd += f" --manual_dir {manual_dir or 'DIR'}"
   cmd += f" --data_dir {data_dir}"
   if builder_config:
@@ -96,20 +159,29 @@ def is_built(name: str, *, data_dir: str, builder_config: str | None) -> bool:
   return os.path.exists(os.path.join(path, "dataset_info.json"))
 
 
+def _not_built(name: str, data_dir: str, builder_config: str | None,
+               manual_dir: str | None = None) -> DatasetNotBuiltError:
+  """The error for a dataset missing from data_dir, naming the command that builds it."""
+  cmd = build_command(name, data_dir=data_dir, builder_config=builder_config,
+                      manual_dir=manual_dir)
+  hint = (" (DIR: the folder of the manual download)"
+          if spec(name).manual_download and not manual_dir else "")
+  return DatasetNotBuiltError(
+      f"Dataset {name}{'/' + builder_config if builder_config else ''} is not built in "
+      f"{os.path.expanduser(data_dir)}; build it with: {cmd}{hint}")
+
+
 def _prepared_builder(name: str, data_dir: str, builder_config: str | None):
   if not is_built(name, data_dir=data_dir, builder_config=builder_config):
-    hint = " (DIR: the folder of the manual download)" if name in NEEDS_MANUAL_DIR else ""
-    raise DatasetNotBuiltError(
-        f"Dataset {name}{'/' + builder_config if builder_config else ''} is not built in "
-        f"{os.path.expanduser(data_dir)}. Build it with:\n  "
-        f"{build_command(name, data_dir=data_dir, builder_config=builder_config)}{hint}")
+    raise _not_built(name, data_dir, builder_config)
   return get_builder(name, data_dir=data_dir, builder_config=builder_config)
 
 
-def _check_split(name: str, split: str) -> None:
-  builder_class(name)  # rejects unknown names
-  if split not in SPLITS[name]:
-    raise ValueError(f"Dataset {name!r} has splits {list(SPLITS[name])}, not {split!r}.")
+def _check_split(builder: reid_base.ReIdBuilder, split: str) -> None:
+  """Splits are those of the build (VehicleID / VERI-Wild hold the test lists found)."""
+  if split not in builder.info.splits:
+    raise ValueError(f"Dataset {builder.name} in {builder.data_dir} has splits "
+                     f"{sorted(builder.info.splits)}, not {split!r}.")
 
 
 def _to_python(record: dict[str, Any]) -> dict[str, Any]:
@@ -145,6 +217,7 @@ class ReIdSource(Sequence):
   def tfds_source(self):
     if self._source is None:
       b = _prepared_builder(self.name, self.data_dir, self.builder_config)
+      _check_split(b, self.split)
       self._source = b.as_data_source(
           self.split, decoders={k: tfds.decode.SkipDecoding() for k in ENCODED_FEATURES
                                 if k in b.info.features})
@@ -179,7 +252,7 @@ class ReIdSource(Sequence):
 def load_split(name: str, split: str, *, data_dir: str,
                builder_config: str | None) -> ReIdSource:
   """A split of a built dataset; raises DatasetNotBuiltError with the build command."""
-  _check_split(name, split)
+  spec(name)  # rejects unknown names
   source = ReIdSource(name, split, data_dir, builder_config)
   len(source)  # open now, so a missing dataset fails here
   return source
@@ -192,8 +265,8 @@ def split_index(name: str, split: str, *, data_dir: str,
   They come from the index written with the dataset (metadata.json); its length and its
   first and last entries are checked against the records.
   """
-  _check_split(name, split)
   b = _prepared_builder(name, data_dir, builder_config)
+  _check_split(b, split)
   try:
     index = b.info.metadata["index"][split]
   except (KeyError, TypeError) as e:
@@ -227,13 +300,22 @@ class BuildReport:
   path: str
   num_examples: dict[str, int]
   skipped: list[str]
+  # Why an existing build was replaced (the manual folder's changes), or [].
+  rebuilt_because: list[str] = dataclasses.field(default_factory=list)
+  note: str = ""  # e.g. an older build that cannot be checked against its folder
 
 
 def build(name: str, *, data_dir: str, builder_config: str | None,
-          manual_dir: str | None = None, strict: bool = False) -> BuildReport:
-  """Builds a dataset into data_dir (a no-op if built). Nothing partial is left behind:
-  TFDS writes into a temporary folder and renames it only when every split is done."""
-  if name in NEEDS_MANUAL_DIR:
+          manual_dir: str | None = None, strict: bool = False,
+          rebuild: bool = False) -> BuildReport:
+  """Builds a dataset into data_dir. Nothing partial is left behind: TFDS writes into a
+  temporary folder and renames it only when every split is done.
+
+  An existing build is kept unless its manual folder changed since (the lists' contents,
+  the files' sizes, see reid_base.manual_fingerprint) or `rebuild` is set; then the new
+  build replaces it once complete, and a failed one leaves the old build in place.
+  """
+  if spec(name).manual_download:
     instructions = builder_class(name).MANUAL_DOWNLOAD_INSTRUCTIONS
     if not manual_dir:
       raise reid_base.ManualDataError(
@@ -245,13 +327,50 @@ def build(name: str, *, data_dir: str, builder_config: str | None,
           f"Missing {manual_dir}: expected the {name} manual download folder.\n\n"
           f"Manual download instructions:\n{instructions}")
   b = get_builder(name, data_dir=data_dir, builder_config=builder_config, strict=strict)
-  b.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None),
-      file_format="array_record")
+  changes, note = ([], "")
+  if is_built(name, data_dir=data_dir, builder_config=builder_config):
+    if rebuild:
+      changes = ["--rebuild was given"]
+    elif spec(name).manual_download:
+      stored = b.info.metadata.get("manual_fingerprint")
+      if stored is None:
+        note = (f"This build of {name} predates the record of its manual folder, so a "
+                "change to the folder cannot be seen; pass --rebuild to build it again.")
+      else:
+        changes = [f"the manual folder {manual_dir} changed since: {change}"
+                   for change in reid_base.fingerprint_changes(
+                       stored, reid_base.manual_fingerprint(manual_dir))]
+  if changes:
+    b = _rebuild(name, b, data_dir=data_dir, builder_config=builder_config,
+                 manual_dir=manual_dir, strict=strict)
+  else:
+    b.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None),
+        file_format="array_record")
   return BuildReport(
       path=os.fspath(b.data_path),
       num_examples={s: b.info.splits[s].num_examples for s in b.info.splits},
-      skipped=list(b.skipped))
+      skipped=list(b.skipped), rebuilt_because=changes, note=note)
+
+
+def _rebuild(name: str, old: reid_base.ReIdBuilder, *, data_dir: str,
+             builder_config: str | None, manual_dir: str | None,
+             strict: bool) -> reid_base.ReIdBuilder:
+  """Builds again; the old build is moved aside and restored if the new one fails."""
+  path = os.fspath(old.data_path)
+  aside = f"{path}.old-{os.getpid()}"
+  os.rename(path, aside)
+  try:
+    b = get_builder(name, data_dir=data_dir, builder_config=builder_config, strict=strict)
+    b.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None),
+        file_format="array_record")
+  except BaseException:
+    if not os.path.exists(path):
+      os.rename(aside, path)
+    raise
+  shutil.rmtree(aside, ignore_errors=True)
+  return b
 
 
 def ensure_built(name: str, *, data_dir: str, builder_config: str | None,
@@ -261,12 +380,7 @@ def ensure_built(name: str, *, data_dir: str, builder_config: str | None,
   built yet: building one takes long, so it is an explicit step."""
   if is_built(name, data_dir=data_dir, builder_config=builder_config):
     return
-  if name not in NEEDS_MANUAL_DIR:
+  if not spec(name).manual_download:
     build(name, data_dir=data_dir, builder_config=builder_config)
     return
-  cmd = build_command(name, data_dir=data_dir, builder_config=builder_config,
-                      manual_dir=manual_dir)
-  hint = "" if manual_dir else " (DIR: the folder of the manual download)"
-  raise DatasetNotBuiltError(
-      f"Dataset {name}{'/' + builder_config if builder_config else ''} is not built in "
-      f"{os.path.expanduser(data_dir)}. Build it with:\n  {cmd}{hint}")
+  raise _not_built(name, data_dir, builder_config, manual_dir)

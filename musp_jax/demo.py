@@ -11,11 +11,11 @@ trained and the random model. Ends with pictures.
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import app
+from absl import flags
+from ml_collections import config_flags
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from musp_jax import runtime
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "workdirs/demo", "Where logs, checkpoints and results go.")
@@ -44,21 +44,22 @@ def reference_rows(config, mesh) -> tuple[dict, dict | None]:
   from musp_jax import attention_metrics  # pylint: disable=g-import-not-at-top
   from musp_jax import datasets  # pylint: disable=g-import-not-at-top
   from musp_jax import evaluator  # pylint: disable=g-import-not-at-top
-  from musp_jax import optim  # pylint: disable=g-import-not-at-top
-  from musp_jax import protocols  # pylint: disable=g-import-not-at-top
-  from musp_jax import train  # pylint: disable=g-import-not-at-top
+  from musp_jax import retrieval  # pylint: disable=g-import-not-at-top
+  from musp_jax import state  # pylint: disable=g-import-not-at-top
   from musp_jax.models import build_model  # pylint: disable=g-import-not-at-top
 
-  ds = config.dataset
-  kw = dict(data_dir=ds.data_dir, builder_config=ds.builder_config)
-  model = build_model(config.model, datasets.num_classes(ds.name, **kw))
-  state, _ = train.create_train_state(model, optim.make_optimizer(config.optim, 1),
-                                      config.input.image_size, seed=config.seed, mesh=mesh)
-  random_rows = evaluator.evaluate(model, state.variables, config, mesh)
-  splits = {s: {**raw_pixel_features(datasets.load_split(ds.name, s, **kw)),
-                **datasets.split_index(ds.name, s, **kw)} for s in ("query", "gallery")}
-  pixel_rows = protocols.evaluate_dataset(ds.name, splits, config.eval,
-                                          builder_config=ds.builder_config)
+  target = datasets.eval_set(config)
+  kw = dict(data_dir=config.dataset.data_dir, builder_config=target.builder_config)
+  model = build_model(config.model, datasets.num_classes(config.dataset.name, **kw))
+  random_variables = state.init_variables(model, config.input.image_size, config.seed)
+  random_rows = evaluator.evaluate(model, random_variables, config, mesh)
+  pixels = {}
+  for role, split in target.splits.items():
+    raw = raw_pixel_features(datasets.load_split(target.name, split, **kw))
+    index = datasets.split_index(target.name, split, **kw)
+    pixels[role] = retrieval.Features(raw["feats"], raw["areas"], index["vehicle_id"],
+                                      index["camera_id"])
+  pixel_rows = target.run_protocol(pixels, config.eval)
   return ({"random weights": next(iter(random_rows.values())),
            "raw-pixel NN": next(iter(pixel_rows.values()))},
           random_rows.get(attention_metrics.ROW))
@@ -67,17 +68,16 @@ def reference_rows(config, mesh) -> tuple[dict, dict | None]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], "GPU")
+  runtime.setup()
   from musp_jax import attention_metrics  # pylint: disable=g-import-not-at-top
   from musp_jax import evaluator  # pylint: disable=g-import-not-at-top
+  from musp_jax import outputs  # pylint: disable=g-import-not-at-top
   from musp_jax import train  # pylint: disable=g-import-not-at-top
-  train.quiet_library_logs()
 
   config = FLAGS.config
-  results = train.train_and_evaluate(config, FLAGS.workdir)
+  results = runtime.run_entry_point(lambda: train.train_and_evaluate(config, FLAGS.workdir))
   trained = next(iter(results["results"].values()))
-  references, random_attention = reference_rows(config, train.make_mesh())
+  references, random_attention = reference_rows(config, runtime.make_mesh())
   rows = {"MUSP trained (this run)": trained, **references}
   table = evaluator.markdown_table({"step": results["step"], "results": rows})
   ratio = trained["mAP"] / max(rows["random weights"]["mAP"], 1e-12)
@@ -93,8 +93,7 @@ def main(argv):
                                                    "random weights": random_attention})
                 + "\n" + attention_metrics.markdown(attention))
   workdir = os.path.abspath(os.path.expanduser(FLAGS.workdir))
-  with open(os.path.join(workdir, "demo_summary.md"), "w") as f:
-    f.write(summary)
+  outputs.write_text(os.path.join(workdir, "demo_summary.md"), summary)
   try:
     from musp_jax import visualize  # pylint: disable=g-import-not-at-top
     pictures = visualize.demo_pictures(workdir)
@@ -109,4 +108,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=runtime.parse_flags)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
@@ -22,15 +21,21 @@ import numpy as np
 
 from musp_jax import inference
 from musp_jax import retrieval
+from musp_jax import runtime
 
 
 def add_model_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
   """--workdir / --checkpoint / --step, shared by the tools."""
   group = parser.add_mutually_exclusive_group(required=required)
-  group.add_argument("--workdir", help="Training workdir (config.json + checkpoints/).")
+  group.add_argument("--workdir", help="Training workdir (with checkpoints/).")
   group.add_argument("--checkpoint", help="A step folder <workdir>/checkpoints/<step>.")
   parser.add_argument("--step", type=int, default=None,
                       help="With --workdir: the checkpoint step (default: latest).")
+
+
+def load_model(args: argparse.Namespace) -> inference.LoadedModel:
+  """The model named by add_model_args' flags."""
+  return inference.load(args.workdir or args.checkpoint, step=args.step)
 
 
 def embed(loaded: inference.LoadedModel, images: Sequence[str], out: str, *,
@@ -40,18 +45,8 @@ def embed(loaded: inference.LoadedModel, images: Sequence[str], out: str, *,
   files = inference.list_images(images)
   features = inference.embed_files(loaded, files, batch_size=batch_size, flip=flip,
                                    progress=progress)
-  write(out, features, model_source=loaded.source)
+  retrieval.save_features(out, features, model_source=np.array(loaded.source))
   return features
-
-
-def write(path: str, features: retrieval.Features, *, model_source: str) -> None:
-  """retrieval.save_features' .npz plus model_source."""
-  tmp = f"{path}.tmp.npz"
-  retrieval.save_features(tmp, features)
-  with np.load(tmp) as data:
-    arrays = dict(data)
-  np.savez(tmp, **arrays, model_source=np.array(model_source))
-  os.replace(tmp, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -65,17 +60,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--flip", action="store_true",
                       help="Average the features of each image and its mirror image.")
+  runtime.add_verbose_arg(parser)
   args = parser.parse_args(argv)
   if not args.out.endswith(".npz"):
     parser.error(f"--out {args.out}: expected a .npz path.")
   logging.basicConfig(level=logging.INFO, format="%(message)s")
-  inference.hide_gpus_from_tensorflow()
+  runtime.setup()
   try:
-    loaded = inference.load(args.workdir, checkpoint=args.checkpoint, step=args.step)
+    loaded = load_model(args)
     features = embed(loaded, args.images, args.out, batch_size=args.batch_size,
                      flip=args.flip)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
+  except runtime.USER_ERRORS as e:
+    runtime.print_error(e, verbose=args.verbose)
     return 2
   print(f"Wrote {args.out}: {len(features)} images, feats {features.feats.shape[1:]} "
         f"(P, C), model {loaded.source}.")

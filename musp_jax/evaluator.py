@@ -1,53 +1,44 @@
-"""Model -> features -> protocol results: the glue between the model and retrieval.
+"""Model -> features -> protocol results, and the results files.
 
-Features are each branch's pre-BN feature, L2-normalised (SPEC section 4), extracted with
-fixed-shape, padded batches sharded over the mesh, then handed to musp_jax.protocols.
+Features (`features.embed`) are extracted with fixed-shape, padded batches sharded over
+the mesh, then handed to the evaluation dataset's protocol (datasets.EvalSet). The
+results of an evaluation are written as results.json plus the same table in markdown.
 """
 
 from __future__ import annotations
 
-import functools
+import json
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from musp_jax import attention_metrics
 from musp_jax import datasets
+from musp_jax import features
 from musp_jax import input_pipeline
-from musp_jax import protocols
 from musp_jax import retrieval
 
 ROW_METRICS = ("mAP", "CMC@1", "CMC@5", "CMC@10", "mINP")
-
-
-def embed(variables, images, *, model, flip: bool) -> tuple[jax.Array, jax.Array]:
-  """Images -> (L2-normalised per-branch features (B,P,C), areas (B,P)); flip-averaged
-  (SPEC section 4) when `flip`. All-zero (padded) branches stay zero."""
-  out = model.apply(variables, images, train=False)
-  feats = retrieval.l2_normalize(out["feats"].astype(jnp.float32))
-  if flip:
-    flipped = model.apply(variables, images[:, :, ::-1, :], train=False)["feats"]
-    feats = retrieval.l2_normalize(feats + retrieval.l2_normalize(flipped.astype(jnp.float32)))
-  return feats, out["areas"].astype(jnp.float32)
 
 
 def extract_features(model, variables, source, config: ml_collections.ConfigDict, mesh, *,
                      desc: str = "features") -> dict[str, np.ndarray]:
   """Runs the model over a whole split -> {"feats": (N,P,C), "areas": (N,P)} in order."""
   batch_sharding = NamedSharding(mesh, P("data"))
-  embed_fn = jax.jit(functools.partial(embed, model=model, flip=config.eval.flip),
-                     in_shardings=(NamedSharding(mesh, P()), batch_sharding))
+  variables = jax.device_put(variables, NamedSharding(mesh, P()))  # no copy if already
+  embed_fn = features.jitted_embed(model, bool(config.eval.flip), config.input.normalize)
   feats = areas = None
   batches = input_pipeline.eval_batches(
       source, config.input, batch_size=config.eval.batch_size,
       process_index=jax.process_index(), process_count=jax.process_count())
-  total = -(-len(source) // config.eval.batch_size)
+  total = input_pipeline.num_eval_batches(len(source), config.eval.batch_size)
   for batch in tqdm.tqdm(batches, total=total, desc=desc, leave=False,
                          disable=jax.process_index() > 0):
     f, a = embed_fn(variables, input_pipeline.device_put_batch(batch["image"], batch_sharding))
@@ -67,23 +58,32 @@ def extract_features(model, variables, source, config: ml_collections.ConfigDict
   return {"feats": feats, "areas": areas}
 
 
+def split_features(model, variables, config: ml_collections.ConfigDict, mesh
+                   ) -> tuple[datasets.EvalSet, dict[str, retrieval.Features]]:
+  """The evaluation dataset's protocol splits as Features, by protocol role."""
+  target = datasets.eval_set(config)
+  kw = dict(data_dir=config.dataset.data_dir, builder_config=target.builder_config)
+  datasets.ensure_built(target.name, manual_dir=config.dataset.manual_dir, **kw)
+  out = {}
+  for role, split in target.splits.items():
+    source = datasets.load_split(target.name, split, **kw)
+    f = extract_features(model, variables, source, config, mesh, desc=split)
+    index = datasets.split_index(target.name, split, **kw)
+    out[role] = retrieval.Features(f["feats"], f["areas"], index["vehicle_id"],
+                                   index["camera_id"])
+  return target, out
+
+
 def evaluate(model, variables, config: ml_collections.ConfigDict, mesh) -> dict:
   """Evaluates on config.eval.dataset (default: the training dataset) by its protocol."""
-  name = config.eval.dataset or config.dataset.name
-  builder_config = config.eval.builder_config or (
-      config.dataset.builder_config if name == config.dataset.name else "")
-  kw = dict(data_dir=config.dataset.data_dir, builder_config=builder_config)
-  datasets.ensure_built(name, manual_dir=config.dataset.manual_dir, **kw)
-  splits = {}
-  for split in (s for s in datasets.SPLITS[name] if s != "train"):
-    source = datasets.load_split(name, split, **kw)
-    splits[split] = {**extract_features(model, variables, source, config, mesh, desc=split),
-                     **datasets.split_index(name, split, **kw)}
-  rows = protocols.evaluate_dataset(name, splits, config.eval, builder_config=builder_config)
+  target, splits = split_features(model, variables, config, mesh)
+  rows = target.run_protocol(splits, config.eval)
   # Attention maps scored against ground-truth part masks, for datasets that have them
   # (synthetic_vehicles): one more row, musp_jax/attention_metrics.py.
   if config.model.head == "musp":
-    sources = [datasets.load_split(name, split, **kw) for split in splits]
+    kw = dict(data_dir=config.dataset.data_dir, builder_config=target.builder_config)
+    sources = [datasets.load_split(target.name, split, **kw)
+               for split in target.splits.values()]
     if attention_metrics.has_part_masks(sources):
       rows[attention_metrics.ROW] = attention_metrics.evaluate(model, variables, sources,
                                                                config, mesh)
@@ -103,10 +103,11 @@ def flat_scalars(rows: dict) -> dict[str, float]:
   return out
 
 
-def markdown_table(results: dict) -> str:
-  """A results table as the paper reports it (metrics in %)."""
-  head = f"Results at step {results.get('step', '?')}"
-  if "epoch" in results:
+def markdown_table(results: dict, *, title: str | None = None) -> str:
+  """A results table as the paper reports it (metrics in %); `title` replaces the
+  "Results at step N" line."""
+  head = title or f"Results at step {results.get('step', '?')}"
+  if "epoch" in results and title is None:
     head += f" (epoch {results['epoch']:.1f})"
   lines = [head, "", "| test set | " + " | ".join(ROW_METRICS) + " | queries |",
            "|---" * (len(ROW_METRICS) + 2) + "|"]
@@ -118,3 +119,20 @@ def markdown_table(results: dict) -> str:
   if attention is not None:
     lines += ["", attention_metrics.markdown(attention)]
   return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def read_results(workdir: epath.Path, name: str = "results") -> dict[str, Any]:
+  path = epath.Path(workdir) / f"{name}.json"
+  return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write_results(workdir: epath.Path, results: dict, name: str = "results") -> None:
+  """<name>.json plus the markdown table; written atomically so a kill never truncates."""
+  if jax.process_index() > 0:
+    return
+  workdir = epath.Path(workdir)
+  for suffix, text in ((".json", json.dumps(results, indent=2)),
+                       (".md", markdown_table(results))):
+    tmp = workdir / f".{name}{suffix}.tmp"
+    tmp.write_text(text)
+    tmp.replace(workdir / f"{name}{suffix}")

@@ -7,36 +7,41 @@
 without torch); the depth is read from its layout, `fc.*` is dropped. The
 checkpoint holds the backbone only; the head starts fresh.
 --musp: a whole official-MUSP training checkpoint (backbone + head). The model
-settings it implies (n, c, ESE, classes) are printed as config overrides; the
-training/eval config must use them.
+settings it implies (n, c, ESE, global branch or not, classes, and pooling
+"official", the official code's at any input size) are printed as config
+overrides and recorded in the checkpoint's metadata; the training/eval config
+must use them.
 """
 
 import argparse
 from collections.abc import Sequence
 import os
-import shutil
 import sys
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from configs import common
+from musp_jax import outputs
+from musp_jax import runtime
 from musp_jax.models import build_model
 from musp_jax.models import resnet
 from musp_jax.models import weights
 
 _PROBE_SHAPE = (1, 64, 64, 3)  # parameter shapes do not depend on image size
+_WHAT = "a folder written by import_weights"
 
 
 def _log(msg: str) -> None:
   print(f"[import_weights] {msg}", file=sys.stderr, flush=True)
 
 
-def import_torchvision(path: str, out: str) -> dict:
-  """torchvision ResNet -> backbone-only Orbax checkpoint; returns metadata."""
+def import_torchvision(path: str) -> tuple[dict[str, Any], dict]:
+  """torchvision ResNet -> (backbone-only variables, metadata); writes nothing."""
   _log(f"reading {path}")
   state_dict = weights.load_state_dict(path)
-  depth = weights.resnet_depth(state_dict)
+  depth = weights.resnet_depth(state_dict, what=path)
   _log(f"ResNet-{depth}: {len(state_dict)} tensors")
   template = jax.eval_shape(
       lambda: resnet.ResNet(depth).init(jax.random.key(0),
@@ -46,15 +51,14 @@ def import_torchvision(path: str, out: str) -> dict:
   variables = {col: {"backbone": tree} for col, tree in backbone.items()}
   metadata = {"kind": "backbone", "source": os.path.abspath(path),
               "depth": depth}
-  weights.save_init(out, variables, metadata)
-  return metadata
+  return variables, metadata
 
 
-def import_musp(path: str, out: str) -> dict:
-  """Official MUSP checkpoint -> whole-model Orbax checkpoint; returns metadata."""
+def import_musp(path: str) -> tuple[dict[str, Any], dict]:
+  """Official MUSP checkpoint -> (whole-model variables, metadata); writes nothing."""
   _log(f"reading {path}")
   state_dict = weights.load_state_dict(path)
-  shapes = weights.musp_checkpoint_shapes(state_dict)
+  shapes = weights.musp_checkpoint_shapes(state_dict, what=path)
   num_classes = shapes.pop("num_classes")
   model_config = common.get_config().model
   model_config.update(shapes)
@@ -65,14 +69,22 @@ def import_musp(path: str, out: str) -> dict:
   variables = weights.import_musp(state_dict, template, what=path)
   metadata = {"kind": "model", "source": os.path.abspath(path),
               "num_classes": num_classes, "model": shapes}
-  weights.save_init(out, variables, metadata)
-  overrides = " ".join(f"--config.model.{k}={v}" for k, v in shapes.items())
-  _log(f"use with: --config.model.init_from={os.path.abspath(out)} "
-       f"{overrides} (and a dataset with {num_classes} training ids)")
-  return metadata
+  return variables, metadata
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def write(out: str, variables: dict[str, Any], metadata: dict, *,
+          overwrite: bool = False) -> None:
+  """Writes the init checkpoint into a temporary folder, then swaps it in for `out`.
+
+  An existing `out` is replaced only with `overwrite`, and only if import_weights
+  wrote it; a training workdir or any other folder is refused.
+  """
+  outputs.replace_folder(out, lambda tmp: weights.save_init(tmp, variables, metadata),
+                         owned=weights.is_init_checkpoint, what=_WHAT,
+                         overwrite=overwrite)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   source = parser.add_mutually_exclusive_group(required=True)
@@ -82,19 +94,30 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help="official MUSP checkpoint (backbone + head)")
   parser.add_argument("--out", required=True, help="output Orbax directory")
   parser.add_argument("--overwrite", action="store_true",
-                      help="replace --out if it exists")
+                      help="replace --out if import_weights wrote it")
+  runtime.add_verbose_arg(parser)
   args = parser.parse_args(argv)
   out = os.path.abspath(args.out)
-  if os.path.exists(out):
-    if not args.overwrite:
-      parser.error(f"--out {out} exists; pass --overwrite to replace it")
-    shutil.rmtree(out)
-  if args.torchvision:
-    import_torchvision(args.torchvision, out)
-  else:
-    import_musp(args.musp, out)
+  try:
+    # Refused outputs fail before the source is read; the source is read and
+    # converted before anything is written.
+    outputs.check_replaceable(out, owned=weights.is_init_checkpoint, what=_WHAT,
+                              overwrite=args.overwrite)
+    if args.torchvision:
+      variables, metadata = import_torchvision(args.torchvision)
+    else:
+      variables, metadata = import_musp(args.musp)
+    write(out, variables, metadata, overwrite=args.overwrite)
+  except runtime.USER_ERRORS as e:
+    runtime.print_error(e, verbose=args.verbose)
+    return 2
   _log(f"wrote {out}")
+  if metadata["kind"] == "model":
+    overrides = " ".join(f"--config.model.{k}={v}" for k, v in metadata["model"].items())
+    _log(f"use with: --config.model.init_from={out} {overrides} (and a dataset with "
+         f"{metadata['num_classes']} training ids)")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -4,23 +4,23 @@
     python -m musp_jax.main --config configs/veri776.py --workdir workdirs/veri776 --mode=eval
 
 Kept short on purpose: all logic lives in musp_jax.train and is importable and tested.
+Errors a user can act on are printed as one line, `error: ...` (--verbose: with the
+traceback); an interrupted run exits with 128 + the signal number.
 """
 
-import os
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
 
-# TensorFlow (imported by tfds and clu) must not take GPU memory from JAX.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from musp_jax import runtime
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and results.")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (resuming from workdir) or "
                   "evaluate a saved checkpoint.")
 flags.DEFINE_integer("step", None, "--mode=eval: the checkpoint step (default: latest).")
+flags.DEFINE_bool("verbose", False, "On an error, print its traceback too.")
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/veri776.py[:args].",
                                 lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
@@ -29,16 +29,24 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], "GPU")
+  if FLAGS.mode == "train" and FLAGS.step is not None:
+    runtime.exit_with_error(
+        f"--step={FLAGS.step} is only for --mode=eval; training always resumes from the "
+        f"latest checkpoint of --workdir {FLAGS.workdir}.")
+  runtime.setup()
+  from musp_jax import evaluator  # pylint: disable=g-import-not-at-top
   from musp_jax import train  # pylint: disable=g-import-not-at-top
-  train.quiet_library_logs()
   logging.info("Config:\n%s", FLAGS.config)
   if FLAGS.mode == "train":
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    run = lambda: train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   else:
-    train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, step=FLAGS.step)
+    run = lambda: train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, step=FLAGS.step)
+  results = runtime.run_entry_point(run, verbose=FLAGS.verbose)
+  if results.get("results"):
+    print(evaluator.markdown_table(results), flush=True)
+  if "not_written" in results:
+    print(f"Not written: {results['not_written']}.", flush=True)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=runtime.parse_flags)

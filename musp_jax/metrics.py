@@ -13,6 +13,10 @@ This is the slow, obviously-correct definition that the on-device ranking in
 
 The CMC curve is always `max_rank` long: past the end of a short gallery it
 keeps its last value (1, since every counted query has a true match).
+
+With `per_query=True` the result also holds each query's AP, INP and first-hit
+rank (0-based rank of its first true match after junk removal), in query order;
+a skipped query has AP = INP = NaN and first_hit = -1.
 """
 
 from typing import Any
@@ -37,7 +41,8 @@ def rank_metrics(distmat: np.ndarray,
                  g_cams: np.ndarray,
                  *,
                  max_rank: int = 50,
-                 remove_junk: bool = True) -> dict[str, Any]:
+                 remove_junk: bool = True,
+                 per_query: bool = False) -> dict[str, Any]:
   """CMC, mAP and mINP of a (Q, G) distance matrix.
 
   Args:
@@ -46,10 +51,12 @@ def rank_metrics(distmat: np.ndarray,
     q_cams, g_cams: (Q,), (G,) camera labels (ignored without junk removal).
     max_rank: length of the returned CMC curve.
     remove_junk: drop gallery items sharing the query's id and camera.
+    per_query: also return "per_query": {"AP": (Q,) float64, "INP": (Q,)
+      float64, "first_hit": (Q,) int64}, NaN / -1 for skipped queries.
 
   Returns:
     {"mAP": float, "cmc": (max_rank,) float64, "mINP": float,
-     "num_valid_queries": int}.
+     "num_valid_queries": int} (+ "per_query").
 
   Raises:
     ValueError: on mismatched shapes, or if no query has a true match.
@@ -61,10 +68,13 @@ def rank_metrics(distmat: np.ndarray,
   q_cams, g_cams = np.asarray(q_cams), np.asarray(g_cams)
   _check_shapes(distmat, q_ids, g_ids, q_cams, g_cams)
 
+  num_q = distmat.shape[0]
   cmc_sum = np.zeros(max_rank, np.float64)
   ap_sum = inp_sum = 0.0
   num_valid = 0
-  for q in range(distmat.shape[0]):
+  all_ap, all_inp = np.full(num_q, np.nan), np.full(num_q, np.nan)
+  first_hit = np.full(num_q, -1, np.int64)
+  for q in range(num_q):
     order = np.argsort(distmat[q], kind="stable")
     match = g_ids[order] == q_ids[q]
     if remove_junk:
@@ -79,14 +89,20 @@ def rank_metrics(distmat: np.ndarray,
       cmc = np.concatenate([cmc, np.full(max_rank - cmc.size, cmc[-1])])
     cmc_sum += cmc[:max_rank]
     ranks = np.flatnonzero(match)  # 0-based ranks of the true matches
-    ap_sum += np.mean(hits[ranks] / (ranks + 1.0))
-    inp_sum += hits[-1] / (ranks[-1] + 1.0)
+    all_ap[q] = np.mean(hits[ranks] / (ranks + 1.0))
+    all_inp[q] = hits[-1] / (ranks[-1] + 1.0)
+    first_hit[q] = ranks[0]
+    ap_sum += all_ap[q]
+    inp_sum += all_inp[q]
   if num_valid == 0:
     raise ValueError("rank_metrics: no query has a true match in the gallery "
                      "(after junk removal); nothing to evaluate")
-  return {
+  result = {
       "mAP": ap_sum / num_valid,
       "cmc": cmc_sum / num_valid,
       "mINP": inp_sum / num_valid,
       "num_valid_queries": num_valid,
   }
+  if per_query:
+    result["per_query"] = {"AP": all_ap, "INP": all_inp, "first_hit": first_hit}
+  return result

@@ -1,19 +1,19 @@
 """Per-dataset query/gallery/junk rules (SPEC section 5), one named row each.
 
-Each function takes the extracted features of a dataset's evaluation splits
-and returns {row name: row}, a row being the flat scalars of
-`retrieval.result_row` (mAP, CMC@1/5/10, mINP, num_queries):
+Every protocol has the same signature, `protocol(splits, *, name, eval_config,
+**overrides)`: `splits` maps the protocol's roles ("query" and "gallery", or "test")
+to the extracted features, `name` prefixes the rows, and the result is {row name: row},
+a row being the flat scalars of `retrieval.result_row` (mAP, CMC@1/5/10, mINP,
+num_queries). The dataset table (musp_jax.datasets.DATASETS) says which protocol and
+which splits each dataset uses:
 
-  VeRi-776    "veri776"                  junk = same id and camera
-  VehicleID   "vehicleid_<size>/random10"  per id one random image is the
-                                           gallery, the rest are queries;
-                                           10 seeded splits, averaged
-              "vehicleid_<size>/first"   the first listed image of each id is
-                                           the gallery (the official code)
-              no cameras, so no junk
-  VERI-Wild   "veri_wild_<size>/junk_removed" and "veri_wild_<size>/all"
-              (with and without removing same id + same camera)
-  synthetic   "synthetic_vehicles"       as VeRi-776
+  query_gallery   "<name>"                junk = same id and camera (VeRi-776, synthetic)
+  vehicle_id      "<name>/random10"       per id one random image is the gallery, the
+                                          rest are queries; 10 seeded splits, averaged
+                  "<name>/first"          the first listed image of each id is the
+                                          gallery (the official code); no cameras, no junk
+  veri_wild       "<name>/junk_removed" and "<name>/all" (with and without removing
+                  same id + same camera)
 """
 
 from collections.abc import Mapping
@@ -25,7 +25,6 @@ import numpy as np
 from musp_jax import retrieval
 
 Features = retrieval.Features
-DATASETS = ("veri776", "vehicle_id", "veri_wild", "synthetic_vehicles")
 
 
 def _options(eval_config: ml_collections.ConfigDict | None,
@@ -58,11 +57,22 @@ def as_features(split: "Features | Mapping[str, np.ndarray]", name: str) -> Feat
                   None if "file_name" not in split else np.asarray(split["file_name"]))
 
 
-def veri776(query: Features, gallery: Features, *, row_name: str = "veri776",
-            **options) -> dict[str, dict[str, float]]:
-  """VeRi-776: image_query vs image_test, junk = same id and camera."""
+def _roles(splits: Mapping[str, "Features | Mapping[str, np.ndarray]"],
+           need: tuple[str, ...], name: str) -> list[Features]:
+  missing = [r for r in need if r not in splits]
+  if missing:
+    raise ValueError(f"protocols: {name} needs splits {list(need)}, missing {missing} "
+                     f"(got {sorted(splits)})")
+  return [as_features(splits[r], r) for r in need]
+
+
+def query_gallery(splits, *, name: str, eval_config=None,
+                  **overrides) -> dict[str, dict[str, float]]:
+  """Query vs gallery, junk = same id and camera (VeRi-776, synthetic vehicles)."""
+  options = _options(eval_config, overrides)
+  query, gallery = _roles(splits, ("query", "gallery"), name)
   result = retrieval.evaluate(query, gallery, remove_junk=True, **options)
-  return {row_name: retrieval.result_row(result)}
+  return {name: retrieval.result_row(result)}
 
 
 def vehicleid_random_split(ids: np.ndarray, *, seed: int, trial: int
@@ -85,11 +95,15 @@ def vehicleid_first_split(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return np.setdiff1d(np.arange(len(ids)), gallery), gallery
 
 
-def vehicle_id(test: Features, *, size: str, trials: int = 10, seed: int = 0,
-               **options) -> dict[str, dict[str, float]]:
-  """VehicleID test list of one size: random splits (averaged) and first-image."""
+def vehicle_id(splits, *, name: str, eval_config=None,
+               **overrides) -> dict[str, dict[str, float]]:
+  """One VehicleID test list: random one-per-id galleries (averaged) and first-image."""
+  options = _options(eval_config, overrides)
+  trials = 10 if eval_config is None else eval_config.vehicleid_trials
+  seed = 0 if eval_config is None else eval_config.vehicleid_seed
   if trials < 1:
-    raise ValueError(f"vehicle_id: trials={trials}; expected >= 1")
+    raise ValueError(f"eval.vehicleid_trials={trials}; expected >= 1")
+  (test,) = _roles(splits, ("test",), name)
   rows = []
   for trial in range(trials):
     q, g = vehicleid_random_split(test.ids, seed=seed, trial=trial)
@@ -103,51 +117,17 @@ def vehicle_id(test: Features, *, size: str, trials: int = 10, seed: int = 0,
   q, g = vehicleid_first_split(test.ids)
   first = retrieval.result_row(retrieval.evaluate(
       test.take(q), test.take(g), remove_junk=False, **options))
-  return {f"vehicleid_{size}/random{trials}": mean, f"vehicleid_{size}/first": first}
+  return {f"{name}/random{trials}": mean, f"{name}/first": first}
 
 
-def veri_wild(query: Features, gallery: Features, *, size: str,
-              **options) -> dict[str, dict[str, float]]:
-  """VERI-Wild test set of one size, with and without junk removal."""
+def veri_wild(splits, *, name: str, eval_config=None,
+              **overrides) -> dict[str, dict[str, float]]:
+  """A VERI-Wild test set, with and without junk removal."""
+  options = _options(eval_config, overrides)
+  query, gallery = _roles(splits, ("query", "gallery"), name)
   return {
-      f"veri_wild_{size}/junk_removed": retrieval.result_row(
+      f"{name}/junk_removed": retrieval.result_row(
           retrieval.evaluate(query, gallery, remove_junk=True, **options)),
-      f"veri_wild_{size}/all": retrieval.result_row(
+      f"{name}/all": retrieval.result_row(
           retrieval.evaluate(query, gallery, remove_junk=False, **options)),
   }
-
-
-def evaluate_dataset(name: str,
-                     splits: Mapping[str, "Features | Mapping[str, np.ndarray]"],
-                     eval_config: ml_collections.ConfigDict | None = None, *,
-                     builder_config: str = "",
-                     **overrides) -> dict[str, dict[str, float]]:
-  """Runs `name`'s protocol on its extracted splits.
-
-  Args:
-    name: veri776 | vehicle_id | veri_wild | synthetic_vehicles.
-    splits: {"query", "gallery"} (VehicleID: {"test"}) as Features or dicts.
-    eval_config: the c.eval config section (distance, rerank, query_block,
-      vehicleid_trials, vehicleid_seed); None for the defaults.
-    builder_config: the test size (VehicleID, VERI-Wild row names).
-    **overrides: further retrieval.evaluate keywords (e.g. mesh, max_rank).
-  """
-  if name not in DATASETS:
-    raise ValueError(f"protocols: unknown dataset {name!r}; expected one of "
-                     f"{DATASETS}")
-  options = _options(eval_config, overrides)
-  need = ("test",) if name == "vehicle_id" else ("query", "gallery")
-  missing = [s for s in need if s not in splits]
-  if missing:
-    raise ValueError(f"protocols: dataset {name!r} needs splits {list(need)}, "
-                     f"missing {missing} (got {sorted(splits)})")
-  feats = {s: as_features(splits[s], s) for s in need}
-  if name == "vehicle_id":
-    trials = 10 if eval_config is None else eval_config.vehicleid_trials
-    seed = 0 if eval_config is None else eval_config.vehicleid_seed
-    return vehicle_id(feats["test"], size=builder_config or "test",
-                      trials=trials, seed=seed, **options)
-  if name == "veri_wild":
-    return veri_wild(feats["query"], feats["gallery"],
-                     size=builder_config or "test", **options)
-  return veri776(feats["query"], feats["gallery"], row_name=name, **options)

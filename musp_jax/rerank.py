@@ -4,6 +4,15 @@ It needs the whole (Q+G) x (Q+G) distance matrix on the host, so it is meant
 for sets that fit in memory (VeRi-776, VehicleID); `retrieval.evaluate` calls
 it when `rerank=True` and ranks the result on the device.
 
+Input convention: the method is defined on squared Euclidean distances (Zhong
+et al. square the Euclidean distance first; fast-reid and torchreid pass
+squared distances), and its result depends on that choice (step 3 weighs
+neighbours by exp(-d), step 6 mixes d in). Pass squared distances: squared L2,
+cam_squared, or 1 - cos (half the squared L2 of normalised features; the scale
+cancels in the normalisation below). `retrieval.evaluate` does so for every
+`distance` through `retrieval.RERANK_INPUT`; a plain Euclidean or `cam`
+distance is re-ranked through its squared counterpart.
+
 Steps, for every item i of the joint query+gallery set, with the input
 distance normalised by each row's maximum (the matrix is symmetric):
   1. R(i, k1): the k1-reciprocal neighbours (i is among their k1+1 nearest);
@@ -28,7 +37,7 @@ def _reciprocal(initial_rank: np.ndarray, i: int, k: int) -> np.ndarray:
 def k_reciprocal_rerank(q_g: np.ndarray, q_q: np.ndarray, g_g: np.ndarray, *,
                         k1: int = 20, k2: int = 6,
                         lambda_value: float = 0.3) -> np.ndarray:
-  """Re-ranked (Q, G) distances from the q-g, q-q and g-g distance matrices."""
+  """Re-ranked (Q, G) distances from the q-g, q-q and g-g squared distances."""
   num_q, num_g = q_g.shape
   if q_q.shape != (num_q, num_q) or g_g.shape != (num_g, num_g):
     raise ValueError(f"k_reciprocal_rerank: shapes q_g {q_g.shape}, q_q "

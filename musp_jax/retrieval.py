@@ -8,6 +8,17 @@ Distances (SPEC section 4), for features f (N, P, C) and areas a (N, P):
   euclidean    D = ||x_q - x_g||       on the concatenated feature
   with w_p = a_q^p a_g^p / sum_j a_q^j a_g^j.
 
+k-reciprocal re-ranking (`rerank=True`) is defined on squared Euclidean
+distances: Zhong et al. square the Euclidean distance before re-ranking, and
+fast-reid and torchreid hand it squared distances. So re-ranking always takes
+the squared-Euclidean member of the chosen distance (RERANK_INPUT), and the
+lambda-weighted original distance in its result is that one too:
+
+  cam_squared  -> cam_squared          (a weighted sum of squared L2 distances)
+  cam          -> cam_squared          (the same weights, squared L2 per branch)
+  cosine       -> cosine               (1 - cos = |x_q/|x_q| - x_g/|x_g||^2 / 2)
+  euclidean    -> ||x_q - x_g||^2
+
 `cam_squared` is one large GEMM: expanding the square,
   sum_p a_q^p a_g^p ||f_q^p - f_g^p||^2
       = sum_p a_q^p a_g^p (|f_q^p|^2 + |f_g^p|^2) - 2 [a_q f_q] . [a_g f_g]
@@ -24,7 +35,9 @@ match j among the kept items is
 
 Both true matches and junk have the query's id, so per query only the M
 gallery items sharing its id are needed (an index table built on the host);
-the first count is one compare-and-sum over the gallery row, the rest is M x M.
+the first count is one compare-and-sum over the gallery row per same-id item
+(M passes over the (query_block, G) block, a fraction of the distance GEMM's
+time: scripts/bench_eval.py), the rest is M x M.
 The results equal `metrics.rank_metrics` exactly on the same distances, ties
 included. Queries are processed in order of M so each block pads M little.
 
@@ -38,6 +51,7 @@ import dataclasses
 import functools
 import os
 from typing import Any
+import zipfile
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -45,11 +59,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from musp_jax import metrics
+from musp_jax import outputs
 from musp_jax import rerank as rerank_lib
 
 DISTANCES = ("cam_squared", "cam", "cosine", "euclidean")
+# The distance k-reciprocal re-ranking is computed from (module docstring).
+RERANK_INPUT = {"cam_squared": "cam_squared", "cam": "cam_squared",
+                "cosine": "cosine", "euclidean": "squared_euclidean"}
 NPZ_KEYS = ("feats", "areas", "vehicle_id", "camera_id", "file_name",
             "model_signature")
+PLAIN_KEYS = ("feats", "pids", "camids")  # features of any model (load_features)
 Precision = jax.lax.Precision
 
 
@@ -90,29 +109,107 @@ class Features:
         self.model_signature)
 
 
-def save_features(path: str | os.PathLike, features: Features) -> None:
-  """Writes the saved-features .npz: feats, areas, vehicle_id, camera_id, ..."""
+def save_features(path: str | os.PathLike, features: Features,
+                  **extra: np.ndarray) -> None:
+  """Writes the saved-features .npz (feats, areas, vehicle_id, camera_id, file_name,
+  model_signature, and any `extra` arrays) atomically: a killed write leaves no file."""
   names = features.file_names
   if names is None:
     names = np.array([""] * len(features))
-  np.savez(path, feats=features.feats.astype(np.float32),
-           areas=features.areas.astype(np.float32),
-           vehicle_id=features.ids, camera_id=features.cams,
-           file_name=np.asarray(names, dtype=str),
-           model_signature=np.array(features.model_signature))
+  with outputs.atomic_file(path) as tmp:
+    np.savez(tmp, feats=features.feats.astype(np.float32),
+             areas=features.areas.astype(np.float32),
+             vehicle_id=features.ids, camera_id=features.cams,
+             file_name=np.asarray(names, dtype=str),
+             model_signature=np.array(features.model_signature), **extra)
+
+
+def _open_npz(path: str) -> np.lib.npyio.NpzFile:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such file")
+  try:
+    data = np.load(path, allow_pickle=False)
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile):
+    # numpy's own message talks about pickles, which says nothing useful here.
+    raise ValueError(f"{path}: not a readable .npz archive of arrays (written by "
+                     "numpy.savez)") from None
+  if not isinstance(data, np.lib.npyio.NpzFile):
+    raise ValueError(f"{path}: holds a single .npy array; expected an .npz archive "
+                     "(numpy.savez) with named arrays")
+  return data
+
+
+def _read_key(data, path: str, key: str, kinds: str, what: str,
+              shape: tuple[int | None, ...] | None = None) -> np.ndarray:
+  """data[key], checked: dtype kind in `kinds`, shape (None: any size)."""
+  try:
+    x = data[key]
+  except ValueError:  # an object array: numpy needs pickle to read it
+    raise ValueError(f"{path}: key {key!r} holds Python objects; expected "
+                     f"{what}") from None
+  if x.dtype.kind not in kinds:
+    raise ValueError(f"{path}: key {key!r} has dtype {x.dtype}; expected {what}")
+  if shape is not None and (x.ndim != len(shape) or any(
+      n is not None and n != m for n, m in zip(shape, x.shape))):
+    want = "(" + ", ".join("?" if n is None else str(n) for n in shape) + (
+        ",)" if len(shape) == 1 else ")")
+    raise ValueError(f"{path}: key {key!r} has shape {x.shape}; expected {want}")
+  if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
+    row = int(np.argwhere(~np.isfinite(x))[0][0])
+    raise ValueError(f"{path}: key {key!r} has NaN or infinite values (row {row})")
+  return x
 
 
 def load_features(path: str | os.PathLike) -> Features:
-  """Reads a .npz written by `save_features` (or any tool using its keys)."""
-  with np.load(path, allow_pickle=False) as data:
-    missing = [k for k in NPZ_KEYS if k not in data.files]
+  """Reads saved features, in either of two .npz layouts.
+
+  - `save_features`' (embed, the evaluator): feats (N, P, C), areas (N, P),
+    vehicle_id (N,), camera_id (N,), optionally file_name (N,) and
+    model_signature.
+  - plain, for features of any model: feats (N, D) or (N, P, C) float, pids
+    (N,) int, camids (N,) int, optionally areas (N, P) (default: equal
+    weights; (N, D) features are one branch, P = 1).
+  Errors name the file and the key.
+  """
+  path = os.fspath(path)
+  with _open_npz(path) as data:
+    keys = set(data.files)
+    ours = bool(keys & {"vehicle_id", "camera_id"})
+    needed = (("feats", "areas", "vehicle_id", "camera_id") if ours
+              else ("feats", "pids", "camids"))
+    missing = [k for k in needed if k not in keys]
     if missing:
-      raise ValueError(f"{path}: missing keys {missing}; a features file "
-                       f"needs {list(NPZ_KEYS)}, found {sorted(data.files)}")
-    return Features(data["feats"].astype(np.float32),
-                    data["areas"].astype(np.float32), data["vehicle_id"],
-                    data["camera_id"], data["file_name"],
-                    str(data["model_signature"]))
+      raise ValueError(
+          f"{path}: missing keys {missing} (found {sorted(keys)}); a features file "
+          f"holds {list(NPZ_KEYS[:4])} (retrieval.save_features) or the plain "
+          f"{list(PLAIN_KEYS)} (+ optional areas)")
+    feats = _read_key(data, path, "feats", "f", "float features (N, D) or (N, P, C)")
+    if feats.ndim not in (2, 3) or feats.shape[0] == 0 or feats.shape[-1] == 0:
+      raise ValueError(f"{path}: key 'feats' has shape {feats.shape}; expected "
+                       "(N, D) or (N, P, C) with N, D, C > 0")
+    n = feats.shape[0]
+    if feats.ndim == 2:
+      feats = feats[:, None, :]
+    ids_key, cams_key = ("vehicle_id", "camera_id") if ours else ("pids", "camids")
+    ids = _read_key(data, path, ids_key, "iu", "integer ids", (n,))
+    cams = _read_key(data, path, cams_key, "iu", "integer camera ids (-1: none)", (n,))
+    if "areas" in keys:
+      areas = _read_key(data, path, "areas", "f", "float areas (N, P)",
+                        (n, feats.shape[1]))
+      bad = np.flatnonzero((areas < 0).any(-1) | (areas.sum(-1) <= 0))
+      if bad.size:
+        raise ValueError(f"{path}: key 'areas' row {int(bad[0])} is {areas[bad[0]]}; "
+                         "expected non-negative weights with a positive sum")
+    else:
+      areas = np.ones(feats.shape[:2], np.float32)
+    names = signature = None
+    if "file_name" in keys:
+      names = _read_key(data, path, "file_name", "US", "strings (N,)", (n,))
+    if "model_signature" in keys:
+      signature = str(_read_key(data, path, "model_signature", "US",
+                                "a string", ()))
+  return Features(feats.astype(np.float32), areas.astype(np.float32), ids, cams,
+                  names, signature or "")
 
 
 def _as_features(x: "Features | str | os.PathLike", what: str) -> Features:
@@ -132,20 +229,6 @@ def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
   xp = jnp if isinstance(x, jax.Array) else np
   norm = xp.sqrt(xp.sum(x * x, axis=axis, keepdims=True))
   return x / xp.maximum(norm, eps)
-
-
-def flip_average(feats_a: np.ndarray, feats_b: np.ndarray,
-                 areas_a: np.ndarray, areas_b: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray]:
-  """Averages two views' (N, P, C) features, re-normalised per branch.
-
-  Typically an image and its horizontal flip. Areas are averaged as well.
-  """
-  if feats_a.shape != feats_b.shape or areas_a.shape != areas_b.shape:
-    raise ValueError(f"flip_average: shapes differ: feats {feats_a.shape} vs "
-                     f"{feats_b.shape}, areas {areas_a.shape} vs {areas_b.shape}")
-  feats = l2_normalize((feats_a.astype(np.float32) + feats_b) / 2.0)
-  return feats.astype(np.float32), ((areas_a + areas_b) / 2.0).astype(np.float32)
 
 
 # --------------------------------------------------------------------------
@@ -172,7 +255,7 @@ def _prepare(feats_NxPxC, areas_NxP, distance: str) -> tuple[jax.Array, ...]:
   if distance == "cosine":
     norm = jnp.sqrt(jnp.sum(flat_NxD * flat_NxD, axis=-1, keepdims=True))
     return (flat_NxD / jnp.maximum(norm, 1e-12),)
-  return flat_NxD, jnp.sum(sq_NxP, axis=-1)
+  return flat_NxD, jnp.sum(sq_NxP, axis=-1)  # euclidean, squared_euclidean
 
 
 def _pair(q, g, distance: str, precision) -> jax.Array:
@@ -200,8 +283,8 @@ def _pair(q, g, distance: str, precision) -> jax.Array:
     return num / dot(q_a, g_a)
   if distance == "cosine":
     return 1.0 - dot(q[0], g[0])
-  d2 = q[1][:, None] + g[1][None, :] - 2.0 * dot(q[0], g[0])
-  return jnp.sqrt(jnp.maximum(d2, 0.0))
+  d2 = jnp.maximum(q[1][:, None] + g[1][None, :] - 2.0 * dot(q[0], g[0]), 0.0)
+  return d2 if distance == "squared_euclidean" else jnp.sqrt(d2)
 
 
 @functools.partial(jax.jit, static_argnames=("distance", "precision"))
@@ -212,24 +295,6 @@ def pairwise_distance(q_feats, q_areas, g_feats, g_areas, *,
   _check_distance(distance)
   return _pair(_prepare(q_feats, q_areas, distance),
                _prepare(g_feats, g_areas, distance), distance, precision)
-
-
-def cam_distance(q_feats, q_areas, g_feats, g_areas, *, squared: bool = True,
-                 precision: Precision = Precision.HIGHEST) -> jax.Array:
-  """CAM-weighted distance of one block (SPEC section 4).
-
-  Args:
-    q_feats, g_feats: (Nq, P, C), (Ng, P, C) per-branch features.
-    q_areas, g_areas: (Nq, P), (Ng, P) areas (weights before normalisation).
-    squared: sum_p w_p ||.||^2 (official code) or sum_p w_p ||.|| (paper).
-    precision: matmul precision; HIGHEST keeps float32 on GPUs (no TF32).
-
-  Returns:
-    (Nq, Ng) float32 distances.
-  """
-  return pairwise_distance(q_feats, q_areas, g_feats, g_areas,
-                           distance="cam_squared" if squared else "cam",
-                           precision=precision)
 
 
 # --------------------------------------------------------------------------
@@ -246,10 +311,20 @@ def _block_stats(dist_QxG, g_valid_G, idx_QxM, pos_QxM, junk_QxM):
   dist_QxG = jnp.where(g_valid_G[None, :], dist_QxG, jnp.inf)
   d_QxM = jnp.take_along_axis(dist_QxG, idx_QxM, axis=1)
   g_index = jnp.arange(num_g, dtype=jnp.int32)
-  # Items ahead of each same-id item in the stable order: (d_k, k) < (d_j, j).
-  d_k, d_j = dist_QxG[:, None, :], d_QxM[:, :, None]
-  ahead_QxMxG = (d_k < d_j) | ((d_k == d_j) & (g_index < idx_QxM[:, :, None]))
-  ahead_QxM = jnp.sum(ahead_QxMxG, axis=-1, dtype=jnp.int32)
+
+  # Items ahead of same-id item j in the stable order, (d_k, k) < (d_j, j): those
+  # before j with d_k <= d_j and those after it with d_k < d_j. One compare-and-count
+  # over the gallery row per same-id slot, in a loop: XLA's CPU backend runs the
+  # (Q, M, G) broadcast form of the same sums 3-4x slower than M row reductions.
+  def count_ahead(m, ahead_QxM):
+    d_j = jax.lax.dynamic_slice_in_dim(d_QxM, m, 1, axis=1)
+    before_QxG = g_index[None, :] < jax.lax.dynamic_slice_in_dim(idx_QxM, m, 1, axis=1)
+    ahead_Q = jnp.sum(jnp.where(before_QxG, dist_QxG <= d_j, dist_QxG < d_j), axis=-1,
+                      dtype=jnp.int32)
+    return jax.lax.dynamic_update_slice_in_dim(ahead_QxM, ahead_Q[:, None], m, axis=1)
+
+  ahead_QxM = jax.lax.fori_loop(0, idx_QxM.shape[1], count_ahead,
+                                jnp.zeros(idx_QxM.shape, jnp.int32))
   # Among the same-id items: s' ahead of s.
   d_s, d_t = d_QxM[:, None, :], d_QxM[:, :, None]
   i_s, i_t = idx_QxM[:, None, :], idx_QxM[:, :, None]
@@ -357,30 +432,42 @@ def _query_blocks(table: _SameIdTable, query_block: int):
 
 
 class _Accumulator:
+  """Sums of the per-query results, and the per-query results themselves."""
 
-  def __init__(self, max_rank: int):
+  def __init__(self, max_rank: int, num_queries: int):
     self.max_rank = max_rank
     self.ap = self.inp = 0.0
     self.first_hist = np.zeros(max_rank + 1, np.int64)
     self.n = 0
+    # Queries never added (no true match) keep NaN / -1.
+    self.all_ap = np.full(num_queries, np.nan)
+    self.all_inp = np.full(num_queries, np.nan)
+    self.first_hit = np.full(num_queries, -1, np.int64)
 
-  def add(self, ap, first, inp, n: int):
+  def add(self, queries: np.ndarray, ap, first, inp):
+    n = len(queries)
     ap, first, inp = (np.asarray(x.addressable_shards[0].data)[:n]
                       for x in (ap, first, inp))
+    self.all_ap[queries], self.all_inp[queries] = ap, inp
+    self.first_hit[queries] = first
     self.ap += float(np.sum(ap, dtype=np.float64))
     self.inp += float(np.sum(inp, dtype=np.float64))
     self.first_hist += np.bincount(np.minimum(first, self.max_rank),
                                    minlength=self.max_rank + 1)
     self.n += n
 
-  def result(self) -> dict[str, Any]:
+  def result(self, per_query: bool) -> dict[str, Any]:
     if self.n == 0:
       raise ValueError("evaluate: no query has a true match in the gallery "
                        "(after junk removal); nothing to evaluate")
-    return {"mAP": self.ap / self.n,
-            "cmc": np.cumsum(self.first_hist[:self.max_rank]) / self.n,
-            "mINP": self.inp / self.n,
-            "num_valid_queries": self.n}
+    result = {"mAP": self.ap / self.n,
+              "cmc": np.cumsum(self.first_hist[:self.max_rank]) / self.n,
+              "mINP": self.inp / self.n,
+              "num_valid_queries": self.n}
+    if per_query:
+      result["per_query"] = {"AP": self.all_ap, "INP": self.all_inp,
+                             "first_hit": self.first_hit}
+    return result
 
 
 def _effective_block(query_block: int, table: "_SameIdTable") -> int:
@@ -399,10 +486,17 @@ def _check_block(query_block: int) -> None:
 
 def rank_distmat(distmat: np.ndarray, q_ids, g_ids, q_cams, g_cams, *,
                  max_rank: int = 50, remove_junk: bool = True,
-                 query_block: int = 1024, mesh: Mesh | None = None
-                 ) -> dict[str, Any]:
-  """`metrics.rank_metrics` computed on the device, query block by block."""
+                 query_block: int = 1024, mesh: Mesh | None = None,
+                 per_query: bool = False) -> dict[str, Any]:
+  """`metrics.rank_metrics` computed on the device, query block by block.
+
+  With `per_query`, also "per_query": {"AP", "INP", "first_hit"}, as
+  `metrics.rank_metrics` returns them (NaN / -1 for queries without a true
+  match).
+  """
   distmat = np.asarray(distmat, np.float32)
+  if distmat.ndim != 2:
+    raise ValueError(f"rank_distmat: distmat must be 2-D, got {distmat.shape}")
   mesh = mesh or default_mesh()
   _check_block(query_block)
   rows, cols, repl = _shardings(mesh)
@@ -411,15 +505,14 @@ def rank_distmat(distmat: np.ndarray, q_ids, g_ids, q_cams, g_cams, *,
   num_g = distmat.shape[1]
   g_pad = _round_up(num_g, mesh.size)
   g_valid = _put(np.arange(g_pad) < num_g, rows)
-  acc = _Accumulator(max_rank)
+  acc = _Accumulator(max_rank, distmat.shape[0])
   for queries, width in _query_blocks(table, query_block):
-    n = len(queries)
     block = np.zeros((query_block, g_pad), np.float32)
-    block[:n, :num_g] = distmat[queries]
+    block[:len(queries), :num_g] = distmat[queries]
     idx, pos, junk = (_put(_pad_rows(x, query_block), repl)
                       for x in table.table(queries, width))
-    acc.add(*_distmat_block(_put(block, cols), g_valid, idx, pos, junk), n)
-  return acc.result()
+    acc.add(queries, *_distmat_block(_put(block, cols), g_valid, idx, pos, junk))
+  return acc.result(per_query)
 
 
 def _prepare_gallery(gallery: Features, distance: str, mesh: Mesh):
@@ -427,8 +520,9 @@ def _prepare_gallery(gallery: Features, distance: str, mesh: Mesh):
   num_g = len(gallery)
   g_pad = _round_up(num_g, mesh.size)
   # Padding rows get unit areas (a finite denominator) and are masked out.
-  feats = _put(_pad_rows(gallery.feats.astype(np.float32), g_pad), rows)
-  areas = _put(_pad_rows(gallery.areas.astype(np.float32), g_pad, 1.0), rows)
+  # copy=False: a float32 gallery (VERI-Wild large: 5 GiB) is not copied on the host.
+  feats = _put(_pad_rows(gallery.feats.astype(np.float32, copy=False), g_pad), rows)
+  areas = _put(_pad_rows(gallery.areas.astype(np.float32, copy=False), g_pad, 1.0), rows)
   prep = jax.jit(_prepare, static_argnums=2, out_shardings=rows)(
       feats, areas, distance)
   return prep, _put(np.arange(g_pad) < num_g, rows)
@@ -441,15 +535,22 @@ def distance_matrix(query: "Features | str | os.PathLike",
                     precision: Precision = Precision.HIGHEST) -> np.ndarray:
   """The full (Q, G) matrix on the host (computed in query blocks)."""
   _check_distance(distance)
-  query, gallery = _as_features(query, "query"), _as_features(gallery, "gallery")
-  mesh = mesh or default_mesh()
+  return _distance_matrix(_as_features(query, "query"),
+                          _as_features(gallery, "gallery"), distance=distance,
+                          query_block=query_block, mesh=mesh or default_mesh(),
+                          precision=precision)
+
+
+def _distance_matrix(query: Features, gallery: Features, *, distance: str,
+                     query_block: int, mesh: Mesh, precision) -> np.ndarray:
   _, _, repl = _shardings(mesh)
   g_prep, _ = _prepare_gallery(gallery, distance, mesh)
   out = np.empty((len(query), len(gallery)), np.float32)
   for lo in range(0, len(query), query_block):
     hi = min(lo + query_block, len(query))
-    qf = _put(_pad_rows(query.feats[lo:hi].astype(np.float32), query_block), repl)
-    qa = _put(_pad_rows(query.areas[lo:hi].astype(np.float32), query_block, 1.0),
+    qf = _put(_pad_rows(query.feats[lo:hi].astype(np.float32, copy=False), query_block),
+              repl)
+    qa = _put(_pad_rows(query.areas[lo:hi].astype(np.float32, copy=False), query_block, 1.0),
               repl)
     dist = _query_distance(qf, qa, g_prep, distance=distance,
                            precision=precision)
@@ -464,7 +565,8 @@ def evaluate(query: "Features | str | os.PathLike",
              rerank: bool = False, rerank_k1: int = 20, rerank_k2: int = 6,
              rerank_lambda: float = 0.3, mesh: Mesh | None = None,
              precision: Precision = Precision.HIGHEST,
-             return_distmat: bool = False) -> dict[str, Any]:
+             return_distmat: bool = False,
+             per_query: bool = False) -> dict[str, Any]:
   """Retrieval metrics of query vs gallery features, streamed on the device.
 
   Args:
@@ -474,13 +576,21 @@ def evaluate(query: "Features | str | os.PathLike",
     max_rank: CMC length.
     query_block: queries per device step; the device holds one
       (query_block, G) distance block.
-    rerank: k-reciprocal re-ranking (needs the (Q+G)^2 matrix on the host).
+    rerank: k-reciprocal re-ranking (needs the (Q+G)^2 matrix on the host),
+      computed from RERANK_INPUT[distance], the squared-Euclidean member of
+      `distance` (module docstring); the result names it "rerank_input".
     mesh: devices to shard the gallery over (default: all devices).
     precision: matmul precision of the distance.
-    return_distmat: also return the full (Q, G) matrix as "distmat".
+    return_distmat: also return the full (Q, G) matrix as "distmat" (after
+      re-ranking, if any).
+    per_query: also return "per_query": {"AP" (Q,), "INP" (Q,), "first_hit"
+      (Q,)} in query order; first_hit is the 0-based rank of the first true
+      match after junk removal; a query without a true match has NaN AP and
+      INP and first_hit -1 (it is not counted in the means).
 
   Returns:
-    {"mAP", "cmc" (max_rank,), "mINP", "num_valid_queries"} (+ "distmat").
+    {"mAP", "cmc" (max_rank,), "mINP", "num_valid_queries"} (+ "distmat",
+    "per_query", "rerank_input").
   """
   _check_distance(distance)
   query, gallery = _as_features(query, "query"), _as_features(gallery, "gallery")
@@ -491,38 +601,43 @@ def evaluate(query: "Features | str | os.PathLike",
   _check_block(query_block)
   labels = (query.ids, gallery.ids, query.cams, gallery.cams)
   options = dict(max_rank=max_rank, remove_junk=remove_junk,
-                 query_block=query_block, mesh=mesh)
-  dm = functools.partial(distance_matrix, distance=distance,
-                         query_block=query_block, mesh=mesh, precision=precision)
+                 query_block=query_block, mesh=mesh, per_query=per_query)
+  dm = functools.partial(_distance_matrix, query_block=query_block, mesh=mesh,
+                         precision=precision)
   if rerank:
+    rerank_input = RERANK_INPUT[distance]
+    dm = functools.partial(dm, distance=rerank_input)
     distmat = rerank_lib.k_reciprocal_rerank(
         dm(query, gallery), dm(query, query), dm(gallery, gallery),
         k1=rerank_k1, k2=rerank_k2, lambda_value=rerank_lambda)
   elif return_distmat:
-    distmat = dm(query, gallery)
+    distmat = dm(query, gallery, distance=distance)
   else:
     distmat = None
   if distmat is not None:
     result = rank_distmat(distmat, *labels, **options)
     if return_distmat:
       result["distmat"] = distmat
+    if rerank:
+      result["rerank_input"] = rerank_input
     return result
 
   _, _, repl = _shardings(mesh)
   g_prep, g_valid = _prepare_gallery(gallery, distance, mesh)
   table = _SameIdTable(*labels, remove_junk)
   query_block = _effective_block(query_block, table)
-  acc = _Accumulator(max_rank)
+  acc = _Accumulator(max_rank, len(query))
   for queries, width in _query_blocks(table, query_block):
-    qf = _put(_pad_rows(query.feats[queries].astype(np.float32), query_block), repl)
-    qa = _put(_pad_rows(query.areas[queries].astype(np.float32), query_block, 1.0),
+    qf = _put(_pad_rows(query.feats[queries].astype(np.float32, copy=False), query_block),
+              repl)
+    qa = _put(_pad_rows(query.areas[queries].astype(np.float32, copy=False), query_block,
+                        1.0),
               repl)
     idx, pos, junk = (_put(_pad_rows(x, query_block), repl)
                       for x in table.table(queries, width))
-    acc.add(*_features_block(qf, qa, g_prep, g_valid, idx, pos, junk,
-                             distance=distance, precision=precision),
-            len(queries))
-  return acc.result()
+    acc.add(queries, *_features_block(qf, qa, g_prep, g_valid, idx, pos, junk,
+                                      distance=distance, precision=precision))
+  return acc.result(per_query)
 
 
 def result_row(result: dict[str, Any], ranks: Sequence[int] = (1, 5, 10)

@@ -3,17 +3,28 @@
     python -m musp_jax.embed --workdir workdirs/demo --images gallery/ --out gallery.npz
     python -m musp_jax.search --gallery gallery.npz --query photo.jpg --topk 10
     python -m musp_jax.search --gallery gallery.npz --query queries/ --json hits.json
+    # millions of images: build an index once (shards streamed), then query it
+    python -m musp_jax.search index --gallery day1.npz day2.npz --out city.index
+    python -m musp_jax.search --index city.index --query photo.jpg --topk 10
 
 Queries are image files, folders, or a features .npz. Images are embedded with the
 model that made the gallery (its model_source, or --workdir/--checkpoint); the
 distance is the CAM-weighted one (SPEC section 4). Features of another model are
 refused, with the differing fields named.
+
+--gallery ranks the whole gallery by brute force in memory: exact, the default,
+right for galleries that fit in memory. --index (musp_jax.index) takes
+candidates from an approximate index and re-ranks them with the exact distance;
+with an exhaustive index (the default for galleries under 65,536 images) the
+result equals brute force.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -21,8 +32,11 @@ from typing import Any
 import numpy as np
 
 from musp_jax import embed as embed_lib
+from musp_jax import features
 from musp_jax import inference
+from musp_jax import outputs
 from musp_jax import retrieval
+from musp_jax import runtime
 
 DISTANCES = ("cam_squared", "cam")
 
@@ -35,7 +49,7 @@ def load_gallery(path: str) -> tuple[retrieval.Features, str]:
   return features, source
 
 
-def query_features(queries: Sequence[str], gallery: retrieval.Features, *,
+def query_features(queries: Sequence[str], gallery_signature: str, *,
                    gallery_path: str, gallery_source: str,
                    workdir: str | None = None, checkpoint: str | None = None,
                    step: int | None = None, batch_size: int = 32,
@@ -43,29 +57,28 @@ def query_features(queries: Sequence[str], gallery: retrieval.Features, *,
   """Query features, checked to come from the gallery's model."""
   if len(queries) == 1 and queries[0].endswith(".npz"):
     query = retrieval.load_features(queries[0])
-    inference.check_signature(query.model_signature, gallery.model_signature,
-                              found_where=queries[0], expected_where=gallery_path)
+    features.check_signature(query.model_signature, gallery_signature,
+                             found_where=queries[0], expected_where=gallery_path)
     return query
-  if workdir is None and checkpoint is None:
+  model_path = workdir or checkpoint
+  if model_path is None:
     if not gallery_source:
       raise ValueError(
           f"{gallery_path} does not name the model that made it (no model_source); "
           "pass --workdir or --checkpoint to embed the queries.")
-    checkpoint = gallery_source
-  loaded = inference.load(workdir, checkpoint=checkpoint, step=step)
-  flip = bool(_signature_field(gallery.model_signature, "flip", False))
-  inference.check_signature(inference.with_flip(loaded.signature, flip),
-                            gallery.model_signature, found_where=f"model {loaded.source}",
-                            expected_where=gallery_path)
+    if not os.path.exists(gallery_source):
+      raise FileNotFoundError(
+          f"{gallery_path} was made by the model in {gallery_source}, which is not there "
+          "any more (moved or deleted); pass --workdir or --checkpoint with its new place "
+          "(the model is checked against the gallery's signature).")
+    model_path = gallery_source
+  loaded = inference.load(model_path, step=step)
+  flip = bool(features.signature_field(gallery_signature, "flip", False))
+  features.check_signature(features.with_flip(loaded.signature, flip),
+                           gallery_signature, found_where=f"model {loaded.source}",
+                           expected_where=gallery_path)
   return inference.embed_files(loaded, inference.list_images(queries),
                                batch_size=batch_size, flip=flip, progress=progress)
-
-
-def _signature_field(signature: str, key: str, default: Any) -> Any:
-  try:
-    return json.loads(signature).get(key, default)
-  except (json.JSONDecodeError, AttributeError):
-    return default
 
 
 def search(query: retrieval.Features, gallery: retrieval.Features, *, topk: int = 10,
@@ -74,23 +87,42 @@ def search(query: retrieval.Features, gallery: retrieval.Features, *, topk: int 
   if distance not in DISTANCES:
     raise ValueError(f"distance={distance!r}; expected one of {DISTANCES}.")
   if query.feats.shape[1:] != gallery.feats.shape[1:]:
-    raise inference.SignatureMismatchError(
+    raise features.SignatureMismatchError(
         f"Query features are {query.feats.shape[1:]} (P, C), gallery features "
         f"{gallery.feats.shape[1:]}: they come from different models.")
   dist_QxG = retrieval.distance_matrix(query, gallery, distance=distance,
                                        query_block=min(len(query), 256))
   k = min(topk, len(gallery))
+  order_QxK = np.argsort(dist_QxG, axis=1, kind="stable")[:, :k]
   names = (gallery.file_names if gallery.file_names is not None
            else np.array([str(i) for i in range(len(gallery))]))
+  return ranked_results(query, np.take_along_axis(dist_QxG, order_QxK, 1), order_QxK,
+                        names=names, ids=gallery.ids, cams=gallery.cams)
+
+
+def search_index(query: retrieval.Features, gallery_index: Any, *, topk: int = 10,
+                 nprobe: int | None = None, candidates: int | None = None
+                 ) -> list[dict[str, Any]]:
+  """Like `search`, with candidates from a musp_jax.index.GalleryIndex."""
+  dist_QxK, index_QxK = gallery_index.search(query, topk, nprobe=nprobe,
+                                             candidates=candidates)
+  return ranked_results(query, dist_QxK, index_QxK, names=gallery_index.file_names,
+                        ids=gallery_index.ids, cams=gallery_index.cams)
+
+
+def ranked_results(query: retrieval.Features, dist_QxK: np.ndarray, index_QxK: np.ndarray,
+                   *, names: np.ndarray, ids: np.ndarray, cams: np.ndarray
+                   ) -> list[dict[str, Any]]:
+  """The per-query result records of ranked gallery indices (-1: none found)."""
   results = []
-  for q, row in enumerate(dist_QxG):
-    order = np.argsort(row, kind="stable")[:k]
+  for q, (row_d, row_g) in enumerate(zip(dist_QxK, index_QxK)):
+    row_g = row_g[row_g >= 0]
     results.append({
         "query": str(query.file_names[q]) if query.file_names is not None else str(q),
-        "results": [{"rank": r + 1, "file_name": str(names[g]), "distance": float(row[g]),
-                     "gallery_index": int(g), "vehicle_id": int(gallery.ids[g]),
-                     "camera_id": int(gallery.cams[g])}
-                    for r, g in enumerate(order)],
+        "results": [{"rank": r + 1, "file_name": str(names[g]), "distance": float(row_d[r]),
+                     "gallery_index": int(g), "vehicle_id": int(ids[g]),
+                     "camera_id": int(cams[g])}
+                    for r, g in enumerate(row_g)],
     })
   return results
 
@@ -111,43 +143,111 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if argv[:1] == ["index"]:
+    return build_index_main(argv[1:])
   parser = argparse.ArgumentParser(
       prog="python -m musp_jax.search", description=__doc__.split("\n\n")[0],
+      epilog="Build an index: python -m musp_jax.search index --help",
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--gallery", required=True, help="Saved-features .npz (embed's --out).")
+  where = parser.add_mutually_exclusive_group(required=True)
+  where.add_argument("--gallery", help="Saved-features .npz (embed's --out): brute force.")
+  where.add_argument("--index", help="Index folder (`python -m musp_jax.search index`).")
   parser.add_argument("--query", nargs="+", required=True,
                       help="Image files, folders, or one features .npz.")
   parser.add_argument("--topk", type=int, default=10)
   parser.add_argument("--distance", choices=DISTANCES, default="cam_squared",
-                      help="cam_squared: official code; cam: paper text.")
+                      help="cam_squared: official code; cam: paper text (--gallery only).")
+  parser.add_argument("--nprobe", type=int, default=None,
+                      help="With --index: inverted lists scanned (default: the index's).")
+  parser.add_argument("--candidates", type=int, default=None,
+                      help="With --index: candidates re-ranked per pass (default: 2 x "
+                           "--topk).")
+  parser.add_argument("--verify_index", action="store_true",
+                      help="With --index: also check the feature store's SHA-256.")
   parser.add_argument("--json", default=None,
                       help="Also write the results as JSON here ('-': JSON to stdout "
                            "instead of the table).")
   parser.add_argument("--batch_size", type=int, default=32)
   embed_lib.add_model_args(parser, required=False)
+  runtime.add_verbose_arg(parser)
   args = parser.parse_args(argv)
   if args.topk < 1:
     parser.error(f"--topk {args.topk}: expected >= 1.")
-  inference.hide_gpus_from_tensorflow()
+  if args.index is None and (args.nprobe or args.candidates or args.verify_index):
+    parser.error("--nprobe, --candidates and --verify_index need --index.")
+  if args.index is not None and args.distance != "cam_squared":
+    parser.error("--index ranks by the cam_squared distance only.")
+  runtime.setup()
   try:
-    gallery, source = load_gallery(args.gallery)
-    query = query_features(args.query, gallery, gallery_path=args.gallery,
+    if args.index is None:
+      gallery, source = load_gallery(args.gallery)
+      signature = gallery.model_signature
+    else:
+      from musp_jax import index as index_lib  # pylint: disable=g-import-not-at-top
+      gallery = index_lib.GalleryIndex(args.index, verify_features=args.verify_index)
+      signature, source = gallery.model_signature, gallery.model_source
+    query = query_features(args.query, signature, gallery_path=args.gallery or args.index,
                            gallery_source=source, workdir=args.workdir,
                            checkpoint=args.checkpoint, step=args.step,
                            batch_size=args.batch_size)
-    results = search(query, gallery, topk=args.topk, distance=args.distance)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    if args.index is None:
+      results = search(query, gallery, topk=args.topk, distance=args.distance)
+    else:
+      results = search_index(query, gallery, topk=args.topk, nprobe=args.nprobe,
+                             candidates=args.candidates)
+    payload = {"gallery": args.gallery or args.index, "distance": args.distance,
+               "topk": args.topk, "queries": results}
+    if args.json == "-":
+      print(json.dumps(payload, indent=2))
+      return 0
+    print(format_table(results))
+    if args.json:
+      outputs.write_text(args.json, json.dumps(payload, indent=2))
+  except runtime.USER_ERRORS as e:
+    runtime.print_error(e, verbose=args.verbose)
     return 2
-  payload = {"gallery": args.gallery, "distance": args.distance, "topk": args.topk,
-             "queries": results}
-  if args.json == "-":
-    print(json.dumps(payload, indent=2))
-    return 0
-  print(format_table(results))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(payload, f, indent=2)
+  return 0
+
+
+def build_index_main(argv: Sequence[str]) -> int:
+  """`python -m musp_jax.search index`: builds an index folder from .npz shards."""
+  parser = argparse.ArgumentParser(
+      prog="python -m musp_jax.search index",
+      description="Build an approximate index (musp_jax.index) over saved-features "
+                  ".npz shards, streamed one at a time.")
+  parser.add_argument("--gallery", nargs="+", required=True,
+                      help="Saved-features .npz shards (embed's --out), in order.")
+  parser.add_argument("--out", required=True, help="Index folder to write.")
+  parser.add_argument("--codec", choices=("auto", "flat", "sq8", "pq"), default="auto",
+                      help="Codes in memory: flat (exact scores, 4 B a dimension), sq8 "
+                           "(1 B), pq (1 B per --pq_dims); auto: sq8 from 65,536 "
+                           "images, else flat.")
+  parser.add_argument("--nlist", type=int, default=None, help="Inverted lists (auto).")
+  parser.add_argument("--pq_dims", type=int, default=4,
+                      help="Dimensions per PQ code byte (--codec pq).")
+  parser.add_argument("--nprobe", type=int, default=None,
+                      help="Default lists scanned per query (auto: all for flat).")
+  parser.add_argument("--store", choices=("float32", "float16"), default="float32",
+                      help="Feature store dtype for the exact re-ranking.")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="Replace --out if it is an index folder.")
+  runtime.add_verbose_arg(parser)
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(message)s")
+  try:
+    from musp_jax import index as index_lib  # pylint: disable=g-import-not-at-top
+    spec = index_lib.Spec(nlist=args.nlist, codec=args.codec, pq_dims=args.pq_dims,
+                          nprobe=args.nprobe, store=args.store)
+    out = index_lib.build(args.gallery, args.out, spec, overwrite=args.overwrite)
+    built = index_lib.GalleryIndex(out)
+  except runtime.USER_ERRORS as e:
+    runtime.print_error(e, verbose=args.verbose)
+    return 2
+  params = built.params
+  print(f"Wrote {out}: {len(built)} images from {len(args.gallery)} shard(s), "
+        f"{params['factory']} (nprobe {params['nprobe']}, "
+        f"{'exact' if built.exhaustive() else 'approximate'} by default).")
   return 0
 
 

@@ -25,6 +25,7 @@ Pictures go to <workdir>/pictures/ unless --out says otherwise.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -42,9 +43,12 @@ from matplotlib.figure import Figure
 
 from musp_jax import attention_metrics
 from musp_jax import augment
+from musp_jax import evaluator
+from musp_jax import features
 from musp_jax import inference
-from musp_jax import metrics
+from musp_jax import outputs
 from musp_jax import retrieval
+from musp_jax import runtime
 
 DISPLAY_HEIGHT = 128  # pixels of each picture cell
 # Display colours of the ground-truth classes (attention_metrics.PART_CLASSES order).
@@ -106,9 +110,9 @@ def figure_to_array(fig: Figure) -> np.ndarray:
 
 
 def _save(fig: Figure, path: str | epath.Path) -> str:
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(str(path), dpi=100)
+  """Saves atomically: a picture is either the old one or the whole new one."""
+  with outputs.atomic_file(path) as tmp:
+    fig.savefig(tmp, dpi=100)
   return str(path)
 
 
@@ -223,11 +227,13 @@ def attention_parts_figure(images: Sequence[np.ndarray], masks: Sequence[np.ndar
 
 def _attention_inputs(config: ml_collections.ConfigDict, images: Sequence[np.ndarray]
                       ) -> np.ndarray:
-  return np.stack([inference.preprocess(config, img) for img in images])
+  return np.stack([inference.resize_to_model(config, img) for img in images])
 
 
-def _attention(model, variables, x_BxHxWx3: np.ndarray) -> np.ndarray:
-  return np.asarray(jax.device_get(inference.attention_fn(model)(variables, x_BxHxWx3)))
+def _attention(model, variables, config: ml_collections.ConfigDict,
+               pixels_BxHxWx3: np.ndarray) -> np.ndarray:
+  fn = features.jitted_attention(model, config.input.normalize)
+  return np.asarray(jax.device_get(fn(variables, pixels_BxHxWx3)))
 
 
 def _check_attention(config: ml_collections.ConfigDict) -> None:
@@ -241,14 +247,14 @@ def attention_grid(model, variables, config: ml_collections.ConfigDict,
                    ) -> Figure:
   """Runs the model on RGB uint8 images and draws their attention grid."""
   _check_attention(config)
-  attention = _attention(model, variables, _attention_inputs(config, images))
+  attention = _attention(model, variables, config, _attention_inputs(config, images))
   return attention_figure(images, attention, names)
 
 
-def eval_images(config: ml_collections.ConfigDict, count: int, *, split: str = "query",
-                data_dir: str | None = None) -> tuple[list[np.ndarray], list[str]]:
-  """The first `count` images of the evaluation dataset's split (decoded RGB)."""
-  source, _ = _eval_split(config, split, data_dir=data_dir, with_index=False)
+def eval_images(config: ml_collections.ConfigDict, count: int, *, role: str = "query"
+                ) -> tuple[list[np.ndarray], list[str]]:
+  """The first `count` images of a protocol split of the evaluation dataset (RGB)."""
+  source = _eval_source(config, role)
   count = min(count, len(source))
   records = [source[i] for i in range(count)]
   return ([inference.decode_image(r["image"], where=r.get("file_name", str(i)))
@@ -256,26 +262,16 @@ def eval_images(config: ml_collections.ConfigDict, count: int, *, split: str = "
           [str(r.get("file_name", i)) for i, r in enumerate(records)])
 
 
-def write_attention_images(writer, step: int, model, variables,
-                           config: ml_collections.ConfigDict, *, num_images: int = 4,
-                           images: Sequence[np.ndarray] | None = None,
-                           names: Sequence[str] | None = None) -> None:
-  """Writes the attention grid as a TensorBoard image ("attention") with clu's writer.
-
-  Without `images`, the first query images of the evaluation dataset are used.
-  Baseline models (no attention) write nothing.
-  """
-  if config.model.head != "musp":
-    return
-  if images is None:
-    images, names = eval_images(config, num_images)
-  fig = attention_grid(model, variables, config, images, names)
-  writer.write_images(step, {"attention": figure_to_array(fig)[None]})
+def eval_attention_grid(model, variables, config: ml_collections.ConfigDict, *,
+                        num_images: int = 4) -> np.ndarray:
+  """The attention grid of the first evaluation query images, as RGB uint8 (H, W, 3)
+  (training writes it to TensorBoard at each evaluation)."""
+  images, names = eval_images(config, num_images)
+  return figure_to_array(attention_grid(model, variables, config, images, names))
 
 
 def attention_picture(loaded: inference.LoadedModel, out: str, *,
-                      image_paths: Sequence[str] | None = None, num_images: int = 6,
-                      data_dir: str | None = None) -> str:
+                      image_paths: Sequence[str] | None = None, num_images: int = 6) -> str:
   """Draws the attention grid of image files (or of evaluation images) into `out`."""
   _check_attention(loaded.config)
   if image_paths:
@@ -283,16 +279,16 @@ def attention_picture(loaded: inference.LoadedModel, out: str, *,
     images = [inference.decode_image(epath.Path(p).read_bytes(), where=p) for _, p in files]
     names = [name for name, _ in files]
   else:
-    images, names = eval_images(loaded.config, num_images, data_dir=data_dir)
+    images, names = eval_images(loaded.config, num_images)
   fig = attention_grid(loaded.model, loaded.variables, loaded.config, images, names)
   return _save(fig, out)
 
 
 def attention_parts_picture(loaded: inference.LoadedModel, out: str, *,
-                            num_images: int = 6, data_dir: str | None = None) -> str:
+                            num_images: int = 6) -> str:
   """Draws the first query images' maps beside their ground-truth part maps into `out`."""
   _check_attention(loaded.config)
-  source, _ = _eval_split(loaded.config, "query", data_dir=data_dir, with_index=False)
+  source = _eval_source(loaded.config, "query")
   records = [source[i] for i in range(min(num_images, len(source)))]
   if not attention_metrics.has_part_masks([records]):
     raise ValueError("The evaluation dataset has no ground-truth part masks "
@@ -301,7 +297,7 @@ def attention_parts_picture(loaded: inference.LoadedModel, out: str, *,
   images = [inference.decode_image(r["image"], where=n) for r, n in zip(records, where)]
   masks = [attention_metrics.decode_mask(r[attention_metrics.MASK_KEY], where=n)
            for r, n in zip(records, where)]
-  attention = _attention(loaded.model, loaded.variables,
+  attention = _attention(loaded.model, loaded.variables, loaded.config,
                          _attention_inputs(loaded.config, images))
   return _save(attention_parts_figure(images, masks, attention, where), out)
 
@@ -310,48 +306,17 @@ def attention_parts_picture(loaded: inference.LoadedModel, out: str, *,
 # Rank lists.
 
 
-def _eval_split(config: ml_collections.ConfigDict, split: str, *,
-                data_dir: str | None = None, with_index: bool = True):
-  """A split of the config's evaluation dataset (built first if synthetic)."""
+def _eval_source(config: ml_collections.ConfigDict, role: str):
+  """The split playing `role` in the evaluation dataset's protocol (built if synthetic)."""
   from musp_jax import datasets  # pylint: disable=g-import-not-at-top
-  name = config.eval.dataset or config.dataset.name
-  builder_config = config.eval.builder_config or (
-      config.dataset.builder_config if name == config.dataset.name else "")
-  kw = dict(data_dir=data_dir or config.dataset.data_dir, builder_config=builder_config)
-  if split not in datasets.SPLITS.get(name, ()):
+  target = datasets.eval_set(config)
+  if role not in target.splits:
     raise ValueError(
-        f"Dataset {name} has no {split!r} split (it has {datasets.SPLITS.get(name)}); "
+        f"Dataset {target.name}'s protocol has splits {sorted(target.splits)}, no {role!r}; "
         "pictures need a dataset with query and gallery splits, or give --images.")
-  datasets.ensure_built(name, manual_dir=config.dataset.manual_dir, **kw)
-  source = datasets.load_split(name, split, **kw)
-  index = datasets.split_index(name, split, **kw) if with_index else None
-  return source, index
-
-
-def _split_features(loaded: inference.LoadedModel, split: str, *, data_dir: str | None,
-                    batch_size: int) -> tuple[Any, retrieval.Features]:
-  source, index = _eval_split(loaded.config, split, data_dir=data_dir)
-  items = ((f"{split}[{i}]", source[i]["image"]) for i in range(len(source)))
-  feats, areas = inference.embed_bytes(loaded, items, total=len(source),
-                                       batch_size=batch_size, flip=loaded.config.eval.flip,
-                                       desc=split)
-  return source, retrieval.Features(feats, areas, index["vehicle_id"], index["camera_id"])
-
-
-def per_query_ap(dist_QxG: np.ndarray, query: retrieval.Features,
-                 gallery: retrieval.Features) -> np.ndarray:
-  """AP of each query by the protocol (NaN where no true match is left)."""
-  aps = np.full(len(dist_QxG), np.nan)
-  for q in range(len(dist_QxG)):
-    if not np.any(gallery.ids == query.ids[q]):
-      continue
-    try:
-      aps[q] = metrics.rank_metrics(
-          dist_QxG[q:q + 1], query.ids[q:q + 1], gallery.ids, query.cams[q:q + 1],
-          gallery.cams, max_rank=1, remove_junk=bool(query.cams[q] >= 0))["mAP"]
-    except ValueError:  # only junk matches: the protocol skips this query
-      pass
-  return aps
+  kw = dict(data_dir=config.dataset.data_dir, builder_config=target.builder_config)
+  datasets.ensure_built(target.name, manual_dir=config.dataset.manual_dir, **kw)
+  return datasets.load_split(target.name, target.splits[role], **kw)
 
 
 def choose_queries(aps: np.ndarray, order: str, count: int, *, seed: int = 0) -> np.ndarray:
@@ -369,11 +334,11 @@ def choose_queries(aps: np.ndarray, order: str, count: int, *, seed: int = 0) ->
 
 def ranked_list(dist_G: np.ndarray, query_id: int, query_cam: int,
                 gallery: retrieval.Features, topk: int) -> tuple[np.ndarray, np.ndarray]:
-  """Top-k gallery indices after junk removal, and whether each is a true match."""
+  """Top-k gallery indices after junk removal (same id and camera), and whether each
+  is a true match: the list the per-query AP was computed on."""
   order = np.argsort(dist_G, kind="stable")
   same = gallery.ids[order] == query_id
-  if query_cam >= 0:
-    order = order[~(same & (gallery.cams[order] == query_cam))]
+  order = order[~(same & (gallery.cams[order] == query_cam))]
   order = order[:topk]
   return order, gallery.ids[order] == query_id
 
@@ -405,8 +370,7 @@ def ranks_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure:
 
 def ranks_picture(loaded: inference.LoadedModel, out_dir: str, *, order: str = "worst",
                   queries: Sequence[int] | None = None, num_queries: int = 4,
-                  topk: int = 8, seed: int = 0, data_dir: str | None = None,
-                  batch_size: int = 32) -> str:
+                  topk: int = 8, seed: int = 0) -> str:
   """Embeds the evaluation query/gallery splits and draws chosen queries' rank lists.
 
   Returns the path of the written PNG: ranks_<order>_top<k>.png, or
@@ -414,16 +378,19 @@ def ranks_picture(loaded: inference.LoadedModel, out_dir: str, *, order: str = "
   """
   if queries is None and order not in ORDERS:
     raise ValueError(f"order={order!r}; expected one of {ORDERS}.")
-  q_source, query = _split_features(loaded, "query", data_dir=data_dir,
-                                    batch_size=batch_size)
-  g_source, gallery = _split_features(loaded, "gallery", data_dir=data_dir,
-                                      batch_size=batch_size)
-  distance = loaded.config.eval.distance
+  config = loaded.config
+  q_source, g_source = _eval_source(config, "query"), _eval_source(config, "gallery")
+  _, splits = evaluator.split_features(loaded.model, loaded.variables, config,
+                                       runtime.make_mesh())
+  query, gallery = splits["query"], splits["gallery"]
+  distance = config.eval.distance
   if distance not in retrieval.DISTANCES:
     raise ValueError(f"eval.distance={distance!r}; expected one of {retrieval.DISTANCES}.")
   dist_QxG = retrieval.distance_matrix(query, gallery, distance=distance,
                                        query_block=min(len(query), 256))
-  aps = per_query_ap(dist_QxG, query, gallery)
+  # Per-query AP by the protocol's junk rule, from the exact device ranking.
+  aps = retrieval.rank_distmat(dist_QxG, query.ids, gallery.ids, query.cams, gallery.cams,
+                               remove_junk=True, per_query=True)["per_query"]["AP"]
   if queries is not None:
     bad = [q for q in queries if not 0 <= q < len(query)]
     if bad:
@@ -463,18 +430,28 @@ def ranks_picture(loaded: inference.LoadedModel, out_dir: str, *, order: str = "
 def demo_pictures(workdir: str, *, data_dir: str | None = None) -> list[str]:
   """The pictures `make demo` ends with: attention grid, the maps beside the
   ground-truth part maps (datasets with part masks), and worst-AP rank lists."""
-  loaded = inference.load(workdir)
+  loaded = with_overrides(inference.load(workdir), data_dir=data_dir)
   out_dir = epath.Path(workdir) / "pictures"
   written = []
   if loaded.has_attention:
-    written.append(attention_picture(loaded, str(out_dir / "attention.png"),
-                                     data_dir=data_dir))
-    source, _ = _eval_split(loaded.config, "query", data_dir=data_dir, with_index=False)
-    if attention_metrics.has_part_masks([source]):
-      written.append(attention_parts_picture(loaded, str(out_dir / "attention_parts.png"),
-                                             data_dir=data_dir))
-  written.append(ranks_picture(loaded, str(out_dir), order="worst", data_dir=data_dir))
+    written.append(attention_picture(loaded, str(out_dir / "attention.png")))
+    if attention_metrics.has_part_masks([_eval_source(loaded.config, "query")]):
+      written.append(attention_parts_picture(loaded, str(out_dir / "attention_parts.png")))
+  written.append(ranks_picture(loaded, str(out_dir), order="worst"))
   return written
+
+
+def with_overrides(loaded: inference.LoadedModel, *, data_dir: str | None = None,
+                   eval_batch_size: int | None = None) -> inference.LoadedModel:
+  """The model with its saved config pointing at another data_dir / eval batch size."""
+  if data_dir is None and eval_batch_size is None:
+    return loaded
+  config = ml_collections.ConfigDict(loaded.config.to_dict())
+  if data_dir is not None:
+    config.dataset.data_dir = data_dir
+  if eval_batch_size is not None:
+    config.eval.batch_size = eval_batch_size
+  return dataclasses.replace(loaded, config=config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -502,29 +479,32 @@ def main(argv: Sequence[str] | None = None) -> int:
   rk.add_argument("--out_dir", default=None,
                   help="Folder for ranks_<order>_top<k>.png (default: <workdir>/pictures).")
   rk.add_argument("--data_dir", default=None, help="Override config.dataset.data_dir.")
-  rk.add_argument("--batch_size", type=int, default=32)
+  rk.add_argument("--batch_size", type=int, default=None,
+                  help="Override config.eval.batch_size (a multiple of the device count).")
   demo = sub.add_parser("demo", help="Attention grid + worst-AP rank lists of a workdir.")
   demo.add_argument("--workdir", required=True)
   demo.add_argument("--data_dir", default=None, help="Override config.dataset.data_dir.")
+  for sub_parser in (att, rk, demo):
+    runtime.add_verbose_arg(sub_parser)
   args = parser.parse_args(argv)
-  inference.hide_gpus_from_tensorflow()
+  runtime.setup()
   try:
     if args.command == "demo":
       written = demo_pictures(args.workdir, data_dir=args.data_dir)
     else:
-      loaded = inference.load(args.workdir, checkpoint=args.checkpoint, step=args.step)
+      loaded = with_overrides(embed.load_model(args), data_dir=args.data_dir,
+                              eval_batch_size=getattr(args, "batch_size", None))
       pictures = epath.Path(loaded.source).parent.parent / "pictures"
       if args.command == "attention":
         written = [attention_picture(
             loaded, args.out or str(pictures / "attention.png"), image_paths=args.images,
-            num_images=args.num_images, data_dir=args.data_dir)]
+            num_images=args.num_images)]
       else:
         written = [ranks_picture(
             loaded, args.out_dir or str(pictures), order=args.order, queries=args.queries,
-            num_queries=args.num_queries, topk=args.topk, seed=args.seed,
-            data_dir=args.data_dir, batch_size=args.batch_size)]
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
+            num_queries=args.num_queries, topk=args.topk, seed=args.seed)]
+  except runtime.USER_ERRORS as e:
+    runtime.print_error(e, verbose=args.verbose)
     return 2
   print(json.dumps({"written": written}))
   return 0

@@ -11,19 +11,25 @@ the median over rounds; warm-up and compilation are excluded.
 
 Contenders:
   jax:<conv_impl>[:bfloat16]  the project's own build_model + total_loss +
-      make_optimizer + train.train_step, jitted with buffer donation
+      make_optimizer + step.jit_step (the program training runs)
       (conv_impl: xla | gemm | auto, see musp_jax/models/fast_conv.py);
-  torch:eager | torch:eager_cl (channels_last) | torch:compile — torchvision
-      ResNet-50 with last stride 1, a restatement of the official MUSP head
-      (or the baseline head) and the same three losses, Adam with coupled
-      weight decay; torch:*:bfloat16 runs under autocast.
-Ratios are printed against torch:eager (the goal: >= 1.2x on CPU, >= 1.5x on
-GPU) and against the fastest PyTorch contender.
+  torch:eager | torch:eager_cl | torch:compile | torch:compile_cl (_cl:
+      channels_last) — torchvision ResNet-50 with last stride 1, a restatement
+      of the official MUSP head (or the baseline head) and the same three
+      losses, Adam with coupled weight decay; torch:*:bfloat16 runs under
+      autocast.
+Batches are uint8 images with erase boxes, as the input pipeline hands them over
+(JAX normalises and erases inside the step; PyTorch gets normalised float images).
+Ratios are printed against PyTorch eager of the same dtype (torch:eager, else
+torch:eager_cl; the goal: >= 1.2x on CPU, >= 1.5x on GPU) and against the fastest
+PyTorch contender of the same dtype. On a GPU the peak device memory of each
+contender's step is printed too.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import platform
@@ -31,6 +37,7 @@ import statistics
 import time
 
 DEFAULT_CONTENDERS = "jax:auto,jax:xla,torch:eager,torch:eager_cl,torch:compile"
+TORCH_MODES = ("eager", "eager_cl", "compile", "compile_cl")
 
 
 # ----------------------------------------------------------------------------- JAX
@@ -38,48 +45,36 @@ DEFAULT_CONTENDERS = "jax:auto,jax:xla,torch:eager,torch:eager_cl,torch:compile"
 
 def _jax_worker(conn, args, conv_impl: str, dtype: str) -> None:
   """Builds the project's train step and runs it on request."""
-  import functools
-  import inspect
-
   import jax
-  import jax.numpy as jnp
   import numpy as np
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
   from configs import common
   from musp_jax import optim
-  from musp_jax import train
+  from musp_jax import runtime
+  from musp_jax import state as state_lib
+  from musp_jax import step as step_lib
   from musp_jax.models import build_model
   from musp_jax.models import fast_conv
 
   c = common.get_config()
   c.model.depth = args.depth
   c.model.head = args.head
-  c.model.value_channels = 2048 if args.depth >= 50 else 512
   c.model.dtype = dtype
   c.model.conv_impl = conv_impl
   size = (args.image_size, args.image_size)
-  mesh = train.make_mesh()
+  mesh = runtime.make_mesh()
   model = build_model(c.model, args.num_classes)
-  schedule = optim.make_schedule(c.optim, 100)
   tx = optim.make_optimizer(c.optim, 100)
-  state, state_sharding = train.create_train_state(model, tx, size, seed=0, mesh=mesh)
+  state, state_sharding = state_lib.create_train_state(model, tx, size, seed=0, mesh=mesh)
   batch_sharding = NamedSharding(mesh, P("data"))
-  step_kwargs = dict(model=model, tx=tx, loss_config=c.loss)
-  if "schedule" in inspect.signature(train.train_step).parameters:
-    step_kwargs["schedule"] = schedule
-  step = jax.jit(
-      functools.partial(train.train_step, **step_kwargs),
-      in_shardings=(state_sharding, batch_sharding),
-      out_shardings=(state_sharding, NamedSharding(mesh, P())),
-      donate_argnums=0)
-  rng = np.random.default_rng(0)
-  batch = jax.device_put({
-      "image": rng.standard_normal((args.batch, *size, 3), np.float32),
-      # P identities x K=4 images, as the PK sampler makes them.
-      "label": np.repeat(np.arange(args.batch // 4), 4).astype(np.int32) % args.num_classes,
-  }, batch_sharding)
+  step = step_lib.jit_step(model=model, tx=tx, loss_config=c.loss, input_config=c.input,
+                           mesh=mesh, state_sharding=state_sharding)
+  # As the input pipeline hands batches over: uint8 pixels and erase boxes (the step
+  # normalises and erases on the device).
+  batch = jax.device_put(step_lib.random_batch(np.random.default_rng(0), args.batch, size,
+                                               args.num_classes), batch_sharding)
   t0 = time.perf_counter()
   for _ in range(args.warmup):
     state, metrics = step(state, batch)
@@ -95,7 +90,8 @@ def _jax_worker(conn, args, conv_impl: str, dtype: str) -> None:
     jax.block_until_ready(state.step)
     conn.send((time.perf_counter() - t, time.process_time() - cpu))
     losses_seen.append(float(metrics["loss"]))
-  conn.send(("losses", losses_seen))
+  stats = jax.devices()[0].memory_stats() or {}  # None on CPU
+  conn.send(("losses", losses_seen, stats.get("peak_bytes_in_use")))
 
 
 # --------------------------------------------------------------------------- PyTorch
@@ -180,7 +176,7 @@ def _torch_worker(conn, args, mode: str, dtype: str) -> None:
   device = "cuda" if torch.cuda.is_available() else "cpu"
   torch.manual_seed(0)
   net = _torch_model(args, torch, nn).to(device).train()
-  fmt = torch.channels_last if mode == "eager_cl" else torch.contiguous_format
+  fmt = torch.channels_last if mode.endswith("_cl") else torch.contiguous_format
   net = net.to(memory_format=fmt)
   params = [p for p in net.parameters() if p.requires_grad]
   opt = torch.optim.Adam(params, lr=3.5e-4, weight_decay=5e-4)
@@ -199,7 +195,7 @@ def _torch_worker(conn, args, mode: str, dtype: str) -> None:
     opt.step()
     return loss
 
-  if mode == "compile":
+  if mode.startswith("compile"):
     step = torch.compile(step)
   sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
   t0 = time.perf_counter()
@@ -217,7 +213,8 @@ def _torch_worker(conn, args, mode: str, dtype: str) -> None:
     sync()
     conn.send((time.perf_counter() - t, time.process_time() - cpu))
     losses_seen.append(float(loss.detach()))
-  conn.send(("losses", losses_seen))
+  peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+  conn.send(("losses", losses_seen, peak))
 
 
 # ---------------------------------------------------------------------------- driver
@@ -227,19 +224,21 @@ def _start(ctx, name: str, args):
   parts = name.split(":")
   if len(parts) not in (2, 3) or parts[0] not in ("jax", "torch"):
     raise ValueError(f"--contenders entry {name!r}: expected jax:<xla|gemm|auto>[:bfloat16]"
-                     " or torch:<eager|eager_cl|compile>[:bfloat16]")
+                     f" or torch:<{'|'.join(TORCH_MODES)}>[:bfloat16]")
   framework, mode = parts[:2]
   dtype = parts[2] if len(parts) == 3 else "float32"
   if dtype not in ("float32", "bfloat16"):
     raise ValueError(f"--contenders entry {name!r}: dtype must be float32 or bfloat16")
   if framework == "jax" and mode not in ("xla", "gemm", "auto"):
     raise ValueError(f"--contenders entry {name!r}: JAX conv_impl must be xla|gemm|auto")
-  if framework == "torch" and mode not in ("eager", "eager_cl", "compile"):
-    raise ValueError(f"--contenders entry {name!r}: torch mode must be eager|eager_cl|compile")
+  if framework == "torch" and mode not in TORCH_MODES:
+    raise ValueError(f"--contenders entry {name!r}: torch mode must be one of "
+                     f"{'|'.join(TORCH_MODES)}")
   parent, child = ctx.Pipe()
   target = _jax_worker if framework == "jax" else _torch_worker
   proc = ctx.Process(target=target, args=(child, args, mode, dtype), daemon=True)
   proc.start()
+  child.close()  # so a contender that dies (out of memory, say) ends recv() with EOFError
   return parent, proc
 
 
@@ -255,9 +254,13 @@ def main() -> None:
   parser.add_argument("--warmup", type=int, default=2, help="steps before timing")
   parser.add_argument("--steps", type=int, default=1, help="steps per timed turn")
   parser.add_argument("--reps", type=int, default=5, help="timed turns per contender")
+  parser.add_argument("--json", default="", help="also write the figures to this file")
   args = parser.parse_args()
   if args.batch % 4:
     raise ValueError(f"--batch {args.batch} must be a multiple of K=4 images per id")
+  # Contenders share one GPU: JAX must not take 75% of its memory up front, and its
+  # peak then reads what the step needs.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
   ctx = multiprocessing.get_context("spawn")
   names = [n for n in args.contenders.split(",") if n]
@@ -265,9 +268,13 @@ def main() -> None:
   # Start (and compile) one at a time, so compilations do not compete.
   for name in names:
     conn, proc = _start(ctx, name, args)
-    _, info = conn.recv()
+    try:
+      _, info = conn.recv()
+    except EOFError:
+      proc.join()
+      raise SystemExit(f"{name} exited (code {proc.exitcode}) before it was ready.") from None
     workers[name] = (conn, proc)
-    print(f"{name:24s} ready: {info}", flush=True)
+    print(f"{name:28s} ready: {info}", flush=True)
   times = {n: [] for n in names}
   cpu_times = {n: [] for n in names}
   for _ in range(args.reps):
@@ -277,38 +284,60 @@ def main() -> None:
       wall, cpu = conn.recv()
       times[name].append(wall / args.steps)
       cpu_times[name].append(cpu / args.steps)
+  peaks = {}
   for name in names:
     conn, proc = workers[name]
     conn.send("stop")
-    _, seen = conn.recv()
+    _, seen, peaks[name] = conn.recv()
     proc.join()
     if not all(map(lambda v: v == v and abs(v) < float("inf"), seen)):
       print(f"WARNING: {name} produced a non-finite loss: {seen}")
 
   print(f"\nMUSP train step, ResNet-{args.depth} ({args.head} head), "
         f"{args.image_size}x{args.image_size}, batch {args.batch}, last stride 1; "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-        f"median of {args.reps} turns x {args.steps} step(s), warm-up excluded.")
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"load {os.getloadavg()[0]:.1f}; median of {args.reps} turns x {args.steps} step(s), "
+        "warm-up excluded.")
   ips = {n: args.batch / statistics.median(times[n]) for n in names}
-  torch_names = [n for n in names if n.startswith("torch")]
-  eager = next((n for n in names if n.startswith("torch:eager") and "_cl" not in n), None)
-  best_torch = max(torch_names, key=ips.get) if torch_names else None
+  dtype = {n: "bfloat16" if n.endswith(":bfloat16") else "float32" for n in names}
+
+  def reference(d):  # PyTorch eager of dtype d, and the fastest PyTorch of dtype d
+    torch_d = [n for n in names if n.startswith("torch") and dtype[n] == d]
+    eager = next((n for n in torch_d if n.split(":")[1] == "eager"),
+                 next((n for n in torch_d if n.split(":")[1] == "eager_cl"), None))
+    return eager, max(torch_d, key=ips.get) if torch_d else None
+
+  refs = {d: reference(d) for d in set(dtype.values())}
   # CPU seconds (all threads) per step: on a shared machine wall time also
   # counts waiting for cores; CPU time shows the work each contender does.
-  print(f"{'contender':24s} {'ms/step':>9s} {'img/s':>8s} {'vs torch:eager':>15s} "
-        f"{'vs best torch':>14s} {'CPU s/step':>11s}")
+  print(f"{'contender':28s} {'ms/step':>9s} {'img/s':>8s} {'vs torch eager':>15s} "
+        f"{'vs best torch':>14s} {'CPU s/step':>11s} {'peak MiB':>9s}")
+  rows = {}
   for n in names:
-    ms = 1e3 * statistics.median(times[n])
-    r1 = f"{ips[n] / ips[eager]:.2f}x" if eager else "-"
-    r2 = f"{ips[n] / ips[best_torch]:.2f}x" if best_torch else "-"
-    cpu = statistics.median(cpu_times[n])
-    print(f"{n:24s} {ms:9.0f} {ips[n]:8.2f} {r1:>15s} {r2:>14s} {cpu:11.2f}")
-  jax_names = [n for n in names if n.startswith("jax")]
-  if jax_names and eager:
-    best_jax = max(jax_names, key=ips.get)
-    ratio = ips[best_jax] / ips[eager]
-    print(f"\nGoal: JAX >= 1.2x PyTorch eager on CPU (1.5x on GPU): {best_jax} is "
-          f"{ratio:.2f}x {eager}.")
+    eager, best = refs[dtype[n]]
+    rows[n] = {"ms_per_step": 1e3 * statistics.median(times[n]), "img_s": ips[n],
+               "vs_torch_eager": ips[n] / ips[eager] if eager else None,
+               "vs_best_torch": ips[n] / ips[best] if best else None,
+               "cpu_s_per_step": statistics.median(cpu_times[n]),
+               "peak_device_bytes": peaks[n]}
+    r1 = f"{rows[n]['vs_torch_eager']:.2f}x" if eager else "-"
+    r2 = f"{rows[n]['vs_best_torch']:.2f}x" if best else "-"
+    peak = f"{peaks[n] / 2**20:9,.0f}" if peaks[n] else f"{'-':>9s}"
+    print(f"{n:28s} {rows[n]['ms_per_step']:9.0f} {ips[n]:8.2f} {r1:>15s} {r2:>14s} "
+          f"{rows[n]['cpu_s_per_step']:11.2f} {peak}")
+  goals = []
+  for d in sorted(refs):
+    jax_d = [n for n in names if n.startswith("jax") and dtype[n] == d]
+    eager, best = refs[d]
+    if jax_d and eager:
+      best_jax = max(jax_d, key=ips.get)
+      goals.append(f"{d}: {best_jax} is {ips[best_jax] / ips[eager]:.2f}x {eager}"
+                   + (f", {ips[best_jax] / ips[best]:.2f}x {best}" if best != eager else ""))
+  if goals:
+    print("\nGoal: JAX >= 1.2x PyTorch eager on CPU (1.5x on GPU): " + "; ".join(goals) + ".")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"config": vars(args), "contenders": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

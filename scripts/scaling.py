@@ -9,7 +9,7 @@
 Weak scaling keeps --per_device_batch fixed (the global batch grows with the
 devices); strong scaling keeps --global_batch fixed. For each device count the
 script builds a 1-D "data" mesh over the first n devices and jits the
-project's train_step with batch sharding, exactly as train.py does. All
+project's train step with step.jit_step, exactly as training does. All
 configurations are compiled first, then take turns for --reps rounds; the
 figure is the median. Efficiency = throughput(n) / (n * throughput(1)).
 
@@ -21,7 +21,6 @@ Fake CPU devices share the machine's real cores, so on a CPU their
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import pathlib
 import statistics
@@ -35,7 +34,8 @@ from jax.sharding import PartitionSpec as P
 from configs import common
 from musp_jax import distributed
 from musp_jax import optim
-from musp_jax import train
+from musp_jax import state as state_lib
+from musp_jax import step as step_lib
 from musp_jax.models import build_model
 
 
@@ -49,25 +49,17 @@ def _setup(c, num_classes: int, n: int, batch: int, image_size: int, seed: int =
   mesh = _mesh(n)
   model = build_model(c.model, num_classes)
   tx = optim.make_optimizer(c.optim, 100)
-  state, state_sharding = train.create_train_state(
+  state, state_sharding = state_lib.create_train_state(
       model, tx, (image_size, image_size), seed=seed, mesh=mesh)
   batch_sharding = NamedSharding(mesh, P("data"))
-  step = jax.jit(
-      functools.partial(train.train_step, model=model, tx=tx, loss_config=c.loss),
-      in_shardings=(state_sharding, batch_sharding),
-      out_shardings=(state_sharding, NamedSharding(mesh, P())),
-      donate_argnums=0)
+  step = step_lib.jit_step(model=model, tx=tx, loss_config=c.loss, input_config=c.input,
+                           mesh=mesh, state_sharding=state_sharding)
   rng = np.random.default_rng(seed)
   per_process = batch // jax.process_count()
   rows = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
-  images = rng.standard_normal((batch, image_size, image_size, 3)).astype(np.float32)
-  labels = (np.repeat(np.arange(batch // 4), 4) % num_classes).astype(np.int32)
-  device_batch = {
-      "image": jax.make_array_from_process_local_data(batch_sharding, images[rows],
-                                                      images.shape),
-      "label": jax.make_array_from_process_local_data(batch_sharding, labels[rows],
-                                                      labels.shape),
-  }
+  host = step_lib.random_batch(rng, batch, (image_size, image_size), num_classes)
+  device_batch = {k: jax.make_array_from_process_local_data(batch_sharding, v[rows], v.shape)
+                  for k, v in host.items()}
   return [state, step, device_batch]
 
 
@@ -145,7 +137,6 @@ def main() -> None:
   c.model.head = args.head
   c.model.dtype = dtype
   c.model.conv_impl = args.conv_impl
-  c.model.value_channels = 2048 if depth >= 50 else 512
 
   counts = [n for n in map(int, args.devices.split(",")) if n <= jax.device_count()]
   if jax.process_count() > 1:

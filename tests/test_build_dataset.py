@@ -64,8 +64,7 @@ def test_missing_manual_dir_prints_instructions(tmp_path, capsys):
 def test_missing_image_folder_is_named(tmp_path, capsys):
   write_vehicle_id(tmp_path / "VID")
   os.rename(tmp_path / "VID" / "image", tmp_path / "VID" / "images")
-  assert run("vehicle_id", data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "VID"),
-             config="small") == 1
+  assert run("vehicle_id", data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "VID")) == 1
   err = capsys.readouterr().err
   assert f"Missing {tmp_path / 'VID' / 'image'}: expected the image folder" in err
   assert "Manual download instructions" in err
@@ -74,16 +73,15 @@ def test_missing_image_folder_is_named(tmp_path, capsys):
 def test_unreadable_images_are_skipped_and_counted(tmp_path, capsys):
   write_vehicle_id(tmp_path / "VID", bad=BAD)
   data_dir = str(tmp_path / "tfds")
-  assert run("vehicle_id", data_dir=data_dir, manual_dir=str(tmp_path / "VID"),
-             config="small") == 0
+  assert run("vehicle_id", data_dir=data_dir, manual_dir=str(tmp_path / "VID")) == 0
   out = capsys.readouterr().out
   assert "Skipped 3 unreadable images" in out
   for name in BAD:
     assert f"image/{name}.jpg" in out
-  src = datasets.load_split("vehicle_id", "train", data_dir=data_dir, builder_config="small")
+  src = datasets.load_split("vehicle_id", "train", data_dir=data_dir, builder_config="")
   assert [r["file_name"] for r in src] == [f"image/{k}.jpg" for k in range(4)]
   # Labels stay those of the listed identities (ids 1, 2 and the bad images' 10-12).
-  index = datasets.split_index("vehicle_id", "train", data_dir=data_dir, builder_config="small")
+  index = datasets.split_index("vehicle_id", "train", data_dir=data_dir, builder_config="")
   np.testing.assert_array_equal(index["label"], [0, 0, 1, 1])
 
 
@@ -91,11 +89,39 @@ def test_strict_fails_on_the_first_unreadable_image(tmp_path, capsys):
   write_vehicle_id(tmp_path / "VID", bad={"truncated": BAD["truncated"]})
   data_dir = tmp_path / "tfds"
   assert run("vehicle_id", data_dir=str(data_dir), manual_dir=str(tmp_path / "VID"),
-             config="small", strict=True) == 1
+             strict=True) == 1
   assert "Unreadable image image/truncated.jpg" in capsys.readouterr().err
-  assert not datasets.is_built("vehicle_id", data_dir=str(data_dir), builder_config="small")
+  assert not datasets.is_built("vehicle_id", data_dir=str(data_dir), builder_config="")
 
 
 def test_unknown_dataset_is_a_usage_error():
   with pytest.raises(app.UsageError, match="Give one dataset name"):
     run("veri")
+
+
+def test_a_changed_manual_folder_is_rebuilt(tmp_path, capsys):
+  """The build records the folder's lists and file sizes; a fixed folder is seen."""
+  manual, data_dir = tmp_path / "VID", str(tmp_path / "tfds")
+  write_vehicle_id(manual, bad={"missing": None})
+  assert run("vehicle_id", data_dir=data_dir, manual_dir=str(manual)) == 0
+  assert "train: 4)" in capsys.readouterr().out  # the missing image is skipped
+  assert run("vehicle_id", data_dir=data_dir, manual_dir=str(manual)) == 0
+  out = capsys.readouterr().out
+  assert "Rebuilt" not in out and "train: 4)" in out  # unchanged: reused
+  Image.fromarray(np.full((16, 16, 3), 99, np.uint8)).save(manual / "image" / "missing.jpg")
+  assert run("vehicle_id", data_dir=data_dir, manual_dir=str(manual)) == 0
+  out = capsys.readouterr().out
+  assert (f"Rebuilt vehicle_id, replacing the last build: the manual folder {manual} "
+          "changed since: 5 files besides the lists, 4 at the last build.") in out
+  assert "train: 5)" in out
+  index = datasets.split_index("vehicle_id", "train", data_dir=data_dir, builder_config="")
+  np.testing.assert_array_equal(index["vehicle_id"], [1, 1, 2, 2, 10])
+  # An edited list is seen too; a failed rebuild keeps the last build.
+  (manual / "train_test_split" / "train_list.txt").write_text("")
+  assert run("vehicle_id", data_dir=data_dir, manual_dir=str(manual)) == 1
+  err = capsys.readouterr().err
+  assert (f"error: {manual / 'train_test_split' / 'train_list.txt'} is empty: expected "
+          'lines "<imgid> <vehicle_id>".') in err.splitlines()
+  assert len(datasets.load_split("vehicle_id", "train", data_dir=data_dir,
+                                 builder_config="")) == 5
+  assert sorted(os.listdir(tmp_path / "tfds" / "vehicle_id")) == ["2.0.0"]

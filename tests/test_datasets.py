@@ -10,6 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+from configs import synthetic
+from configs import veriwild
 from musp_jax import datasets
 from tfds_builders.synthetic_vehicles import render
 
@@ -40,7 +42,7 @@ def test_records_have_the_documented_types(data_dir):
 
 
 def test_split_index_matches_records(data_dir):
-  for split in datasets.SPLITS[NAME]:
+  for split in ("train", "query", "gallery"):
     src = datasets.load_split(NAME, split, data_dir=data_dir, builder_config="tiny")
     index = datasets.split_index(NAME, split, data_dir=data_dir, builder_config="tiny")
     for k in ("label", "vehicle_id", "camera_id"):
@@ -77,16 +79,15 @@ def test_source_pickles_for_workers(data_dir):
 
 def test_not_built_names_the_build_command(tmp_path):
   with pytest.raises(datasets.DatasetNotBuiltError) as e:
-    datasets.load_split("veri_wild", "train", data_dir=str(tmp_path), builder_config="large")
+    datasets.load_split("veri_wild", "train", data_dir=str(tmp_path), builder_config="")
   assert (f"python -m musp_jax.build_dataset veri_wild --manual_dir DIR --data_dir {tmp_path}"
-          " --config large") in str(e.value)
+          " (DIR") in str(e.value)
   with pytest.raises(datasets.DatasetNotBuiltError,
                      match=f"build_dataset veri776 --manual_dir DIR --data_dir {tmp_path} \\(DIR"):
     datasets.ensure_built("veri776", data_dir=str(tmp_path), builder_config="")
   with pytest.raises(datasets.DatasetNotBuiltError,
-                     match=f"build_dataset vehicle_id --manual_dir /data/VID --data_dir {tmp_path}"
-                     " --config small$"):
-    datasets.ensure_built("vehicle_id", data_dir=str(tmp_path), builder_config="small",
+                     match=f"build_dataset vehicle_id --manual_dir /data/VID --data_dir {tmp_path}$"):
+    datasets.ensure_built("vehicle_id", data_dir=str(tmp_path), builder_config="",
                           manual_dir="/data/VID")
   with pytest.raises(datasets.DatasetNotBuiltError,
                      match=f"build_dataset synthetic_vehicles --data_dir {tmp_path} --config"):
@@ -94,14 +95,36 @@ def test_not_built_names_the_build_command(tmp_path):
 
 
 def test_bad_names_are_rejected(data_dir):
-  with pytest.raises(ValueError, match=r"has splits \['train', 'test'\], not 'query'"):
-    datasets.load_split("vehicle_id", "query", data_dir=data_dir, builder_config="small")
+  with pytest.raises(ValueError, match=r"has splits \['gallery', 'query', 'train'\], not 'test'"):
+    datasets.load_split(NAME, "test", data_dir=data_dir, builder_config="tiny")
+  with pytest.raises(ValueError, match="has no builder configs"):
+    datasets.load_split("vehicle_id", "train", data_dir=data_dir, builder_config="small")
   with pytest.raises(ValueError, match=r"needs builder_config in \['tiny', 'small', 'large'\]"):
     datasets.load_split(NAME, "train", data_dir=data_dir, builder_config="huge")
   with pytest.raises(ValueError, match="has no builder configs"):
     datasets.load_split("veri776", "train", data_dir=data_dir, builder_config="small")
   with pytest.raises(ValueError, match="Unknown dataset 'veri'"):
     datasets.load_split("veri", "train", data_dir=data_dir, builder_config="")
+
+
+def test_eval_set_follows_the_dataset_table():
+  c = synthetic.get_config("runlocal")
+  target = datasets.eval_set(c)
+  assert (target.name, target.builder_config, target.splits, target.row_name) == (
+      NAME, "tiny", {"query": "query", "gallery": "gallery"}, NAME)
+  c = veriwild.get_config("medium")
+  target = datasets.eval_set(c)
+  assert target.splits == {"query": "query_5000", "gallery": "gallery_5000"}
+  assert (target.row_name, target.builder_config) == ("veri_wild_medium", "")
+  c.eval.dataset, c.eval.test_size = "vehicle_id", "large"  # cross-domain
+  target = datasets.eval_set(c)
+  assert (target.splits, target.row_name) == ({"test": "test_2400"}, "vehicle_id_large")
+  c.eval.dataset = "synthetic_vehicles"  # another build than the training one: the default
+  assert datasets.eval_set(c).builder_config == "small"
+  c.eval.dataset, c.eval.test_size = "veri_wild", "huge"
+  with pytest.raises(ValueError, match=r"eval.test_size='huge'; veri_wild has test sizes "
+                     r"\['small', 'medium', 'large'\]"):
+    datasets.eval_set(c)
 
 
 def test_ensure_built_is_idempotent(data_dir):

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import shutil
 
 import jax
 import numpy as np
@@ -20,9 +21,13 @@ def loaded():
 
 
 def _reference_features(loaded, path):
-  """Test transform + model + per-branch L2 norm, written out independently."""
+  """Test transform + normalisation + model + per-branch L2 norm, written out independently."""
   data = pathlib.Path(path).read_bytes()
-  x = augment.TestTransform.from_config(loaded.config.input)(data)[None]
+  assert loaded.config.input.normalize == "half"
+  pixels = augment.TestTransform.from_config(loaded.config.input)(data)[None]
+  # (v / 255 - 0.5) / 0.5 in XLA's float32 order (a divide by a constant is a multiply by
+  # its reciprocal): a 1-ulp difference in the input moves random-weight features ~4e-5.
+  x = (pixels.astype(np.float32) - 127.5) * np.float32(1 / 127.5)
   out = loaded.model.apply(loaded.variables, x, train=False)
   feats = np.asarray(out["feats"], np.float64)[0]
   norms = np.linalg.norm(feats, axis=-1, keepdims=True)
@@ -63,7 +68,7 @@ def test_checkpoint_flag_and_batch_size_give_the_same_features(tmp_path, loaded)
   paths = tools_fixtures.write_images(tmp_path, 3, seed=1, suffix=".jpg")
   a = embed.embed(loaded, [str(p) for p in paths], str(tmp_path / "a.npz"),
                   batch_size=4, progress=False)
-  by_checkpoint = inference.load(checkpoint=loaded.source)
+  by_checkpoint = inference.load(loaded.source)
   assert by_checkpoint.signature == loaded.signature
   b = embed.embed(by_checkpoint, [str(p) for p in paths], str(tmp_path / "b.npz"),
                   batch_size=1, progress=False)
@@ -107,17 +112,37 @@ def test_non_image_file_is_a_clear_error(tmp_path, loaded):
     inference.list_images([str(tmp_path / "missing.jpg")])
 
 
-def test_bad_model_locations_are_clear_errors(tmp_path):
-  with pytest.raises(ValueError, match="expected a step folder"):
-    inference.load(checkpoint=str(tmp_path))
-  with pytest.raises(FileNotFoundError, match="config.json"):
-    inference.load(workdir=str(tmp_path))
-  with pytest.raises(ValueError, match="exactly one"):
-    inference.load()
+def test_bad_model_locations_are_clear_errors(tmp_path, capsys):
+  with pytest.raises(FileNotFoundError, match="holds no checkpoint: expected a training workdir"):
+    inference.load(str(tmp_path))
+  rc = embed.main(["--checkpoint", str(tmp_path / "nowhere"), "--images", str(tmp_path),
+                   "--out", str(tmp_path / "x.npz")])
+  assert rc == 2 and "holds no checkpoint" in capsys.readouterr().err
 
 
-def test_class_count_is_read_from_the_checkpoint(loaded):
+def test_class_count_and_config_come_from_the_checkpoint(loaded, tmp_path):
   logits = jax.eval_shape(
       lambda v: loaded.model.apply(v, np.zeros((1, 64, 64, 3), np.float32))["logits"],
       loaded.variables)
   assert logits.shape[-1] == 6  # tools_fixtures.make_workdir's num_classes
+  # The step folder alone is enough: no config.json, no training data.
+  step_dir = pathlib.Path(loaded.source)
+  copy = tmp_path / "moved" / "checkpoints" / step_dir.name
+  shutil.copytree(step_dir, copy)
+  moved = inference.load(copy)
+  assert moved.signature == loaded.signature
+  assert moved.config.to_dict() == loaded.config.to_dict()
+
+
+def test_output_is_written_whole_or_not_at_all(tmp_path, capsys):
+  images = tools_fixtures.write_images(tmp_path / "images", 2)
+  (tmp_path / "taken.npz").mkdir()  # a folder where the file would go
+  rc = embed.main(["--workdir", str(tools_fixtures.shared_workdir()),
+                   "--images", str(images[0]), "--out", str(tmp_path / "taken.npz")])
+  assert rc == 2
+  assert (f"error: {tmp_path / 'taken.npz'} is a folder; expected a file path to write."
+          in capsys.readouterr().err)
+  out = tmp_path / "feats.npz"
+  assert embed.main(["--workdir", str(tools_fixtures.shared_workdir()),
+                     "--images", *map(str, images), "--out", str(out)]) == 0
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["feats.npz", "images", "taken.npz"]

@@ -7,6 +7,7 @@ import sys
 
 import jax
 import numpy as np
+import onnxruntime
 import pytest
 
 import tools_fixtures
@@ -98,3 +99,65 @@ def test_bad_inputs_are_clear_errors(exported_file, tmp_path):
   np.savez(tmp_path / "feats.npz", feats=np.zeros((1, 2, 3)))
   with pytest.raises(ValueError, match="not a musp_jax export"):
     export.load(str(tmp_path / "feats.npz"))
+
+
+@pytest.fixture(scope="module")
+def baseline_workdir(tmp_path_factory):
+  return tools_fixtures.make_workdir(tmp_path_factory.mktemp("baseline") / "workdir",
+                                     head="baseline")
+
+
+def _check_onnx_model(path, loaded, hw, direct):
+  """Inputs, outputs and metadata as documented; ONNX == JAX to 1e-4 relative."""
+  session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+  (inp,) = session.get_inputs()
+  assert (inp.name, inp.type, inp.shape) == ("images", "tensor(uint8)", ["batch", *hw, 3])
+  n = loaded.config.model.num_prototypes if loaded.has_attention else 1
+  assert {o.name: o.shape for o in session.get_outputs()} == {
+      "feats": ["batch", n, 512], "areas": ["batch", n]}
+  metadata = json.loads(session.get_modelmeta().custom_metadata_map["musp_jax"])
+  assert metadata["format"] == export.ONNX_FORMAT
+  assert metadata["model_signature"] == loaded.signature
+  x = _images(3, hw, seed=11)
+  feats, areas = session.run(["feats", "areas"], {"images": x})
+  ref = {k: np.asarray(v) for k, v in direct(x).items()}
+  assert feats.shape == (3, n, 512) and areas.shape == (3, n)
+  # 1e-4 relative: the difference of each feature vector against its length.
+  rel = np.linalg.norm(feats - ref["feats"], axis=-1) / np.linalg.norm(ref["feats"], axis=-1)
+  assert rel.max() < 1e-4, rel.max()
+  np.testing.assert_allclose(areas, ref["areas"], rtol=1e-4, atol=0)
+  # The batch is dynamic: one image alone gives its row of the batch of three.
+  one_feats, one_areas = session.run(["feats", "areas"], {"images": x[1:2]})
+  np.testing.assert_allclose(one_feats[0], feats[1], atol=1e-6)
+  np.testing.assert_allclose(one_areas[0], areas[1], atol=1e-7)
+
+
+def test_onnx_export_of_musp_through_the_resize_path(loaded, tmp_path):
+  serialized, metadata = export.export_onnx(loaded, input_hw=(48, 80))
+  assert metadata["outputs"] == {"feats": ["batch", "3", "512"], "areas": ["batch", "3"]}
+  (tmp_path / "m.onnx").write_bytes(serialized)
+  direct = jax.jit(export.serving_fn(loaded.model, loaded.variables, loaded.config,
+                                     input_hw=(48, 80)))
+  _check_onnx_model(tmp_path / "m.onnx", loaded, (48, 80), direct)
+
+
+def test_onnx_export_command_on_the_baseline(baseline_workdir, tmp_path, capsys):
+  out = tmp_path / "model.onnx"
+  out.write_bytes(b"earlier")
+  rc = export.main(["--workdir", str(baseline_workdir), "--out", str(out),
+                    "--format", "onnx"])
+  assert rc == 0
+  assert "onnxruntime vs JAX on random images: relative difference" in (
+      capsys.readouterr().out)
+  loaded = inference.load(baseline_workdir)
+  direct = jax.jit(export.serving_fn(loaded.model, loaded.variables, loaded.config,
+                                     input_hw=loaded.image_size))
+  _check_onnx_model(out, loaded, loaded.image_size, direct)
+
+
+def test_onnx_export_errors(tmp_path):
+  workdir = str(tools_fixtures.shared_workdir())
+  for extra in (["--out", str(tmp_path / "m.npz")],
+                ["--out", str(tmp_path / "m.onnx"), "--platforms", "cpu"]):
+    with pytest.raises(SystemExit):
+      export.main(["--workdir", workdir, "--format", "onnx", *extra])

@@ -62,12 +62,32 @@ def test_matches_flax_conv(kernel, stride, padding, cin, cout, size, use_bias):
                gp_fast, gp_ref)
 
 
-def test_grouped_conv_falls_back_to_xla():
-  ref = nn.Conv(8, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=8)
-  fast = fast_conv.GemmConv(8, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=8)
+@pytest.mark.parametrize("stride,padding,size", [(1, 1, 6), (2, 1, 7), (1, 0, 5)])
+def test_depthwise_conv_matches_flax_conv(stride, padding, size):
+  """The MUSP head's value conv (one group per channel): forward and both gradients."""
+  kw = dict(strides=(stride, stride), padding=((padding, padding), (padding, padding)),
+            feature_group_count=8)
+  ref, fast = nn.Conv(8, (3, 3), **kw), fast_conv.GemmConv(8, (3, 3), **kw)
+  x = jax.random.normal(jax.random.key(3), (2, size, size, 8))
+  variables = jax.tree.map(lambda v: v + 0.1, ref.init(jax.random.key(4), x))
+  assert variables["params"]["kernel"].shape == (3, 3, 1, 8)
+  y_ref = ref.apply(variables, x)
+  np.testing.assert_allclose(jax.jit(fast.apply)(variables, x), y_ref, rtol=1e-5, atol=1e-5)
+  target = jax.random.normal(jax.random.key(5), y_ref.shape)
+  _, (gp_ref, gx_ref) = _loss_and_grads(ref, variables, x, target)
+  _, (gp_fast, gx_fast) = jax.jit(
+      lambda v, x: _loss_and_grads(fast, v, x, target))(variables, x)
+  np.testing.assert_allclose(gx_fast, gx_ref, rtol=1e-4, atol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+               gp_fast, gp_ref)
+
+
+def test_other_grouped_convs_fall_back_to_xla():
+  ref = nn.Conv(8, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=4)
+  fast = fast_conv.GemmConv(8, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=4)
   x = jax.random.normal(jax.random.key(3), (2, 6, 6, 8))
   variables = ref.init(jax.random.key(4), x)
-  assert variables["params"]["kernel"].shape == (3, 3, 1, 8)
+  assert variables["params"]["kernel"].shape == (3, 3, 2, 8)
   np.testing.assert_allclose(fast.apply(variables, x), ref.apply(variables, x),
                              rtol=1e-5, atol=1e-5)
 

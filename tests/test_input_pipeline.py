@@ -3,7 +3,11 @@
 import io
 import multiprocessing
 import os
+import pathlib
+import signal
+import subprocess
 import sys
+import time
 
 import cv2
 import jax
@@ -16,6 +20,7 @@ from configs import common
 from musp_jax import augment
 from musp_jax import input_pipeline
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 P, K = 4, 2
 GLOBAL_BATCH = P * K
 
@@ -89,14 +94,21 @@ def test_train_batches_are_pk(data):
   _, labels = data
   spe = input_pipeline.steps_per_epoch(len(labels), GLOBAL_BATCH)
   batches = _take(_train(data), 2 * spe + 1)  # crosses two epoch boundaries
+  erased = 0
   for b in batches:
-    assert set(b) == {"image", "label"}
+    assert set(b) == {"image", "erase", "label"}
     assert b["image"].shape == (GLOBAL_BATCH, 32, 32, 3)
-    assert b["image"].dtype == np.float32 and b["label"].dtype == np.int32
+    # uint8 to the device: the step normalises and erases (preprocess.py).
+    assert b["image"].dtype == np.uint8 and b["label"].dtype == np.int32
     ids = b["label"].reshape(P, K)
     assert (ids == ids[:, :1]).all() and len(set(ids[:, 0])) == P
-    # Normalised to [-1, 1] (mean = std = 0.5) or the erasing fill.
-    assert b["image"].min() >= -1.0 and b["image"].max() <= 1.0
+    assert b["erase"].shape == (GLOBAL_BATCH, 4) and b["erase"].dtype == np.int32
+    top, left, h, w = b["erase"].T
+    none = h == 0
+    assert (b["erase"][none] == 0).all()
+    assert (top + h <= 32).all() and (left + w <= 32).all() and (w[~none] > 0).all()
+    erased += int(np.sum(~none))
+  assert 0 < erased < len(batches) * GLOBAL_BATCH  # erase_prob 0.5
 
 
 def test_labels_come_from_the_label_array(data):
@@ -133,6 +145,27 @@ def test_two_workers_match_in_process(data):
   checked = (_WorkerCheckingSource(data[0]), data[1])
   workers = _take(_train(checked, start_step=2, num_workers=2), 5)
   _assert_same(workers, in_process)
+
+
+def test_worker_batch_memory_is_reused_only_after_release(data):
+  # Workers recycle a batch's shared memory once the main process drops the batch:
+  # batches still held must keep their contents while later ones reuse memory.
+  want = _take(_train(data), 24)
+  it = _train(data, num_workers=2)
+  try:
+    held = {}
+    for step in range(24):
+      batch = next(it)
+      if step % 5 == 0:
+        held[step] = batch
+      else:
+        _assert_same([batch], [want[step]])
+      del batch
+  finally:
+    it.close()
+  assert len(held) == 5
+  for step, batch in held.items():
+    _assert_same([batch], [want[step]])
 
 
 def test_two_processes_make_the_global_batch(data):
@@ -220,3 +253,91 @@ def test_device_put_batch_shards_over_the_mesh():
       np.testing.assert_array_equal(np.asarray(shard.data),
                                     batch[key][shard.index])
       assert shard.data.shape[0] == 2
+
+
+# A training process with grain workers, run as its own program: "close" stops the
+# workers and exits, "hold" prints its pid's children and waits to be killed.
+_WORKERS_SCRIPT = """
+import io, sys, time
+import numpy as np
+from PIL import Image
+from absl import flags
+from configs import common
+from musp_jax import input_pipeline
+
+def main():
+  flags.FLAGS.mark_as_parsed()
+  records, rng = [], np.random.default_rng(0)
+  for i in range(16):
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (40, 30, 3), np.uint8)).save(buf, "JPEG")
+    records.append({"image": buf.getvalue()})
+  config = common.get_config().input
+  config.image_size, config.num_ids, config.num_instances = (32, 32), 2, 2
+  config.num_workers = 2
+  it = input_pipeline.train_batches(records, np.arange(16) // 2, config, seed=0,
+                                    start_step=0, global_batch_size=4)
+  for _ in range(5):
+    next(it)
+  if sys.argv[1] == "close":
+    it.close()
+    return
+  print("ready", flush=True)
+  time.sleep(600)
+
+if __name__ == "__main__":
+  main()
+"""
+
+
+def _run_workers_script(tmp_path, mode, **kw):
+  script = tmp_path / "workers.py"
+  script.write_text(_WORKERS_SCRIPT)
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+  return subprocess.Popen([sys.executable, str(script), mode], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_closing_frees_the_shared_memory_of_every_batch(tmp_path):
+  """Batches made ahead are freed too: multiprocessing's resource tracker, which
+  reports at exit what was never freed, finds nothing."""
+  proc = _run_workers_script(tmp_path, "close")
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err
+  assert "leaked" not in err, err
+
+
+def _children(pid: int) -> list[int]:
+  """Live (not zombie) processes whose parent is `pid`."""
+  out = []
+  for entry in os.listdir("/proc"):
+    try:
+      stat = pathlib.Path(f"/proc/{entry}/stat").read_text()
+    except (OSError, ValueError):
+      continue
+    fields = stat.rsplit(")", 1)[-1].split()
+    if entry.isdigit() and fields[1] == str(pid) and fields[0] != "Z":
+      out.append(int(entry))
+  return out
+
+
+def _alive(pid: int) -> bool:
+  try:
+    return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+  except OSError:
+    return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
+def test_workers_end_when_the_training_process_is_killed(tmp_path):
+  """SIGKILL (the OOM killer's) leaves the workers orphans; they end on their own."""
+  proc = _run_workers_script(tmp_path, "hold")
+  assert proc.stdout.readline().strip() == "ready"
+  workers = _children(proc.pid)
+  assert len(workers) >= 2  # two workers (and multiprocessing's resource tracker)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate()
+  deadline = time.time() + 20
+  while any(map(_alive, workers)) and time.time() < deadline:
+    time.sleep(0.1)
+  assert not any(map(_alive, workers))

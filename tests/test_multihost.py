@@ -41,7 +41,9 @@ def worker(out_path: str, use_distributed: bool) -> None:
 
   from configs import common
   from musp_jax import optim
-  from musp_jax import train
+  from musp_jax import runtime
+  from musp_jax import state as state_lib
+  from musp_jax import step as step_lib
 
   if use_distributed:
     distributed.initialize()  # From the JAX_* variables set by launch_local.
@@ -61,26 +63,20 @@ def worker(out_path: str, use_distributed: bool) -> None:
   c.optim.lr = 1e-2
   model = TinyReID()
   tx = optim.make_optimizer(c.optim, steps_per_epoch=10)
-  mesh = train.make_mesh()
-  state, state_sharding = train.create_train_state(model, tx, (8, 8), seed=0, mesh=mesh)
+  mesh = runtime.make_mesh()
+  state, state_sharding = state_lib.create_train_state(model, tx, (8, 8), seed=0, mesh=mesh)
   batch_sharding = NamedSharding(mesh, P("data"))
-  step = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx, loss_config=c.loss),
-                 in_shardings=(state_sharding, batch_sharding),
-                 out_shardings=(state_sharding, NamedSharding(mesh, P())))
+  step = step_lib.jit_step(model=model, tx=tx, loss_config=c.loss, input_config=c.input,
+                           mesh=mesh, state_sharding=state_sharding)
   rng = np.random.default_rng(0)
   per_process = GLOBAL_BATCH // jax.process_count()
   rows = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
   losses, stats = [], None
   for _ in range(STEPS):
     # Every process draws the same global batch and keeps only its rows.
-    images = rng.standard_normal((GLOBAL_BATCH, 8, 8, 3)).astype(np.float32)
-    labels = np.repeat(np.arange(GLOBAL_BATCH // 2), 2).astype(np.int32) % 4
-    batch = {
-        "image": jax.make_array_from_process_local_data(
-            batch_sharding, images[rows], (GLOBAL_BATCH, 8, 8, 3)),
-        "label": jax.make_array_from_process_local_data(
-            batch_sharding, labels[rows], (GLOBAL_BATCH,)),
-    }
+    host = step_lib.random_batch(rng, GLOBAL_BATCH, (8, 8), 4, num_instances=2)
+    batch = {k: jax.make_array_from_process_local_data(batch_sharding, v[rows], v.shape)
+             for k, v in host.items()}
     state, metrics = step(state, batch)
     losses.append(float(metrics["loss"]))
   stats = jax.tree.map(lambda v: np.asarray(v).tolist(), state.batch_stats)

@@ -8,6 +8,7 @@ weights are imported into the Flax head and every output is compared.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,9 @@ def relative_error(actual, expected) -> float:
 
 
 def numpy_state_dict(module: torch.nn.Module) -> dict[str, np.ndarray]:
-  return {k: v.numpy() for k, v in module.state_dict().items()}
+  # Copies: .numpy() shares the tensor's memory, jax on the CPU may keep using it
+  # without a copy, and a torch forward in train mode updates BN statistics in place.
+  return {k: v.numpy().copy() for k, v in module.state_dict().items()}
 
 
 def official(n: int) -> dict:
@@ -48,10 +51,11 @@ class TorchMUSPHead(torch.nn.Module):
 
   def __init__(self, in_channels, num_classes, n, *, value_conv,
                value_channels, pooling, ese, attention, global_feature,
-               diversity, ese_reduction=16):
+               diversity, ese_reduction=16, global_branch=True):
     super().__init__()
     c = value_channels
     self.n, self.pooling, self.ese = n, pooling, ese
+    self.global_branch = global_branch
     self.attention, self.global_feature = attention, global_feature
     self.diversity = diversity
     self.key = torch.nn.Conv2d(in_channels, n, 3, padding=1)
@@ -66,7 +70,7 @@ class TorchMUSPHead(torch.nn.Module):
           torch.nn.Linear(width // ese_reduction, width, bias=False),
           torch.nn.Sigmoid())
     g = c if global_feature == "value_mean" else in_channels
-    widths = [c] * (n - 1) + [g]
+    widths = [c] * (n - 1) + ([g] if global_branch else [])
     self.neck = torch.nn.ModuleList(torch.nn.BatchNorm1d(w) for w in widths)
     self.classifier = torch.nn.ModuleList(
         torch.nn.Linear(w, num_classes, bias=False) for w in widths)
@@ -82,7 +86,10 @@ class TorchMUSPHead(torch.nn.Module):
     att = (torch.softmax(logits, dim=1) if self.attention == "softmax"
            else torch.sigmoid(logits))
     value = self.value(x).flatten(2)  # b, c, hw
-    parts = torch.bmm(value, att.transpose(1, 2))  # b, c, n
+    if self.pooling == "official":  # the official line, precedence and all
+      parts = torch.bmm(value, att.transpose(1, 2)) / h*w
+    else:
+      parts = torch.bmm(value, att.transpose(1, 2))  # b, c, n
     if self.pooling == "mean":
       parts = parts / (h * w)
     if self.ese == "all":
@@ -93,7 +100,8 @@ class TorchMUSPHead(torch.nn.Module):
     areas = F.normalize(att.sum(dim=2)[:, :-1], p=1, dim=1)
     glob = value.mean(dim=2) if self.global_feature == "value_mean" else (
         x.mean(dim=(2, 3)))
-    feats = [parts[:, :, k] for k in range(self.n - 1)] + [glob]
+    feats = [parts[:, :, k] for k in range(self.n - 1)]
+    feats += [glob] if self.global_branch else []
     bn = [neck(f) for neck, f in zip(self.neck, feats)]
     maps = att if self.diversity == "all" else att[:, :-1]
     return {
@@ -137,23 +145,32 @@ def head_pair(n, variant, seed, **overrides):
   head = flax_head(n, variant, **overrides)
   template = jax.eval_shape(lambda: head.init(
       jax.random.key(0), jnp.zeros((1, H, W, IN_CHANNELS))))
-  variables = weights.import_musp_head(numpy_state_dict(torch_head), template)
-  return torch_head, head, variables
+  # The whole-model importer, on a model that is all head.
+  variables = weights.import_musp(
+      numpy_state_dict(torch_head),
+      {col: {"head": tree} for col, tree in template.items()})
+  return torch_head, head, {col: tree["head"] for col, tree in variables.items()}
 
 
 def compare(out, ref, n, variant_cfg, tol=1e-4):
   c = variant_cfg["value_channels"]
+  branches = len(ref["bn_feats"])
+  has_global = branches == n
+  assert out["feats"].shape[1] == out["logits"].shape[1] == branches
+  assert out["areas"].shape[1] == out["bn_feats"].shape[1] == branches
   g = ref["global"].shape[-1]
   feats = np.asarray(out["feats"])
   assert relative_error(feats[:, :n - 1, :c], ref["parts"]) <= tol
-  assert relative_error(feats[:, n - 1, :g], ref["global"]) <= tol
   # Narrower branches are zero-padded to the widest.
-  assert not np.any(feats[:, :n - 1, c:]) and not np.any(feats[:, n - 1, g:])
+  assert not np.any(feats[:, :n - 1, c:])
+  if has_global:
+    assert relative_error(feats[:, n - 1, :g], ref["global"]) <= tol
+    assert not np.any(feats[:, n - 1, g:])
+    np.testing.assert_allclose(out["areas"][:, n - 1], 1.0 / (n - 1))
   assert relative_error(out["areas"][:, :n - 1], ref["areas"]) <= tol
-  np.testing.assert_allclose(out["areas"][:, n - 1], 1.0 / (n - 1))
   assert relative_error(out["attention"], ref["attention"]) <= tol
   assert relative_error(out["diversity"], ref["diversity"]) <= tol
-  for k in range(n):
+  for k in range(branches):
     width = c if k < n - 1 else g
     assert relative_error(out["bn_feats"][:, k, :width],
                           ref["bn_feats"][k]) <= tol
@@ -189,6 +206,41 @@ def test_head_switches_match_torch(overrides):
           {**official(n), **overrides})
 
 
+@pytest.mark.parametrize("n", [2, 5])
+@pytest.mark.parametrize("overrides", [
+    dict(pooling="official"), dict(global_branch=False),
+    dict(pooling="official", global_branch=False)])
+def test_official_layouts_match_torch(n, overrides):
+  """The official `/ h*w` on a non-square map, and `--has-global` off."""
+  assert H != W  # sum * W/H, not the sum
+  torch_head, head, variables = head_pair(n, official(n), seed=n + 11,
+                                          **overrides)
+  maps = np.abs(np.random.RandomState(n).randn(2, H, W, IN_CHANNELS)).astype(
+      np.float32)
+  with torch.no_grad():
+    ref = to_numpy(torch_head(torch.from_numpy(maps).permute(0, 3, 1, 2)))
+  out = jax.jit(head.apply)(variables, maps)
+  compare(out, ref, n, official(n))
+  branches = n if overrides.get("global_branch", True) else n - 1
+  assert out["logits"].shape == (2, branches, NUM_CLASSES)
+  assert ("global_branch" in variables["params"]) == (branches == n)
+  if branches == n - 1:  # areas: only the kept prototypes', summing to one
+    np.testing.assert_allclose(np.sum(out["areas"], axis=1), 1.0, rtol=1e-6)
+
+
+def test_official_pooling_is_exactly_sum_on_square_maps():
+  n = 4
+  _, head, variables = head_pair(n, official(n), seed=5)
+  maps = np.abs(np.random.RandomState(5).randn(2, 7, 7, IN_CHANNELS)).astype(
+      np.float32)
+  summed = jax.jit(head.apply)(variables, maps)
+  official_head = flax_head(n, official(n), pooling="official")
+  out = jax.jit(official_head.apply)(variables, maps)
+  assert out.keys() == summed.keys()
+  for k in out:
+    np.testing.assert_array_equal(out[k], summed[k], err_msg=k)
+
+
 def test_train_mode_matches_torch_batch_statistics():
   n = 4
   torch_head, head, variables = head_pair(n, official(n), seed=3)
@@ -205,6 +257,34 @@ def test_train_mode_matches_torch_batch_statistics():
   assert relative_error(
       updated["batch_stats"]["part_branches"]["neck"]["bn"]["mean"],
       torch_means) <= 1e-4
+
+
+@pytest.mark.parametrize("global_branch", [True, False])
+def test_bnneck_running_statistics_match_torch_after_steps(global_branch):
+  """BNNeck running mean/var (unbiased batch variance) follow PyTorch's."""
+  n = 4
+  torch_head, head, variables = head_pair(n, official(n), seed=9,
+                                          global_branch=global_branch)
+  torch_head.train()
+  step = jax.jit(lambda v, x: head.apply(v, x, train=True,
+                                         mutable=["batch_stats"]))
+  rng = np.random.RandomState(9)
+  for _ in range(3):
+    maps = np.abs(rng.randn(6, H, W, IN_CHANNELS)).astype(np.float32)
+    _, updated = step(variables, maps)
+    variables = {**variables, **updated}
+    with torch.no_grad():
+      torch_head(torch.from_numpy(maps).permute(0, 3, 1, 2))
+  stats = variables["batch_stats"]
+  necks = [("part_branches", torch_head.neck[:n - 1])]
+  if global_branch:
+    necks.append(("global_branch", torch_head.neck[n - 1:]))
+  for branch, torch_necks in necks:
+    for ours, theirs in (("mean", "running_mean"), ("var", "running_var")):
+      expected = np.stack([getattr(m, theirs).numpy() for m in torch_necks])
+      got = stats[branch]["neck"]["bn"][ours].reshape(expected.shape)
+      assert relative_error(got, expected) <= 1e-6, (branch, ours)
+  assert ("global_branch" in stats) == global_branch
 
 
 def test_bnneck_bias_gets_no_gradient_and_classifier_has_no_bias():
@@ -273,6 +353,7 @@ def _model_config(**fields):
           global_feature="backbone_gap", diversity="kept"), 3, 512),
     (dict(dtype="bfloat16"), 3, 512),
     (dict(head="baseline"), 1, 512),
+    (dict(global_branch=False), 2, 512),
 ])
 def test_reid_model_output_dict(fields, branches, width):
   model = build_model(_model_config(**fields), num_classes=NUM_CLASSES)
@@ -305,7 +386,48 @@ def test_bad_head_config_is_named():
     build_model(_model_config(dtype="float16"), NUM_CLASSES)
 
 
-def test_official_checkpoint_through_cli_matches_torch(tmp_path):
+def _torch_head_only_state_dict(n, **fields):
+  """An official head's state dict with a ResNet-18's key names (no values)."""
+  with torch.device("meta"):
+    keys = torchvision.models.resnet18().state_dict()
+  head = TorchMUSPHead(IN_CHANNELS, NUM_CLASSES, n, **{**official(n), **fields})
+  return {**{k: None for k in keys}, **numpy_state_dict(head)}
+
+
+@pytest.mark.parametrize("global_branch", [True, False])
+def test_official_layout_is_read_from_the_classifier_count(global_branch):
+  n = 4
+  state_dict = _torch_head_only_state_dict(n, global_branch=global_branch)
+  shapes = weights.musp_checkpoint_shapes(state_dict)
+  assert shapes["global_branch"] == global_branch
+  assert shapes["num_prototypes"] == n and shapes["pooling"] == "official"
+
+  # A model of the other layout is refused with the field to set.
+  head = flax_head(n, official(n), global_branch=not global_branch)
+  template = jax.eval_shape(lambda: head.init(
+      jax.random.key(0), jnp.zeros((1, H, W, IN_CHANNELS))))
+  head_state = {k: v for k, v in state_dict.items() if v is not None}
+  with pytest.raises(weights.WeightImportError,
+                     match=f"build the model with model.global_branch="
+                           f"{global_branch}"):
+    weights.import_musp(head_state, {c: {"head": t} for c, t in template.items()})
+
+
+def test_official_layout_with_a_wrong_classifier_count_is_refused():
+  state_dict = _torch_head_only_state_dict(4, global_branch=False)
+  del state_dict["classifier.2.weight"]
+  with pytest.raises(weights.WeightImportError,
+                     match="2 classifiers for 4 prototypes; expected 3 parts"):
+    weights.musp_checkpoint_shapes(state_dict)
+
+
+@pytest.mark.parametrize("global_branch,pooling,size", [
+    (True, "sum", (64, 64)),
+    # --has-global off, and the official pooling on a non-square map (8x6).
+    (False, "official", (64, 48))])
+def test_official_checkpoint_through_cli_matches_torch(tmp_path, capsys,
+                                                       global_branch, pooling,
+                                                       size):
   """A whole official-layout checkpoint (backbone + head) -> ReIDModel."""
   n = 3
   torch.manual_seed(21)
@@ -320,8 +442,9 @@ def test_official_checkpoint_through_cli_matches_torch(tmp_path):
   backbone.eval()
   torch_head = randomise(TorchMUSPHead(
       512, NUM_CLASSES, n, value_conv="depthwise", value_channels=512,
-      pooling="sum", ese="all", attention="softmax",
-      global_feature="value_mean", diversity="all"), 22).eval()
+      pooling=pooling, ese="all", attention="softmax",
+      global_feature="value_mean", diversity="all",
+      global_branch=global_branch), 22).eval()
   state = {k: v for k, v in backbone.state_dict().items()
            if not k.startswith("fc.")}
   state.update(torch_head.state_dict())
@@ -329,13 +452,21 @@ def test_official_checkpoint_through_cli_matches_torch(tmp_path):
               "epoch": 60}, tmp_path / "model.pth.tar")
   import_weights.main(["--musp", str(tmp_path / "model.pth.tar"),
                        "--out", str(tmp_path / "musp")])
+  # The settings the importer prints and records build the model.
+  printed = capsys.readouterr().err
+  assert "--config.model.pooling=official " in printed
+  assert f"--config.model.global_branch={global_branch} " in printed
+  recorded = ocp.StandardCheckpointer().metadata(
+      tmp_path / "musp").custom_metadata["model"]
+  assert recorded["pooling"] == "official"
+  assert recorded["global_branch"] == global_branch
 
-  model = build_model(_model_config(), NUM_CLASSES)
+  model = build_model(_model_config(**recorded), NUM_CLASSES)
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                               jnp.zeros((1, 64, 64, 3))))
+                                               jnp.zeros((1, *size, 3))))
   fresh = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract)
   variables = weights.load_init(fresh, tmp_path / "musp")
-  images = np.random.RandomState(4).randn(2, 64, 64, 3).astype(np.float32)
+  images = np.random.RandomState(4).randn(2, *size, 3).astype(np.float32)
   out = jax.jit(model.apply)(variables, images)
   with torch.no_grad():
     x = torch.from_numpy(images).permute(0, 3, 1, 2)

@@ -17,7 +17,7 @@ def _features(rng, ids, cams, p=2, c=6):
 
 
 def _reference_row(q, g, remove_junk):
-  distmat = np.asarray(retrieval.cam_distance(q.feats, q.areas, g.feats, g.areas))
+  distmat = np.asarray(retrieval.pairwise_distance(q.feats, q.areas, g.feats, g.areas))
   r = metrics.rank_metrics(distmat, q.ids, g.ids, q.cams, g.cams,
                            remove_junk=remove_junk)
   return {"mAP": r["mAP"], "CMC@1": r["cmc"][0], "CMC@5": r["cmc"][4],
@@ -63,17 +63,16 @@ def test_vehicle_id_rows_average_the_splits():
   config = common.get_config().eval
   config.vehicleid_trials = 3
   config.vehicleid_seed = 4
-  rows = protocols.evaluate_dataset("vehicle_id", {"test": test}, config,
-                                    builder_config="small")
-  assert set(rows) == {"vehicleid_small/random3", "vehicleid_small/first"}
+  rows = protocols.vehicle_id({"test": test}, name="vehicle_id_small", eval_config=config)
+  assert set(rows) == {"vehicle_id_small/random3", "vehicle_id_small/first"}
   trial_rows = []
   for trial in range(3):
     q, g = protocols.vehicleid_random_split(ids, seed=4, trial=trial)
     trial_rows.append(_reference_row(test.take(q), test.take(g), False))
   mean = {k: np.mean([r[k] for r in trial_rows]) for k in trial_rows[0]}
-  _assert_row(rows["vehicleid_small/random3"], mean)
+  _assert_row(rows["vehicle_id_small/random3"], mean)
   q, g = protocols.vehicleid_first_split(ids)
-  _assert_row(rows["vehicleid_small/first"],
+  _assert_row(rows["vehicle_id_small/first"],
               _reference_row(test.take(q), test.take(g), False))
 
 
@@ -85,24 +84,23 @@ def test_veri_wild_reports_both_rows_and_veri776_removes_junk():
   splits = {name: {"feats": f.feats, "areas": f.areas, "vehicle_id": f.ids,
                    "camera_id": f.cams}
             for name, f in (("query", query), ("gallery", gallery))}
-  rows = protocols.evaluate_dataset("veri_wild", splits, builder_config="small")
+  rows = protocols.veri_wild(splits, name="veri_wild_small")
   assert set(rows) == {"veri_wild_small/junk_removed", "veri_wild_small/all"}
   _assert_row(rows["veri_wild_small/junk_removed"],
               _reference_row(query, gallery, True))
   _assert_row(rows["veri_wild_small/all"], _reference_row(query, gallery, False))
   assert (rows["veri_wild_small/all"]["num_queries"] >=
           rows["veri_wild_small/junk_removed"]["num_queries"])
-  rows = protocols.evaluate_dataset("veri776", splits)
+  rows = protocols.query_gallery(splits, name="veri776")
   _assert_row(rows["veri776"], _reference_row(query, gallery, True))
 
 
 def test_errors_name_the_problem():
-  with pytest.raises(ValueError, match="missing \\['gallery'\\]"):
-    protocols.evaluate_dataset("veri776", {"query": {}})
-  with pytest.raises(ValueError, match="unknown dataset"):
-    protocols.evaluate_dataset("market", {"query": {}, "gallery": {}})
+  with pytest.raises(ValueError, match="veri776 needs splits \\['query', 'gallery'\\], "
+                     "missing \\['gallery'\\]"):
+    protocols.query_gallery({"query": {}}, name="veri776")
   with pytest.raises(ValueError, match="remove_junk is fixed"):
-    protocols.evaluate_dataset("veri776", {}, remove_junk=False)
+    protocols.veri_wild({"query": {}, "gallery": {}}, name="w", remove_junk=False)
   with pytest.raises(ValueError, match="lacks \\['areas'"):
     protocols.as_features({"feats": np.zeros((1, 1, 1)), "vehicle_id": [1],
                            "camera_id": [1]}, "query")

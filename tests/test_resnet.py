@@ -1,7 +1,9 @@
-"""ResNet backbone: layout, shapes, dtypes (numerical parity: test_weights.py)."""
+"""ResNet backbone: layout, shapes, dtypes, BatchNorm statistics against
+PyTorch (forward parity: test_weights.py)."""
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 import numpy as np
 import pytest
 import torch
@@ -138,3 +140,105 @@ def test_train_mode_updates_batch_statistics_with_torch_momentum(
 def test_rejects_unknown_depth():
   with pytest.raises(ValueError, match="depth 42"):
     _abstract_init(resnet.ResNet(42))
+
+
+def _relative_error(actual, expected) -> float:
+  actual, expected = np.asarray(actual, np.float32), np.asarray(expected)
+  return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
+
+
+def _bn_steps(shape, dtype, steps=4, *, shard=None, seed=0):
+  """Train-mode steps of our BatchNorm and torch's on the same inputs.
+
+  Returns (our variables, our last output, torch module, torch's last output
+  as NHWC/NC).
+  """
+  channels = shape[-1]
+  bn = resnet.batch_norm(True, dtype, "bn")
+  variables = bn.init(jax.random.key(0), jnp.zeros(shape, dtype))
+  torch_bn = (torch.nn.BatchNorm1d if len(shape) == 2 else
+              torch.nn.BatchNorm2d)(channels, momentum=0.1)
+  step = jax.jit(lambda v, x: bn.apply(v, x, mutable=["batch_stats"]))
+  rng = np.random.RandomState(seed)
+  for i in range(steps):
+    # Shifted and scaled per step so the running statistics keep moving.
+    x = (rng.randn(*shape) * (1 + 0.5 * i) + i - 1).astype(np.float32)
+    x = np.array(jnp.asarray(x, dtype), np.float32)  # both see the same values
+    x_in = jnp.asarray(x, dtype)
+    if shard is not None:
+      x_in = jax.device_put(x_in, shard)
+      assert len(x_in.sharding.device_set) == 8
+    y, updated = step(variables, x_in)
+    variables = {**variables, **updated}
+    t = torch.from_numpy(x)
+    t = t.permute(0, 3, 1, 2) if len(shape) == 4 else t
+    with torch.no_grad():
+      ty = torch_bn(t)
+  ty = ty.permute(0, 2, 3, 1) if len(shape) == 4 else ty
+  return variables, y, torch_bn, ty.numpy()
+
+
+@pytest.mark.parametrize("shape,dtype", [
+    ((6, 5), jnp.float32),  # BatchNorm1d (BNNeck): n = batch = 6
+    ((4, 5, 3, 7), jnp.float32),  # BatchNorm2d: n = 4 * 5 * 3 = 60
+    ((4, 5, 3, 7), jnp.bfloat16),  # bf16 compute, float32 statistics
+])
+def test_batch_norm_running_statistics_match_torch(shape, dtype):
+  """Running variance moves towards the unbiased batch variance (n / (n-1)),
+  the normalisation uses the biased one, as torch.nn.BatchNorm{1,2}d."""
+  variables, y, torch_bn, ty = _bn_steps(shape, dtype)
+  stats = variables["batch_stats"]
+  assert _relative_error(stats["mean"], torch_bn.running_mean) <= 1e-6
+  assert _relative_error(stats["var"], torch_bn.running_var) <= 1e-6
+  assert {x.dtype for x in jax.tree.leaves(variables)} == {
+      jnp.dtype(jnp.float32)}
+  assert y.dtype == dtype
+  # The output is normalised with the biased variance (bf16 output: 8 bits).
+  assert _relative_error(y, ty) <= (1e-5 if dtype == jnp.float32 else 1e-2)
+
+
+def test_batch_norm_counts_the_global_batch_when_sharded():
+  """8 devices x 2 rows: the correction is 16/15 (global), not 2/1."""
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+  shard = NamedSharding(mesh, PartitionSpec("data"))
+  variables, _, torch_bn, _ = _bn_steps((16, 5), jnp.float32, shard=shard)
+  stats = variables["batch_stats"]
+  assert _relative_error(stats["mean"], torch_bn.running_mean) <= 1e-6
+  assert _relative_error(stats["var"], torch_bn.running_var) <= 1e-6
+
+
+def test_batch_norm_needs_two_values_per_channel_in_training():
+  bn = resnet.batch_norm(True, jnp.float32, "neck")
+  variables = bn.init(jax.random.key(0), jnp.zeros((1, 3)))
+  with pytest.raises(ValueError, match="'neck'.*more than one value per "
+                                       r"channel; input shape \(1, 3\)"):
+    bn.apply(variables, jnp.ones((1, 3)), mutable=["batch_stats"])
+  # Evaluation (running statistics) takes a single image.
+  resnet.batch_norm(False, jnp.float32, "neck").apply(variables,
+                                                      jnp.ones((1, 3)))
+
+
+def test_train_mode_statistics_match_torchvision_after_steps():
+  """Every running mean/var of a ResNet-18 after 3 train-mode steps."""
+  torch.manual_seed(1)
+  torch_model = torchvision.models.resnet18(weights=None).train()
+  model = resnet.ResNet(18, last_stride=2)  # torchvision's
+  template = _abstract_init(model, (1, 32, 32, 3))
+  variables = weights.import_resnet(
+      {k: v.numpy().copy() for k, v in torch_model.state_dict().items()},
+      template, ignore=("fc.",))
+  step = jax.jit(lambda v, x: model.apply(v, x, train=True,
+                                          mutable=["batch_stats"]))
+  rng = np.random.RandomState(1)
+  for _ in range(3):
+    # layer4 is 1x1 here: its BatchNorms reduce only n = 4 values.
+    images = rng.randn(4, 32, 32, 3).astype(np.float32)
+    _, updated = step(variables, images)
+    variables = {**variables, **updated}
+    with torch.no_grad():
+      torch_model(torch.from_numpy(images).permute(0, 3, 1, 2))
+  expected = weights.import_resnet(
+      {k: v.numpy() for k, v in torch_model.state_dict().items()},
+      template, ignore=("fc.",))["batch_stats"]
+  errors = jax.tree.map(_relative_error, variables["batch_stats"], expected)
+  assert max(jax.tree.leaves(errors)) <= 1e-5, errors

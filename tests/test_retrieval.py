@@ -34,7 +34,8 @@ def _direct_cam(qf, qa, gf, ga, squared):
 def test_cam_distance_equals_direct_formula(squared, normalize):
   rng = np.random.default_rng(0)
   q, g = _features(rng, 9, 5, 16, normalize=normalize), _features(rng, 13, 5, 16)
-  got = retrieval.cam_distance(q.feats, q.areas, g.feats, g.areas, squared=squared)
+  got = retrieval.pairwise_distance(q.feats, q.areas, g.feats, g.areas,
+                                     distance="cam_squared" if squared else "cam")
   want = _direct_cam(q.feats, q.areas, g.feats, g.areas, squared)
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
 
@@ -55,7 +56,8 @@ def _problem(seed, num_q=45, num_g=70, levels=6):
   rng = np.random.default_rng(seed)
   # Few distinct values, so many ties (also between true matches and junk).
   distmat = rng.integers(0, levels, size=(num_q, num_g)).astype(np.float32)
-  labels = (rng.integers(0, 9, num_q), rng.integers(0, 9, num_g),
+  # Query ids 9 and 10 are not in the gallery: those queries are skipped.
+  labels = (rng.integers(0, 11, num_q), rng.integers(0, 9, num_g),
             rng.integers(0, 3, num_q), rng.integers(0, 3, num_g))
   return distmat, labels
 
@@ -65,6 +67,13 @@ def _assert_same(got, want):
   assert got["mAP"] == pytest.approx(want["mAP"], rel=1e-6)
   np.testing.assert_allclose(got["cmc"], want["cmc"], rtol=1e-12)
   assert got["mINP"] == pytest.approx(want["mINP"], rel=1e-6)
+  assert ("per_query" in got) == ("per_query" in want)
+  if "per_query" in want:
+    got, want = got["per_query"], want["per_query"]
+    # NaN (no true match) must be at the same queries: assert_allclose checks.
+    np.testing.assert_allclose(got["AP"], want["AP"], rtol=1e-6)
+    np.testing.assert_allclose(got["INP"], want["INP"], rtol=1e-6)
+    np.testing.assert_array_equal(got["first_hit"], want["first_hit"])
 
 
 @pytest.mark.parametrize("query_block", [1, 8, 13, 64])
@@ -74,9 +83,11 @@ def test_device_ranking_equals_reference(query_block, remove_junk):
   for seed in range(2):
     distmat, labels = _problem(seed)
     want = metrics.rank_metrics(distmat, *labels, max_rank=20,
-                                remove_junk=remove_junk)
+                                remove_junk=remove_junk, per_query=True)
+    assert np.sum(want["per_query"]["first_hit"] < 0) > 0  # some are skipped
     got = retrieval.rank_distmat(distmat, *labels, max_rank=20,
-                                 remove_junk=remove_junk, query_block=query_block)
+                                 remove_junk=remove_junk, query_block=query_block,
+                                 per_query=True)
     _assert_same(got, want)
 
 
@@ -102,10 +113,11 @@ def test_evaluate_features_equals_reference(distance):
   direct = np.asarray(retrieval.pairwise_distance(q.feats, q.areas, g.feats,
                                                   g.areas, distance=distance))
   np.testing.assert_allclose(distmat, direct, atol=1e-6)
-  want = metrics.rank_metrics(distmat, q.ids, g.ids, q.cams, g.cams, max_rank=10)
+  want = metrics.rank_metrics(distmat, q.ids, g.ids, q.cams, g.cams, max_rank=10,
+                              per_query=True)
   for block in (7, 30):  # ragged and single-block
     got = retrieval.evaluate(q, g, distance=distance, max_rank=10,
-                             query_block=block)
+                             query_block=block, per_query=True)
     _assert_same(got, want)
 
 
@@ -125,19 +137,6 @@ def test_evaluate_from_saved_features(tmp_path):
   np.savez(tmp_path / "bad.npz", feats=q.feats)
   with pytest.raises(ValueError, match="missing keys"):
     retrieval.load_features(tmp_path / "bad.npz")
-
-
-def test_flip_average():
-  rng = np.random.default_rng(4)
-  a, b = rng.normal(size=(2, 4, 3, 5)).astype(np.float32)
-  b[:, 2] = a[:, 2] = 0.0  # a zero-padded branch stays zero
-  areas_a, areas_b = rng.uniform(size=(2, 4, 3)).astype(np.float32)
-  feats, areas = retrieval.flip_average(a, b, areas_a, areas_b)
-  mean = (a[:, :2] + b[:, :2]) / 2
-  norm = np.linalg.norm(mean, axis=-1, keepdims=True)
-  np.testing.assert_allclose(feats[:, :2], mean / norm, rtol=1e-6)
-  np.testing.assert_array_equal(feats[:, 2], 0.0)
-  np.testing.assert_allclose(areas, (areas_a + areas_b) / 2)
 
 
 def _rerank_by_definition(q_g, q_q, g_g, k1, k2, lam):
@@ -186,3 +185,108 @@ def test_rerank_matches_definition():
                               return_distmat=True, max_rank=5)
   _assert_same(result, metrics.rank_metrics(result["distmat"], q.ids, g.ids,
                                             q.cams, g.cams, max_rank=5))
+
+
+def _squared_reference(q, g, distance):
+  """The re-ranking input each distance should give, in float64 numpy."""
+  if distance in ("cam", "cam_squared"):
+    return _direct_cam(q.feats, q.areas, g.feats, g.areas, squared=True)
+  xq = q.feats.reshape(len(q), -1).astype(np.float64)
+  xg = g.feats.reshape(len(g), -1).astype(np.float64)
+  if distance == "cosine":
+    xq /= np.linalg.norm(xq, axis=1, keepdims=True)
+    xg /= np.linalg.norm(xg, axis=1, keepdims=True)
+    return 1.0 - xq @ xg.T
+  return np.sum((xq[:, None] - xg[None]) ** 2, axis=-1)
+
+
+@pytest.mark.parametrize("distance", retrieval.DISTANCES)
+def test_rerank_takes_squared_distances(distance):
+  """Re-ranking is computed from the squared-Euclidean member of each distance."""
+  rng = np.random.default_rng(6)
+  q, g = _features(rng, 6, num_ids=3), _features(rng, 14, num_ids=3)
+  ref = [_squared_reference(a, b, distance).astype(np.float32)
+         for a, b in ((q, g), (q, q), (g, g))]
+  want = rerank.k_reciprocal_rerank(*ref, k1=4, k2=3, lambda_value=0.3)
+  result = retrieval.evaluate(q, g, distance=distance, rerank=True, rerank_k1=4,
+                              rerank_k2=3, return_distmat=True, max_rank=5)
+  assert result["rerank_input"] == retrieval.RERANK_INPUT[distance]
+  np.testing.assert_allclose(result["distmat"], want, atol=1e-5)
+  if distance == "euclidean":  # not the plain distance: that re-ranks differently
+    plain = rerank.k_reciprocal_rerank(*(np.sqrt(r) for r in ref), k1=4, k2=3,
+                                       lambda_value=0.3)
+    assert np.max(np.abs(plain - want)) > 1e-2
+
+
+def test_plain_features_format(tmp_path):
+  """feats (N, D) + pids + camids: one branch, equal weights."""
+  rng = np.random.default_rng(7)
+  qx, gx = rng.normal(size=(9, 12)), rng.normal(size=(20, 12))
+  q_ids, g_ids = rng.integers(0, 4, 9), rng.integers(0, 4, 20)
+  q_cams, g_cams = rng.integers(0, 2, 9), rng.integers(0, 2, 20)
+  np.savez(tmp_path / "q.npz", feats=qx.astype(np.float32), pids=q_ids, camids=q_cams)
+  np.savez(tmp_path / "g.npz", feats=gx, pids=g_ids, camids=g_cams)  # float64 is fine
+  q = retrieval.load_features(tmp_path / "q.npz")
+  assert q.feats.shape == (9, 1, 12) and q.feats.dtype == np.float32
+  np.testing.assert_array_equal(q.areas, np.ones((9, 1)))
+  np.testing.assert_array_equal(q.ids, q_ids)
+  assert q.file_names is None and q.model_signature == ""
+  euclid = np.linalg.norm(qx[:, None] - gx[None], axis=-1)
+  want = metrics.rank_metrics(euclid, q_ids, g_ids, q_cams, g_cams, max_rank=5)
+  for distance in ("euclidean", "cam_squared"):  # P = 1: the same ranking
+    _assert_same(retrieval.evaluate(tmp_path / "q.npz", tmp_path / "g.npz",
+                                    distance=distance, max_rank=5), want)
+  # (N, P, C) with areas reads as the saved-features format does.
+  f = _features(rng, 5)
+  np.savez(tmp_path / "p.npz", feats=f.feats, areas=f.areas, pids=f.ids, camids=f.cams)
+  p = retrieval.load_features(tmp_path / "p.npz")
+  np.testing.assert_array_equal(p.feats, f.feats)
+  np.testing.assert_array_equal(p.areas, f.areas)
+
+
+def _write(path, **arrays):
+  np.savez(path, **arrays)
+  return path
+
+
+@pytest.mark.parametrize("arrays, message", [
+    (dict(feats=np.zeros((3, 4), np.int32), pids=[1, 2, 3], camids=[0, 0, 0]),
+     r"key 'feats' has dtype int32; expected float"),
+    (dict(feats=np.zeros((3, 4)), pids=[1.0, 2.0, 3.0], camids=[0, 0, 0]),
+     r"key 'pids' has dtype float64; expected integer ids"),
+    (dict(feats=np.zeros((3, 4)), pids=[1, 2], camids=[0, 0, 0]),
+     r"key 'pids' has shape \(2,\); expected \(3,\)"),
+    (dict(feats=np.zeros((3, 4)), pids=[1, 2, 3], camids=np.zeros((3, 1), int)),
+     r"key 'camids' has shape \(3, 1\); expected \(3,\)"),
+    (dict(feats=np.zeros((3, 2, 4, 1)), pids=[1, 2, 3], camids=[0, 0, 0]),
+     r"key 'feats' has shape \(3, 2, 4, 1\); expected \(N, D\) or \(N, P, C\)"),
+    (dict(feats=np.array([[0.0, np.nan]]), pids=[1], camids=[0]),
+     r"key 'feats' has NaN or infinite values \(row 0\)"),
+    (dict(feats=np.zeros((2, 3, 4)), areas=np.ones((2, 2)), pids=[1, 2], camids=[0, 0]),
+     r"key 'areas' has shape \(2, 2\); expected \(2, 3\)"),
+    (dict(feats=np.zeros((2, 2, 4)), areas=[[1.0, 1.0], [0.0, 0.0]], pids=[1, 2],
+          camids=[0, 0]), r"key 'areas' row 1 is \[0. 0.\]"),
+    (dict(feats=np.zeros((2, 4)), ids=[1, 2]),
+     r"missing keys \['pids', 'camids'\] \(found \['feats', 'ids'\]\)"),
+    (dict(feats=np.zeros((2, 1, 4)), areas=np.ones((2, 1)), vehicle_id=[1, 2]),
+     r"missing keys \['camera_id'\]"),
+    (dict(feats=np.zeros((2, 4)), pids=np.array([1, "a"], dtype=object), camids=[0, 0]),
+     r"key 'pids' holds Python objects"),
+])
+def test_bad_features_files_name_file_and_key(tmp_path, arrays, message):
+  path = _write(tmp_path / "bad.npz", **arrays)
+  with pytest.raises(ValueError, match=f"^{str(path)}: {message}"):
+    retrieval.load_features(path)
+
+
+def test_unreadable_features_files(tmp_path):
+  text = tmp_path / "feats.txt"
+  text.write_text("not numpy\n")
+  with pytest.raises(ValueError, match="not a readable .npz archive") as e:
+    retrieval.load_features(text)
+  assert "pickle" not in str(e.value) and str(text) in str(e.value)
+  np.save(tmp_path / "one.npy", np.zeros((2, 3)))
+  with pytest.raises(ValueError, match="single .npy array"):
+    retrieval.load_features(tmp_path / "one.npy")
+  with pytest.raises(FileNotFoundError, match="absent.npz"):
+    retrieval.load_features(tmp_path / "absent.npz")

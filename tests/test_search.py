@@ -8,7 +8,7 @@ import pytest
 
 import tools_fixtures
 from musp_jax import embed
-from musp_jax import inference
+from musp_jax import features
 from musp_jax import retrieval
 from musp_jax import search
 
@@ -93,9 +93,9 @@ def test_features_of_another_model_are_refused(gallery, tmp_path, capsys):
   other = tmp_path / "other.npz"
   _save_with_signature(other, g, weights="0123456789abcdef", num_prototypes=5)
   # Image queries embedded with this workdir's model against a gallery of another.
-  with pytest.raises(inference.SignatureMismatchError,
+  with pytest.raises(features.SignatureMismatchError,
                      match=r"(?s)another model.*num_prototypes.*weights"):
-    search.query_features([str(paths[0])], retrieval.load_features(other),
+    search.query_features([str(paths[0])], retrieval.load_features(other).model_signature,
                           gallery_path=str(other), gallery_source="",
                           workdir=str(tools_fixtures.shared_workdir()), progress=False)
   # A features file as query against it: same check, through the CLI.
@@ -116,4 +116,47 @@ def test_gallery_without_model_source_needs_a_model(gallery, tmp_path):
   g, source = search.load_gallery(str(bare))
   assert source == ""
   with pytest.raises(ValueError, match="pass --workdir or --checkpoint"):
-    search.query_features([str(paths[0])], g, gallery_path=str(bare), gallery_source="")
+    search.query_features([str(paths[0])], g.model_signature, gallery_path=str(bare),
+                          gallery_source="")
+
+
+def _error(capsys) -> str:
+  err = capsys.readouterr().err
+  lines = [line for line in err.splitlines() if line.startswith("error: ")]
+  assert len(lines) == 1 and "Traceback" not in err, err
+  return lines[0]
+
+
+def test_foreign_or_orphaned_galleries_are_one_line_errors(gallery, tmp_path, capsys):
+  _, paths, gallery_npz = gallery
+  for name, data in (("pickled.npz", b"\x80\x04K\x01."), ("text.npz", b"not numpy")):
+    (tmp_path / name).write_bytes(data)
+    assert search.main(["--gallery", str(tmp_path / name), "--query", str(paths[0])]) == 2
+    assert _error(capsys) == (f"error: {tmp_path / name}: not a readable .npz archive of "
+                              "arrays (written by numpy.savez)")
+  np.save(tmp_path / "array.npy", np.zeros(3))
+  assert search.main(["--gallery", str(tmp_path / "array.npy"), "--query",
+                      str(paths[0])]) == 2
+  assert _error(capsys) == (f"error: {tmp_path / 'array.npy'}: holds a single .npy array; "
+                            "expected an .npz archive (numpy.savez) with named arrays")
+  # The model behind a gallery was moved: the gallery and the old place are named.
+  workdir = tmp_path / "model"
+  shutil.copytree(tools_fixtures.shared_workdir(), workdir)
+  moved_npz = tmp_path / "moved.npz"
+  assert embed.main(["--workdir", str(workdir), "--images", str(paths[0]),
+                     "--out", str(moved_npz)]) == 0
+  source = str(np.load(moved_npz)["model_source"])
+  shutil.move(workdir, tmp_path / "elsewhere")
+  capsys.readouterr()
+  assert search.main(["--gallery", str(moved_npz), "--query", str(paths[0])]) == 2
+  assert _error(capsys) == (
+      f"error: {moved_npz} was made by the model in {source}, which is not there any "
+      "more (moved or deleted); pass --workdir or --checkpoint with its new place (the "
+      "model is checked against the gallery's signature).")
+  assert search.main(["--gallery", str(moved_npz), "--query", str(paths[0]),
+                      "--workdir", str(tmp_path / "elsewhere")]) == 0
+  # --verbose: the traceback too.
+  assert search.main(["--gallery", str(tmp_path / "text.npz"), "--query", str(paths[0]),
+                      "--verbose"]) == 2
+  err = capsys.readouterr().err
+  assert "Traceback (most recent call last)" in err and "error: " in err

@@ -31,30 +31,31 @@ def write_vehicle_id(root):
   return pixels
 
 
-@pytest.mark.parametrize("config,list_name", [("small", "test_list_800.txt"),
-                                              ("medium", "test_list_1600.txt")])
-def test_builds_vehicle_id_layout(tmp_path, config, list_name):
+def test_builds_every_test_list_in_one_build(tmp_path):
   pixels = write_vehicle_id(tmp_path / "VehicleID")
   data_dir = str(tmp_path / "tfds")
-  report = datasets.build("vehicle_id", data_dir=data_dir, builder_config=config,
+  report = datasets.build("vehicle_id", data_dir=data_dir, builder_config="",
                           manual_dir=str(tmp_path / "VehicleID"))
-  assert report.num_examples == {"train": 4, "test": len(TESTS[list_name])}
-  train = datasets.load_split("vehicle_id", "train", data_dir=data_dir, builder_config=config)
-  test = datasets.load_split("vehicle_id", "test", data_dir=data_dir, builder_config=config)
-  # List order kept (the protocol's "first listed image" variant depends on it).
-  assert [(r["file_name"], r["vehicle_id"]) for r in test] == [
-      (f"image/{i}.jpg", v) for i, v in TESTS[list_name]]
+  assert report.num_examples == {"train": 4, "test_800": 3, "test_1600": 4, "test_2400": 2}
+  kw = dict(data_dir=data_dir, builder_config="")
+  train = datasets.load_split("vehicle_id", "train", **kw)
   # Sorted ids 7, 12, 30 -> labels 0, 1, 2.
   assert [r["label"] for r in train] == [2, 0, 2, 1]
-  assert all(r["label"] == -1 and r["camera_id"] == -1 for r in test)
-  for r in list(train) + list(test):
-    imgid = r["file_name"][len("image/"):-len(".jpg")]
-    decoded = np.asarray(Image.open(io.BytesIO(r["image"])), np.int16)
-    assert np.abs(decoded - pixels[imgid]).max() <= 3
-  index = datasets.split_index("vehicle_id", "test", data_dir=data_dir, builder_config=config)
-  np.testing.assert_array_equal(index["vehicle_id"], [v for _, v in TESTS[list_name]])
-  np.testing.assert_array_equal(index["camera_id"], -1)
-  assert datasets.num_classes("vehicle_id", data_dir=data_dir, builder_config=config) == 3
+  assert datasets.num_classes("vehicle_id", **kw) == 3
+  for list_name, size in (("test_list_800.txt", 800), ("test_list_1600.txt", 1600),
+                          ("test_list_2400.txt", 2400)):
+    test = datasets.load_split("vehicle_id", f"test_{size}", **kw)
+    # List order kept (the protocol's "first listed image" variant depends on it).
+    assert [(r["file_name"], r["vehicle_id"]) for r in test] == [
+        (f"image/{i}.jpg", v) for i, v in TESTS[list_name]]
+    assert all(r["label"] == -1 and r["camera_id"] == -1 for r in test)
+    index = datasets.split_index("vehicle_id", f"test_{size}", **kw)
+    np.testing.assert_array_equal(index["vehicle_id"], [v for _, v in TESTS[list_name]])
+    np.testing.assert_array_equal(index["camera_id"], -1)
+    for r in list(train) + list(test):
+      imgid = r["file_name"][len("image/"):-len(".jpg")]
+      decoded = np.asarray(Image.open(io.BytesIO(r["image"])), np.int16)
+      assert np.abs(decoded - pixels[imgid]).max() <= 3
 
 
 def test_malformed_line_is_named(tmp_path):
@@ -63,16 +64,26 @@ def test_malformed_line_is_named(tmp_path):
     f.write("0007\n")
   with pytest.raises(reid_base.ManualDataError,
                      match=r"train_list.txt:5: expected \"<imgid> <vehicle_id>\""):
-    datasets.build("vehicle_id", data_dir=str(tmp_path / "tfds"), builder_config="small",
+    datasets.build("vehicle_id", data_dir=str(tmp_path / "tfds"), builder_config="",
                    manual_dir=str(tmp_path / "VehicleID"))
 
 
-def test_missing_test_list_is_named(tmp_path):
-  write_vehicle_id(tmp_path / "VehicleID")
-  os.remove(tmp_path / "VehicleID" / "train_test_split" / "test_list_2400.txt")
+def test_test_lists_present_are_built_and_none_is_an_error(tmp_path):
+  root = tmp_path / "VehicleID"
+  write_vehicle_id(root)
+  os.remove(root / "train_test_split" / "test_list_2400.txt")
+  data_dir = str(tmp_path / "tfds")
+  report = datasets.build("vehicle_id", data_dir=data_dir, builder_config="",
+                          manual_dir=str(root))
+  assert sorted(report.num_examples) == ["test_1600", "test_800", "train"]
+  with pytest.raises(ValueError, match=r"has splits \['test_1600', 'test_800', 'train'\], "
+                     "not 'test_2400'"):
+    datasets.load_split("vehicle_id", "test_2400", data_dir=data_dir, builder_config="")
+  for n in (800, 1600):
+    os.remove(root / "train_test_split" / f"test_list_{n}.txt")
   with pytest.raises(reid_base.ManualDataError) as e:
-    datasets.build("vehicle_id", data_dir=str(tmp_path / "tfds"), builder_config="large",
-                   manual_dir=str(tmp_path / "VehicleID"))
-  assert f"Missing {tmp_path / 'VehicleID' / 'train_test_split' / 'test_list_2400.txt'}" in str(
-      e.value)
+    datasets.build("vehicle_id", data_dir=str(tmp_path / "tfds2"), builder_config="",
+                   manual_dir=str(root))
+  assert f"No test list in {root / 'train_test_split'}" in str(e.value)
+  assert "test_list_800.txt, test_list_1600.txt, test_list_2400.txt" in str(e.value)
   assert "Manual download instructions" in str(e.value)

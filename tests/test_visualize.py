@@ -10,6 +10,7 @@ from matplotlib import colormaps
 from PIL import Image
 
 import tools_fixtures
+from musp_jax import augment
 from musp_jax import retrieval
 from musp_jax import visualize
 
@@ -61,7 +62,8 @@ def test_per_query_ap_and_choice_of_queries():
       [0.1, 0.2, 0.3, 0.4, 0.0],  # id 3: match 3 is last, rank 5 -> AP 1/5
       [0.0, 0.1, 0.2, 0.3, 0.4],  # id 9: no match -> NaN
   ])
-  aps = visualize.per_query_ap(dist, query, gallery)
+  aps = retrieval.rank_distmat(dist, query.ids, gallery.ids, query.cams, gallery.cams,
+                               per_query=True)["per_query"]["AP"]  # what ranks_picture uses
   np.testing.assert_allclose(aps[:3], [0.5, 1.0, 0.2])
   assert np.isnan(aps[3])
   assert list(visualize.choose_queries(aps, "worst", 2)) == [2, 0]
@@ -123,29 +125,23 @@ def test_attention_beside_the_ground_truth_part_map():
   assert legend == list(render.PART_CLASSES)
 
 
-def test_attention_written_to_tensorboard(tmp_path, loaded):
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
-
-  class Recorder:
-    def __init__(self):
-      self.calls = []
-
-    def write_images(self, step, images):
-      self.calls.append((step, images))
-
-  images = [np.asarray(Image.open(p).convert("RGB"))
-            for p in tools_fixtures.write_images(tmp_path, 2, seed=8)]
-  rec = Recorder()
-  visualize.write_attention_images(rec, 7, loaded.model, loaded.variables, loaded.config,
-                                   images=images, names=["a", "b"])
-  ((step, written),) = rec.calls
-  grid = written["attention"]
-  assert step == 7 and grid.dtype == np.uint8 and grid.ndim == 4 and grid.shape[-1] == 3
-  writer = metric_writers.create_default_writer(str(tmp_path / "tb"))
-  visualize.write_attention_images(writer, 7, loaded.model, loaded.variables,
-                                   loaded.config, images=images)
-  writer.flush()
-  assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+def test_eval_attention_grid_shows_the_first_query_images(loaded):
+  """Training writes this grid to TensorBoard at each evaluation."""
+  from musp_jax import datasets  # pylint: disable=g-import-not-at-top
+  local = visualize.with_overrides(loaded, data_dir=tools_fixtures.shared_data_dir())
+  images, names = visualize.eval_images(local.config, 2)
+  source = datasets.load_split("synthetic_vehicles", "query",
+                               data_dir=tools_fixtures.shared_data_dir(),
+                               builder_config=local.config.dataset.builder_config)
+  for i, img in enumerate(images):
+    np.testing.assert_array_equal(img, augment.decode(source[i]["image"]))
+    assert names[i] == source[i]["file_name"]
+  two = visualize.eval_attention_grid(local.model, local.variables, local.config,
+                                      num_images=2)
+  three = visualize.eval_attention_grid(local.model, local.variables, local.config,
+                                        num_images=3)
+  assert two.dtype == np.uint8 and two.ndim == 3 and two.shape[-1] == 3
+  assert three.shape[0] > two.shape[0] and three.shape[1] == two.shape[1]  # one row more
 
 
 def test_demo_pictures_and_ranks_command(tmp_path, loaded, capsys):
@@ -175,5 +171,6 @@ def test_bad_inputs_are_clear_errors(tmp_path, loaded, capsys):
                        "--images", str(tmp_path)])
   assert rc == 2 and "no attention maps" in capsys.readouterr().err
   with pytest.raises(ValueError, match="out of range"):
-    visualize.ranks_picture(loaded, str(tmp_path), queries=[10_000],
-                            data_dir=tools_fixtures.shared_data_dir())
+    visualize.ranks_picture(
+        visualize.with_overrides(loaded, data_dir=tools_fixtures.shared_data_dir()),
+        str(tmp_path), queries=[10_000])

@@ -42,7 +42,9 @@ def torchvision_resnet(depth: int, last_stride: int = 2, *, seed: int = 0,
 
 
 def numpy_state_dict(model: torch.nn.Module) -> dict[str, np.ndarray]:
-  return {k: v.numpy() for k, v in model.state_dict().items()}
+  # Copies: .numpy() shares the tensor's memory, jax on the CPU may keep using it
+  # without a copy, and a torch forward in train mode updates BN statistics in place.
+  return {k: v.numpy().copy() for k, v in model.state_dict().items()}
 
 
 def torch_forward(model: torch.nn.Module, images_nhwc: np.ndarray):
@@ -194,9 +196,59 @@ def test_cli_torchvision_roundtrip_then_load_init(tmp_path):
   expected, _ = torch_forward(torch_model, images)
   assert relative_error(out["pooled"], expected) <= 1e-4
 
-  with pytest.raises(SystemExit):  # refuses to overwrite without the flag
-    import_weights.main(["--torchvision", str(tmp_path / "resnet18.pth"),
-                         "--out", str(out_dir)])
+
+
+def _files(folder):
+  return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*"))
+          if p.is_file()}
+
+
+def test_cli_never_loses_what_is_already_there(tmp_path, resnet18_state_dict, capsys):
+  source = tmp_path / "resnet18.pth"
+  torch.save({k: torch.from_numpy(v) for k, v in resnet18_state_dict.items()}, source)
+  out_dir = tmp_path / "init"
+  run = lambda *args: import_weights.main(["--torchvision", *map(str, args)])
+  assert run(source, "--out", out_dir) == 0
+  written = _files(out_dir)
+  capsys.readouterr()
+
+  def error():
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+  assert run(source, "--out", out_dir) == 2
+  assert error() == f"error: {out_dir} exists; pass --overwrite to replace it."
+  # A truncated source, a non-ResNet one: named, and the old weights stay.
+  truncated = tmp_path / "truncated.pth"
+  truncated.write_bytes(source.read_bytes()[:100_000])
+  assert run(truncated, "--out", out_dir, "--overwrite") == 2
+  assert error().startswith(
+      f"error: {truncated} is not a readable PyTorch file (truncated or another "
+      "format?): ")
+  other = tmp_path / "other.pth"
+  torch.save({"encoder.weight": torch.zeros(3, 3)}, other)
+  assert run(other, "--out", out_dir, "--overwrite") == 2
+  assert error() == (
+      f"error: {other} has basic blocks per stage [0, 0, 0, 0]; no torchvision ResNet "
+      "has that layout (expected a ResNet-18/34/50/101/152 state dict)")
+  assert _files(out_dir) == written
+  # A training workdir is not replaced, even with --overwrite.
+  workdir = tmp_path / "workdir"
+  (workdir / "checkpoints" / "4").mkdir(parents=True)
+  (workdir / "config.json").write_text("{}")
+  assert run(source, "--out", workdir, "--overwrite") == 2
+  assert error() == (
+      f"error: {workdir} exists and is not a folder written by import_weights; refusing "
+      "to replace it, even with --overwrite. Choose another output path.")
+  assert sorted(p.name for p in workdir.rglob("*")) == ["4", "checkpoints", "config.json"]
+  # Its own output is replaced whole; no temporary folder is left behind.
+  assert run(source, "--out", out_dir, "--overwrite") == 0
+  assert _files(out_dir) != written  # written anew (Orbax names files at random)
+  assert weights.init_metadata(out_dir)["source"] == str(source)
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      "init", "other.pth", "resnet18.pth", "truncated.pth", "workdir"]
 
 
 def test_load_init_names_mismatched_keys(tmp_path, resnet18_state_dict):

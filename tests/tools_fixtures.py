@@ -20,7 +20,7 @@ from PIL import Image
 from configs import synthetic
 from musp_jax import checkpointing
 from musp_jax import optim
-from musp_jax import train
+from musp_jax import state as state_lib
 from musp_jax.models import build_model
 
 IMAGE_SIZE = (64, 64)
@@ -44,13 +44,14 @@ def make_workdir(path: pathlib.Path, *, head: str = "musp", num_prototypes: int 
   (path / "config.json").write_text(config.to_json_best_effort(indent=2))
   state = random_state(config, num_classes, seed)
   manager = checkpointing.make_manager(path / "checkpoints")
-  checkpointing.save(manager, step, state, next_step=step, model_config=config.model)
+  run = checkpointing.RunInfo(config, num_classes, tuple(range(101, 101 + num_classes)))
+  checkpointing.save(manager, step, state, next_step=step, run=run)
   manager.wait_until_finished()
   manager.close()
   return path
 
 
-def random_state(config, num_classes: int, seed: int) -> train.TrainState:
+def random_state(config, num_classes: int, seed: int) -> state_lib.TrainState:
   """A TrainState of random weights, filled in numpy (compiling model.init is slow).
 
   Kernels ~ N(0, 2 / fan_in), BN scale and variance 1, other arrays 0, so the
@@ -75,7 +76,7 @@ def random_state(config, num_classes: int, seed: int) -> train.TrainState:
   variables = jax.tree_util.tree_map_with_path(fill, abstract)
   opt_state = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype),
                            jax.eval_shape(tx.init, variables["params"]))
-  return train.TrainState(step=np.zeros((), np.int32), params=variables["params"],
+  return state_lib.TrainState(step=np.zeros((), np.int32), params=variables["params"],
                           batch_stats=variables.get("batch_stats", {}),
                           opt_state=opt_state)
 
@@ -109,7 +110,7 @@ def shared_workdir() -> pathlib.Path:
 def shared_model():
   """The shared workdir's model, loaded once so its jitted functions compile once."""
   from musp_jax import inference  # pylint: disable=g-import-not-at-top
-  return inference.load(workdir=shared_workdir())
+  return inference.load(shared_workdir())
 
 
 @functools.cache

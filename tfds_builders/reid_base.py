@@ -4,12 +4,15 @@ Each dataset builder (tfds_builders/<name>/<name>_dataset_builder.py) lists its 
 per split; this base writes them in that order (shuffling off, integer keys), so record
 i of a split is entry i of the split index kept in `info.metadata["index"]`. The index
 lets training read labels and cameras for a whole split without touching the images.
+A build from a manual download also records `manual_fingerprint` (the lists' contents,
+the other files' sizes), so a later build command can tell that the folder changed.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
+import hashlib
 import io
 import os
 from typing import Any, Iterable, Iterator, Mapping
@@ -20,6 +23,10 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 INDEX_KEYS = ("label", "vehicle_id", "camera_id")
+# Files of a manual download whose content the fingerprint hashes (lists, labels);
+# of the others (images) it records paths and sizes.
+_LIST_SUFFIXES = (".txt", ".xml", ".csv", ".json")
+_MAX_HASHED_BYTES = 64 * 2**20
 
 
 class ManualDataError(FileNotFoundError):
@@ -55,10 +62,53 @@ def require(path: os.PathLike | str, what: str, instructions: str) -> str:
 
 
 def read_list(path: str, what: str, instructions: str) -> list[list[str]]:
-  """Reads a whitespace-separated list file, skipping blank lines."""
+  """Reads a whitespace-separated list file, skipping blank lines; empty is an error."""
   require(path, what, instructions)
   with open(path, encoding="utf-8", errors="replace") as f:
-    return [line.split() for line in f if line.strip()]
+    rows = [line.split() for line in f if line.strip()]
+  if not rows:
+    raise ManualDataError(f"{path} is empty: expected {what}.")
+  return rows
+
+
+def manual_fingerprint(manual_dir: str) -> dict[str, Any]:
+  """What a build reads from its manual folder: a hash of each list or label file and
+  the paths and sizes of all other files (images are not read: a stat each)."""
+  lists, digest, count, total = {}, hashlib.sha1(), 0, 0
+  for folder, subfolders, names in os.walk(manual_dir):
+    subfolders.sort()
+    for name in sorted(names):
+      path = os.path.join(folder, name)
+      rel = os.path.relpath(path, manual_dir).replace(os.sep, "/")
+      size = os.path.getsize(path)
+      if name.lower().endswith(_LIST_SUFFIXES) and size <= _MAX_HASHED_BYTES:
+        with open(path, "rb") as f:
+          lists[rel] = hashlib.sha1(f.read()).hexdigest()
+      else:
+        digest.update(f"{rel}\0{size}\n".encode())
+        count, total = count + 1, total + size
+  return {"lists": lists,
+          "files": {"count": count, "bytes": total, "sha1": digest.hexdigest()}}
+
+
+def fingerprint_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+  """How a manual folder changed between two fingerprints, in words ([] if it did not)."""
+  changes = []
+  old_lists, new_lists = dict(old.get("lists", {})), dict(new.get("lists", {}))
+  for rel in sorted(old_lists.keys() | new_lists.keys()):
+    if rel not in new_lists:
+      changes.append(f"{rel} removed")
+    elif rel not in old_lists:
+      changes.append(f"{rel} added")
+    elif old_lists[rel] != new_lists[rel]:
+      changes.append(f"{rel} changed")
+  a, b = old.get("files", {}), new.get("files", {})
+  if a.get("count") != b.get("count"):
+    changes.append(f"{b.get('count')} files besides the lists, {a.get('count')} at the "
+                   "last build")
+  elif a.get("sha1") != b.get("sha1"):
+    changes.append("files renamed or resized")
+  return changes
 
 
 def check_image(data: bytes) -> None:
@@ -121,6 +171,9 @@ class ReIdBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return sorted({r.vehicle_id for r in records.get(self.TRAIN_SPLIT, ())})
 
   def _split_generators(self, dl_manager):
+    if self.MANUAL_DOWNLOAD_INSTRUCTIONS:
+      self.info.metadata["manual_fingerprint"] = manual_fingerprint(
+          os.fspath(dl_manager.manual_dir))
     records = self._split_records(dl_manager)
     train_ids = self._train_vehicle_ids(records)
     label_of = {vid: i for i, vid in enumerate(train_ids)}

@@ -1,6 +1,9 @@
 """Models: ResNet backbone (resnet.py), MUSP/baseline heads (musp.py), weight
 import (weights.py). `build_model` turns the config's `model` section into a
-ReIDModel."""
+ReIDModel; `architecture` is what two model configs must share for one's weights
+to be the other's."""
+
+from typing import Any
 
 import jax.numpy as jnp
 import ml_collections
@@ -10,12 +13,36 @@ from musp_jax.models import resnet
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
+# Fields of config.model that change parameter shapes or what the features mean;
+# dtype, conv_impl, init_from and the loss-side `diversity` do not.
+ARCH_FIELDS = ("depth", "last_stride", "head", "num_prototypes", "value_conv",
+               "value_channels", "ese", "ese_reduction", "attention",
+               "global_feature", "pooling", "global_branch")
+# What a field added after the first release meant before it existed.
+_ARCH_DEFAULTS = {"global_branch": True}
+
 
 def compute_dtype(name: str):
   """Maps config.model.dtype to a jnp dtype."""
   if name not in _DTYPES:
     raise ValueError(f"model.dtype={name!r}; expected one of {sorted(_DTYPES)}")
   return _DTYPES[name]
+
+
+def architecture(model_config: Any) -> dict[str, Any]:
+  """The ARCH_FIELDS of a model config (ConfigDict or dict), value_channels resolved.
+
+  Fields a config lacks take their meaning from before they existed (_ARCH_DEFAULTS),
+  or None.
+  """
+  get = model_config.get
+  arch = {k: get(k, _ARCH_DEFAULTS.get(k)) for k in ARCH_FIELDS}
+  if arch["head"] == "musp" and arch["depth"] in resnet.STAGE_SIZES:
+    arch["value_channels"] = musp.resolve_value_channels(
+        arch["value_channels"] or 0, value_conv=arch["value_conv"],
+        num_prototypes=arch["num_prototypes"],
+        in_channels=resnet.output_channels(arch["depth"]))
+  return arch
 
 
 def build_head(model_config: ml_collections.ConfigDict, num_classes: int):
@@ -36,7 +63,9 @@ def build_head(model_config: ml_collections.ConfigDict, num_classes: int):
       attention=c.attention,
       global_feature=c.global_feature,
       diversity=c.diversity,
-      dtype=compute_dtype(c.dtype))
+      global_branch=c.global_branch,
+      dtype=compute_dtype(c.dtype),
+      conv_impl=c.get("conv_impl", "auto"))
   head.check_settings()  # fail at build time, not after a backbone init
   return head
 

@@ -2,15 +2,17 @@
 
 MUSP (SPEC section 1): n soft attention maps ("prototypes", the last one is
 background) pool a value map into n part features; the background part is
-dropped, a global feature is added, and every branch gets a BNNeck and a
-bias-free classifier. Both variants of SPEC's table are switches on MUSPHead;
-the defaults are the official code's.
+dropped, a global feature is added (unless global_branch=False), and every
+branch gets a BNNeck and a bias-free classifier. Both variants of SPEC's table
+are switches on MUSPHead; the defaults are the official code's.
 
-Output of both heads and of ReIDModel (P branches, global LAST):
+Output of both heads and of ReIDModel (P branches: the n-1 parts, then the
+global one LAST when there is one; the baseline has only the global one):
     feats      (B, P, C)  pre-BN features, zero-padded to the widest branch
     bn_feats   (B, P, C)  post-BNNeck features, same padding
     logits     (B, P, num_classes) float32
     areas      (B, P)     kept prototypes' L1-normalised areas, then 1/(n-1)
+                          for the global branch if there is one
     attention  (B, h, w, n)  (MUSP only)
     diversity  ()         spatial-diversity term (0 for the baseline)
 """
@@ -21,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from musp_jax.models import fast_conv
 from musp_jax.models import resnet
 
 # Linear layers (classifiers, ESE) start from N(0, 0.01) as in the official code.
@@ -28,12 +31,21 @@ linear_init = nn.initializers.normal(stddev=0.01)
 
 _CHOICES = {
     "value_conv": ("depthwise", "full"),
-    "pooling": ("sum", "mean"),
+    "pooling": ("sum", "official", "mean"),
     "ese": ("all", "kept", "none"),
     "attention": ("softmax", "sigmoid"),
     "global_feature": ("value_mean", "backbone_gap"),
     "diversity": ("all", "kept"),
 }
+
+
+def resolve_value_channels(value_channels: int, *, value_conv: str,
+                           num_prototypes: int, in_channels: int) -> int:
+  """c of the value map; 0 picks each layout's own: the backbone's width for the
+  official depthwise conv, width // (n - 1) for the paper text's full conv."""
+  if value_channels:
+    return value_channels
+  return in_channels if value_conv == "depthwise" else in_channels // (num_prototypes - 1)
 
 
 def diversity_term(attention_BxHxWxN: jax.Array, *,
@@ -58,10 +70,8 @@ class BNNeck(nn.Module):
 
   @nn.compact
   def __call__(self, feats_BxC: jax.Array) -> jax.Array:
-    y = nn.BatchNorm(
-        use_running_average=not self.train, momentum=0.9, epsilon=1e-5,
-        use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
-        use_fast_variance=False, name="bn")(feats_BxC)
+    y = resnet.batch_norm(self.train, jnp.float32, "bn",
+                          use_bias=False)(feats_BxC)
     bias = self.param("frozen_bias", nn.initializers.zeros,
                       (feats_BxC.shape[-1],), jnp.float32)
     return y + jax.lax.stop_gradient(bias)
@@ -121,26 +131,34 @@ class MUSPHead(nn.Module):
   Attributes (official default / paper text):
     num_prototypes: n, including the background prototype (n >= 2).
     value_conv: "depthwise" (groups = c) / "full".
-    value_channels: c (2048 / 2048 // (n - 1)).
-    pooling: "sum" over pixels / "mean".
+    value_channels: c (2048 / 2048 // (n - 1)); 0 = that default of the
+      value_conv layout for the backbone's width (resolve_value_channels).
+    pooling: "sum" over pixels / "mean". "official" is the official line
+      `bmm(...) / h*w`, which Python reads as (sum / h) * w: "sum" on square
+      maps, sum * w/h otherwise (what the authors' checkpoints see there).
     ese: "all" n parts before dropping the background / "kept" n-1 parts /
       "none".
     ese_reduction: hidden width = ESE input width // ese_reduction.
     attention: "softmax" over the n maps / "sigmoid" (ablation).
     global_feature: "value_mean" (pixel mean of V) / "backbone_gap" (GAP of M).
     diversity: "all" n maps in the product / "kept" n-1 maps.
+    global_branch: adds the global branch (the official `--has-global`);
+      without it the outputs hold the n-1 parts only and global_feature is
+      unused.
   """
   num_classes: int
   num_prototypes: int = 5
   value_conv: str = "depthwise"
-  value_channels: int = 2048
+  value_channels: int = 0
   pooling: str = "sum"
   ese: str = "all"
   ese_reduction: int = 16
   attention: str = "softmax"
   global_feature: str = "value_mean"
   diversity: str = "all"
+  global_branch: bool = True
   dtype: Any = jnp.float32
+  conv_impl: str = "xla"  # for the depthwise value conv: xla | gemm | auto (fast_conv)
 
   def check_settings(self) -> None:
     """Raises ValueError naming the first bad setting (config.model.*)."""
@@ -152,25 +170,32 @@ class MUSPHead(nn.Module):
       raise ValueError(f"model.num_prototypes={self.num_prototypes}; need >= 2"
                        " (the last prototype is background)")
 
-  def _check(self, in_channels: int):
+  def _value_channels(self, in_channels: int) -> int:
     self.check_settings()
-    if self.value_conv == "depthwise" and in_channels % self.value_channels:
+    c = resolve_value_channels(self.value_channels, value_conv=self.value_conv,
+                               num_prototypes=self.num_prototypes,
+                               in_channels=in_channels)
+    if self.value_conv == "depthwise" and (c < 1 or in_channels % c):
       raise ValueError(
-          f"model.value_conv='depthwise' uses groups=value_channels="
-          f"{self.value_channels}, which must divide the backbone's "
-          f"{in_channels} channels")
+          f"model.value_conv='depthwise' uses groups=value_channels={c}, which "
+          f"must divide the backbone's {in_channels} channels")
+    if c < 1:
+      raise ValueError(f"model.value_channels resolves to {c}; need >= 1")
+    return c
 
   @nn.compact
   def __call__(self, maps_BxHxWxD: jax.Array, *,
                train: bool = False) -> dict[str, jax.Array]:
     b, h, w, d = maps_BxHxWxD.shape
-    self._check(d)
-    n, c = self.num_prototypes, self.value_channels
+    n, c = self.num_prototypes, self._value_channels(d)
     groups = c if self.value_conv == "depthwise" else 1
     att_logits = resnet.conv(n, 3, 1, self.dtype, "attention_conv",
                              use_bias=True)(maps_BxHxWxD)
-    value_BxHxWxC = resnet.conv(c, 3, 1, self.dtype, "value_conv",
-                                groups=groups, use_bias=True)(maps_BxHxWxD)
+    # The attention conv (D -> n) stays XLA's on every backend: its kernel gradient as
+    # matrix products (n = 5 columns) is 3-4x slower on a CPU than XLA's.
+    value_BxHxWxC = resnet.conv(c, 3, 1, self.dtype, "value_conv", groups=groups,
+                                use_bias=True,
+                                impl=fast_conv.resolve_conv_impl(self.conv_impl))(maps_BxHxWxD)
     # Pooling and areas in float32: they sum over every pixel.
     att_logits = att_logits.astype(jnp.float32)
     value_BxHxWxC = value_BxHxWxC.astype(jnp.float32)
@@ -179,11 +204,12 @@ class MUSPHead(nn.Module):
     else:
       attention_BxHxWxN = jax.nn.sigmoid(att_logits)
 
-    # The official code writes `bmm(...) / h*w`, i.e. (sum / h) * w: the plain
-    # weighted sum on its square maps, which "sum" reproduces on any shape.
     parts_BxNxC = jnp.einsum("bhwn,bhwc->bnc", attention_BxHxWxN, value_BxHxWxC)
     if self.pooling == "mean":
       parts_BxNxC = parts_BxNxC / (h * w)
+    elif self.pooling == "official":
+      # (sum / h) * w as one factor: exactly 1.0, hence exactly "sum", when h == w.
+      parts_BxNxC = parts_BxNxC * (w / h)
     if self.ese == "all":
       parts_BxNxC = ESE(self.ese_reduction, name="ese")(parts_BxNxC)
     parts_BxKxC = parts_BxNxC[:, :-1]  # drop the background prototype
@@ -194,28 +220,28 @@ class MUSPHead(nn.Module):
     kept_areas_BxK = kept_areas_BxK / jnp.maximum(
         jnp.sum(jnp.abs(kept_areas_BxK), axis=-1, keepdims=True), 1e-12)
 
-    if self.global_feature == "value_mean":
-      global_BxG = jnp.mean(value_BxHxWxC, axis=(1, 2))
-    else:
-      global_BxG = jnp.mean(maps_BxHxWxD.astype(jnp.float32), axis=(1, 2))
-
     bn_parts_BxKxC, logits_parts = PartBranches(
         self.num_classes, train, name="part_branches")(parts_BxKxC)
-    bn_global_BxG, logits_global = Branch(
-        self.num_classes, train, name="global_branch")(global_BxG)
+    feats, bn_feats = [parts_BxKxC], [bn_parts_BxKxC]
+    logits, areas = [logits_parts], [kept_areas_BxK]
+    if self.global_branch:
+      if self.global_feature == "value_mean":
+        global_BxG = jnp.mean(value_BxHxWxC, axis=(1, 2))
+      else:
+        global_BxG = jnp.mean(maps_BxHxWxD.astype(jnp.float32), axis=(1, 2))
+      bn_global_BxG, logits_global = Branch(
+          self.num_classes, train, name="global_branch")(global_BxG)
+      feats.append(global_BxG[:, None])
+      bn_feats.append(bn_global_BxG[:, None])
+      logits.append(logits_global[:, None])
+      areas.append(jnp.full((b, 1), 1.0 / (n - 1), jnp.float32))
 
-    width = max(c, global_BxG.shape[-1])
-    feats = jnp.concatenate(
-        [_pad_to(parts_BxKxC, width), _pad_to(global_BxG, width)[:, None]], 1)
-    bn_feats = jnp.concatenate(
-        [_pad_to(bn_parts_BxKxC, width), _pad_to(bn_global_BxG, width)[:, None]],
-        1)
-    global_area = jnp.full((b, 1), 1.0 / (n - 1), jnp.float32)
+    width = max(f.shape[-1] for f in feats)
     return {
-        "feats": feats,
-        "bn_feats": bn_feats,
-        "logits": jnp.concatenate([logits_parts, logits_global[:, None]], 1),
-        "areas": jnp.concatenate([kept_areas_BxK, global_area], 1),
+        "feats": jnp.concatenate([_pad_to(f, width) for f in feats], 1),
+        "bn_feats": jnp.concatenate([_pad_to(f, width) for f in bn_feats], 1),
+        "logits": jnp.concatenate(logits, 1),
+        "areas": jnp.concatenate(areas, 1),
         "attention": attention_BxHxWxN,
         "diversity": diversity_term(
             attention_BxHxWxN, keep_background=self.diversity == "all"),

@@ -35,6 +35,20 @@ STAGE_SIZES: dict[int, tuple[str, tuple[int, int, int, int]]] = {
 _WIDTHS = (64, 128, 256, 512)
 _EXPANSION = {"basic": 1, "bottleneck": 4}
 
+
+def output_channels(depth: int) -> int:
+  """Channels of the last stage's map: 512 (ResNet-18/34) or 2048 (50/101/152)."""
+  if depth not in STAGE_SIZES:
+    raise ValueError(f"ResNet depth {depth} is not one of {sorted(STAGE_SIZES)}")
+  return _WIDTHS[-1] * _EXPANSION[STAGE_SIZES[depth][0]]
+
+
+def output_stride(last_stride: int) -> int:
+  """Input pixels per pixel of the last stage's map: the stem (conv and max-pool)
+  reduces 4x, stages 2 and 3 2x each, the last stage `last_stride`x."""
+  return 4 * 2 * 2 * last_stride
+
+
 # torchvision initialises convs with kaiming_normal_(mode="fan_out"), a plain
 # (untruncated) normal.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -56,15 +70,56 @@ def conv(features: int, kernel_size: int, strides: int, dtype: Any,
       name=name)
 
 
-def batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
-  """PyTorch-equivalent BatchNorm: eps 1e-5, torch momentum 0.1.
+class TorchBatchNorm(nn.BatchNorm):
+  """nn.BatchNorm whose running variance moves as PyTorch's does.
+
+  Both normalise with the biased batch variance v. PyTorch then moves its
+  running variance towards the unbiased v * n / (n - 1), n = values per
+  channel (batch x pixels); Flax towards v. Flax has just stored
+  new = m * old + (1 - m) * v, so the missing (1 - m) * v / (n - 1) is
+  (new - m * old) / (n - 1), added here. Variables (params scale/bias,
+  batch_stats mean/var) are nn.BatchNorm's: weight import and checkpoints are
+  unaffected.
+
+  n is the input's size over the reduced axes. Under jit with a sharded global
+  batch the array is global, so n is the global count; a per-device count
+  under `axis_name` (pmap, shard_map) would be wrong, hence refused.
+  """
+
+  def __call__(self, x: jax.Array,
+               use_running_average: bool | None = None) -> jax.Array:
+    updating = not nn.merge_param(
+        "use_running_average", self.use_running_average,
+        use_running_average) and not self.is_initializing()
+    if updating:
+      if self.axis_name is not None:
+        raise ValueError("TorchBatchNorm counts the values per channel from "
+                         "the input's shape; it does not support axis_name")
+      axes = (self.axis,) if isinstance(self.axis, int) else self.axis
+      n = x.size // math.prod(x.shape[a] for a in axes)
+      if n < 2:  # as PyTorch: an unbiased variance needs two values
+        raise ValueError(f"BatchNorm {self.name!r} in training mode needs more "
+                         f"than one value per channel; input shape {x.shape}")
+      old_var = self.get_variable("batch_stats", "var")
+    y = super().__call__(x, use_running_average)
+    if updating:
+      new_var = self.get_variable("batch_stats", "var")
+      self.put_variable("batch_stats", "var",
+                        new_var + (new_var - self.momentum * old_var) / (n - 1))
+    return y
+
+
+def batch_norm(train: bool, dtype: Any, name: str, *,
+               use_bias: bool = True) -> TorchBatchNorm:
+  """PyTorch-equivalent BatchNorm: eps 1e-5, torch momentum 0.1, unbiased
+  running variance (TorchBatchNorm).
 
   Statistics stay float32 whatever the compute dtype. No `axis_name`: under jit
   with a sharded global batch the statistics are already global.
   """
-  return nn.BatchNorm(
+  return TorchBatchNorm(
       use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-      param_dtype=jnp.float32, use_fast_variance=False,
+      param_dtype=jnp.float32, use_bias=use_bias, use_fast_variance=False,
       force_float32_reductions=True, name=name)
 
 

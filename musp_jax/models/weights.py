@@ -9,7 +9,8 @@ Three jobs:
         value.{weight,bias}          head/value_conv
         c_.fc.0.weight, c_.fc.2.weight   head/ese/fc1, fc2
         neck.{i}, classifier.{i}     head/part_branches[i] for i < n-1,
-                                     head/global_branch for i = n-1
+                                     head/global_branch for i = n-1 (if
+                                     the checkpoint has it: n classifiers)
   * `save_init` / `load_init`: the Orbax checkpoint written by
     `python -m musp_jax.import_weights` and merged into fresh variables
     (config.model.init_from).
@@ -24,6 +25,7 @@ import os
 import pickle
 import re
 from typing import Any
+import zipfile
 
 from flax import traverse_util
 import jax
@@ -57,12 +59,17 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
   path = os.fspath(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f"weights file {path} does not exist")
-  if path.endswith(".npz"):
-    with np.load(path) as f:
-      sd = {k: f[k] for k in f.files}
-  elif path.endswith(".safetensors"):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    sd = load_file(path)
+  if path.endswith((".npz", ".safetensors")):
+    try:
+      if path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as f:
+          sd = {k: f[k] for k in f.files}
+      else:
+        from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+        sd = load_file(path)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+      raise WeightImportError(f"{path} is not a readable {os.path.splitext(path)[1]} "
+                              f"file of tensors: {_first_line(e)}") from e
   else:
     try:
       import torch  # pylint: disable=g-import-not-at-top
@@ -77,7 +84,11 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
       raise WeightImportError(
           f"{path} holds objects other than tensors and plain containers; "
           "re-save just its state_dict (torch.save(ckpt['state_dict'], ...))"
-          f": {e}") from e
+          f": {_first_line(e)}") from e
+    except Exception as e:  # torch reports a truncated or foreign file many ways
+      raise WeightImportError(
+          f"{path} is not a readable PyTorch file (truncated or another format?): "
+          f"{_first_line(e)}") from e
     if isinstance(obj, Mapping) and "state_dict" in obj:
       obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
@@ -86,6 +97,10 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
     sd = {k: v.detach().float().numpy() if v.is_floating_point()
           else v.numpy() for k, v in obj.items() if torch.is_tensor(v)}
   return {k.removeprefix("module."): np.asarray(v) for k, v in sd.items()}
+
+
+def _first_line(error: BaseException) -> str:
+  return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _leaf_source(collection: str, leaf: str, ndim: int) -> tuple[str, Any]:
@@ -163,17 +178,17 @@ def _fill(template: Variables, state_dict: StateDict, *, layout: str,
           what: str) -> dict[str, Any]:
   """Builds variables shaped like `template` from a torch state dict.
 
-  `layout` says what `template` holds: "resnet" (a ResNet's variables), "head"
-  (a MUSP head's) or "model" (a ReIDModel's: "backbone" and "head" under each
-  collection). Raises one WeightImportError naming every missing, mis-shaped
-  and unexpected key.
+  `layout` says what `template` holds: "resnet" (a ResNet's variables) or
+  "model" (a ReIDModel's: "backbone" and/or "head" under each collection).
+  Raises one WeightImportError naming every missing, mis-shaped and
+  unexpected key.
   """
   flat = traverse_util.flatten_dict(_to_dict(template))
   out, consumed = {}, set()
   missing, misshaped = [], []
   for path, leaf in flat.items():
     collection, *modules, name = path
-    in_head = layout == "head"
+    in_head = False
     if layout == "model":  # drop the "backbone" / "head" level
       in_head = modules[0] == "head"
       modules = modules[1:]
@@ -240,50 +255,61 @@ def import_musp(state_dict: StateDict, variables: Variables, *,
   """Official-MUSP state dict (backbone + head) -> ReIDModel variables.
 
   `variables` must come from a ReIDModel with a MUSP head built to the
-  checkpoint's shapes (depth, n, c, ESE, number of classes); see
-  `musp_checkpoint_shapes`.
+  checkpoint's shapes (depth, n, c, ESE, global branch, number of classes);
+  see `musp_checkpoint_shapes`.
   """
-  num_parts = _num_parts(variables["params"].get("head", {}), what)
+  head = variables["params"].get("head", {})
+  num_parts = _num_parts(head, what)
+  _, has_global = _official_layout(state_dict, what)
+  if has_global != ("global_branch" in head):
+    raise WeightImportError(
+        f"{what} {'has a' if has_global else 'has no'} global branch; build "
+        f"the model with model.global_branch={has_global}")
   return _fill(variables, state_dict, layout="model", num_parts=num_parts,
                what=what)
 
 
-def import_musp_head(state_dict: StateDict, variables: Variables, *,
-                     what: str = "MUSP head state dict") -> dict[str, Any]:
-  """The head part of an official-MUSP state dict -> MUSPHead variables.
+def _official_layout(state_dict: StateDict, what: str) -> tuple[int, bool]:
+  """(n, whether there is a global branch) of an official-MUSP state dict.
 
-  Backbone keys (conv1, bn1, layer*) are ignored.
-  """
-  return _fill(variables, state_dict, layout="head",
-               num_parts=_num_parts(variables["params"], what),
-               ignore=("conv1.", "bn1.", "layer"), what=what)
-
-
-def musp_checkpoint_shapes(state_dict: StateDict) -> dict[str, Any]:
-  """Reads the model settings that an official-MUSP state dict implies.
-
-  Returns model-config fields (depth, num_prototypes, value_channels,
-  value_conv, ese, ese_reduction) plus num_classes.
+  The official code keeps n - 1 part branches (one discarded background
+  prototype) and adds a global one with `--has-global`: n classifiers mean a
+  global branch, n - 1 none.
   """
   for k in ("key.weight", "value.weight", "classifier.0.weight"):
     if k not in state_dict:
-      raise WeightImportError(f"official MUSP checkpoint: no {k!r}; is it a "
-                              "MUSP (attention) model?")
-  n, in_channels = state_dict["key.weight"].shape[:2]
-  c, value_in = state_dict["value.weight"].shape[:2]
+      raise WeightImportError(f"{what}: no {k!r}; is it a MUSP (attention) "
+                              "model?")
+  n = int(state_dict["key.weight"].shape[0])
   num_branches = len([k for k in state_dict
                       if re.fullmatch(r"classifier\.\d+\.weight", k)])
-  if num_branches != n:
+  if num_branches not in (n - 1, n):
     raise WeightImportError(
-        f"official MUSP checkpoint: {num_branches} classifiers for {n} "
-        f"prototypes; only the layout with one discarded (background) "
-        f"prototype and a global branch (n classifiers) is supported")
+        f"{what}: {num_branches} classifiers for {n} prototypes; expected "
+        f"{n - 1} parts (one discarded background prototype) and optionally a "
+        f"global branch: {n - 1} or {n}")
+  return n, num_branches == n
+
+
+def musp_checkpoint_shapes(state_dict: StateDict, *,
+                           what: str = "official MUSP checkpoint") -> dict[str, Any]:
+  """Reads the model settings that an official-MUSP state dict implies.
+
+  Returns model-config fields (depth, num_prototypes, value_channels,
+  value_conv, ese, ese_reduction, global_branch, pooling) plus num_classes.
+  Pooling is "official": the official `bmm(...) / h*w` at any input size.
+  """
+  n, has_global = _official_layout(state_dict, what)
+  in_channels = state_dict["key.weight"].shape[1]
+  c, value_in = state_dict["value.weight"].shape[:2]
   out = {
-      "depth": resnet_depth(state_dict),
-      "num_prototypes": int(n),
+      "depth": resnet_depth(state_dict, what=what),
+      "num_prototypes": n,
       "value_channels": int(c),
       "value_conv": "full" if value_in == in_channels else "depthwise",
       "ese": "all" if "c_.fc.0.weight" in state_dict else "none",
+      "global_branch": has_global,
+      "pooling": "official",
       "num_classes": int(state_dict["classifier.0.weight"].shape[0]),
   }
   if out["ese"] == "all":
@@ -292,7 +318,7 @@ def musp_checkpoint_shapes(state_dict: StateDict) -> dict[str, Any]:
   return out
 
 
-def resnet_depth(state_dict: StateDict) -> int:
+def resnet_depth(state_dict: StateDict, *, what: str = "state dict") -> int:
   """The torchvision depth whose block counts match the state dict."""
   kind = "bottleneck" if "layer1.0.conv3.weight" in state_dict else "basic"
   counts = []
@@ -303,8 +329,9 @@ def resnet_depth(state_dict: StateDict) -> int:
   for depth, (k, sizes) in resnet.STAGE_SIZES.items():
     if k == kind and tuple(counts) == sizes:
       return depth
-  raise WeightImportError(f"state dict has {kind} blocks per stage {counts}; "
-                          f"no torchvision ResNet has that layout")
+  raise WeightImportError(f"{what} has {kind} blocks per stage {counts}; no "
+                          "torchvision ResNet has that layout (expected a ResNet-"
+                          f"{'/'.join(map(str, resnet.STAGE_SIZES))} state dict)")
 
 
 # --- Orbax initialisation checkpoints --------------------------------------
@@ -323,6 +350,29 @@ def save_init(directory: str | os.PathLike, variables: Variables,
   checkpointer.wait_until_finished()
 
 
+def is_init_checkpoint(path: str | os.PathLike) -> bool:
+  """Whether `path` is a folder `save_init` wrote (what import_weights may replace)."""
+  try:
+    return init_metadata(path).get("kind") in ("backbone", "model")
+  except Exception:  # pylint: disable=broad-except  # anything else is not one
+    return False
+
+
+def init_metadata(path: str | os.PathLike) -> dict[str, Any]:
+  """The metadata `save_init` stored (kind "backbone" or "model", num_classes, ...)."""
+  path = _init_dir(path)
+  return dict(ocp.StandardCheckpointer().metadata(path).custom_metadata or {})
+
+
+def _init_dir(path: str | os.PathLike) -> str:
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(
+        f"init checkpoint {path} is not a directory; write one with "
+        "`python -m musp_jax.import_weights`")
+  return path
+
+
 def load_init(variables: Variables, path: str | os.PathLike) -> dict[str, Any]:
   """Merges an Orbax checkpoint written by `save_init` into `variables`.
 
@@ -331,11 +381,7 @@ def load_init(variables: Variables, path: str | os.PathLike) -> dict[str, Any]:
   (a backbone-only checkpoint leaves the head as initialised). Raises a
   WeightImportError naming every missing, unexpected or mis-shaped key.
   """
-  path = os.path.abspath(os.fspath(path))
-  if not os.path.isdir(path):
-    raise FileNotFoundError(
-        f"init checkpoint {path} is not a directory; write one with "
-        "`python -m musp_jax.import_weights`")
+  path = _init_dir(path)
   restored = ocp.StandardCheckpointer().restore(path)
   flat_ckpt = traverse_util.flatten_dict(_to_dict(restored))
   flat_vars = traverse_util.flatten_dict(_to_dict(variables))

@@ -1,14 +1,14 @@
 """vehicle_id: VehicleID (no cameras; train 13,164 ids; test lists of 800/1600/2400 ids).
 
-    python -m musp_jax.build_dataset vehicle_id --manual_dir DIR --config small
+    python -m musp_jax.build_dataset vehicle_id --manual_dir DIR
 
-The `test` split is the whole test list of the config's size, in list order (the
-evaluation protocol forms query and gallery from it).
+One build holds the training images once and every test list the download has, each
+as a split `test_<N>` (N = 800, 1600, 2400) in list order (the evaluation protocol
+forms query and gallery from it); evaluation picks one with `eval.test_size`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import tensorflow_datasets as tfds
@@ -16,25 +16,15 @@ import tensorflow_datasets as tfds
 from tfds_builders import reid_base
 
 
-@dataclasses.dataclass(eq=False)
-class VehicleIdConfig(tfds.core.BuilderConfig):
-  test_list: str = "test_list_800.txt"
-
-
 class Builder(reid_base.ReIdBuilder):
-  """VehicleID with one config per test size."""
+  """VehicleID: the training list and every test list as splits."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
-  BUILDER_CONFIGS = [
-      VehicleIdConfig(name="small", description="Test list of 800 ids.",
-                      test_list="test_list_800.txt"),
-      VehicleIdConfig(name="medium", description="Test list of 1,600 ids.",
-                      test_list="test_list_1600.txt"),
-      VehicleIdConfig(name="large", description="Test list of 2,400 ids.",
-                      test_list="test_list_2400.txt"),
-  ]
-  DEFAULT_CONFIG_NAME = "small"
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {
+      "1.0.0": "First release.",
+      "2.0.0": "One build with every test list as a split test_<N>; no builder configs.",
+  }
+  TEST_SIZES = {"small": 800, "medium": 1600, "large": 2400}
   DESCRIPTION = "VehicleID vehicle re-identification; camera_id is -1 (not recorded)."
   HOMEPAGE = "https://www.pkuml.org/resources/pku-vehicleid.html"
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
@@ -49,9 +39,17 @@ extract it, and pass the extracted folder as --manual_dir. It must hold:
     inst = self.MANUAL_DOWNLOAD_INSTRUCTIONS
     reid_base.require(os.path.join(root, "image"), "the image folder (image/<imgid>.jpg)",
                       inst)
+    lists = {"train": "train_list.txt"}
+    for n in self.TEST_SIZES.values():
+      if os.path.exists(os.path.join(root, "train_test_split", f"test_list_{n}.txt")):
+        lists[f"test_{n}"] = f"test_list_{n}.txt"
+    if len(lists) == 1:
+      names = ", ".join(f"test_list_{n}.txt" for n in self.TEST_SIZES.values())
+      raise reid_base.ManualDataError(
+          f"No test list in {os.path.join(root, 'train_test_split')}: expected at least one "
+          f"of {names}.\n\nManual download instructions:\n{inst}")
     out = {}
-    for split, list_name in (("train", "train_list.txt"),
-                             ("test", self.builder_config.test_list)):
+    for split, list_name in lists.items():
       list_path = os.path.join(root, "train_test_split", list_name)
       rows = reid_base.read_list(list_path, 'lines "<imgid> <vehicle_id>"', inst)
       records = []

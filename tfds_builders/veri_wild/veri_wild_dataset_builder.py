@@ -1,6 +1,10 @@
 """veri_wild: VERI-Wild (174 cameras; train 30,671 ids; test sizes 3000/5000/10000 ids).
 
-    python -m musp_jax.build_dataset veri_wild --manual_dir DIR --config small
+    python -m musp_jax.build_dataset veri_wild --manual_dir DIR
+
+One build holds the training images once and every test set the download has, as splits
+`query_<N>` / `gallery_<N>` (N = 3000, 5000, 10000); evaluation picks one with
+`eval.test_size`.
 
 Two list formats are in circulation and both are read: lines "<vid>/<imgid>" (train_list.txt,
 test_N.txt, test_N_query.txt) and lines "<relpath> <label> <camid>" (train_list_start0.txt,
@@ -10,7 +14,6 @@ vehicle_info.txt ("vid/imgid;camid;time;model;type;color") may start with a head
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 
@@ -21,22 +24,16 @@ from tfds_builders import reid_base
 _KEY = re.compile(r"^\d+/\w+$")  # "<vid>/<imgid>"
 
 
-@dataclasses.dataclass(eq=False)
-class VeriWildConfig(tfds.core.BuilderConfig):
-  test_size: int = 3000
-
-
 class Builder(reid_base.ReIdBuilder):
   """VERI-Wild with model/type/colour metadata from vehicle_info.txt."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
-  BUILDER_CONFIGS = [
-      VeriWildConfig(name="small", description="Test set of 3,000 ids.", test_size=3000),
-      VeriWildConfig(name="medium", description="Test set of 5,000 ids.", test_size=5000),
-      VeriWildConfig(name="large", description="Test set of 10,000 ids.", test_size=10000),
-  ]
-  DEFAULT_CONFIG_NAME = "small"
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {
+      "1.0.0": "First release.",
+      "2.0.0": "One build with every test set as splits query_<N> / gallery_<N>; no "
+               "builder configs.",
+  }
+  TEST_SIZES = {"small": 3000, "medium": 5000, "large": 10000}
   METADATA_FEATURES = {"model": tfds.features.Text(), "type": tfds.features.Text(),
                        "color": tfds.features.Text()}
   DESCRIPTION = "VERI-Wild vehicle re-identification; metadata is '' where unknown."
@@ -63,22 +60,37 @@ pass the extracted folder as --manual_dir. It must hold:
                                   "the list folder train_test_split/", inst)
     info_path = os.path.join(split_dir, "vehicle_info.txt")
     info = read_vehicle_info(info_path) if os.path.exists(info_path) else None
-    n = self.builder_config.test_size
-    candidates = {
-        "train": ("train_list.txt", "train_list_start0.txt"),
-        "query": (f"test_{n}_query.txt", f"test_{n}_id_query.txt"),
-        "gallery": (f"test_{n}.txt", f"test_{n}_id.txt"),
-    }
-    out = {}
+    candidates = {"train": ("train_list.txt", "train_list_start0.txt")}
+    for n in self.TEST_SIZES.values():
+      candidates[f"query_{n}"] = (f"test_{n}_query.txt", f"test_{n}_id_query.txt")
+      candidates[f"gallery_{n}"] = (f"test_{n}.txt", f"test_{n}_id.txt")
+    found = {}
     for split, names in candidates.items():
       paths = [os.path.join(split_dir, name) for name in names]
-      found = [p for p in paths if os.path.exists(p)]
-      if not found:
+      present = [p for p in paths if os.path.exists(p)]
+      if present:
+        found[split] = present[0]
+      elif split == "train":
         raise reid_base.ManualDataError(
             f"Missing {paths[0]} (or {paths[1]}): expected the {split} list.\n\n"
             f"Manual download instructions:\n{inst}")
-      out[split] = [self._record(root, info, entry)
-                    for entry in read_split_list(found[0])]
+    sizes = [n for n in self.TEST_SIZES.values()
+             if f"query_{n}" in found or f"gallery_{n}" in found]
+    for n in sizes:  # a test set needs both of its lists
+      for split in (f"query_{n}", f"gallery_{n}"):
+        if split not in found:
+          names = candidates[split]
+          raise reid_base.ManualDataError(
+              f"Missing {os.path.join(split_dir, names[0])} (or {names[1]}): expected the "
+              f"{split.split('_')[0]} list of the {n}-id test set.\n\n"
+              f"Manual download instructions:\n{inst}")
+    if not sizes:
+      raise reid_base.ManualDataError(
+          f"No test set in {split_dir}: expected test_N_query.txt and test_N.txt (or "
+          f"test_N_id_query.txt and test_N_id.txt) for N in "
+          f"{list(self.TEST_SIZES.values())}.\n\nManual download instructions:\n{inst}")
+    out = {split: [self._record(root, info, entry) for entry in read_split_list(path)]
+           for split, path in found.items()}
     if info is None and any(r.camera_id < 0 for recs in out.values() for r in recs):
       raise reid_base.ManualDataError(
           f"Missing {info_path}: expected the camera of each image (the lists give none)."
@@ -116,6 +128,9 @@ def read_split_list(path: str) -> list[tuple[str, str, int]]:
             f"{path}:{line_no}: {rel!r} has no numeric vehicle folder (<vid>/<imgid>)")
       stem = parts[-1][:-4] if parts[-1].lower().endswith(".jpg") else parts[-1]
       out.append((parts[-2], stem, cam))
+  if not out:
+    raise reid_base.ManualDataError(
+        f"{path} is empty: expected lines \"<vid>/<imgid>\" or \"<relpath> <label> <camid>\".")
   return out
 
 

@@ -1,0 +1,58 @@
+"""The evaluator: sharded, padded feature extraction and the results files."""
+
+import json
+
+import jax
+import ml_collections
+import numpy as np
+
+import tools_fixtures
+from musp_jax import augment
+from musp_jax import datasets
+from musp_jax import evaluator
+from musp_jax import features
+from musp_jax import runtime
+
+ROWS = {"veri776": {"mAP": 0.5, "CMC@1": 0.75, "CMC@5": 0.875, "CMC@10": 1.0,
+                    "mINP": 0.125, "num_queries": 3}}
+
+
+def test_extract_features_matches_one_image_at_a_time():
+  """22 query images in global batches of 8 over 8 devices: the last batch is padded."""
+  loaded = tools_fixtures.shared_model()
+  config = ml_collections.ConfigDict(loaded.config.to_dict())  # the shared one stays
+  config.dataset.data_dir = tools_fixtures.shared_data_dir()
+  source = datasets.load_split("synthetic_vehicles", "query",
+                               data_dir=config.dataset.data_dir, builder_config="tiny")
+  assert len(source) % config.eval.batch_size and jax.device_count() == 8
+  got = evaluator.extract_features(loaded.model, loaded.variables, source, config,
+                                   runtime.make_mesh())
+  transform = augment.TestTransform.from_config(config.input)
+  for i in range(len(source)):
+    x = transform(source[i]["image"])[None]
+    feats, areas = features.embed(loaded.variables, x, model=loaded.model, flip=False,
+                                  normalize=config.input.normalize)
+    np.testing.assert_allclose(got["feats"][i], feats[0], atol=1e-5)
+    np.testing.assert_allclose(got["areas"][i], areas[0], atol=1e-6)
+
+
+def test_results_files_round_trip(tmp_path):
+  results = {"step": 40, "epoch": 2.5, "results": ROWS}
+  evaluator.write_results(tmp_path, results)
+  assert evaluator.read_results(tmp_path) == results
+  assert json.loads((tmp_path / "results.json").read_text()) == results
+  assert (tmp_path / "results.md").read_text() == (
+      "Results at step 40 (epoch 2.5)\n\n"
+      "| test set | mAP | CMC@1 | CMC@5 | CMC@10 | mINP | queries |\n"
+      "|---|---|---|---|---|---|---|\n"
+      "| veri776 | 50.00 | 75.00 | 87.50 | 100.00 | 12.50 | 3 |\n")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md"]
+  assert evaluator.read_results(tmp_path, "eval_step_3") == {}
+
+
+def test_scalars_and_the_checkpoint_metric():
+  rows = {**ROWS, "other": {"mAP": 0.9}}
+  assert evaluator.primary_map(rows) == 0.5  # the protocol's first row
+  assert evaluator.flat_scalars(rows) == {
+      "eval/veri776/mAP": 0.5, "eval/veri776/CMC@1": 0.75, "eval/veri776/CMC@5": 0.875,
+      "eval/veri776/CMC@10": 1.0, "eval/veri776/mINP": 0.125, "eval/other/mAP": 0.9}

@@ -1,0 +1,75 @@
+"""Entry-point plumbing: stop requests (real signals, in a subprocess), error lines."""
+
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from musp_jax import runtime
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# A loop like training's: it stops at its next check after a first signal, then takes
+# long to finish (a slow save), during which the second signal arrives.
+_LOOP = """
+import time
+from musp_jax import runtime
+with runtime.StopRequests() as stop:
+  print("ready", flush=True)
+  while stop.signum is None:
+    time.sleep(0.01)
+  print("stopping", flush=True)
+  time.sleep(60)
+print("finished", flush=True)
+"""
+
+
+@pytest.mark.parametrize("first", [signal.SIGINT, signal.SIGTERM])
+def test_first_signal_asks_to_stop_and_a_second_one_ends_the_process(first):
+  proc = subprocess.Popen([sys.executable, "-c", _LOOP], cwd=ROOT, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  assert proc.stdout.readline().strip() == "ready"
+  proc.send_signal(first)
+  assert proc.stdout.readline().strip() == "stopping"
+  sent = time.monotonic()
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=30)
+  assert time.monotonic() - sent < 10  # at once, not after the 60 s "save"
+  assert proc.returncode == -signal.SIGINT  # ended by the signal itself
+  assert "finished" not in out
+  assert (f"{signal.Signals(first).name} received: finishing the current step and "
+          "saving it (Ctrl-C again to stop at once, without saving).") in err
+  assert "Traceback" not in err
+
+
+def test_handlers_are_restored_after_the_loop():
+  before = {s: signal.getsignal(s) for s in runtime.StopRequests.SIGNALS}
+  with runtime.StopRequests() as stop:
+    assert all(signal.getsignal(s) == stop._handle for s in runtime.StopRequests.SIGNALS)
+  assert {s: signal.getsignal(s) for s in runtime.StopRequests.SIGNALS} == before
+
+
+def test_entry_point_errors_are_one_line_with_exit_codes(capsys):
+  def fail(error):
+    def fn():
+      raise error
+    return fn
+
+  with pytest.raises(SystemExit) as e:
+    runtime.run_entry_point(fail(FileNotFoundError("/data/x is missing")))
+  assert e.value.code == 1
+  assert capsys.readouterr().err == "error: /data/x is missing\n"
+  with pytest.raises(SystemExit) as e:
+    runtime.run_entry_point(fail(ValueError("bad value")), verbose=True)
+  err = capsys.readouterr().err
+  assert err.startswith("Traceback (most recent call last)") and err.endswith(
+      "error: bad value\n")
+  with pytest.raises(SystemExit) as e:
+    runtime.run_entry_point(fail(runtime.Stopped("stopped after step 3", exit_code=143)))
+  assert e.value.code == 143 and capsys.readouterr().err == "stopped after step 3\n"
+  with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+    runtime.run_entry_point(lambda: 1 / 0)
+  assert runtime.run_entry_point(lambda: 7) == 7
