@@ -221,11 +221,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error(str(e))
 
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from musp_jax import inference  # pylint: disable=g-import-not-at-top
+  from musp_jax import runtime  # pylint: disable=g-import-not-at-top
   from musp_jax import train  # pylint: disable=g-import-not-at-top
   flags.FLAGS.mark_as_parsed()  # grain reads absl flags; this is not an absl app
-  inference.hide_gpus_from_tensorflow()
-  train.quiet_library_logs()
+  runtime.setup()
   root = pathlib.Path(args.workdir).expanduser()
   root.mkdir(parents=True, exist_ok=True)
   records, start = [], time.time()

@@ -10,7 +10,9 @@ import pytest
 import tools_fixtures
 from musp_jax import attention_metrics as am
 from musp_jax import datasets
+from musp_jax import features
 from musp_jax import inference
+from musp_jax import runtime
 
 
 def test_class_fractions_average_each_cells_region_exactly():
@@ -113,13 +115,13 @@ def test_model_scores_on_a_split_match_a_direct_computation():
   gallery = datasets.load_split(config.dataset.name, "gallery", **kw)
   sources = [list(query)[:5], list(gallery)[:6]]  # 5 + 6 images in batches of 8: padded
   assert am.has_part_masks(sources) and not am.has_part_masks([[{"image": b""}]])
-  from musp_jax import train  # pylint: disable=g-import-not-at-top
-  row = am.evaluate(loaded.model, loaded.variables, sources, config, train.make_mesh())
+  row = am.evaluate(loaded.model, loaded.variables, sources, config, runtime.make_mesh())
 
   records = sources[0] + sources[1]
-  images = np.stack([inference.preprocess(config, inference.decode_image(r["image"], where=""))
+  pixels = np.stack([inference.resize_to_model(config, inference.decode_image(r["image"], where=""))
                      for r in records])
-  attention = np.asarray(inference.attention_fn(loaded.model)(loaded.variables, images))
+  attention = np.asarray(features.jitted_attention(loaded.model, config.input.normalize)(
+      loaded.variables, pixels))
   fractions = []
   for r in records:
     mask = cv2.imdecode(np.frombuffer(r["part_mask"], np.uint8), cv2.IMREAD_GRAYSCALE)
