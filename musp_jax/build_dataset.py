@@ -17,7 +17,6 @@ until the new one is complete.
 
 from __future__ import annotations
 
-import sys
 from typing import Sequence
 
 from absl import app

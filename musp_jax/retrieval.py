@@ -58,7 +58,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import jax.numpy as jnp
 import numpy as np
 
-from musp_jax import metrics
 from musp_jax import outputs
 from musp_jax import rerank as rerank_lib
 
