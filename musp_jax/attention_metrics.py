@@ -45,7 +45,6 @@ best parts the kept maps have).
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Sequence
 
@@ -237,7 +236,6 @@ def has_part_masks(sources: Sequence[Sequence[dict[str, Any]]]) -> bool:
   return all(len(s) and MASK_KEY in s[0] for s in sources)
 
 
-@functools.cache
 def evaluate(model, variables, sources: Sequence[Sequence[dict[str, Any]]], config,
              mesh) -> dict[str, Any]:
   """Scores a MUSP model's attention on the splits' images (JSON-ready, `to_row`).

@@ -19,9 +19,9 @@ from typing import Any
 
 import jax
 
-from musp_jax import augment
 from musp_jax import datasets
 from musp_jax import models
+from musp_jax import preprocess
 from musp_jax import retrieval
 from musp_jax.models import fast_conv
 from musp_jax.models import resnet
@@ -155,7 +155,7 @@ def _check_input(c: _Checker, *, train: bool, num_devices: int,
     c.expect("input.image_size", lambda v: min(v) >= stride,
              f"each side >= {stride} pixels: the backbone reduces its input {stride}x "
              f"(model.last_stride={c.get('model.last_stride')})")
-  c.choice("input.normalize", list(augment.NORMALIZE_CONSTANTS))
+  c.choice("input.normalize", list(preprocess.NORMALIZE_CONSTANTS))
   c.int_at_least("input.num_workers", 0)
   c.int_at_least("input.prefetch_buffer", 1)
   if not train:
