@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import math
 import signal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -188,18 +189,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
       model, tx, config.input.image_size, seed=config.seed, mesh=mesh,
       init_from=config.model.init_from)
 
-  # Restore: the newest intact checkpoint of this workdir, data position included.
   manager = checkpointing.make_manager(workdir / "checkpoints", keep=config.keep_checkpoints)
-  start_step = 0
-  if manager.latest_step() is not None:
-    state, restored_step, start_step = checkpointing.restore(
-        manager, state_lib.abstract_train_state(
-            model, tx, config.input.image_size, state_sharding),
-        model_config=config.model, set_aside_corrupt=True)
-    validate.check_resume(restored_step, total_steps=total_steps,
-                          steps_per_epoch=steps_per_epoch, config=config,
-                          where=str(manager.directory))
-    logging.info("Resumed from step %d in %s.", restored_step, manager.directory)
+  state, start_step = _resume(manager, state, config, model, tx, state_sharding,
+                              total_steps=total_steps, steps_per_epoch=steps_per_epoch)
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   run = checkpointing.RunInfo(config, data.num_classes, data.label_vehicle_ids)
@@ -234,22 +226,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
           writer.write_scalars(done, {f"train/{k}": v
                                       for k, v in _mean_scalars(history).items()})
           history = []
-        saved = True
-        if done % eval_every == 0 or done == total_steps:
-          guard.flush()
-          results = _evaluate(model, state, config, mesh, writer, done, steps_per_epoch,
-                              workdir)
-          checkpointing.save(manager, done, state, next_step=done, run=run, metrics={
-              checkpointing.METRIC: evaluator.primary_map(results["results"])})
-        elif done % config.checkpoint_every_steps == 0:
-          guard.flush()
-          checkpointing.save(manager, done, state, next_step=done, run=run)
-        else:
-          saved = False
+        at_eval = done % eval_every == 0 or done == total_steps
+        if at_eval or done % config.checkpoint_every_steps == 0 or stop.signum is not None:
+          guard.flush()  # never save weights that gave a non-finite loss
+          tracked = None
+          if at_eval:
+            results = _evaluate(model, state, config, mesh, writer, done, steps_per_epoch,
+                                workdir)
+            tracked = {checkpointing.METRIC: evaluator.primary_map(results["results"])}
+          checkpointing.save(manager, done, state, next_step=done, run=run, metrics=tracked)
         if stop.signum is not None and done < total_steps:
-          if not saved:
-            guard.flush()
-            checkpointing.save(manager, done, state, next_step=done, run=run)
           manager.wait_until_finished()
           raise TrainingInterrupted(stop.signum, done, str(manager.directory))
       guard.flush()
@@ -264,6 +250,23 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
   writer.flush()
   checkpointing.log_saved(manager)
   return results
+
+
+def _resume(manager, state, config, model, tx, state_sharding, *, total_steps: int,
+            steps_per_epoch: int) -> tuple[Any, int]:
+  """(state, first step to run): the newest intact checkpoint of the workdir, data
+  position included, or the fresh `state` at step 0."""
+  if manager.latest_step() is None:
+    return state, 0
+  state, restored_step, next_step = checkpointing.restore(
+      manager, state_lib.abstract_train_state(
+          model, tx, config.input.image_size, state_sharding),
+      model_config=config.model, set_aside_corrupt=True)
+  validate.check_resume(restored_step, total_steps=total_steps,
+                        steps_per_epoch=steps_per_epoch, config=config,
+                        where=str(manager.directory))
+  logging.info("Resumed from step %d in %s.", restored_step, manager.directory)
+  return state, next_step
 
 
 def _evaluate(model, state, config, mesh, writer, step: int, steps_per_epoch: int,
