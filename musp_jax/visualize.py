@@ -124,6 +124,27 @@ def _short(name: str, n: int = 26) -> str:
 # Attention grids.
 
 
+def _image_panel(ax, img: np.ndarray, name: str | None) -> None:
+  ax.imshow(img)
+  ax.set_title("image", fontsize=10)
+  if name is not None:
+    ax.set_ylabel(_short(str(name)), fontsize=9)
+
+
+def _map_panel(ax, img: np.ndarray, map_hxw: np.ndarray, k: int, n: int, share: float,
+               detail: str = "") -> None:
+  """Map k of n over the image, titled with its share of the image (+ a detail line);
+  the last map, the background's, framed in dashes."""
+  ax.imshow(overlay(img, map_hxw))
+  background = k == n - 1
+  title = ("background " if background else f"part {k + 1}  ") + f"{100 * share:.0f}%"
+  style = {"color": NON_MATCH} if background else {}
+  ax.set_title(title + (f"\n{detail}" if detail else ""), fontsize=9 if detail else 10,
+               **style)
+  if background:
+    _frame(ax, NON_MATCH, width=3.0, style="--")
+
+
 def attention_figure(images: Sequence[np.ndarray], attention_BxHxWxN: np.ndarray,
                      names: Sequence[str] | None = None) -> Figure:
   """Figure-5-style grid: per row the image, then each map over it.
@@ -146,18 +167,9 @@ def attention_figure(images: Sequence[np.ndarray], attention_BxHxWxN: np.ndarray
       ax.set_xticks([])
       ax.set_yticks([])
       if c == 0:
-        ax.imshow(img)
-        ax.set_title("image", fontsize=10)
-        if names is not None:
-          ax.set_ylabel(_short(str(names[r])), fontsize=9)
-        continue
-      k = c - 1
-      ax.imshow(overlay(img, attention_BxHxWxN[r, :, :, k]))
-      if k == n - 1:
-        ax.set_title(f"background {100 * shares[k]:.0f}%", fontsize=10, color=NON_MATCH)
-        _frame(ax, NON_MATCH, width=3.0, style="--")
+        _image_panel(ax, img, None if names is None else names[r])
       else:
-        ax.set_title(f"part {k + 1}  {100 * shares[k]:.0f}%", fontsize=10)
+        _map_panel(ax, img, attention_BxHxWxN[r, :, :, c - 1], c - 1, n, shares[c - 1])
   fig.suptitle("Attention maps (weights 0 to 1, blue to red); % = share of the image",
                fontsize=11)
   fig.tight_layout()
@@ -196,26 +208,16 @@ def attention_parts_figure(images: Sequence[np.ndarray], masks: Sequence[np.ndar
       ax.set_xticks([])
       ax.set_yticks([])
       if c == 0:
-        ax.imshow(img)
-        ax.set_title("image", fontsize=10)
-        if names is not None:
-          ax.set_ylabel(_short(str(names[r])), fontsize=9)
+        _image_panel(ax, img, None if names is None else names[r])
       elif c == 1:
         ax.imshow(cv2.resize(part_map_image(mask), img.shape[1::-1],
                              interpolation=cv2.INTER_NEAREST))
         ax.set_title("ground truth", fontsize=10)
       else:
         k = c - 2
-        ax.imshow(overlay(img, attention_BxHxWxN[r, :, :, k]))
-        area = 100 * scores["area"][k]
-        if k == n - 1:
-          ax.set_title(f"background {area:.0f}%\n"
-                       f"{100 * scores['background_share'][k]:.0f}% on backgr.",
-                       fontsize=9, color=NON_MATCH)
-          _frame(ax, NON_MATCH, width=3.0, style="--")
-        else:
-          ax.set_title(f"part {k + 1}  {area:.0f}%\n"
-                       f"{100 * scores['vehicle_share'][k]:.0f}% on vehicle", fontsize=9)
+        detail = (f"{100 * scores['background_share'][k]:.0f}% on backgr." if k == n - 1
+                  else f"{100 * scores['vehicle_share'][k]:.0f}% on vehicle")
+        _map_panel(ax, img, attention_BxHxWxN[r, :, :, k], k, n, scores["area"][k], detail)
   fig.legend(handles=[patches.Patch(color=col, label=name) for col, name in
                       zip(CLASS_COLORS, attention_metrics.PART_CLASSES)],
              loc="lower center", ncol=len(CLASS_COLORS), fontsize=9, frameon=False)
