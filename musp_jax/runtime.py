@@ -5,6 +5,8 @@
 - TensorFlow (imported by tfds and clu for file and summary I/O) never takes GPU memory
   from JAX and keeps its C++ logging quiet;
 - the INFO chatter of Orbax, grain and tfds is dropped from the absl log;
+- absl flags count as parsed in tools that parse their own arguments (argparse): grain
+  reads its flags when it starts worker processes;
 - with a config: XLA's persistent compilation cache (a restart skips compiling) and the
   multi-process start-up (`config.distributed`).
 `make_mesh` is the one data-parallel mesh of training and evaluation. `print_error` is
@@ -76,6 +78,8 @@ def setup(config: Any = None) -> None:
   """Everything an entry point does first; `config` (a run config) is optional."""
   hide_gpus_from_tensorflow()
   quiet_library_logs()
+  if not flags.FLAGS.is_parsed():  # an absl app has parsed them already
+    flags.FLAGS.mark_as_parsed()
   if config is not None:
     configure_jax(config)
 

@@ -220,10 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ValueError as e:
     parser.error(str(e))
 
-  from absl import flags  # pylint: disable=g-import-not-at-top
   from musp_jax import runtime  # pylint: disable=g-import-not-at-top
   from musp_jax import train  # pylint: disable=g-import-not-at-top
-  flags.FLAGS.mark_as_parsed()  # grain reads absl flags; this is not an absl app
   runtime.setup()
   root = pathlib.Path(args.workdir).expanduser()
   root.mkdir(parents=True, exist_ok=True)

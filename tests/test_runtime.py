@@ -73,3 +73,18 @@ def test_entry_point_errors_are_one_line_with_exit_codes(capsys):
   with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
     runtime.run_entry_point(lambda: 1 / 0)
   assert runtime.run_entry_point(lambda: 7) == 7
+
+
+def test_tools_with_their_own_argument_parser_can_start_grain_workers():
+  """grain reads absl flags when it starts workers; `python -m musp_jax.visualize demo`
+  (argparse, not an absl app) failed with UnparsedFlagAccessError."""
+  code = ("from absl import flags\n"
+          "from musp_jax import runtime\n"
+          "flags.DEFINE_bool('read_in_a_worker', False, '')  # as grain defines its own\n"
+          "assert not flags.FLAGS.is_parsed()\n"
+          "runtime.setup()\n"
+          "print(flags.FLAGS.read_in_a_worker)\n")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, check=False)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip().splitlines()[-1] == "False"
