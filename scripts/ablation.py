@@ -1,14 +1,15 @@
-"""The paper's ablation (Tables 5-7) in miniature, on the synthetic vehicles.
+"""The paper's ablation (Tables 5 and 6) in miniature, on the synthetic vehicles.
 
-    python scripts/ablation.py --workdir workdirs/ablation               # 2-core CPU, ~50 min
+    python scripts/ablation.py --workdir workdirs/ablation               # 2-core CPU, 34 min
     python scripts/ablation.py --workdir workdirs/ablation --scale 20    # a GPU: 200 epochs
     python scripts/ablation.py ... --set dataset.builder_config=large --set model.depth=50
 
 Trains the bag-of-tricks baseline, MUSP with n = 2, 3, 5 attention maps and MUSP n = 5
 without ESE, each with --seeds seeds, through train.train_and_evaluate (the driver behind
 musp_jax.main), from the demo recipe (configs/synthetic.py) with its training length
-multiplied by --scale (default 0.5: 5 of the demo's 10 epochs, so that 15 runs fit in an
-hour on a 2-core CPU) and any config field changed with --set. Each run evaluates once, at its end, with the protocol and, for
+multiplied by --scale (default 0.5: 5 of the demo's 10 epochs; all 15 runs took 34 min
+on a 2-core CPU) and any config field changed with --set. Each run evaluates once, at its
+end, with the protocol and, for
 MUSP, the attention scores against the ground-truth part masks
 (musp_jax/attention_metrics.py). Prints mean +- standard deviation over seeds (sample
 std, ddof=1) in tables shaped like the paper's Tables 5 (number of attentions) and 6
@@ -40,7 +41,7 @@ VARIANTS = {
     "MUSP n=5": {"model.num_prototypes": 5},
     "MUSP n=5 ESE off": {"model.num_prototypes": 5, "model.ese": "none"},
 }
-DEFAULT_SCALE = 0.5  # of the demo's epochs: 15 runs of 5 epochs fit an hour on 2 cores
+DEFAULT_SCALE = 0.5  # of the demo's epochs: 15 runs of 5 epochs, 34 min on 2 cores
 RETRIEVAL = ("mAP", "CMC@1", "CMC@5")
 ATTENTION = ("parts_on_vehicle", "background_on_background", "background_taken",
              "image_dependence", "part_iou")
@@ -200,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--scale", type=float, default=DEFAULT_SCALE,
                       help="Multiplies the demo recipe's epochs (default: "
-                           f"{DEFAULT_SCALE}, an hour on a 2-core CPU; e.g. 20 on a GPU).")
+                           f"{DEFAULT_SCALE}, 34 min on a 2-core CPU; e.g. 20 on a GPU).")
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--variants", default=",".join(VARIANTS),
                       help=f"Comma-separated subset of: {', '.join(VARIANTS)}.")
