@@ -1,6 +1,5 @@
 """scripts/ablation.py: statistics over seeds, tables, configs, and a tiny run end to end."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -14,14 +13,7 @@ import tools_fixtures
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _load_script():
-  spec = importlib.util.spec_from_file_location("ablation", ROOT / "scripts" / "ablation.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-ablation = _load_script()
+ablation = tools_fixtures.load_script("ablation")
 
 
 def _record(variant, seed, m, c1, bg=None):

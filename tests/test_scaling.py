@@ -1,6 +1,5 @@
 """scripts/scaling.py: efficiency arithmetic, and a tiny end-to-end run on 2 fake devices."""
 
-import importlib.util
 import os
 import pathlib
 import subprocess
@@ -9,14 +8,9 @@ import sys
 import numpy as np
 import pytest
 
+import tools_fixtures
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load_script():
-  spec = importlib.util.spec_from_file_location("scaling", ROOT / "scripts" / "scaling.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def test_efficiency_is_throughput_over_linear():
@@ -25,7 +19,7 @@ def test_efficiency_is_throughput_over_linear():
           {"mode": "strong", "devices": 1, "img_s": 80.0},
           {"mode": "strong", "devices": 2, "img_s": 80.0},
           {"mode": "other", "devices": 2, "img_s": 50.0}]
-  out = _load_script().add_efficiency(rows)
+  out = tools_fixtures.load_script("scaling").add_efficiency(rows)
   assert [r["efficiency"] for r in out[:4]] == pytest.approx([1.0, 0.9, 1.0, 0.5])
   assert np.isnan(out[4]["efficiency"])  # No 1-device baseline to compare with.
 

@@ -1,4 +1,5 @@
-"""Shared set-up of the user-tool tests: a workdir with an untrained model, images.
+"""Shared set-up of the user-tool tests: a workdir with an untrained model, images,
+and the scripts/ modules loaded by path.
 
 A randomly initialised ResNet-18 is enough to test the tools end to end: its
 features are deterministic and differ between images.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import importlib.util
 import pathlib
 import shutil
 import tempfile
@@ -24,6 +26,15 @@ from musp_jax import state as state_lib
 from musp_jax.models import build_model
 
 IMAGE_SIZE = (64, 64)
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+  """scripts/<name>.py as a module (scripts/ is not a package)."""
+  spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def tiny_config(head: str = "musp", num_prototypes: int = 3):
