@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 from tensorboard.util import tensor_util
 
 from configs import synthetic
+from musp_jax import attention_metrics
 from musp_jax import checkpointing
 from musp_jax import datasets
 from musp_jax import evaluator
@@ -111,8 +112,10 @@ def test_run_writes_results_and_checkpoints(reference_run, data_dir):
   # 128 training images in batches of 8: 16 steps an epoch, 2 epochs.
   results = json.loads((reference_run / "results.json").read_text())
   assert (results["step"], results["epoch"]) == (32, 2.0)
-  ((name, row),) = results["results"].items()
-  assert name == "synthetic_vehicles"
+  # The protocol's row, and the attention scores against the synthetic part masks.
+  assert list(results["results"]) == ["synthetic_vehicles", attention_metrics.ROW]
+  name, row = "synthetic_vehicles", results["results"]["synthetic_vehicles"]
+  assert results["results"][attention_metrics.ROW]["num_images"] == 22 + 74  # query + gallery
   # Every query of the tiny set has a gallery match under another camera.
   query = datasets.split_index("synthetic_vehicles", "query", data_dir=str(data_dir),
                                builder_config="tiny")
