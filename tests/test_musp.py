@@ -127,6 +127,18 @@ def randomise(module: torch.nn.Module, seed: int) -> torch.nn.Module:
   return module
 
 
+def feature_maps(seed: int, batch: int = 2, h: int = H, w: int = W) -> np.ndarray:
+  """Non-negative (post-ReLU-like) backbone maps, NHWC float32."""
+  return np.abs(np.random.RandomState(seed).randn(batch, h, w, IN_CHANNELS)).astype(
+      np.float32)
+
+
+def torch_forward(torch_head: torch.nn.Module, maps: np.ndarray) -> dict:
+  """The torch head's outputs (as numpy) on NHWC maps."""
+  with torch.no_grad():
+    return to_numpy(torch_head(torch.from_numpy(maps).permute(0, 3, 1, 2)))
+
+
 def to_numpy(tree):
   return {k: (v.detach().numpy() if torch.is_tensor(v)
               else [t.detach().numpy() for t in v]) for k, v in tree.items()}
@@ -181,10 +193,8 @@ def compare(out, ref, n, variant_cfg, tol=1e-4):
 @pytest.mark.parametrize("variant", [official, paper])
 def test_head_matches_torch(n, variant):
   torch_head, head, variables = head_pair(n, variant(n), seed=n)
-  maps = np.abs(np.random.RandomState(n).randn(2, H, W, IN_CHANNELS)).astype(
-      np.float32)
-  with torch.no_grad():
-    ref = to_numpy(torch_head(torch.from_numpy(maps).permute(0, 3, 1, 2)))
+  maps = feature_maps(n)
+  ref = torch_forward(torch_head, maps)
   out = jax.jit(head.apply)(variables, maps)
   compare(out, ref, n, variant(n))
   assert out["logits"].shape == (2, n, NUM_CLASSES)
@@ -198,10 +208,8 @@ def test_head_matches_torch(n, variant):
 def test_head_switches_match_torch(overrides):
   n = 3
   torch_head, head, variables = head_pair(n, official(n), seed=7, **overrides)
-  maps = np.abs(np.random.RandomState(0).randn(2, H, W, IN_CHANNELS)).astype(
-      np.float32)
-  with torch.no_grad():
-    ref = to_numpy(torch_head(torch.from_numpy(maps).permute(0, 3, 1, 2)))
+  maps = feature_maps(0)
+  ref = torch_forward(torch_head, maps)
   compare(jax.jit(head.apply)(variables, maps), ref, n,
           {**official(n), **overrides})
 
@@ -215,10 +223,8 @@ def test_official_layouts_match_torch(n, overrides):
   assert H != W  # sum * W/H, not the sum
   torch_head, head, variables = head_pair(n, official(n), seed=n + 11,
                                           **overrides)
-  maps = np.abs(np.random.RandomState(n).randn(2, H, W, IN_CHANNELS)).astype(
-      np.float32)
-  with torch.no_grad():
-    ref = to_numpy(torch_head(torch.from_numpy(maps).permute(0, 3, 1, 2)))
+  maps = feature_maps(n)
+  ref = torch_forward(torch_head, maps)
   out = jax.jit(head.apply)(variables, maps)
   compare(out, ref, n, official(n))
   branches = n if overrides.get("global_branch", True) else n - 1
@@ -231,8 +237,7 @@ def test_official_layouts_match_torch(n, overrides):
 def test_official_pooling_is_exactly_sum_on_square_maps():
   n = 4
   _, head, variables = head_pair(n, official(n), seed=5)
-  maps = np.abs(np.random.RandomState(5).randn(2, 7, 7, IN_CHANNELS)).astype(
-      np.float32)
+  maps = feature_maps(5, h=7, w=7)
   summed = jax.jit(head.apply)(variables, maps)
   official_head = flax_head(n, official(n), pooling="official")
   out = jax.jit(official_head.apply)(variables, maps)
@@ -244,11 +249,9 @@ def test_official_pooling_is_exactly_sum_on_square_maps():
 def test_train_mode_matches_torch_batch_statistics():
   n = 4
   torch_head, head, variables = head_pair(n, official(n), seed=3)
-  maps = np.abs(np.random.RandomState(3).randn(4, H, W, IN_CHANNELS)).astype(
-      np.float32)
+  maps = feature_maps(3, batch=4)
   torch_head.train()
-  with torch.no_grad():
-    ref = to_numpy(torch_head(torch.from_numpy(maps).permute(0, 3, 1, 2)))
+  ref = torch_forward(torch_head, maps)
   out, updated = jax.jit(lambda v, x: head.apply(
       v, x, train=True, mutable=["batch_stats"]))(variables, maps)
   assert relative_error(out["logits"], ref["logits"]) <= 1e-4
@@ -273,8 +276,7 @@ def test_bnneck_running_statistics_match_torch_after_steps(global_branch):
     maps = np.abs(rng.randn(6, H, W, IN_CHANNELS)).astype(np.float32)
     _, updated = step(variables, maps)
     variables = {**variables, **updated}
-    with torch.no_grad():
-      torch_head(torch.from_numpy(maps).permute(0, 3, 1, 2))
+    torch_forward(torch_head, maps)
   stats = variables["batch_stats"]
   necks = [("part_branches", torch_head.neck[:n - 1])]
   if global_branch:
@@ -290,8 +292,7 @@ def test_bnneck_running_statistics_match_torch_after_steps(global_branch):
 def test_bnneck_bias_gets_no_gradient_and_classifier_has_no_bias():
   n = 3
   _, head, variables = head_pair(n, official(n), seed=1)
-  maps = np.abs(np.random.RandomState(1).randn(2, H, W, IN_CHANNELS)).astype(
-      np.float32)
+  maps = feature_maps(1)
 
   def loss(params):
     out, _ = head.apply({**variables, "params": params}, maps, train=True,
