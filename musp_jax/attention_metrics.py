@@ -49,13 +49,8 @@ import math
 from typing import Any, Sequence
 
 import cv2
-import jax
 import numpy as np
-from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from musp_jax import features
 from tfds_builders.synthetic_vehicles.render import PART_CLASSES
 
 ROW = "attention vs part masks"  # the name of the scores' entry among the result rows
@@ -236,32 +231,12 @@ def has_part_masks(sources: Sequence[Sequence[dict[str, Any]]]) -> bool:
   return all(len(s) and MASK_KEY in s[0] for s in sources)
 
 
-def evaluate(model, variables, sources: Sequence[Sequence[dict[str, Any]]], config,
-             mesh) -> dict[str, Any]:
-  """Scores a MUSP model's attention on the splits' images (JSON-ready, `to_row`).
-
-  Runs the test transform in fixed-shape, padded batches of config.eval.batch_size
-  sharded over the mesh; every process ends with the same row.
-  """
-  from musp_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  fn = features.jitted_attention(model, config.input.normalize)
-  batch_sharding = NamedSharding(mesh, P("data"))
-  variables = jax.device_put(variables, NamedSharding(mesh, P()))  # no copy if already
-  maps, fractions = [], []
+def score_splits(maps_NxHxWxK: np.ndarray,
+                 sources: Sequence[Sequence[dict[str, Any]]]) -> dict[str, Any]:
+  """Scores the maps of every record of the splits, in order (JSON-ready, `to_row`)."""
+  fractions = []
   for source in sources:
-    batches = input_pipeline.eval_batches(
-        source, config.input, batch_size=config.eval.batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    for batch in batches:
-      att = fn(variables, input_pipeline.device_put_batch(batch["image"], batch_sharding))
-      keep, index = batch["mask"], batch["index"]
-      if jax.process_count() > 1:
-        att = multihost_utils.process_allgather(att)
-        keep, index = multihost_utils.process_allgather((keep, index), tiled=True)
-      att = np.asarray(att)
-      for a, i in zip(att[np.asarray(keep, bool)], index[np.asarray(keep, bool)]):
-        mask = decode_mask(source[int(i)][MASK_KEY], where=f"record {int(i)}")
-        maps.append(a)
-        fractions.append(class_fractions(mask, a.shape[:2]))
-    batches.close()
-  return to_row(attention_scores(np.stack(maps), np.stack(fractions)), len(maps))
+    for i in range(len(source)):
+      mask = decode_mask(source[i][MASK_KEY], where=f"record {i}")
+      fractions.append(class_fractions(mask, maps_NxHxWxK.shape[1:3]))
+  return to_row(attention_scores(maps_NxHxWxK, np.stack(fractions)), len(maps_NxHxWxK))

@@ -28,34 +28,56 @@ from musp_jax import retrieval
 ROW_METRICS = ("mAP", "CMC@1", "CMC@5", "CMC@10", "mINP")
 
 
-def extract_features(model, variables, source, config: ml_collections.ConfigDict, mesh, *,
-                     desc: str = "features") -> dict[str, np.ndarray]:
-  """Runs the model over a whole split -> {"feats": (N,P,C), "areas": (N,P)} in order."""
+def apply_to_split(fn, variables, source, config: ml_collections.ConfigDict, mesh, *,
+                   desc: str) -> tuple[np.ndarray, ...]:
+  """Runs `fn(variables, uint8 images)` over a whole split -> each of its outputs as
+  (N, ...) float32 in record order.
+
+  Test transform, fixed-shape padded batches of config.eval.batch_size sharded over
+  the mesh (grain workers); every process ends with every row.
+  """
   batch_sharding = NamedSharding(mesh, P("data"))
   variables = jax.device_put(variables, NamedSharding(mesh, P()))  # no copy if already
-  embed_fn = features.jitted_embed(model, bool(config.eval.flip), config.input.normalize)
-  feats = areas = None
+  outs = None
   batches = input_pipeline.eval_batches(
       source, config.input, batch_size=config.eval.batch_size,
       process_index=jax.process_index(), process_count=jax.process_count())
   total = input_pipeline.num_eval_batches(len(source), config.eval.batch_size)
   for batch in tqdm.tqdm(batches, total=total, desc=desc, leave=False,
                          disable=jax.process_index() > 0):
-    f, a = embed_fn(variables, input_pipeline.device_put_batch(batch["image"], batch_sharding))
+    ys = fn(variables, input_pipeline.device_put_batch(batch["image"], batch_sharding))
+    ys = ys if isinstance(ys, tuple) else (ys,)
     keep, index = batch["mask"], batch["index"]
     if jax.process_count() > 1:
       # Each process fed its rows; every process gathers the whole batch.
-      f, a = multihost_utils.process_allgather((f, a))
+      ys = multihost_utils.process_allgather(ys)
       keep, index = multihost_utils.process_allgather((keep, index), tiled=True)
-    f, a = np.asarray(f), np.asarray(a)
-    if feats is None:
-      feats = np.zeros((len(source), *f.shape[1:]), np.float32)
-      areas = np.zeros((len(source), *a.shape[1:]), np.float32)
+    ys = [np.asarray(y) for y in ys]
+    if outs is None:
+      outs = [np.zeros((len(source), *y.shape[1:]), np.float32) for y in ys]
     keep = np.asarray(keep, bool)
-    feats[index[keep]] = f[keep]
-    areas[index[keep]] = a[keep]
+    for out, y in zip(outs, ys):
+      out[index[keep]] = y[keep]
   batches.close()
+  return tuple(outs)
+
+
+def extract_features(model, variables, source, config: ml_collections.ConfigDict, mesh, *,
+                     desc: str = "features") -> dict[str, np.ndarray]:
+  """Runs the model over a whole split -> {"feats": (N,P,C), "areas": (N,P)} in order."""
+  embed_fn = features.jitted_embed(model, bool(config.eval.flip), config.input.normalize)
+  feats, areas = apply_to_split(embed_fn, variables, source, config, mesh, desc=desc)
   return {"feats": feats, "areas": areas}
+
+
+def attention_row(model, variables, sources, config: ml_collections.ConfigDict, mesh
+                  ) -> dict:
+  """A MUSP model's attention on the splits' images, scored against their ground-truth
+  part masks (attention_metrics; JSON-ready)."""
+  attention_fn = features.jitted_attention(model, config.input.normalize)
+  maps = [apply_to_split(attention_fn, variables, source, config, mesh, desc="attention")[0]
+          for source in sources]
+  return attention_metrics.score_splits(np.concatenate(maps), sources)
 
 
 def split_features(model, variables, config: ml_collections.ConfigDict, mesh
@@ -85,8 +107,7 @@ def evaluate(model, variables, config: ml_collections.ConfigDict, mesh) -> dict:
     sources = [datasets.load_split(target.name, split, **kw)
                for split in target.splits.values()]
     if attention_metrics.has_part_masks(sources):
-      rows[attention_metrics.ROW] = attention_metrics.evaluate(model, variables, sources,
-                                                               config, mesh)
+      rows[attention_metrics.ROW] = attention_row(model, variables, sources, config, mesh)
   return rows
 
 

@@ -10,6 +10,7 @@ import pytest
 import tools_fixtures
 from musp_jax import attention_metrics as am
 from musp_jax import datasets
+from musp_jax import evaluator
 from musp_jax import features
 from musp_jax import inference
 from musp_jax import runtime
@@ -115,7 +116,8 @@ def test_model_scores_on_a_split_match_a_direct_computation():
   gallery = datasets.load_split(config.dataset.name, "gallery", **kw)
   sources = [list(query)[:5], list(gallery)[:6]]  # 5 + 6 images in batches of 8: padded
   assert am.has_part_masks(sources) and not am.has_part_masks([[{"image": b""}]])
-  row = am.evaluate(loaded.model, loaded.variables, sources, config, runtime.make_mesh())
+  row = evaluator.attention_row(loaded.model, loaded.variables, sources, config,
+                                runtime.make_mesh())
 
   records = sources[0] + sources[1]
   pixels = np.stack([inference.resize_to_model(config, inference.decode_image(r["image"], where=""))
