@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from musp_jax.models import weights
+from musp_jax import checkpointing
 
 
 @flax.struct.dataclass
@@ -51,13 +51,16 @@ def abstract_train_state(model, tx, image_size, sharding) -> TrainState:
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
 
 
-def create_train_state(model, tx, image_size, *, seed: int, mesh,
-                       init_from: str = "") -> tuple[TrainState, NamedSharding]:
-  """Initialises (or imports) the state directly into replicated device memory."""
+def create_train_state(model, tx, image_size, *, seed: int, mesh, init_from: str = "",
+                       model_config=None) -> tuple[TrainState, NamedSharding]:
+  """Initialises the state directly into replicated device memory, with the weights
+  of `init_from` (model.init_from: checkpointing.initial_variables) merged in.
+  `model_config` (config.model) names the differing fields when they do not fit."""
   replicated = NamedSharding(mesh, P())
   init = functools.partial(_init_state, model, tx, image_size, seed)
   if not init_from:
     return jax.jit(init, out_shardings=replicated)(), replicated
   variables = jax.jit(lambda: init().variables, out_shardings=replicated)()
-  variables = jax.device_put(weights.load_init(variables, init_from), replicated)
+  variables = jax.device_put(checkpointing.initial_variables(
+      variables, init_from, model_config=model_config), replicated)
   return jax.jit(init, out_shardings=replicated)(variables), replicated

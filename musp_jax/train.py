@@ -187,7 +187,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
   tx = optim.make_optimizer(config.optim, steps_per_epoch)
   state, state_sharding = state_lib.create_train_state(
       model, tx, config.input.image_size, seed=config.seed, mesh=mesh,
-      init_from=config.model.init_from)
+      init_from=config.model.init_from, model_config=config.model)
 
   manager = checkpointing.make_manager(workdir / "checkpoints", keep=config.keep_checkpoints)
   state, start_step = _resume(manager, state, config, model, tx, state_sharding,
