@@ -58,6 +58,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # recipe's square 256x256 "sum" equals "official" exactly; "sum" stays the default
   # because a feature's scale should not depend on the aspect ratio (imports of
   # official checkpoints get "official", which reproduces them at any size).
+  # normalized: the sum divided by the map's area (a departure for studying the
+  # attention, README "Synthetic vehicles").
   c.model.pooling = "sum"
   c.model.ese = "all"  # all: on n parts (official) | kept: on n-1 parts (paper) | none
   c.model.ese_reduction = 16

@@ -24,7 +24,7 @@ VARIANTS = {
     # A backbone for model.init_from, as ImageNet weights are for the licensed datasets:
     # the baseline trained on 1,000 identities that are in no other set (scenes.SETS).
     "pretrain": {"dataset.builder_config": "pretrain", "model.head": "baseline",
-                 "optim.num_epochs": 8, "optim.milestones": (7,)},
+                 "optim.num_epochs": 4, "optim.milestones": (3,)},
 }
 
 

@@ -246,6 +246,33 @@ def test_official_pooling_is_exactly_sum_on_square_maps():
     np.testing.assert_array_equal(out[k], summed[k], err_msg=k)
 
 
+def test_attention_departures_against_the_official_head():
+  """The study's options (default off), each from the official head's own outputs:
+  temperature T gives softmax(log A / T), normalized pooling divides each part by its
+  map's area, and the init scale multiplies the attention conv's initial kernel."""
+  n = 4
+  _, head, variables = head_pair(n, official(n), seed=6, ese="none")
+  maps = feature_maps(6)
+  out = jax.jit(head.apply)(variables, maps)
+  a = np.asarray(out["attention"], np.float64)
+  hot = jax.jit(flax_head(n, official(n), ese="none", attention_temperature=3.0).apply)(
+      variables, maps)
+  logits = np.log(a) / 3.0
+  want = np.exp(logits - logits.max(-1, keepdims=True))
+  np.testing.assert_allclose(hot["attention"], want / want.sum(-1, keepdims=True),
+                             rtol=1e-4, atol=1e-7)
+  averaged = jax.jit(flax_head(n, official(n), ese="none", pooling="normalized").apply)(
+      variables, maps)
+  area = a.sum(axis=(1, 2))[:, :n - 1, None]  # the kept maps' areas, in cells
+  np.testing.assert_allclose(averaged["feats"][:, :n - 1],
+                             np.asarray(out["feats"][:, :n - 1]) / area, rtol=1e-5)
+  np.testing.assert_array_equal(averaged["feats"][:, -1], out["feats"][:, -1])  # global
+  key, x = jax.random.key(0), jnp.asarray(maps)
+  kernel = [flax_head(n, official(n), attention_init_scale=s).init(key, x)["params"]
+            ["attention_conv"]["kernel"] for s in (1.0, 0.1)]
+  np.testing.assert_allclose(kernel[1], 0.1 * np.asarray(kernel[0]), rtol=1e-5)
+
+
 def test_train_mode_matches_torch_batch_statistics():
   n = 4
   torch_head, head, variables = head_pair(n, official(n), seed=3)

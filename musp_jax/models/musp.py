@@ -31,7 +31,7 @@ linear_init = nn.initializers.normal(stddev=0.01)
 
 _CHOICES = {
     "value_conv": ("depthwise", "full"),
-    "pooling": ("sum", "official", "mean"),
+    "pooling": ("sum", "official", "mean", "normalized"),
     "ese": ("all", "kept", "none"),
     "attention": ("softmax", "sigmoid"),
     "global_feature": ("value_mean", "backbone_gap"),
@@ -136,6 +136,9 @@ class MUSPHead(nn.Module):
     pooling: "sum" over pixels / "mean". "official" is the official line
       `bmm(...) / h*w`, which Python reads as (sum / h) * w: "sum" on square
       maps, sum * w/h otherwise (what the authors' checkpoints see there).
+      "normalized" (a departure, for studying the attention): the sum divided
+      by the map's area, a weighted average whose scale does not grow with
+      the area the map takes.
     ese: "all" n parts before dropping the background / "kept" n-1 parts /
       "none".
     ese_reduction: hidden width = ESE input width // ese_reduction.
@@ -225,6 +228,9 @@ class MUSPHead(nn.Module):
     elif self.pooling == "official":
       # (sum / h) * w as one factor: exactly 1.0, hence exactly "sum", when h == w.
       parts_BxNxC = parts_BxNxC * (w / h)
+    elif self.pooling == "normalized":
+      area_BxNx1 = jnp.sum(attention_BxHxWxN, axis=(1, 2))[..., None]
+      parts_BxNxC = parts_BxNxC / jnp.maximum(area_BxNx1, 1e-6)
     if self.ese == "all":
       parts_BxNxC = ESE(self.ese_reduction, name="ese")(parts_BxNxC)
     parts_BxKxC = parts_BxNxC[:, :-1]  # drop the background prototype
