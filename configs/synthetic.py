@@ -22,7 +22,7 @@ VARIANTS = {
                  "input.image_size": (64, 64)},
     **{size: {"dataset.builder_config": size} for size in ("tiny", "small", "large", "parts")},
     # A backbone for model.init_from, as ImageNet weights are for the licensed datasets:
-    # the baseline trained on 1,000 identities that are in no other set (scenes.SETS).
+    # the baseline trained on 200 identities that are in no other set (scenes.SETS).
     "pretrain": {"dataset.builder_config": "pretrain", "model.head": "baseline",
                  "optim.num_epochs": 4, "optim.milestones": (3,)},
 }

@@ -59,9 +59,12 @@ SETS: dict[str, tuple[str, SetSpec]] = {
               "differ only in roof item, lamps, wheels, sticker and stripe; 2,000 images.",
               SetSpec(num_train_ids=150, num_test_ids=50, images_per_id=10, num_cameras=8,
                       identities="parts", group_size=10)),
-    "pretrain": ("Pretraining: 1,000 identities none of which is in another set; "
+    # Few identities with many images each: an identity turns up in a 32-image PK batch
+    # every 25 steps (with 1,000 identities of 8 images, every 125: in 1,000 steps the
+    # identity loss did not move from log(1000)).
+    "pretrain": ("Pretraining: 200 identities none of which is in another set; "
                  "8,400 images seen by 20 other cameras.",
-                 SetSpec(num_train_ids=1000, num_test_ids=50, images_per_id=8,
+                 SetSpec(num_train_ids=200, num_test_ids=10, images_per_id=40,
                          num_cameras=20, seed=1, identities="pretrain")),
 }
 
