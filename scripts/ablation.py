@@ -32,9 +32,10 @@ memory and needs only jax, flax, optax, orbax, numpy and OpenCV, as on a bare GP
 `pretrain` recipe of configs/synthetic.py (its length times S; --pretrain_set changes
 its fields) into <workdir>/pretrain and starts every run from it (model.init_from).
 Runs live in <workdir>/<variant>/seed<k>; a finished run is read back, an interrupted
-one resumes (train) or starts again (core), so the command can simply be run again;
---deadline stops starting runs after that many minutes and reports those finished.
---dry-run runs the core runner at tiny shapes (tests).
+one resumes (train) or starts again (core), so the command can simply be run again.
+The baseline and MUSP n = 5 run first, seed by seed, then the other variants; the tables
+are rewritten after every run, and --deadline stops starting runs after that many
+minutes. --dry-run runs the core runner at tiny shapes (tests), whatever else is set.
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ RUNNERS = ("train", "core")
 # --dry-run: the core runner at tiny shapes, one short epoch (tests).
 DRY_RUN = (("dataset.builder_config", "tiny"), ("input.image_size", (32, 32)),
            ("input.num_ids", 4), ("input.num_instances", 2), ("eval.batch_size", 32),
-           ("model.depth", 18), ("optim.num_epochs", 1), ("optim.warmup_epochs", 0),
-           ("optim.milestones", ()))
+           ("model.depth", 18), ("model.conv_impl", "xla"), ("optim.num_epochs", 1),
+           ("optim.warmup_epochs", 0), ("optim.milestones", ()))
 
 
 def _set(c, key: str, value: Any) -> None:
@@ -135,7 +136,27 @@ def read_run(workdir: pathlib.Path) -> dict[str, Any]:
   for k in ATTENTION + COUNTS:
     out[k] = None if attention is None else attention[k]
   out["step"] = int(results["step"])
+  if "reference" in results:  # core runs: the ground truth scored as maps
+    out["reference"] = {k: results["reference"][k] for k in ("grid",) + ATTENTION + COUNTS}
   return out
+
+
+# The ground-truth part map as n = 5 maps (the last the background): what a perfect
+# soft partition scores at a map size (cells mix classes on small maps).
+REFERENCE_GROUPS = (("body",), ("windows",), ("lamps", "wheels"),
+                    ("roof item", "sticker/stripe"), ("background",))
+
+
+def reference_row(masks, grid_hw: tuple[int, int]) -> dict[str, Any]:
+  """The attention scores of REFERENCE_GROUPS drawn from the label maps themselves."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from musp_jax import attention_metrics  # pylint: disable=g-import-not-at-top
+  fractions = np.stack([attention_metrics.class_fractions(m, grid_hw) for m in masks])
+  groups = [[attention_metrics.PART_CLASSES.index(c) for c in g] for g in REFERENCE_GROUPS]
+  maps = np.stack([fractions[..., g].sum(-1) for g in groups], -1)
+  row = attention_metrics.to_row(attention_metrics.attention_scores(maps, fractions),
+                                 len(masks))
+  return {"grid": list(grid_hw), **{k: row[k] for k in ATTENTION + COUNTS}}
 
 
 def aggregate(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -226,6 +247,14 @@ def tables(stats: dict[str, dict[str, Any]], records: Sequence[dict[str, Any]] =
       total = len(s["seeds"])
       lines.append(f"| {name} | " + " | ".join(_cell(s[k], total) for k in ATTENTION)
                    + " | " + " | ".join(_cell(s[k], total, 1.0) for k in COUNTS) + " |")
+  references = {}
+  for r in records:
+    if "reference" in r:
+      references.setdefault(tuple(r["reference"]["grid"]), r["reference"])
+  for (h, w), ref in references.items():
+    lines.append(f"| ground truth as 5 maps, {h} x {w} (reference) | " + " | ".join(
+        "-" if ref[k] is None else f"{100 * ref[k]:.1f}" for k in ATTENTION)
+                 + f" | {ref['distinct_parts']} |")
   return "\n".join(lines) + "\n"
 
 
@@ -317,6 +346,10 @@ class CoreRunner:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     results = {"step": int(self.core_run.schedule(config, len(splits["train"]))[1]),
                "seconds": trained.seconds, "history": trained.history, "results": rows}
+    if maps:
+      masks = [attention_metrics.decode_mask(m, where=n) for role in ("query", "gallery")
+               for m, n in zip(splits[role].part_masks, splits[role].file_names)]
+      results["reference"] = reference_row(masks, maps["query"].shape[1:3])
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
 
 
@@ -344,6 +377,37 @@ def maps_picture(workdir: pathlib.Path, path: pathlib.Path) -> str | None:
                                            [str(n) for n in f["names"]])
   fig.savefig(str(path), dpi=60)
   return str(path)
+
+
+def run_order(variants: Sequence[str], seeds: int) -> list[tuple[str, int]]:
+  """(variant, seed) in the order they run: MUSP n = 5 and the baseline first, seed by
+  seed (the comparison that matters most, complete when a deadline stops the rest),
+  then every other variant's seed 0, seed 1, ..."""
+  first = [v for v in ("baseline", "MUSP n=5") if v in variants]
+  rest = [v for v in variants if v not in first]
+  return ([(v, k) for k in range(seeds) for v in first]
+          + [(v, k) for k in range(seeds) for v in rest])
+
+
+def write_tables(root: pathlib.Path, args, records, pretrain, skipped, elapsed: float
+                 ) -> tuple[str, dict]:
+  """Writes ablation.md and ablation.json for the runs so far; returns the text and
+  the statistics."""
+  stats = aggregate(records)
+  text = tables(stats, records) + f"\n{len(records)} runs (scale {args.scale:g}) in " \
+      f"{elapsed / 60:.1f} min.\n"
+  if pretrain:
+    text += (f"Every run started from the pretraining run ({pretrain['step']} steps, mAP "
+             f"{100 * pretrain['mAP']:.1f} on its own test split).\n")
+  if skipped:
+    text += f"Not run (--deadline {args.deadline:g} min): " + ", ".join(
+        f"{v} seed {k}" for v, k in skipped) + ".\n"
+  (root / "ablation.md").write_text(text)
+  (root / "ablation.json").write_text(json.dumps(
+      {"scale": args.scale, "config": args.config, "runner": args.runner,
+       "seconds": elapsed, "pretrain": pretrain, "runs": records, "stats": stats,
+       "skipped": skipped}, indent=2))
+  return text, stats
 
 
 def _run_dir(root: pathlib.Path, variant: str, seed: int) -> pathlib.Path:
@@ -387,9 +451,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.seeds < 1 or args.scale <= 0 or args.pretrain_scale < 0 or args.deadline < 0:
     parser.error("--seeds must be >= 1, --scale > 0, --pretrain_scale and --deadline >= 0.")
   overrides, pretrain_overrides = list(args.set), list(args.pretrain_set)
-  if args.dry_run:
+  if args.dry_run:  # tiny shapes whatever else is set
     args.runner = "core"
-    overrides, pretrain_overrides = list(DRY_RUN) + overrides, list(DRY_RUN) + pretrain_overrides
+    overrides, pretrain_overrides = overrides + list(DRY_RUN), pretrain_overrides + list(DRY_RUN)
   try:
     checked = run_config(variants[0], 0, scale=args.scale, overrides=overrides,
                          words=args.config)
@@ -422,41 +486,28 @@ def main(argv: Sequence[str] | None = None) -> int:
           flush=True)
     overrides.append(("model.init_from", str(workdir)))
   skipped = []
-  for seed in range(args.seeds):
-    for variant in variants:
-      if args.deadline and time.time() - start > 60 * args.deadline:
-        skipped.append((variant, seed))
-        continue
-      config = run_config(variant, seed, scale=args.scale, overrides=overrides,
-                          words=args.config)
-      workdir = _run_dir(root, variant, seed)
-      t = time.time()
-      if args.runner == "train" or not (workdir / "results.json").exists():
-        runner(config, workdir)
-      record = {"variant": variant, "seed": seed, **read_run(workdir),
-                "seconds": time.time() - t, "load": os.getloadavg()[0]}
-      records.append(record)
-      attention = "".join(f", {k} {100 * record[k]:.1f}" if k not in COUNTS else
-                          f", {k} {record[k]}" for k in ATTENTION + COUNTS
-                          if record.get(k) is not None)
-      print(f"{variant}, seed {seed}: mAP {100 * record['mAP']:.1f}, CMC@1 "
-            f"{100 * record['CMC@1']:.1f}{attention} ({record['step']} steps, "
-            f"{record['seconds']:.0f} s, load {record['load']:.1f})", flush=True)
-  stats = aggregate(records)
-  elapsed = time.time() - start
-  text = tables(stats, records) + f"\n{len(records)} runs (scale {args.scale:g}) in " \
-      f"{elapsed / 60:.1f} min.\n"
-  if pretrain:
-    text += (f"Every run started from the pretraining run ({pretrain['step']} steps, mAP "
-             f"{100 * pretrain['mAP']:.1f} on its own test split).\n")
-  if skipped:
-    text += f"Not run (--deadline {args.deadline:g} min): " + ", ".join(
-        f"{v} seed {k}" for v, k in skipped) + ".\n"
-  (root / "ablation.md").write_text(text)
-  (root / "ablation.json").write_text(json.dumps(
-      {"scale": args.scale, "config": args.config, "runner": args.runner,
-       "seconds": elapsed, "pretrain": pretrain, "runs": records, "stats": stats,
-       "skipped": skipped}, indent=2))
+  for variant, seed in run_order(variants, args.seeds):
+    if args.deadline and time.time() - start > 60 * args.deadline:
+      skipped.append((variant, seed))
+      continue
+    config = run_config(variant, seed, scale=args.scale, overrides=overrides,
+                        words=args.config)
+    workdir = _run_dir(root, variant, seed)
+    t = time.time()
+    if args.runner == "train" or not (workdir / "results.json").exists():
+      runner(config, workdir)
+    record = {"variant": variant, "seed": seed, **read_run(workdir),
+              "seconds": time.time() - t, "load": os.getloadavg()[0]}
+    records.append(record)
+    attention = "".join(f", {k} {100 * record[k]:.1f}" if k not in COUNTS else
+                        f", {k} {record[k]}" for k in ATTENTION + COUNTS
+                        if record.get(k) is not None)
+    print(f"{variant}, seed {seed}: mAP {100 * record['mAP']:.1f}, CMC@1 "
+          f"{100 * record['CMC@1']:.1f}{attention} ({record['step']} steps, "
+          f"{record['seconds']:.0f} s, load {record['load']:.1f})", flush=True)
+    # The tables so far: a run stopped from outside still leaves them.
+    write_tables(root, args, records, pretrain, skipped, time.time() - start)
+  text, stats = write_tables(root, args, records, pretrain, skipped, time.time() - start)
   written = [root / "ablation.md", root / "ablation.json"]
   try:
     figure(stats, records, root / "ablation.png")
