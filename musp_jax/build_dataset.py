@@ -24,7 +24,7 @@ from absl import flags
 import tensorflow_datasets as tfds
 
 from musp_jax import datasets
-from musp_jax import runtime
+from musp_jax.runtime import process
 
 _MANUAL_DIR = flags.DEFINE_string(
     "manual_dir", "", "Folder of the manual download (licensed datasets).")
@@ -52,8 +52,8 @@ def main(argv: Sequence[str]) -> int:
     report = datasets.build(name, data_dir=_DATA_DIR.value, builder_config=config,
                             manual_dir=_MANUAL_DIR.value, strict=_STRICT.value,
                             rebuild=_REBUILD.value)
-  except runtime.USER_ERRORS as e:
-    runtime.print_error(e, verbose=_VERBOSE.value)
+  except process.USER_ERRORS as e:
+    process.print_error(e, verbose=_VERBOSE.value)
     return 1
   if report.rebuilt_because:
     print(f"Rebuilt {name}, replacing the last build: {'; '.join(report.rebuilt_because)}.")

@@ -15,7 +15,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from musp_jax import runtime
+from musp_jax.runtime import process
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "workdirs/demo", "Where logs, checkpoints and results go.")
@@ -68,16 +68,16 @@ def reference_rows(config, mesh) -> tuple[dict, dict | None]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  runtime.setup()
+  process.setup()
   from musp_jax import attention_metrics  # pylint: disable=g-import-not-at-top
   from musp_jax import evaluator  # pylint: disable=g-import-not-at-top
   from musp_jax import outputs  # pylint: disable=g-import-not-at-top
   from musp_jax import train  # pylint: disable=g-import-not-at-top
 
   config = FLAGS.config
-  results = runtime.run_entry_point(lambda: train.train_and_evaluate(config, FLAGS.workdir))
+  results = process.run_entry_point(lambda: train.train_and_evaluate(config, FLAGS.workdir))
   trained = next(iter(results["results"].values()))
-  references, random_attention = reference_rows(config, runtime.make_mesh())
+  references, random_attention = reference_rows(config, process.make_mesh())
   rows = {"MUSP trained (this run)": trained, **references}
   table = evaluator.markdown_table({"step": results["step"], "results": rows})
   ratio = trained["mAP"] / max(rows["random weights"]["mAP"], 1e-12)
@@ -108,4 +108,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=runtime.parse_flags)
+  app.run(main, flags_parser=process.parse_flags)

@@ -21,7 +21,7 @@ import numpy as np
 
 from musp_jax import inference
 from musp_jax import retrieval
-from musp_jax import runtime
+from musp_jax.runtime import process
 
 
 def add_model_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -60,18 +60,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--flip", action="store_true",
                       help="Average the features of each image and its mirror image.")
-  runtime.add_verbose_arg(parser)
+  process.add_verbose_arg(parser)
   args = parser.parse_args(argv)
   if not args.out.endswith(".npz"):
     parser.error(f"--out {args.out}: expected a .npz path.")
   logging.basicConfig(level=logging.INFO, format="%(message)s")
-  runtime.setup()
+  process.setup()
   try:
     loaded = load_model(args)
     features = embed(loaded, args.images, args.out, batch_size=args.batch_size,
                      flip=args.flip)
-  except runtime.USER_ERRORS as e:
-    runtime.print_error(e, verbose=args.verbose)
+  except process.USER_ERRORS as e:
+    process.print_error(e, verbose=args.verbose)
     return 2
   print(f"Wrote {args.out}: {len(features)} images, feats {features.feats.shape[1:]} "
         f"(P, C), model {loaded.source}.")

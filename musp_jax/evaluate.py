@@ -145,8 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error("--keep_junk: each --protocol fixes its own junk rule.")
   if args.size and args.protocol not in ("vehicle_id", "veri_wild"):
     parser.error("--size names the rows of --protocol vehicle_id or veri_wild only.")
-  from musp_jax import runtime  # pylint: disable=g-import-not-at-top
-  runtime.setup()
+  from musp_jax.runtime import process  # pylint: disable=g-import-not-at-top
+  process.setup()
   try:
     report = evaluate(
         query=args.query, gallery=args.gallery, test=args.test, protocol=args.protocol,
@@ -162,8 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(evaluator.markdown_table(report, title=title))
     if args.json:
       _write_json(args.json, report)
-  except runtime.USER_ERRORS as e:
-    runtime.print_error(e, verbose=args.verbose)
+  except process.USER_ERRORS as e:
+    process.print_error(e, verbose=args.verbose)
     return 2
   return 0
 

@@ -230,7 +230,7 @@ def load(path: str) -> ExportedModel:
 
 def main(argv: Sequence[str] | None = None) -> int:
   from musp_jax import embed  # pylint: disable=g-import-not-at-top
-  from musp_jax import runtime  # pylint: disable=g-import-not-at-top
+  from musp_jax.runtime import process  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(
       prog="python -m musp_jax.export", description=__doc__.split("\n\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -245,14 +245,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="jax format: platforms to lower for (default: cpu cuda).")
   parser.add_argument("--no_verify", action="store_true",
                       help="onnx format: skip the onnxruntime parity check.")
-  runtime.add_verbose_arg(parser)
+  process.add_verbose_arg(parser)
   args = parser.parse_args(argv)
   suffix = ".onnx" if args.format == "onnx" else ".npz"
   if not args.out.endswith(suffix):
     parser.error(f"--out {args.out}: expected a {suffix} path for --format {args.format}.")
   if args.platforms and args.format == "onnx":
     parser.error("--platforms is for --format jax; an ONNX model runs where its runtime does.")
-  runtime.setup()
+  process.setup()
   if args.format == "onnx" and not args.no_verify:
     try:
       import onnxruntime  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
@@ -282,8 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       serialized, metadata = export(loaded, input_hw=args.input_size, flip=args.flip,
                                     platforms=args.platforms or ("cpu", "cuda"))
       save(args.out, serialized, metadata)
-  except (*runtime.USER_ERRORS, NotImplementedError) as e:
-    runtime.print_error(e, verbose=args.verbose)
+  except (*process.USER_ERRORS, NotImplementedError) as e:
+    process.print_error(e, verbose=args.verbose)
     return 2
   print(f"Wrote {args.out} ({len(serialized) / 2**20:.1f} MiB): "
         f"{json.dumps(metadata['input'])} -> {json.dumps(metadata['outputs'])}")

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from configs import common
 from musp_jax import outputs
-from musp_jax import runtime
+from musp_jax.runtime import process
 from musp_jax.models import build_model
 from musp_jax.models import resnet
 from musp_jax.models import weights
@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--out", required=True, help="output Orbax directory")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace --out if import_weights wrote it")
-  runtime.add_verbose_arg(parser)
+  process.add_verbose_arg(parser)
   args = parser.parse_args(argv)
   out = os.path.abspath(args.out)
   try:
@@ -108,8 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
       variables, metadata = import_musp(args.musp)
     write(out, variables, metadata, overwrite=args.overwrite)
-  except runtime.USER_ERRORS as e:
-    runtime.print_error(e, verbose=args.verbose)
+  except process.USER_ERRORS as e:
+    process.print_error(e, verbose=args.verbose)
     return 2
   _log(f"wrote {out}")
   if metadata["kind"] == "model":

@@ -13,7 +13,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from musp_jax import runtime
+from musp_jax.runtime import process
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and results.")
@@ -30,10 +30,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if FLAGS.mode == "train" and FLAGS.step is not None:
-    runtime.exit_with_error(
+    process.exit_with_error(
         f"--step={FLAGS.step} is only for --mode=eval; training always resumes from the "
         f"latest checkpoint of --workdir {FLAGS.workdir}.")
-  runtime.setup()
+  process.setup()
   from musp_jax import evaluator  # pylint: disable=g-import-not-at-top
   from musp_jax import train  # pylint: disable=g-import-not-at-top
   logging.info("Config:\n%s", FLAGS.config)
@@ -41,7 +41,7 @@ def main(argv):
     run = lambda: train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   else:
     run = lambda: train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, step=FLAGS.step)
-  results = runtime.run_entry_point(run, verbose=FLAGS.verbose)
+  results = process.run_entry_point(run, verbose=FLAGS.verbose)
   if results.get("results"):
     print(evaluator.markdown_table(results), flush=True)
   if "not_written" in results:
@@ -49,4 +49,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=runtime.parse_flags)
+  app.run(main, flags_parser=process.parse_flags)

@@ -36,7 +36,7 @@ from musp_jax import features
 from musp_jax import inference
 from musp_jax import outputs
 from musp_jax import retrieval
-from musp_jax import runtime
+from musp_jax.runtime import process
 
 DISTANCES = ("cam_squared", "cam")
 
@@ -170,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "instead of the table).")
   parser.add_argument("--batch_size", type=int, default=32)
   embed_lib.add_model_args(parser, required=False)
-  runtime.add_verbose_arg(parser)
+  process.add_verbose_arg(parser)
   args = parser.parse_args(argv)
   if args.topk < 1:
     parser.error(f"--topk {args.topk}: expected >= 1.")
@@ -178,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error("--nprobe, --candidates and --verify_index need --index.")
   if args.index is not None and args.distance != "cam_squared":
     parser.error("--index ranks by the cam_squared distance only.")
-  runtime.setup()
+  process.setup()
   try:
     if args.index is None:
       gallery, source = load_gallery(args.gallery)
@@ -204,8 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(results))
     if args.json:
       outputs.write_text(args.json, json.dumps(payload, indent=2))
-  except runtime.USER_ERRORS as e:
-    runtime.print_error(e, verbose=args.verbose)
+  except process.USER_ERRORS as e:
+    process.print_error(e, verbose=args.verbose)
     return 2
   return 0
 
@@ -232,7 +232,7 @@ def build_index_main(argv: Sequence[str]) -> int:
                       help="Feature store dtype for the exact re-ranking.")
   parser.add_argument("--overwrite", action="store_true",
                       help="Replace --out if it is an index folder.")
-  runtime.add_verbose_arg(parser)
+  process.add_verbose_arg(parser)
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   try:
@@ -241,8 +241,8 @@ def build_index_main(argv: Sequence[str]) -> int:
                           nprobe=args.nprobe, store=args.store)
     out = index_lib.build(args.gallery, args.out, spec, overwrite=args.overwrite)
     built = index_lib.GalleryIndex(out)
-  except runtime.USER_ERRORS as e:
-    runtime.print_error(e, verbose=args.verbose)
+  except process.USER_ERRORS as e:
+    process.print_error(e, verbose=args.verbose)
     return 2
   params = built.params
   print(f"Wrote {out}: {len(built)} images from {len(args.gallery)} shard(s), "

@@ -37,7 +37,7 @@ from musp_jax import evaluator
 from musp_jax import input_pipeline
 from musp_jax import optim
 from musp_jax import outputs
-from musp_jax import runtime
+from musp_jax.runtime import process
 from musp_jax import state as state_lib
 from musp_jax import step as step_lib
 from musp_jax import validate
@@ -49,7 +49,7 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
-class TrainingInterrupted(runtime.Stopped):
+class TrainingInterrupted(process.Stopped):
   """SIGINT/SIGTERM stopped training after a finished, saved step."""
 
   def __init__(self, signum: int, step: int, directory: str):
@@ -163,7 +163,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir, TrainingInterrupted after a signal.
   """
   workdir = epath.Path(workdir).expanduser()
-  runtime.configure_jax(config)
+  process.configure_jax(config)
   validate.check_config(config, mode="train")
   workdir.mkdir(parents=True, exist_ok=True)
   with _lock(workdir):
@@ -172,7 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
   # Mesh.
-  mesh = runtime.make_mesh()
+  mesh = process.make_mesh()
 
   # Data.
   data = training_data(config)
@@ -215,7 +215,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
   guard = _FiniteLossGuard(manager)
   history: list[dict] = []
   try:
-    with runtime.StopRequests() as stop:
+    with process.StopRequests() as stop:
       for step in range(start_step, total_steps):
         state, metrics = train_step(state, input_pipeline.device_put_batch(
             next(batches), batch_sharding))
@@ -294,7 +294,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   before anything is computed) they are only returned, under "not_written" the reason.
   """
   workdir = epath.Path(workdir).expanduser()
-  runtime.configure_jax(config)
+  process.configure_jax(config)
   validate.check_config(config, mode="eval")
   if not (workdir / "checkpoints").is_dir() and config.model.init_from and step is not None:
     raise ValueError("--step needs a workdir with checkpoints; --config.model.init_from "
@@ -305,7 +305,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
     if unwritable:
       logging.warning("Cannot write the results to %s (%s): they will only be printed.",
                       workdir, unwritable)
-  mesh = runtime.make_mesh()
+  mesh = process.make_mesh()
   replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
   if (workdir / "checkpoints").is_dir() or not config.model.init_from:
     restored = checkpointing.load_variables(workdir, step=step, sharding=replicated)

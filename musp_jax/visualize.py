@@ -48,7 +48,7 @@ from musp_jax import features
 from musp_jax import inference
 from musp_jax import outputs
 from musp_jax import retrieval
-from musp_jax import runtime
+from musp_jax.runtime import process
 
 DISPLAY_HEIGHT = 128  # pixels of each picture cell
 # Display colours of the ground-truth classes (attention_metrics.PART_CLASSES order).
@@ -383,7 +383,7 @@ def ranks_picture(loaded: inference.LoadedModel, out_dir: str, *, order: str = "
   config = loaded.config
   q_source, g_source = _eval_source(config, "query"), _eval_source(config, "gallery")
   _, splits = evaluator.split_features(loaded.model, loaded.variables, config,
-                                       runtime.make_mesh())
+                                       process.make_mesh())
   query, gallery = splits["query"], splits["gallery"]
   distance = config.eval.distance
   if distance not in retrieval.DISTANCES:
@@ -487,9 +487,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   demo.add_argument("--workdir", required=True)
   demo.add_argument("--data_dir", default=None, help="Override config.dataset.data_dir.")
   for sub_parser in (att, rk, demo):
-    runtime.add_verbose_arg(sub_parser)
+    process.add_verbose_arg(sub_parser)
   args = parser.parse_args(argv)
-  runtime.setup()
+  process.setup()
   try:
     if args.command == "demo":
       written = demo_pictures(args.workdir, data_dir=args.data_dir)
@@ -505,8 +505,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         written = [ranks_picture(
             loaded, args.out_dir or str(pictures), order=args.order, queries=args.queries,
             num_queries=args.num_queries, topk=args.topk, seed=args.seed)]
-  except runtime.USER_ERRORS as e:
-    runtime.print_error(e, verbose=args.verbose)
+  except process.USER_ERRORS as e:
+    process.print_error(e, verbose=args.verbose)
     return 2
   print(json.dumps({"written": written}))
   return 0

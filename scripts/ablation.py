@@ -221,9 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ValueError as e:
     parser.error(str(e))
 
-  from musp_jax import runtime  # pylint: disable=g-import-not-at-top
+  from musp_jax.runtime import process  # pylint: disable=g-import-not-at-top
   from musp_jax import train  # pylint: disable=g-import-not-at-top
-  runtime.setup()
+  process.setup()
   root = pathlib.Path(args.workdir).expanduser()
   root.mkdir(parents=True, exist_ok=True)
   records, start = [], time.time()

@@ -38,7 +38,7 @@ from PIL import Image
 from configs import common
 from musp_jax import augment
 from musp_jax import input_pipeline
-from musp_jax import runtime
+from musp_jax.runtime import process
 
 
 def write_jpegs(folder: str, n: int, seed: int = 0) -> list[str]:
@@ -221,7 +221,7 @@ def main():
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--step_time_ms", type=float, default=None)
   args = parser.parse_args()
-  runtime.setup()  # absl flags parsed (grain reads them), quiet library logs
+  process.setup()  # absl flags parsed (grain reads them), quiet library logs
 
   cores = os.cpu_count() or 1
   workers = ([int(w) for w in args.workers.split(",")] if args.workers

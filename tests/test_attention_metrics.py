@@ -13,7 +13,7 @@ from musp_jax import datasets
 from musp_jax import evaluator
 from musp_jax import features
 from musp_jax import inference
-from musp_jax import runtime
+from musp_jax.runtime import process
 
 
 def test_class_fractions_average_each_cells_region_exactly():
@@ -117,7 +117,7 @@ def test_model_scores_on_a_split_match_a_direct_computation():
   sources = [list(query)[:5], list(gallery)[:6]]  # 5 + 6 images in batches of 8: padded
   assert am.has_part_masks(sources) and not am.has_part_masks([[{"image": b""}]])
   row = evaluator.attention_row(loaded.model, loaded.variables, sources, config,
-                                runtime.make_mesh())
+                                process.make_mesh())
 
   records = sources[0] + sources[1]
   pixels = np.stack([inference.resize_to_model(config, inference.decode_image(r["image"], where=""))

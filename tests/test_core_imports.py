@@ -11,7 +11,7 @@ import io_stack
 _CORE = ("musp_jax.models", "musp_jax.models.weights", "musp_jax.losses", "musp_jax.optim",
          "musp_jax.state", "musp_jax.step", "musp_jax.preprocess", "musp_jax.retrieval",
          "musp_jax.metrics", "musp_jax.rerank", "musp_jax.features", "musp_jax.export",
-         "musp_jax.runtime", "configs.common")
+         "musp_jax.runtime.process", "configs.common")
 
 _PROGRAM = f'''
 import importlib, json, sys
@@ -30,7 +30,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from configs import common
-from musp_jax import features, metrics, optim, retrieval, runtime, state, step
+from musp_jax import features
+from musp_jax import metrics
+from musp_jax import optim
+from musp_jax import retrieval
+from musp_jax import state
+from musp_jax import step
+from musp_jax.runtime import process
 from musp_jax.models import build_model
 
 c = common.get_config("runlocal")
@@ -48,7 +54,7 @@ class Tiny(nn.Module):  # the step, with a model that compiles in a second
     return {{"feats": f, "logits": nn.Dense(4)(f)}}
 
 
-mesh = runtime.make_mesh()
+mesh = process.make_mesh()
 tx = optim.make_optimizer(c.optim, 10)
 st, sharding = state.create_train_state(Tiny(), tx, (32, 32), seed=0, mesh=mesh)
 train_step = step.jit_step(model=Tiny(), tx=tx, loss_config=c.loss, input_config=c.input,

@@ -11,7 +11,7 @@ from musp_jax import augment
 from musp_jax import datasets
 from musp_jax import evaluator
 from musp_jax import features
-from musp_jax import runtime
+from musp_jax.runtime import process
 
 ROWS = {"veri776": {"mAP": 0.5, "CMC@1": 0.75, "CMC@5": 0.875, "CMC@10": 1.0,
                     "mINP": 0.125, "num_queries": 3}}
@@ -26,7 +26,7 @@ def test_extract_features_matches_one_image_at_a_time():
                                data_dir=config.dataset.data_dir, builder_config="tiny")
   assert len(source) % config.eval.batch_size and jax.device_count() == 8
   got = evaluator.extract_features(loaded.model, loaded.variables, source, config,
-                                   runtime.make_mesh())
+                                   process.make_mesh())
   transform = augment.TestTransform.from_config(config.input)
   for i in range(len(source)):
     x = transform(source[i]["image"])[None]

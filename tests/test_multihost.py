@@ -41,7 +41,7 @@ def worker(out_path: str, use_distributed: bool) -> None:
 
   from configs import common
   from musp_jax import optim
-  from musp_jax import runtime
+  from musp_jax.runtime import process
   from musp_jax import state as state_lib
   from musp_jax import step as step_lib
 
@@ -63,7 +63,7 @@ def worker(out_path: str, use_distributed: bool) -> None:
   c.optim.lr = 1e-2
   model = TinyReID()
   tx = optim.make_optimizer(c.optim, steps_per_epoch=10)
-  mesh = runtime.make_mesh()
+  mesh = process.make_mesh()
   state, state_sharding = state_lib.create_train_state(model, tx, (8, 8), seed=0, mesh=mesh)
   batch_sharding = NamedSharding(mesh, P("data"))
   step = step_lib.jit_step(model=model, tx=tx, loss_config=c.loss, input_config=c.input,

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from musp_jax import runtime
+from musp_jax.runtime import process
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -16,8 +16,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # long to finish (a slow save), during which the second signal arrives.
 _LOOP = """
 import time
-from musp_jax import runtime
-with runtime.StopRequests() as stop:
+from musp_jax.runtime import process
+with process.StopRequests() as stop:
   print("ready", flush=True)
   while stop.signum is None:
     time.sleep(0.01)
@@ -46,10 +46,10 @@ def test_first_signal_asks_to_stop_and_a_second_one_ends_the_process(first):
 
 
 def test_handlers_are_restored_after_the_loop():
-  before = {s: signal.getsignal(s) for s in runtime.StopRequests.SIGNALS}
-  with runtime.StopRequests() as stop:
-    assert all(signal.getsignal(s) == stop._handle for s in runtime.StopRequests.SIGNALS)
-  assert {s: signal.getsignal(s) for s in runtime.StopRequests.SIGNALS} == before
+  before = {s: signal.getsignal(s) for s in process.StopRequests.SIGNALS}
+  with process.StopRequests() as stop:
+    assert all(signal.getsignal(s) == stop._handle for s in process.StopRequests.SIGNALS)
+  assert {s: signal.getsignal(s) for s in process.StopRequests.SIGNALS} == before
 
 
 def test_entry_point_errors_are_one_line_with_exit_codes(capsys):
@@ -59,30 +59,30 @@ def test_entry_point_errors_are_one_line_with_exit_codes(capsys):
     return fn
 
   with pytest.raises(SystemExit) as e:
-    runtime.run_entry_point(fail(FileNotFoundError("/data/x is missing")))
+    process.run_entry_point(fail(FileNotFoundError("/data/x is missing")))
   assert e.value.code == 1
   assert capsys.readouterr().err == "error: /data/x is missing\n"
   with pytest.raises(SystemExit) as e:
-    runtime.run_entry_point(fail(ValueError("bad value")), verbose=True)
+    process.run_entry_point(fail(ValueError("bad value")), verbose=True)
   err = capsys.readouterr().err
   assert err.startswith("Traceback (most recent call last)") and err.endswith(
       "error: bad value\n")
   with pytest.raises(SystemExit) as e:
-    runtime.run_entry_point(fail(runtime.Stopped("stopped after step 3", exit_code=143)))
+    process.run_entry_point(fail(process.Stopped("stopped after step 3", exit_code=143)))
   assert e.value.code == 143 and capsys.readouterr().err == "stopped after step 3\n"
   with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
-    runtime.run_entry_point(lambda: 1 / 0)
-  assert runtime.run_entry_point(lambda: 7) == 7
+    process.run_entry_point(lambda: 1 / 0)
+  assert process.run_entry_point(lambda: 7) == 7
 
 
 def test_tools_with_their_own_argument_parser_can_start_grain_workers():
   """grain reads absl flags when it starts workers; `python -m musp_jax.visualize demo`
   (argparse, not an absl app) failed with UnparsedFlagAccessError."""
   code = ("from absl import flags\n"
-          "from musp_jax import runtime\n"
+          "from musp_jax.runtime import process\n"
           "flags.DEFINE_bool('read_in_a_worker', False, '')  # as grain defines its own\n"
           "assert not flags.FLAGS.is_parsed()\n"
-          "runtime.setup()\n"
+          "process.setup()\n"
           "print(flags.FLAGS.read_in_a_worker)\n")
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                        text=True, timeout=120, check=False)

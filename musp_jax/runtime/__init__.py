@@ -1,0 +1,1 @@
+"""The process around the library: start-up, the command-line ending, safe outputs."""
