@@ -71,7 +71,7 @@ def main(argv):
   process.setup()
   from musp_jax import attention_metrics  # pylint: disable=g-import-not-at-top
   from musp_jax import evaluator  # pylint: disable=g-import-not-at-top
-  from musp_jax import outputs  # pylint: disable=g-import-not-at-top
+  from musp_jax.runtime import writing  # pylint: disable=g-import-not-at-top
   from musp_jax import train  # pylint: disable=g-import-not-at-top
 
   config = FLAGS.config
@@ -93,7 +93,7 @@ def main(argv):
                                                    "random weights": random_attention})
                 + "\n" + attention_metrics.markdown(attention))
   workdir = os.path.abspath(os.path.expanduser(FLAGS.workdir))
-  outputs.write_text(os.path.join(workdir, "demo_summary.md"), summary)
+  writing.write_text(os.path.join(workdir, "demo_summary.md"), summary)
   try:
     from musp_jax import visualize  # pylint: disable=g-import-not-at-top
     pictures = visualize.demo_pictures(workdir)

@@ -31,7 +31,7 @@ from typing import Any
 
 from musp_jax import datasets
 from musp_jax import features
-from musp_jax import outputs
+from musp_jax.runtime import writing
 from musp_jax import retrieval
 
 
@@ -104,7 +104,7 @@ def _write_json(path: str, report: dict[str, Any]) -> None:
   if path == "-":
     sys.stdout.write(text)
     return
-  outputs.write_text(path, text)  # a failed write leaves any earlier file whole
+  writing.write_text(path, text)  # a failed write leaves any earlier file whole
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from musp_jax import outputs as safe_outputs
+from musp_jax.runtime import writing
 
 FORMAT = "musp_jax.export/1"
 ONNX_FORMAT = "musp_jax.onnx/1"
@@ -183,7 +183,7 @@ def onnx_parity(serialized: bytes, reference: Callable[[np.ndarray], dict],
 
 def save(path: str, serialized: bytes, metadata: dict) -> None:
   """Writes the export atomically: a failed or killed write leaves `path` as it was."""
-  with safe_outputs.atomic_file(path) as tmp:
+  with writing.atomic_file(path) as tmp:
     np.savez(tmp, exported=np.frombuffer(serialized, np.uint8),
              metadata=np.array(json.dumps(metadata)))
 
@@ -275,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           raise ValueError(f"the ONNX model differs from the JAX function by more than "
                            f"{PARITY_TOLERANCE} ({parity}); not written.")
       # A failed or killed write leaves an earlier file whole.
-      with safe_outputs.atomic_file(args.out) as tmp:
+      with writing.atomic_file(args.out) as tmp:
         with open(tmp, "wb") as f:
           f.write(serialized)
     else:

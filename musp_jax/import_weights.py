@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from configs import common
-from musp_jax import outputs
+from musp_jax.runtime import writing
 from musp_jax.runtime import process
 from musp_jax.models import build_model
 from musp_jax.models import resnet
@@ -79,7 +79,7 @@ def write(out: str, variables: dict[str, Any], metadata: dict, *,
   An existing `out` is replaced only with `overwrite`, and only if import_weights
   wrote it; a training workdir or any other folder is refused.
   """
-  outputs.replace_folder(out, lambda tmp: weights.save_init(tmp, variables, metadata),
+  writing.replace_folder(out, lambda tmp: weights.save_init(tmp, variables, metadata),
                          owned=weights.is_init_checkpoint, what=_WHAT,
                          overwrite=overwrite)
 
@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     # Refused outputs fail before the source is read; the source is read and
     # converted before anything is written.
-    outputs.check_replaceable(out, owned=weights.is_init_checkpoint, what=_WHAT,
+    writing.check_replaceable(out, owned=weights.is_init_checkpoint, what=_WHAT,
                               overwrite=args.overwrite)
     if args.torchvision:
       variables, metadata = import_torchvision(args.torchvision)

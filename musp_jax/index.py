@@ -104,7 +104,7 @@ import jax
 import numpy as np
 
 from musp_jax import features
-from musp_jax import outputs
+from musp_jax.runtime import writing
 from musp_jax import retrieval
 
 try:
@@ -367,7 +367,7 @@ def build(shards: Sequence[str | os.PathLike], out: str | os.PathLike,
   shards = [os.fspath(s) for s in shards]
   out = pathlib.Path(out)
   # Only an index folder is replaced: never a training workdir or any other folder.
-  outputs.check_replaceable(out, owned=_is_index_folder, what="an index folder",
+  writing.check_replaceable(out, owned=_is_index_folder, what="an index folder",
                             overwrite=overwrite)
   layout = _scan(shards)
   params = _resolve(spec, layout.num_items, layout.parts, layout.channels)

@@ -58,7 +58,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import jax.numpy as jnp
 import numpy as np
 
-from musp_jax import outputs
+from musp_jax.runtime import writing
 from musp_jax import rerank as rerank_lib
 
 DISTANCES = ("cam_squared", "cam", "cosine", "euclidean")
@@ -115,7 +115,7 @@ def save_features(path: str | os.PathLike, features: Features,
   names = features.file_names
   if names is None:
     names = np.array([""] * len(features))
-  with outputs.atomic_file(path) as tmp:
+  with writing.atomic_file(path) as tmp:
     np.savez(tmp, feats=features.feats.astype(np.float32),
              areas=features.areas.astype(np.float32),
              vehicle_id=features.ids, camera_id=features.cams,

@@ -34,7 +34,7 @@ import numpy as np
 from musp_jax import embed as embed_lib
 from musp_jax import features
 from musp_jax import inference
-from musp_jax import outputs
+from musp_jax.runtime import writing
 from musp_jax import retrieval
 from musp_jax.runtime import process
 
@@ -203,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       return 0
     print(format_table(results))
     if args.json:
-      outputs.write_text(args.json, json.dumps(payload, indent=2))
+      writing.write_text(args.json, json.dumps(payload, indent=2))
   except process.USER_ERRORS as e:
     process.print_error(e, verbose=args.verbose)
     return 2

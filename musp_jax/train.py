@@ -36,7 +36,7 @@ from musp_jax import datasets
 from musp_jax import evaluator
 from musp_jax import input_pipeline
 from musp_jax import optim
-from musp_jax import outputs
+from musp_jax.runtime import writing
 from musp_jax.runtime import process
 from musp_jax import state as state_lib
 from musp_jax import step as step_lib
@@ -149,10 +149,10 @@ def _lock(workdir: epath.Path) -> contextlib.AbstractContextManager:
     logging.warning("%s is not a local folder: it is not locked against a second run.",
                     workdir)
     return contextlib.nullcontext()
-  name = outputs.LOCK_NAME
+  name = writing.LOCK_NAME
   if jax.process_count() > 1:
     name += f".{jax.process_index()}"
-  return outputs.WorkdirLock(workdir, name)
+  return writing.WorkdirLock(workdir, name)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -301,7 +301,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
                      "names imported weights, which have no steps.")
   unwritable = None
   if jax.process_index() == 0 and "://" not in str(workdir) and workdir.is_dir():
-    unwritable = outputs.check_writable(workdir)
+    unwritable = writing.check_writable(workdir)
     if unwritable:
       logging.warning("Cannot write the results to %s (%s): they will only be printed.",
                       workdir, unwritable)

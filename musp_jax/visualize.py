@@ -46,7 +46,7 @@ from musp_jax import augment
 from musp_jax import evaluator
 from musp_jax import features
 from musp_jax import inference
-from musp_jax import outputs
+from musp_jax.runtime import writing
 from musp_jax import retrieval
 from musp_jax.runtime import process
 
@@ -111,7 +111,7 @@ def figure_to_array(fig: Figure) -> np.ndarray:
 
 def _save(fig: Figure, path: str | epath.Path) -> str:
   """Saves atomically: a picture is either the old one or the whole new one."""
-  with outputs.atomic_file(path) as tmp:
+  with writing.atomic_file(path) as tmp:
     fig.savefig(tmp, dpi=100)
   return str(path)
 

@@ -37,7 +37,7 @@ from musp_jax import inference
 from musp_jax import input_pipeline
 from musp_jax import metrics
 from musp_jax import optim
-from musp_jax import outputs
+from musp_jax.runtime import writing
 from musp_jax import retrieval
 from musp_jax import state as state_lib
 from musp_jax import step as step_lib
@@ -266,11 +266,11 @@ def _read_only(path):
   mode = path.stat().st_mode
   path.chmod(0o555)
   immutable = False
-  if outputs.check_writable(path) is None:  # root ignores the mode bits
+  if writing.check_writable(path) is None:  # root ignores the mode bits
     immutable = subprocess.run(["chattr", "+i", str(path)], capture_output=True,
                                check=False).returncode == 0
   try:
-    if outputs.check_writable(path) is None:
+    if writing.check_writable(path) is None:
       pytest.skip("cannot make a folder read-only here")
     yield
   finally:

@@ -11,14 +11,14 @@ import sys
 
 import pytest
 
-from musp_jax import outputs
+from musp_jax.runtime import writing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 _HOLDER = """
 import sys, time
-from musp_jax import outputs
-lock = outputs.WorkdirLock(sys.argv[1]).acquire()
+from musp_jax.runtime import writing
+lock = writing.WorkdirLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(600)
 """
@@ -34,8 +34,8 @@ def _hold_lock(workdir):
 def test_second_holder_is_refused_naming_host_and_pid(tmp_path, caplog):
   holder = _hold_lock(tmp_path)
   try:
-    with pytest.raises(outputs.WorkdirLockedError) as e:
-      outputs.WorkdirLock(tmp_path).acquire()
+    with pytest.raises(writing.WorkdirLockedError) as e:
+      writing.WorkdirLock(tmp_path).acquire()
     assert (f"{tmp_path} is in use by another training run (host {socket.gethostname()}, "
             f"pid {holder.pid}, since ") in str(e.value)
     assert "use another --workdir" in str(e.value)
@@ -43,32 +43,32 @@ def test_second_holder_is_refused_naming_host_and_pid(tmp_path, caplog):
     holder.send_signal(signal.SIGKILL)
     holder.communicate()
   # The kernel dropped the lock with its process; the record still names it.
-  assert outputs.read_holder(str(tmp_path / ".lock"))["pid"] == holder.pid
+  assert writing.read_holder(str(tmp_path / ".lock"))["pid"] == holder.pid
   with caplog.at_level("WARNING"):
-    lock = outputs.WorkdirLock(tmp_path).acquire()
+    lock = writing.WorkdirLock(tmp_path).acquire()
   assert f"Took over the lock of host {socket.gethostname()}, pid {holder.pid}" in caplog.text
-  assert outputs.read_holder(lock.path)["pid"] == os.getpid()
+  assert writing.read_holder(lock.path)["pid"] == os.getpid()
   lock.release()
   # Released cleanly: an empty record, and the next holder takes it without a warning.
   assert (tmp_path / ".lock").read_text() == ""
   caplog.clear()
-  with caplog.at_level("WARNING"), outputs.WorkdirLock(tmp_path):
+  with caplog.at_level("WARNING"), writing.WorkdirLock(tmp_path):
     pass
   assert "Took over" not in caplog.text
 
 
 def test_atomic_file_keeps_the_old_content_when_writing_fails(tmp_path):
   path = tmp_path / "out.json"
-  outputs.write_text(path, "old")
+  writing.write_text(path, "old")
   with pytest.raises(RuntimeError, match="disk full"):
-    with outputs.atomic_file(path) as tmp:
+    with writing.atomic_file(path) as tmp:
       pathlib.Path(tmp).write_text("half")
       raise RuntimeError("disk full")
   assert path.read_text() == "old"
   assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
   (tmp_path / "folder.npz").mkdir()
-  with pytest.raises(outputs.OutputRefusedError, match="folder.npz is a folder"):
-    outputs.write_text(tmp_path / "folder.npz", "x")
+  with pytest.raises(writing.OutputRefusedError, match="folder.npz is a folder"):
+    writing.write_text(tmp_path / "folder.npz", "x")
 
 
 def test_replace_folder_only_replaces_its_own_output(tmp_path):
@@ -81,26 +81,26 @@ def test_replace_folder_only_replaces_its_own_output(tmp_path):
     return fn
 
   out = tmp_path / "out"
-  outputs.replace_folder(out, write("v1"), owned=owned, what="mine", overwrite=False)
-  with pytest.raises(outputs.OutputRefusedError, match="exists; pass --overwrite"):
-    outputs.replace_folder(out, write("v2"), owned=owned, what="mine", overwrite=False)
+  writing.replace_folder(out, write("v1"), owned=owned, what="mine", overwrite=False)
+  with pytest.raises(writing.OutputRefusedError, match="exists; pass --overwrite"):
+    writing.replace_folder(out, write("v2"), owned=owned, what="mine", overwrite=False)
   with pytest.raises(ValueError, match="bad source"):  # a failed write loses nothing
-    outputs.replace_folder(out, lambda tmp: (_ for _ in ()).throw(ValueError("bad source")),
+    writing.replace_folder(out, lambda tmp: (_ for _ in ()).throw(ValueError("bad source")),
                            owned=owned, what="mine", overwrite=True)
   assert (out / "MINE").read_text() == "v1"
-  outputs.replace_folder(out, write("v2"), owned=owned, what="mine", overwrite=True)
+  writing.replace_folder(out, write("v2"), owned=owned, what="mine", overwrite=True)
   assert (out / "MINE").read_text() == "v2"
   assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
   workdir = tmp_path / "workdir"
   (workdir / "checkpoints").mkdir(parents=True)
-  with pytest.raises(outputs.OutputRefusedError,
+  with pytest.raises(writing.OutputRefusedError,
                      match=r"workdir exists and is not mine; refusing to replace it, even "
                      "with --overwrite"):
-    outputs.replace_folder(workdir, write("v3"), owned=owned, what="mine", overwrite=True)
+    writing.replace_folder(workdir, write("v3"), owned=owned, what="mine", overwrite=True)
   assert sorted(p.name for p in workdir.iterdir()) == ["checkpoints"]
 
 
 def test_check_writable_says_why(tmp_path):
-  assert outputs.check_writable(tmp_path) is None
-  assert outputs.check_writable(tmp_path / "missing") == "No such file or directory"
+  assert writing.check_writable(tmp_path) is None
+  assert writing.check_writable(tmp_path / "missing") == "No such file or directory"
   assert not any(tmp_path.iterdir())  # the probe is gone
