@@ -105,7 +105,7 @@ def part_parity(args) -> dict:
 
   from configs import common  # pylint: disable=g-import-not-at-top
   from musp_jax import features  # pylint: disable=g-import-not-at-top
-  from musp_jax import losses  # pylint: disable=g-import-not-at-top
+  from musp_jax.core import losses  # pylint: disable=g-import-not-at-top
   from musp_jax import preprocess  # pylint: disable=g-import-not-at-top
   from musp_jax import state  # pylint: disable=g-import-not-at-top
   from musp_jax import step  # pylint: disable=g-import-not-at-top

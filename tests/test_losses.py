@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from musp_jax import losses
+from musp_jax.core import losses
 from musp_jax.models import musp
 
 

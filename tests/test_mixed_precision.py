@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import common
-from musp_jax import losses
+from musp_jax.core import losses
 from musp_jax import optim
 from musp_jax import preprocess
 from musp_jax import state as state_lib

@@ -12,7 +12,7 @@ import pytest
 
 from configs import common
 from musp_jax import augment
-from musp_jax import losses
+from musp_jax.core import losses
 from musp_jax import optim
 from musp_jax import preprocess
 from musp_jax import state as state_lib
