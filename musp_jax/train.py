@@ -35,7 +35,7 @@ from musp_jax import checkpointing
 from musp_jax import datasets
 from musp_jax import evaluator
 from musp_jax import input_pipeline
-from musp_jax import optim
+from musp_jax.core import optim
 from musp_jax.runtime import writing
 from musp_jax.runtime import process
 from musp_jax import state as state_lib

@@ -51,7 +51,7 @@ def _jax_worker(conn, args, conv_impl: str, dtype: str) -> None:
   from jax.sharding import PartitionSpec as P
 
   from configs import common
-  from musp_jax import optim
+  from musp_jax.core import optim
   from musp_jax.runtime import process
   from musp_jax import state as state_lib
   from musp_jax import step as step_lib

@@ -8,7 +8,7 @@ import pytest
 
 import io_stack
 
-_CORE = ("musp_jax.models", "musp_jax.models.weights", "musp_jax.core.losses", "musp_jax.optim",
+_CORE = ("musp_jax.models", "musp_jax.models.weights", "musp_jax.core.losses", "musp_jax.core.optim",
          "musp_jax.state", "musp_jax.step", "musp_jax.preprocess", "musp_jax.retrieval",
          "musp_jax.metrics", "musp_jax.rerank", "musp_jax.features", "musp_jax.export",
          "musp_jax.runtime.process", "configs.common")
@@ -32,7 +32,7 @@ import numpy as np
 from configs import common
 from musp_jax import features
 from musp_jax import metrics
-from musp_jax import optim
+from musp_jax.core import optim
 from musp_jax import retrieval
 from musp_jax import state
 from musp_jax import step

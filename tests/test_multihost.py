@@ -40,7 +40,7 @@ def worker(out_path: str, use_distributed: bool) -> None:
   from jax.sharding import PartitionSpec as P
 
   from configs import common
-  from musp_jax import optim
+  from musp_jax.core import optim
   from musp_jax.runtime import process
   from musp_jax import state as state_lib
   from musp_jax import step as step_lib

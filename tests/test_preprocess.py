@@ -13,7 +13,7 @@ import pytest
 from configs import common
 from musp_jax import augment
 from musp_jax.core import losses
-from musp_jax import optim
+from musp_jax.core import optim
 from musp_jax import preprocess
 from musp_jax import state as state_lib
 from musp_jax import step as step_lib

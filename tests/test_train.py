@@ -36,7 +36,7 @@ from musp_jax import evaluator
 from musp_jax import inference
 from musp_jax import input_pipeline
 from musp_jax import metrics
-from musp_jax import optim
+from musp_jax.core import optim
 from musp_jax.runtime import writing
 from musp_jax import retrieval
 from musp_jax import state as state_lib
