@@ -45,7 +45,7 @@ def reference_rows(config, mesh) -> tuple[dict, dict | None]:
   from musp_jax import datasets  # pylint: disable=g-import-not-at-top
   from musp_jax import evaluator  # pylint: disable=g-import-not-at-top
   from musp_jax import retrieval  # pylint: disable=g-import-not-at-top
-  from musp_jax import state  # pylint: disable=g-import-not-at-top
+  from musp_jax.core import state  # pylint: disable=g-import-not-at-top
   from musp_jax.models import build_model  # pylint: disable=g-import-not-at-top
 
   target = datasets.eval_set(config)

@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 from musp_jax.core import losses
 from musp_jax.core import optim
 from musp_jax import preprocess
-from musp_jax.state import TrainState
+from musp_jax.core.state import TrainState
 
 
 def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTransformation,

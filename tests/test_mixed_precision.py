@@ -8,7 +8,7 @@ from configs import common
 from musp_jax.core import losses
 from musp_jax.core import optim
 from musp_jax import preprocess
-from musp_jax import state as state_lib
+from musp_jax.core import state as state_lib
 from musp_jax import step as step_lib
 from musp_jax.models import build_model
 

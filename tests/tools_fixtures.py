@@ -22,7 +22,7 @@ from PIL import Image
 from configs import synthetic
 from musp_jax import checkpointing
 from musp_jax.core import optim
-from musp_jax import state as state_lib
+from musp_jax.core import state as state_lib
 from musp_jax.models import build_model
 
 IMAGE_SIZE = (64, 64)
