@@ -54,7 +54,7 @@ def _jax_worker(conn, args, conv_impl: str, dtype: str) -> None:
   from musp_jax.core import optim
   from musp_jax.runtime import process
   from musp_jax.core import state as state_lib
-  from musp_jax import step as step_lib
+  from musp_jax.core import step as step_lib
   from musp_jax.models import build_model
   from musp_jax.models import fast_conv
 

@@ -35,7 +35,7 @@ from configs import common
 from musp_jax import distributed
 from musp_jax.core import optim
 from musp_jax.core import state as state_lib
-from musp_jax import step as step_lib
+from musp_jax.core import step as step_lib
 from musp_jax.models import build_model
 
 

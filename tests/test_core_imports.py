@@ -9,7 +9,7 @@ import pytest
 import io_stack
 
 _CORE = ("musp_jax.models", "musp_jax.models.weights", "musp_jax.core.losses", "musp_jax.core.optim",
-         "musp_jax.core.state", "musp_jax.step", "musp_jax.preprocess", "musp_jax.retrieval",
+         "musp_jax.core.state", "musp_jax.core.step", "musp_jax.preprocess", "musp_jax.retrieval",
          "musp_jax.metrics", "musp_jax.rerank", "musp_jax.features", "musp_jax.export",
          "musp_jax.runtime.process", "configs.common")
 
@@ -35,7 +35,7 @@ from musp_jax import metrics
 from musp_jax.core import optim
 from musp_jax import retrieval
 from musp_jax.core import state
-from musp_jax import step
+from musp_jax.core import step
 from musp_jax.runtime import process
 from musp_jax.models import build_model
 

@@ -9,7 +9,7 @@ from musp_jax.core import losses
 from musp_jax.core import optim
 from musp_jax import preprocess
 from musp_jax.core import state as state_lib
-from musp_jax import step as step_lib
+from musp_jax.core import step as step_lib
 from musp_jax.models import build_model
 
 NUM_IDS, PER_ID, SIZE = 4, 4, 32

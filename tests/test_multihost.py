@@ -43,7 +43,7 @@ def worker(out_path: str, use_distributed: bool) -> None:
   from musp_jax.core import optim
   from musp_jax.runtime import process
   from musp_jax.core import state as state_lib
-  from musp_jax import step as step_lib
+  from musp_jax.core import step as step_lib
 
   if use_distributed:
     distributed.initialize()  # From the JAX_* variables set by launch_local.

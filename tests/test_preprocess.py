@@ -16,7 +16,7 @@ from musp_jax.core import losses
 from musp_jax.core import optim
 from musp_jax import preprocess
 from musp_jax.core import state as state_lib
-from musp_jax import step as step_lib
+from musp_jax.core import step as step_lib
 
 FILL = (0.4914, 0.4822, 0.4465)
 

@@ -40,7 +40,7 @@ from musp_jax.core import optim
 from musp_jax.runtime import writing
 from musp_jax import retrieval
 from musp_jax.core import state as state_lib
-from musp_jax import step as step_lib
+from musp_jax.core import step as step_lib
 from musp_jax import train
 from musp_jax.models import build_model
 
