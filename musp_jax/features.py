@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from musp_jax import models
-from musp_jax import preprocess
+from musp_jax.core import preprocess
 from musp_jax.retrieval import l2_normalize
 
 

@@ -21,7 +21,7 @@ import jax
 
 from musp_jax import datasets
 from musp_jax import models
-from musp_jax import preprocess
+from musp_jax.core import preprocess
 from musp_jax import retrieval
 from musp_jax.models import fast_conv
 from musp_jax.models import resnet

@@ -106,7 +106,7 @@ def part_parity(args) -> dict:
   from configs import common  # pylint: disable=g-import-not-at-top
   from musp_jax import features  # pylint: disable=g-import-not-at-top
   from musp_jax.core import losses  # pylint: disable=g-import-not-at-top
-  from musp_jax import preprocess  # pylint: disable=g-import-not-at-top
+  from musp_jax.core import preprocess  # pylint: disable=g-import-not-at-top
   from musp_jax.core import state  # pylint: disable=g-import-not-at-top
   from musp_jax.core import step  # pylint: disable=g-import-not-at-top
   from musp_jax.models import build_model  # pylint: disable=g-import-not-at-top

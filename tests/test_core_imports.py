@@ -9,7 +9,7 @@ import pytest
 import io_stack
 
 _CORE = ("musp_jax.models", "musp_jax.models.weights", "musp_jax.core.losses", "musp_jax.core.optim",
-         "musp_jax.core.state", "musp_jax.core.step", "musp_jax.preprocess", "musp_jax.retrieval",
+         "musp_jax.core.state", "musp_jax.core.step", "musp_jax.core.preprocess", "musp_jax.retrieval",
          "musp_jax.metrics", "musp_jax.rerank", "musp_jax.features", "musp_jax.export",
          "musp_jax.runtime.process", "configs.common")
 

@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from musp_jax.core import losses
 from musp_jax.core import optim
-from musp_jax import preprocess
+from musp_jax.core import preprocess
 from musp_jax.core.state import TrainState
 
 
