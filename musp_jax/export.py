@@ -66,7 +66,7 @@ PARITY_TOLERANCE = 1e-4  # ONNX vs JAX, relative per feature vector
 def serving_fn(model, variables: Any, config, *, input_hw: tuple[int, int],
                flip: bool = False) -> Callable[[jax.Array], dict[str, jax.Array]]:
   """uint8 images (N, *input_hw, 3) -> {"feats", "areas"}; weights are closed over."""
-  from musp_jax import features  # pylint: disable=g-import-not-at-top
+  from musp_jax.core import features  # pylint: disable=g-import-not-at-top
   model_hw = tuple(int(v) for v in config.input.image_size)
 
   def fn(images_NxHxWx3: jax.Array) -> dict[str, jax.Array]:
@@ -95,7 +95,7 @@ def _input_hw(loaded, input_hw) -> tuple[int, int]:
 
 def _metadata(loaded, fmt: str, input_hw: tuple[int, int], flip: bool,
               outputs: dict[str, list[str]]) -> dict:
-  from musp_jax import features  # pylint: disable=g-import-not-at-top
+  from musp_jax.core import features  # pylint: disable=g-import-not-at-top
   return {
       "format": fmt,
       "input": {"shape": ["batch", *input_hw, 3], "dtype": "uint8", "channels": "RGB"},

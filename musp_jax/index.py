@@ -103,7 +103,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from musp_jax import features
+from musp_jax.core import features
 from musp_jax.runtime import writing
 from musp_jax import retrieval
 

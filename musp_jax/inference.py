@@ -28,7 +28,7 @@ from etils import epath
 
 from musp_jax import augment
 from musp_jax import checkpointing
-from musp_jax import features
+from musp_jax.core import features
 from musp_jax import models
 from musp_jax import retrieval
 

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from musp_jax import embed as embed_lib
-from musp_jax import features
+from musp_jax.core import features
 from musp_jax import inference
 from musp_jax.runtime import writing
 from musp_jax import retrieval

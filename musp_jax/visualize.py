@@ -44,7 +44,7 @@ from matplotlib.figure import Figure
 from musp_jax import attention_metrics
 from musp_jax import augment
 from musp_jax import evaluator
-from musp_jax import features
+from musp_jax.core import features
 from musp_jax import inference
 from musp_jax.runtime import writing
 from musp_jax import retrieval

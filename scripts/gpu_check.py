@@ -104,7 +104,7 @@ def part_parity(args) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from configs import common  # pylint: disable=g-import-not-at-top
-  from musp_jax import features  # pylint: disable=g-import-not-at-top
+  from musp_jax.core import features  # pylint: disable=g-import-not-at-top
   from musp_jax.core import losses  # pylint: disable=g-import-not-at-top
   from musp_jax.core import preprocess  # pylint: disable=g-import-not-at-top
   from musp_jax.core import state  # pylint: disable=g-import-not-at-top

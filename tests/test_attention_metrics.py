@@ -11,7 +11,7 @@ import tools_fixtures
 from musp_jax import attention_metrics as am
 from musp_jax import datasets
 from musp_jax import evaluator
-from musp_jax import features
+from musp_jax.core import features
 from musp_jax import inference
 from musp_jax.runtime import process
 

@@ -10,7 +10,7 @@ import io_stack
 
 _CORE = ("musp_jax.models", "musp_jax.models.weights", "musp_jax.core.losses", "musp_jax.core.optim",
          "musp_jax.core.state", "musp_jax.core.step", "musp_jax.core.preprocess", "musp_jax.retrieval",
-         "musp_jax.metrics", "musp_jax.rerank", "musp_jax.features", "musp_jax.export",
+         "musp_jax.metrics", "musp_jax.rerank", "musp_jax.core.features", "musp_jax.export",
          "musp_jax.runtime.process", "configs.common")
 
 _PROGRAM = f'''
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from configs import common
-from musp_jax import features
+from musp_jax.core import features
 from musp_jax import metrics
 from musp_jax.core import optim
 from musp_jax import retrieval

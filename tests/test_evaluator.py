@@ -10,7 +10,7 @@ import tools_fixtures
 from musp_jax import augment
 from musp_jax import datasets
 from musp_jax import evaluator
-from musp_jax import features
+from musp_jax.core import features
 from musp_jax.runtime import process
 
 ROWS = {"veri776": {"mAP": 0.5, "CMC@1": 0.75, "CMC@5": 0.875, "CMC@10": 1.0,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from musp_jax import index as index_lib
-from musp_jax import features
+from musp_jax.core import features
 from musp_jax import retrieval
 from musp_jax import search
 

@@ -8,7 +8,7 @@ import pytest
 
 import tools_fixtures
 from musp_jax import embed
-from musp_jax import features
+from musp_jax.core import features
 from musp_jax import retrieval
 from musp_jax import search
 
