@@ -23,7 +23,7 @@ from absl import app
 from absl import flags
 import tensorflow_datasets as tfds
 
-from musp_jax import datasets
+from musp_jax.data import datasets
 from musp_jax.runtime import process
 
 _MANUAL_DIR = flags.DEFINE_string(

@@ -42,7 +42,7 @@ def reference_rows(config, mesh) -> tuple[dict, dict | None]:
   """mAP of the same model with random weights, and of raw-pixel nearest neighbours;
   and the random model's attention scores (None without part masks)."""
   from musp_jax import attention_metrics  # pylint: disable=g-import-not-at-top
-  from musp_jax import datasets  # pylint: disable=g-import-not-at-top
+  from musp_jax.data import datasets  # pylint: disable=g-import-not-at-top
   from musp_jax import evaluator  # pylint: disable=g-import-not-at-top
   from musp_jax import retrieval  # pylint: disable=g-import-not-at-top
   from musp_jax.core import state  # pylint: disable=g-import-not-at-top

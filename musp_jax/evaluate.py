@@ -29,7 +29,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from musp_jax import datasets
+from musp_jax.data import datasets
 from musp_jax.core import features
 from musp_jax.runtime import writing
 from musp_jax import retrieval

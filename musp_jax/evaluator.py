@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from musp_jax import attention_metrics
-from musp_jax import datasets
+from musp_jax.data import datasets
 from musp_jax.core import features
 from musp_jax import input_pipeline
 from musp_jax import retrieval

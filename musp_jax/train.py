@@ -32,7 +32,7 @@ from etils import epath
 from jax.sharding import NamedSharding
 
 from musp_jax import checkpointing
-from musp_jax import datasets
+from musp_jax.data import datasets
 from musp_jax import evaluator
 from musp_jax import input_pipeline
 from musp_jax.core import optim

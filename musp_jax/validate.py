@@ -19,7 +19,7 @@ from typing import Any
 
 import jax
 
-from musp_jax import datasets
+from musp_jax.data import datasets
 from musp_jax import models
 from musp_jax.core import preprocess
 from musp_jax import retrieval

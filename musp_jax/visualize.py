@@ -310,7 +310,7 @@ def attention_parts_picture(loaded: inference.LoadedModel, out: str, *,
 
 def _eval_source(config: ml_collections.ConfigDict, role: str):
   """The split playing `role` in the evaluation dataset's protocol (built if synthetic)."""
-  from musp_jax import datasets  # pylint: disable=g-import-not-at-top
+  from musp_jax.data import datasets  # pylint: disable=g-import-not-at-top
   target = datasets.eval_set(config)
   if role not in target.splits:
     raise ValueError(

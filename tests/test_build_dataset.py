@@ -10,7 +10,7 @@ from PIL import Image
 import pytest
 
 from musp_jax import build_dataset
-from musp_jax import datasets
+from musp_jax.data import datasets
 
 
 def write_vehicle_id(root, *, bad=None):

@@ -127,7 +127,7 @@ def test_attention_beside_the_ground_truth_part_map():
 
 def test_eval_attention_grid_shows_the_first_query_images(loaded):
   """Training writes this grid to TensorBoard at each evaluation."""
-  from musp_jax import datasets  # pylint: disable=g-import-not-at-top
+  from musp_jax.data import datasets  # pylint: disable=g-import-not-at-top
   local = visualize.with_overrides(loaded, data_dir=tools_fixtures.shared_data_dir())
   images, names = visualize.eval_images(local.config, 2)
   source = datasets.load_split("synthetic_vehicles", "query",

@@ -127,7 +127,7 @@ def shared_model():
 @functools.cache
 def shared_data_dir() -> str:
   """The tiny synthetic dataset, built once per session in a temporary folder."""
-  from musp_jax import datasets  # pylint: disable=g-import-not-at-top
+  from musp_jax.data import datasets  # pylint: disable=g-import-not-at-top
   root = tempfile.mkdtemp(prefix="musp_tools_data_")
   atexit.register(shutil.rmtree, root, ignore_errors=True)
   config = tiny_config()
