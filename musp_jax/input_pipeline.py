@@ -41,7 +41,7 @@ import jax
 import numpy as np
 
 from musp_jax import augment
-from musp_jax import sampling
+from musp_jax.data import sampling
 
 steps_per_epoch = sampling.steps_per_epoch
 
