@@ -26,7 +26,7 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from musp_jax import augment
+from musp_jax.data import augment
 from musp_jax import checkpointing
 from musp_jax.core import features
 from musp_jax import models

@@ -40,7 +40,7 @@ import grain
 import jax
 import numpy as np
 
-from musp_jax import augment
+from musp_jax.data import augment
 from musp_jax.data import sampling
 
 steps_per_epoch = sampling.steps_per_epoch

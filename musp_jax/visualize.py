@@ -42,7 +42,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from musp_jax import attention_metrics
-from musp_jax import augment
+from musp_jax.data import augment
 from musp_jax import evaluator
 from musp_jax.core import features
 from musp_jax import inference

@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from configs import common
-from musp_jax import augment
+from musp_jax.data import augment
 from musp_jax import input_pipeline
 from musp_jax.runtime import process
 

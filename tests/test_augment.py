@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from musp_jax import augment
+from musp_jax.data import augment
 
 
 def _config(**overrides) -> ml_collections.ConfigDict:

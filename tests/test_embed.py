@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import tools_fixtures
-from musp_jax import augment
+from musp_jax.data import augment
 from musp_jax import embed
 from musp_jax import inference
 

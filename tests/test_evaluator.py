@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 
 import tools_fixtures
-from musp_jax import augment
+from musp_jax.data import augment
 from musp_jax.data import datasets
 from musp_jax import evaluator
 from musp_jax.core import features

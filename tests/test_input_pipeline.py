@@ -17,7 +17,7 @@ from PIL import Image
 import pytest
 
 from configs import common
-from musp_jax import augment
+from musp_jax.data import augment
 from musp_jax import input_pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from PIL import Image
 import pytest
 
 from configs import common
-from musp_jax import augment
+from musp_jax.data import augment
 from musp_jax.core import losses
 from musp_jax.core import optim
 from musp_jax.core import preprocess

@@ -10,7 +10,7 @@ from matplotlib import colormaps
 from PIL import Image
 
 import tools_fixtures
-from musp_jax import augment
+from musp_jax.data import augment
 from musp_jax import retrieval
 from musp_jax import visualize
 
