@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 from musp_jax import attention_metrics
 from musp_jax.data import datasets
 from musp_jax.core import features
-from musp_jax import input_pipeline
+from musp_jax.data import input_pipeline
 from musp_jax import retrieval
 
 ROW_METRICS = ("mAP", "CMC@1", "CMC@5", "CMC@10", "mINP")

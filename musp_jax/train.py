@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding
 from musp_jax import checkpointing
 from musp_jax.data import datasets
 from musp_jax import evaluator
-from musp_jax import input_pipeline
+from musp_jax.data import input_pipeline
 from musp_jax.core import optim
 from musp_jax.runtime import writing
 from musp_jax.runtime import process

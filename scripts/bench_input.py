@@ -37,7 +37,7 @@ from PIL import Image
 
 from configs import common
 from musp_jax.data import augment
-from musp_jax import input_pipeline
+from musp_jax.data import input_pipeline
 from musp_jax.runtime import process
 
 

@@ -34,7 +34,7 @@ from musp_jax import checkpointing
 from musp_jax.data import datasets
 from musp_jax import evaluator
 from musp_jax import inference
-from musp_jax import input_pipeline
+from musp_jax.data import input_pipeline
 from musp_jax import metrics
 from musp_jax.core import optim
 from musp_jax.runtime import writing
