@@ -7,8 +7,8 @@
 
 Prints the paper's table (mAP, CMC@1/5/10, mINP in %) and, with --json, writes
 {"results": {row: metrics}, ...}. Files are .npz in either layout that
-`retrieval.load_features` reads:
-  - ours (`python -m musp_jax.embed`, `retrieval.save_features`): feats (N, P, C),
+`ranking.load_features` reads:
+  - ours (`python -m musp_jax.embed`, `ranking.save_features`): feats (N, P, C),
     areas (N, P), vehicle_id (N,), camera_id (N,) [, file_name, model_signature];
   - plain, for any model: feats (N, D) or (N, P, C) float, pids (N,) int,
     camids (N,) int [, areas (N, P)]; use camera id -1 where there is none.
@@ -32,24 +32,24 @@ from typing import Any
 from musp_jax.data import datasets
 from musp_jax.core import features
 from musp_jax.runtime import writing
-from musp_jax import retrieval
+from musp_jax.retrieval import ranking
 
 
-def _read(path: str, role: str) -> retrieval.Features:
-  features = retrieval.load_features(path)
+def _read(path: str, role: str) -> ranking.Features:
+  features = ranking.load_features(path)
   if len(features) == 0:
     raise ValueError(f"{path}: the {role} has no rows")
   return features
 
 
-def _check_same_model(query: retrieval.Features, gallery: retrieval.Features,
+def _check_same_model(query: ranking.Features, gallery: ranking.Features,
                       query_path: str, gallery_path: str) -> None:
   if query.model_signature and gallery.model_signature:
     features.check_signature(query.model_signature, gallery.model_signature,
                              found_where=query_path, expected_where=gallery_path)
 
 
-def run_protocol(name: str, splits: dict[str, retrieval.Features], *, size: str,
+def run_protocol(name: str, splits: dict[str, ranking.Features], *, size: str,
                  options: dict[str, Any], trials: int, seed: int
                  ) -> dict[str, dict[str, float]]:
   """The one call into the dataset table's protocols ({row name: row})."""
@@ -87,7 +87,7 @@ def evaluate(*, query: str | None = None, gallery: str | None = None,
                         options=options, trials=trials, seed=seed)
     return {**report, "results": rows}
   try:
-    result = retrieval.evaluate(q, g, remove_junk=not keep_junk, **options)
+    result = ranking.evaluate(q, g, remove_junk=not keep_junk, **options)
   except ValueError as e:
     if "no query has a true match" in str(e) and not keep_junk and (
         (q.cams == -1).all() and (g.cams == -1).all()):
@@ -96,7 +96,7 @@ def evaluate(*, query: str | None = None, gallery: str | None = None,
     raise
   name = f"{pathlib.Path(query).stem} vs {pathlib.Path(gallery).stem}"
   return {**report, "remove_junk": not keep_junk,
-          "results": {name: retrieval.result_row(result)}}
+          "results": {name: ranking.result_row(result)}}
 
 
 def _write_json(path: str, report: dict[str, Any]) -> None:
@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "gallery, junk removed).")
   parser.add_argument("--size", default="", help="Test size named in the rows "
                       "(vehicle_id, veri_wild): small | medium | large.")
-  parser.add_argument("--distance", choices=retrieval.DISTANCES, default="cam_squared")
+  parser.add_argument("--distance", choices=ranking.DISTANCES, default="cam_squared")
   parser.add_argument("--rerank", action="store_true",
                       help="k-reciprocal re-ranking (on the squared distance).")
   parser.add_argument("--rerank_k1", type=int, default=20)

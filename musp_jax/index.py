@@ -7,7 +7,7 @@ For galleries too large to rank by brute force in memory (millions of images).
 Candidates come from a faiss IVF index (k-means inverted lists, inner-product
 metric); the CAM-weighted squared distance (SPEC section 4, `cam_squared`) is
 then computed exactly on the candidates' full features, read from a
-memory-mapped store on disk, with retrieval.pairwise_distance. Results carry
+memory-mapped store on disk, with ranking.pairwise_distance. Results carry
 exact distances and are ordered by (distance, gallery index), as brute force
 orders them.
 
@@ -105,7 +105,7 @@ import numpy as np
 
 from musp_jax.core import features
 from musp_jax.runtime import writing
-from musp_jax import retrieval
+from musp_jax.retrieval import ranking
 
 try:
   import faiss  # pylint: disable=g-import-not-at-top
@@ -185,7 +185,7 @@ def _place(v: np.ndarray, params: dict[str, Any]) -> np.ndarray:
 def _candidate_distance(q_feats_BxPxC, q_areas_BxP, c_feats_BxKxPxC, c_areas_BxKxP):
   """(B, K) cam_squared distances of each query to its own K candidates."""
   def one(qf, qa, cf, ca):
-    return retrieval.pairwise_distance(qf[None], qa[None], cf, ca,
+    return ranking.pairwise_distance(qf[None], qa[None], cf, ca,
                                        distance="cam_squared")[0]
   return jax.vmap(one)(q_feats_BxPxC, q_areas_BxP, c_feats_BxKxPxC, c_areas_BxKxP)
 
@@ -241,10 +241,10 @@ def _scan(shards: Sequence[str]) -> _Layout:
     if not os.path.isfile(path):
       raise FileNotFoundError(f"Gallery shard {path} does not exist.")
     with np.load(path, allow_pickle=False) as data:
-      missing = [k for k in retrieval.NPZ_KEYS if k not in data.files]
+      missing = [k for k in ranking.NPZ_KEYS if k not in data.files]
       if missing:
         raise ValueError(f"{path}: missing keys {missing}; a gallery shard is a "
-                         f"saved-features .npz with {list(retrieval.NPZ_KEYS)}.")
+                         f"saved-features .npz with {list(ranking.NPZ_KEYS)}.")
       shape, _ = _npy_header(data, path, "feats")
       if len(shape) != 3:
         raise ValueError(f"{path}: feats has shape {shape}, expected (N, P, C).")
@@ -270,8 +270,8 @@ def _scan(shards: Sequence[str]) -> _Layout:
   return layout
 
 
-def _read_shard(shard: _Shard, parts: int, channels: int) -> retrieval.Features:
-  features = retrieval.load_features(shard.path)
+def _read_shard(shard: _Shard, parts: int, channels: int) -> ranking.Features:
+  features = ranking.load_features(shard.path)
   if features.feats.shape != (shard.count, parts, channels):
     raise ValueError(f"{shard.path}: feats changed while building the index: "
                      f"{features.feats.shape}, was {(shard.count, parts, channels)}.")
@@ -279,7 +279,7 @@ def _read_shard(shard: _Shard, parts: int, channels: int) -> retrieval.Features:
   return features
 
 
-def _check_values(features: retrieval.Features, where: str) -> None:
+def _check_values(features: ranking.Features, where: str) -> None:
   """Finite features; areas >= 0 with a positive sum (r > 0, see the docstring)."""
   for name, x in (("feats", features.feats), ("areas", features.areas)):
     bad = ~np.isfinite(x).reshape(len(x), -1).all(axis=1)
@@ -608,7 +608,7 @@ class GalleryIndex:
     nprobe = nprobe or self.params["nprobe"]
     return self.params["codec"] == "flat" and nprobe >= self.params["nlist"]
 
-  def search(self, query: retrieval.Features, k: int = 10, *, nprobe: int | None = None,
+  def search(self, query: ranking.Features, k: int = 10, *, nprobe: int | None = None,
              candidates: int | None = None, query_block: int = 256
              ) -> tuple[np.ndarray, np.ndarray]:
     """(distances, gallery indices), each (Q, k), in ascending (distance, index).

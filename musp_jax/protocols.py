@@ -3,7 +3,7 @@
 Every protocol has the same signature, `protocol(splits, *, name, eval_config,
 **overrides)`: `splits` maps the protocol's roles ("query" and "gallery", or "test")
 to the extracted features, `name` prefixes the rows, and the result is {row name: row},
-a row being the flat scalars of `retrieval.result_row` (mAP, CMC@1/5/10, mINP,
+a row being the flat scalars of `ranking.result_row` (mAP, CMC@1/5/10, mINP,
 num_queries). The dataset table (musp_jax.datasets.DATASETS) says which protocol and
 which splits each dataset uses:
 
@@ -22,27 +22,27 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from musp_jax import retrieval
+from musp_jax.retrieval import ranking
 
-Features = retrieval.Features
+Features = ranking.Features
 
 
 def _options(eval_config: ml_collections.ConfigDict | None,
              overrides: Mapping[str, Any]) -> dict[str, Any]:
-  """Keyword arguments of retrieval.evaluate from the c.eval section."""
+  """Keyword arguments of ranking.evaluate from the c.eval section."""
   options = {}
   if eval_config is not None:
     options = dict(distance=eval_config.distance, rerank=eval_config.rerank,
                    query_block=eval_config.query_block)
   if "remove_junk" in overrides:
     raise ValueError("protocols: remove_junk is fixed by each dataset's protocol; "
-                     "call retrieval.evaluate directly to choose it")
+                     "call ranking.evaluate directly to choose it")
   options.update(overrides)
   return options
 
 
 def as_features(split: "Features | Mapping[str, np.ndarray]", name: str) -> Features:
-  """A split as `retrieval.Features`; dicts need feats, areas, vehicle_id,
+  """A split as `ranking.Features`; dicts need feats, areas, vehicle_id,
   camera_id (as written by the evaluator or stored in a features .npz)."""
   if isinstance(split, Features):
     return split
@@ -71,8 +71,8 @@ def query_gallery(splits, *, name: str, eval_config=None,
   """Query vs gallery, junk = same id and camera (VeRi-776, synthetic vehicles)."""
   options = _options(eval_config, overrides)
   query, gallery = _roles(splits, ("query", "gallery"), name)
-  result = retrieval.evaluate(query, gallery, remove_junk=True, **options)
-  return {name: retrieval.result_row(result)}
+  result = ranking.evaluate(query, gallery, remove_junk=True, **options)
+  return {name: ranking.result_row(result)}
 
 
 def vehicleid_random_split(ids: np.ndarray, *, seed: int, trial: int
@@ -107,7 +107,7 @@ def vehicle_id(splits, *, name: str, eval_config=None,
   rows = []
   for trial in range(trials):
     q, g = vehicleid_random_split(test.ids, seed=seed, trial=trial)
-    rows.append(retrieval.result_row(retrieval.evaluate(
+    rows.append(ranking.result_row(ranking.evaluate(
         test.take(q), test.take(g), remove_junk=False, **options)))
   mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
   mean["num_queries"] = rows[0]["num_queries"]
@@ -115,7 +115,7 @@ def vehicle_id(splits, *, name: str, eval_config=None,
   for k in ("mAP", "CMC@1", "CMC@5"):
     mean[f"{k}_std"] = float(np.std([r[k] for r in rows]))
   q, g = vehicleid_first_split(test.ids)
-  first = retrieval.result_row(retrieval.evaluate(
+  first = ranking.result_row(ranking.evaluate(
       test.take(q), test.take(g), remove_junk=False, **options))
   return {f"{name}/random{trials}": mean, f"{name}/first": first}
 
@@ -126,8 +126,8 @@ def veri_wild(splits, *, name: str, eval_config=None,
   options = _options(eval_config, overrides)
   query, gallery = _roles(splits, ("query", "gallery"), name)
   return {
-      f"{name}/junk_removed": retrieval.result_row(
-          retrieval.evaluate(query, gallery, remove_junk=True, **options)),
-      f"{name}/all": retrieval.result_row(
-          retrieval.evaluate(query, gallery, remove_junk=False, **options)),
+      f"{name}/junk_removed": ranking.result_row(
+          ranking.evaluate(query, gallery, remove_junk=True, **options)),
+      f"{name}/all": ranking.result_row(
+          ranking.evaluate(query, gallery, remove_junk=False, **options)),
   }

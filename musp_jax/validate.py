@@ -22,7 +22,7 @@ import jax
 from musp_jax.data import datasets
 from musp_jax import models
 from musp_jax.core import preprocess
-from musp_jax import retrieval
+from musp_jax.retrieval import ranking
 from musp_jax.models import fast_conv
 from musp_jax.models import resnet
 
@@ -196,7 +196,7 @@ def _check_eval(c: _Checker, *, num_devices: int, num_processes: int) -> None:
         c.fail("eval.batch_size", f"a multiple of the {count} {what} (each evaluation "
                "batch is split evenly over them)")
         break
-  c.choice("eval.distance", retrieval.DISTANCES)
+  c.choice("eval.distance", ranking.DISTANCES)
   c.boolean("eval.flip")
   c.boolean("eval.rerank")
   c.int_at_least("eval.query_block", 1)

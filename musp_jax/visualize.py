@@ -47,7 +47,7 @@ from musp_jax import evaluator
 from musp_jax.core import features
 from musp_jax import inference
 from musp_jax.runtime import writing
-from musp_jax import retrieval
+from musp_jax.retrieval import ranking
 from musp_jax.runtime import process
 
 DISPLAY_HEIGHT = 128  # pixels of each picture cell
@@ -335,7 +335,7 @@ def choose_queries(aps: np.ndarray, order: str, count: int, *, seed: int = 0) ->
 
 
 def ranked_list(dist_G: np.ndarray, query_id: int, query_cam: int,
-                gallery: retrieval.Features, topk: int) -> tuple[np.ndarray, np.ndarray]:
+                gallery: ranking.Features, topk: int) -> tuple[np.ndarray, np.ndarray]:
   """Top-k gallery indices after junk removal (same id and camera), and whether each
   is a true match: the list the per-query AP was computed on."""
   order = np.argsort(dist_G, kind="stable")
@@ -386,12 +386,12 @@ def ranks_picture(loaded: inference.LoadedModel, out_dir: str, *, order: str = "
                                        process.make_mesh())
   query, gallery = splits["query"], splits["gallery"]
   distance = config.eval.distance
-  if distance not in retrieval.DISTANCES:
-    raise ValueError(f"eval.distance={distance!r}; expected one of {retrieval.DISTANCES}.")
-  dist_QxG = retrieval.distance_matrix(query, gallery, distance=distance,
+  if distance not in ranking.DISTANCES:
+    raise ValueError(f"eval.distance={distance!r}; expected one of {ranking.DISTANCES}.")
+  dist_QxG = ranking.distance_matrix(query, gallery, distance=distance,
                                        query_block=min(len(query), 256))
   # Per-query AP by the protocol's junk rule, from the exact device ranking.
-  aps = retrieval.rank_distmat(dist_QxG, query.ids, gallery.ids, query.cams, gallery.cams,
+  aps = ranking.rank_distmat(dist_QxG, query.ids, gallery.ids, query.cams, gallery.cams,
                                remove_junk=True, per_query=True)["per_query"]["AP"]
   if queries is not None:
     bad = [q for q in queries if not 0 <= q < len(query)]

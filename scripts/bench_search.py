@@ -20,7 +20,7 @@ Prints, all measured in this run:
   1. shard generation (not timed against anything);
   2. index build time, index size in memory (ann.faiss) and on disk (feature
      store + labels), peak memory of the build;
-  3. exact CAM search (retrieval.distance_matrix over each shard, all queries,
+  3. exact CAM search (ranking.distance_matrix over each shard, all queries,
      top k merged): seconds per query, amortised over the batch;
   4. for each (nprobe, candidates): recall@k against 3, seconds per query
      batched, single-query latency p50/p95, the speed-up over 3, and whether
@@ -41,7 +41,7 @@ import numpy as np
 
 import bench_eval  # scripts/ is on sys.path when this file runs as a script
 from musp_jax import index as index_lib
-from musp_jax import retrieval
+from musp_jax.retrieval import ranking
 
 SIGNATURE = json.dumps({"synthetic": "bench_search"})
 
@@ -60,13 +60,13 @@ class Synthetic:
     counts[-1] -= int(counts.sum()) - args.num_items
     self.ids = np.repeat(np.arange(num_ids), counts)
     num_groups = max(1, num_ids // args.group_size)
-    groups = retrieval.l2_normalize(
+    groups = ranking.l2_normalize(
         rng.standard_normal((num_groups, p, c), np.float32))
     group_of = rng.integers(0, num_groups, num_ids)
     self.centres = np.empty((num_ids, p, c), np.float32)
     for lo in range(0, num_ids, 65536):  # bounded temporaries
       hi = min(lo + 65536, num_ids)
-      self.centres[lo:hi] = retrieval.l2_normalize(
+      self.centres[lo:hi] = ranking.l2_normalize(
           groups[group_of[lo:hi]] + args.identity_spread / np.sqrt(c)
           * rng.standard_normal((hi - lo, p, c), np.float32))
     self.profiles = rng.dirichlet(np.full(p - 1, 4.0), num_ids).astype(np.float32)
@@ -75,7 +75,7 @@ class Synthetic:
              ) -> tuple[np.ndarray, np.ndarray]:
     c = self.args.channels
     noise = rng.standard_normal((len(ids), *self.centres.shape[1:]), np.float32)
-    feats = retrieval.l2_normalize(self.centres[ids] + self.args.noise / np.sqrt(c) * noise)
+    feats = ranking.l2_normalize(self.centres[ids] + self.args.noise / np.sqrt(c) * noise)
     parts = rng.gamma(20.0 * self.profiles[ids] + 0.5).astype(np.float32)
     areas = np.empty((len(ids), self.args.parts), np.float32)
     areas[:, :-1] = parts / parts.sum(axis=1, keepdims=True)
@@ -88,29 +88,29 @@ class Synthetic:
       hi = min(lo + self.args.shard_items, self.args.num_items)
       feats, areas = self.images(self.ids[lo:hi], np.random.default_rng([self.args.seed, s]))
       paths.append(folder / f"gallery_{s:03d}.npz")
-      retrieval.save_features(paths[-1], retrieval.Features(
+      ranking.save_features(paths[-1], ranking.Features(
           feats, areas, self.ids[lo:hi], np.arange(lo, hi) % 174,
           np.array([f"cam{i % 174:03d}/{i:08d}.jpg" for i in range(lo, hi)]), SIGNATURE))
     return paths
 
-  def queries(self) -> retrieval.Features:
+  def queries(self) -> ranking.Features:
     rng = np.random.default_rng([self.args.seed, 10**6])
     ids = rng.choice(self.ids, self.args.num_queries)
     feats, areas = self.images(ids, rng)
-    return retrieval.Features(feats, areas, ids, np.full(len(ids), -1),
+    return ranking.Features(feats, areas, ids, np.full(len(ids), -1),
                               np.array([f"q{i}" for i in range(len(ids))]), SIGNATURE)
 
 
-def exact_search(query: retrieval.Features, shards: list[pathlib.Path], k: int
+def exact_search(query: ranking.Features, shards: list[pathlib.Path], k: int
                  ) -> tuple[np.ndarray, np.ndarray, float]:
   """Brute-force top k over the shards, one in memory at a time; compute seconds."""
   best_d = np.full((len(query), 0), np.inf, np.float32)
   best_i = np.zeros((len(query), 0), np.int64)
   offset, seconds = 0, 0.0
   for path in shards:
-    gallery = retrieval.load_features(path)  # reading is not counted
+    gallery = ranking.load_features(path)  # reading is not counted
     t = time.perf_counter()
-    dist = retrieval.distance_matrix(query, gallery, query_block=len(query))
+    dist = ranking.distance_matrix(query, gallery, query_block=len(query))
     top = np.argpartition(dist, k - 1, axis=1)[:, :k]
     cand_d = np.concatenate([best_d, np.take_along_axis(dist, top, 1)], 1)
     cand_i = np.concatenate([best_i, top + offset], 1)

@@ -9,7 +9,7 @@ import pytest
 import io_stack
 
 _CORE = ("musp_jax.models", "musp_jax.models.weights", "musp_jax.core.losses", "musp_jax.core.optim",
-         "musp_jax.core.state", "musp_jax.core.step", "musp_jax.core.preprocess", "musp_jax.retrieval",
+         "musp_jax.core.state", "musp_jax.core.step", "musp_jax.core.preprocess", "musp_jax.retrieval.ranking",
          "musp_jax.metrics", "musp_jax.rerank", "musp_jax.core.features", "musp_jax.export",
          "musp_jax.runtime.process", "configs.common")
 
@@ -33,7 +33,7 @@ from configs import common
 from musp_jax.core import features
 from musp_jax import metrics
 from musp_jax.core import optim
-from musp_jax import retrieval
+from musp_jax.retrieval import ranking
 from musp_jax.core import state
 from musp_jax.core import step
 from musp_jax.runtime import process
@@ -62,11 +62,11 @@ train_step = step.jit_step(model=Tiny(), tx=tx, loss_config=c.loss, input_config
 st, m = train_step(st, batch)
 st, m2 = train_step(st, batch)
 rng = np.random.default_rng(1)
-q = retrieval.Features(np.asarray(feats), np.asarray(areas), np.arange(8) % 4, np.zeros(8, int))
-g = retrieval.Features(np.asarray(feats)[::-1], np.asarray(areas)[::-1], np.arange(8)[::-1] % 4,
+q = ranking.Features(np.asarray(feats), np.asarray(areas), np.arange(8) % 4, np.zeros(8, int))
+g = ranking.Features(np.asarray(feats)[::-1], np.asarray(areas)[::-1], np.arange(8)[::-1] % 4,
                        np.ones(8, int))
-got = retrieval.evaluate(q, g)
-want = metrics.rank_metrics(retrieval.distance_matrix(q, g), q.ids, g.ids, q.cams, g.cams)
+got = ranking.evaluate(q, g)
+want = metrics.rank_metrics(ranking.distance_matrix(q, g), q.ids, g.ids, q.cams, g.cams)
 print(json.dumps({{"loaded": sorted(m for m, v in sys.modules.items()
                              if m.split(".")[0] in {io_stack.BLOCKED!r} and v is not None),
                   "feats": list(feats.shape),

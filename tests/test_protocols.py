@@ -6,18 +6,18 @@ import pytest
 from configs import common
 from musp_jax import metrics
 from musp_jax import protocols
-from musp_jax import retrieval
+from musp_jax.retrieval import ranking
 
 
 def _features(rng, ids, cams, p=2, c=6):
   n = len(ids)
-  feats = retrieval.l2_normalize(rng.normal(size=(n, p, c)).astype(np.float32))
+  feats = ranking.l2_normalize(rng.normal(size=(n, p, c)).astype(np.float32))
   areas = rng.uniform(0.1, 1.0, size=(n, p)).astype(np.float32)
-  return retrieval.Features(feats, areas, np.asarray(ids), np.asarray(cams))
+  return ranking.Features(feats, areas, np.asarray(ids), np.asarray(cams))
 
 
 def _reference_row(q, g, remove_junk):
-  distmat = np.asarray(retrieval.pairwise_distance(q.feats, q.areas, g.feats, g.areas))
+  distmat = np.asarray(ranking.pairwise_distance(q.feats, q.areas, g.feats, g.areas))
   r = metrics.rank_metrics(distmat, q.ids, g.ids, q.cams, g.cams,
                            remove_junk=remove_junk)
   return {"mAP": r["mAP"], "CMC@1": r["cmc"][0], "CMC@5": r["cmc"][4],

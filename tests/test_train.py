@@ -38,7 +38,7 @@ from musp_jax.data import input_pipeline
 from musp_jax import metrics
 from musp_jax.core import optim
 from musp_jax.runtime import writing
-from musp_jax import retrieval
+from musp_jax.retrieval import ranking
 from musp_jax.core import state as state_lib
 from musp_jax.core import step as step_lib
 from musp_jax import train
@@ -317,7 +317,7 @@ def test_eval_on_another_dataset_needs_only_that_dataset(reference_run, tmp_path
                      np.array([expected[n][1] for n in names]),
                      np.array([expected[n][2] for n in names]))
   (q, q_ids, q_cams), (g, g_ids, g_cams) = feats["image_query"], feats["image_test"]
-  distmat = np.asarray(retrieval.pairwise_distance(q.feats, q.areas, g.feats, g.areas))
+  distmat = np.asarray(ranking.pairwise_distance(q.feats, q.areas, g.feats, g.areas))
   want = metrics.rank_metrics(distmat, q_ids, g_ids, q_cams, g_cams)
   assert got["num_queries"] == want["num_valid_queries"] == 2
   assert got["mAP"] == pytest.approx(want["mAP"], abs=1e-6)

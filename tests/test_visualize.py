@@ -11,7 +11,7 @@ from PIL import Image
 
 import tools_fixtures
 from musp_jax.data import augment
-from musp_jax import retrieval
+from musp_jax.retrieval import ranking
 from musp_jax import visualize
 
 
@@ -49,7 +49,7 @@ def test_overlay_blends_the_colour_map_at_the_image_size():
 
 def _features(ids, cams):
   n = len(ids)
-  return retrieval.Features(np.zeros((n, 1, 2), np.float32), np.ones((n, 1), np.float32),
+  return ranking.Features(np.zeros((n, 1, 2), np.float32), np.ones((n, 1), np.float32),
                             np.asarray(ids), np.asarray(cams))
 
 
@@ -62,7 +62,7 @@ def test_per_query_ap_and_choice_of_queries():
       [0.1, 0.2, 0.3, 0.4, 0.0],  # id 3: match 3 is last, rank 5 -> AP 1/5
       [0.0, 0.1, 0.2, 0.3, 0.4],  # id 9: no match -> NaN
   ])
-  aps = retrieval.rank_distmat(dist, query.ids, gallery.ids, query.cams, gallery.cams,
+  aps = ranking.rank_distmat(dist, query.ids, gallery.ids, query.cams, gallery.cams,
                                per_query=True)["per_query"]["AP"]  # what ranks_picture uses
   np.testing.assert_allclose(aps[:3], [0.5, 1.0, 0.2])
   assert np.isnan(aps[3])

@@ -27,7 +27,7 @@ import numpy as np
 
 from musp_jax import models
 from musp_jax.core import preprocess
-from musp_jax.retrieval import l2_normalize
+from musp_jax.retrieval.ranking import l2_normalize
 
 
 class SignatureMismatchError(ValueError):

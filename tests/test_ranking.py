@@ -6,15 +6,15 @@ import pytest
 
 from musp_jax import metrics
 from musp_jax import rerank
-from musp_jax import retrieval
+from musp_jax.retrieval import ranking
 
 
 def _features(rng, n, p=3, c=8, num_ids=8, num_cams=3, normalize=True):
   feats = rng.normal(size=(n, p, c)).astype(np.float32)
   if normalize:
-    feats = retrieval.l2_normalize(feats)
+    feats = ranking.l2_normalize(feats)
   areas = rng.uniform(0.05, 1.0, size=(n, p)).astype(np.float32)
-  return retrieval.Features(feats, areas, rng.integers(0, num_ids, n),
+  return ranking.Features(feats, areas, rng.integers(0, num_ids, n),
                             rng.integers(0, num_cams, n))
 
 
@@ -34,7 +34,7 @@ def _direct_cam(qf, qa, gf, ga, squared):
 def test_cam_distance_equals_direct_formula(squared, normalize):
   rng = np.random.default_rng(0)
   q, g = _features(rng, 9, 5, 16, normalize=normalize), _features(rng, 13, 5, 16)
-  got = retrieval.pairwise_distance(q.feats, q.areas, g.feats, g.areas,
+  got = ranking.pairwise_distance(q.feats, q.areas, g.feats, g.areas,
                                      distance="cam_squared" if squared else "cam")
   want = _direct_cam(q.feats, q.areas, g.feats, g.areas, squared)
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
@@ -47,7 +47,7 @@ def test_concatenated_distances():
   cos = (xq @ xg.T) / np.outer(np.linalg.norm(xq, axis=1), np.linalg.norm(xg, axis=1))
   euclid = np.linalg.norm(xq[:, None] - xg[None], axis=-1)
   for name, want in (("cosine", 1 - cos), ("euclidean", euclid)):
-    got = retrieval.pairwise_distance(q.feats, q.areas, g.feats, g.areas,
+    got = ranking.pairwise_distance(q.feats, q.areas, g.feats, g.areas,
                                       distance=name)
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
 
@@ -85,7 +85,7 @@ def test_device_ranking_equals_reference(query_block, remove_junk):
     want = metrics.rank_metrics(distmat, *labels, max_rank=20,
                                 remove_junk=remove_junk, per_query=True)
     assert np.sum(want["per_query"]["first_hit"] < 0) > 0  # some are skipped
-    got = retrieval.rank_distmat(distmat, *labels, max_rank=20,
+    got = ranking.rank_distmat(distmat, *labels, max_rank=20,
                                  remove_junk=remove_junk, query_block=query_block,
                                  per_query=True)
     _assert_same(got, want)
@@ -96,27 +96,27 @@ def test_device_ranking_on_one_device_and_long_cmc():
   mesh = jax.make_mesh((1,), ("gallery",), axis_types=(jax.sharding.AxisType.Auto,),
                        devices=jax.devices()[:1])
   want = metrics.rank_metrics(distmat, *labels, max_rank=50)  # longer than G
-  _assert_same(retrieval.rank_distmat(distmat, *labels, max_rank=50, mesh=mesh,
+  _assert_same(ranking.rank_distmat(distmat, *labels, max_rank=50, mesh=mesh,
                                       query_block=7), want)
 
 
-@pytest.mark.parametrize("distance", retrieval.DISTANCES)
+@pytest.mark.parametrize("distance", ranking.DISTANCES)
 def test_evaluate_features_equals_reference(distance):
   rng = np.random.default_rng(2)
   q, g = _features(rng, 30), _features(rng, 53)
   # Duplicated gallery items give exact ties in the computed distances.
-  g = retrieval.Features(np.concatenate([g.feats, g.feats[:10]]),
+  g = ranking.Features(np.concatenate([g.feats, g.feats[:10]]),
                          np.concatenate([g.areas, g.areas[:10]]),
                          np.concatenate([g.ids, (g.ids[:10] + 1) % 8]),
                          np.concatenate([g.cams, g.cams[:10]]))
-  distmat = retrieval.distance_matrix(q, g, distance=distance, query_block=16)
-  direct = np.asarray(retrieval.pairwise_distance(q.feats, q.areas, g.feats,
+  distmat = ranking.distance_matrix(q, g, distance=distance, query_block=16)
+  direct = np.asarray(ranking.pairwise_distance(q.feats, q.areas, g.feats,
                                                   g.areas, distance=distance))
   np.testing.assert_allclose(distmat, direct, atol=1e-6)
   want = metrics.rank_metrics(distmat, q.ids, g.ids, q.cams, g.cams, max_rank=10,
                               per_query=True)
   for block in (7, 30):  # ragged and single-block
-    got = retrieval.evaluate(q, g, distance=distance, max_rank=10,
+    got = ranking.evaluate(q, g, distance=distance, max_rank=10,
                              query_block=block, per_query=True)
     _assert_same(got, want)
 
@@ -124,19 +124,19 @@ def test_evaluate_features_equals_reference(distance):
 def test_evaluate_from_saved_features(tmp_path):
   rng = np.random.default_rng(3)
   q, g = _features(rng, 12), _features(rng, 25)
-  q = retrieval.Features(q.feats, q.areas, q.ids, q.cams,
+  q = ranking.Features(q.feats, q.areas, q.ids, q.cams,
                          np.array([f"q{i}.jpg" for i in range(12)]), "musp P=3 C=8")
-  retrieval.save_features(tmp_path / "q.npz", q)
-  retrieval.save_features(tmp_path / "g.npz", g)
-  loaded = retrieval.load_features(tmp_path / "q.npz")
+  ranking.save_features(tmp_path / "q.npz", q)
+  ranking.save_features(tmp_path / "g.npz", g)
+  loaded = ranking.load_features(tmp_path / "q.npz")
   np.testing.assert_array_equal(loaded.feats, q.feats)
   np.testing.assert_array_equal(loaded.file_names, q.file_names)
   assert loaded.model_signature == "musp P=3 C=8"
-  _assert_same(retrieval.evaluate(str(tmp_path / "q.npz"), tmp_path / "g.npz"),
-               retrieval.evaluate(q, g))
+  _assert_same(ranking.evaluate(str(tmp_path / "q.npz"), tmp_path / "g.npz"),
+               ranking.evaluate(q, g))
   np.savez(tmp_path / "bad.npz", feats=q.feats)
   with pytest.raises(ValueError, match="missing keys"):
-    retrieval.load_features(tmp_path / "bad.npz")
+    ranking.load_features(tmp_path / "bad.npz")
 
 
 def _rerank_by_definition(q_g, q_q, g_g, k1, k2, lam):
@@ -174,14 +174,14 @@ def _rerank_by_definition(q_g, q_q, g_g, k1, k2, lam):
 def test_rerank_matches_definition():
   rng = np.random.default_rng(5)
   q, g = _features(rng, 6, num_ids=3), _features(rng, 14, num_ids=3)
-  dm = lambda a, b: retrieval.distance_matrix(a, b, query_block=8)
+  dm = lambda a, b: ranking.distance_matrix(a, b, query_block=8)
   q_g, q_q, g_g = dm(q, g), dm(q, q), dm(g, g)
   # Symmetrise q_q, g_g exactly so both row- and column-normalisation agree.
   q_q, g_g = (q_q + q_q.T) / 2, (g_g + g_g.T) / 2
   got = rerank.k_reciprocal_rerank(q_g, q_q, g_g, k1=4, k2=3, lambda_value=0.3)
   want = _rerank_by_definition(q_g, q_q, g_g, 4, 3, 0.3)
   np.testing.assert_allclose(got, want, atol=1e-5)
-  result = retrieval.evaluate(q, g, rerank=True, rerank_k1=4, rerank_k2=3,
+  result = ranking.evaluate(q, g, rerank=True, rerank_k1=4, rerank_k2=3,
                               return_distmat=True, max_rank=5)
   _assert_same(result, metrics.rank_metrics(result["distmat"], q.ids, g.ids,
                                             q.cams, g.cams, max_rank=5))
@@ -200,7 +200,7 @@ def _squared_reference(q, g, distance):
   return np.sum((xq[:, None] - xg[None]) ** 2, axis=-1)
 
 
-@pytest.mark.parametrize("distance", retrieval.DISTANCES)
+@pytest.mark.parametrize("distance", ranking.DISTANCES)
 def test_rerank_takes_squared_distances(distance):
   """Re-ranking is computed from the squared-Euclidean member of each distance."""
   rng = np.random.default_rng(6)
@@ -208,9 +208,9 @@ def test_rerank_takes_squared_distances(distance):
   ref = [_squared_reference(a, b, distance).astype(np.float32)
          for a, b in ((q, g), (q, q), (g, g))]
   want = rerank.k_reciprocal_rerank(*ref, k1=4, k2=3, lambda_value=0.3)
-  result = retrieval.evaluate(q, g, distance=distance, rerank=True, rerank_k1=4,
+  result = ranking.evaluate(q, g, distance=distance, rerank=True, rerank_k1=4,
                               rerank_k2=3, return_distmat=True, max_rank=5)
-  assert result["rerank_input"] == retrieval.RERANK_INPUT[distance]
+  assert result["rerank_input"] == ranking.RERANK_INPUT[distance]
   np.testing.assert_allclose(result["distmat"], want, atol=1e-5)
   if distance == "euclidean":  # not the plain distance: that re-ranks differently
     plain = rerank.k_reciprocal_rerank(*(np.sqrt(r) for r in ref), k1=4, k2=3,
@@ -226,7 +226,7 @@ def test_plain_features_format(tmp_path):
   q_cams, g_cams = rng.integers(0, 2, 9), rng.integers(0, 2, 20)
   np.savez(tmp_path / "q.npz", feats=qx.astype(np.float32), pids=q_ids, camids=q_cams)
   np.savez(tmp_path / "g.npz", feats=gx, pids=g_ids, camids=g_cams)  # float64 is fine
-  q = retrieval.load_features(tmp_path / "q.npz")
+  q = ranking.load_features(tmp_path / "q.npz")
   assert q.feats.shape == (9, 1, 12) and q.feats.dtype == np.float32
   np.testing.assert_array_equal(q.areas, np.ones((9, 1)))
   np.testing.assert_array_equal(q.ids, q_ids)
@@ -234,12 +234,12 @@ def test_plain_features_format(tmp_path):
   euclid = np.linalg.norm(qx[:, None] - gx[None], axis=-1)
   want = metrics.rank_metrics(euclid, q_ids, g_ids, q_cams, g_cams, max_rank=5)
   for distance in ("euclidean", "cam_squared"):  # P = 1: the same ranking
-    _assert_same(retrieval.evaluate(tmp_path / "q.npz", tmp_path / "g.npz",
+    _assert_same(ranking.evaluate(tmp_path / "q.npz", tmp_path / "g.npz",
                                     distance=distance, max_rank=5), want)
   # (N, P, C) with areas reads as the saved-features format does.
   f = _features(rng, 5)
   np.savez(tmp_path / "p.npz", feats=f.feats, areas=f.areas, pids=f.ids, camids=f.cams)
-  p = retrieval.load_features(tmp_path / "p.npz")
+  p = ranking.load_features(tmp_path / "p.npz")
   np.testing.assert_array_equal(p.feats, f.feats)
   np.testing.assert_array_equal(p.areas, f.areas)
 
@@ -276,17 +276,17 @@ def _write(path, **arrays):
 def test_bad_features_files_name_file_and_key(tmp_path, arrays, message):
   path = _write(tmp_path / "bad.npz", **arrays)
   with pytest.raises(ValueError, match=f"^{str(path)}: {message}"):
-    retrieval.load_features(path)
+    ranking.load_features(path)
 
 
 def test_unreadable_features_files(tmp_path):
   text = tmp_path / "feats.txt"
   text.write_text("not numpy\n")
   with pytest.raises(ValueError, match="not a readable .npz archive") as e:
-    retrieval.load_features(text)
+    ranking.load_features(text)
   assert "pickle" not in str(e.value) and str(text) in str(e.value)
   np.save(tmp_path / "one.npy", np.zeros((2, 3)))
   with pytest.raises(ValueError, match="single .npy array"):
-    retrieval.load_features(tmp_path / "one.npy")
+    ranking.load_features(tmp_path / "one.npy")
   with pytest.raises(FileNotFoundError, match="absent.npz"):
-    retrieval.load_features(tmp_path / "absent.npz")
+    ranking.load_features(tmp_path / "absent.npz")
