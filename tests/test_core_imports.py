@@ -10,7 +10,7 @@ import io_stack
 
 _CORE = ("musp_jax.models", "musp_jax.models.weights", "musp_jax.core.losses", "musp_jax.core.optim",
          "musp_jax.core.state", "musp_jax.core.step", "musp_jax.core.preprocess", "musp_jax.retrieval.ranking",
-         "musp_jax.metrics", "musp_jax.rerank", "musp_jax.core.features", "musp_jax.export",
+         "musp_jax.metrics", "musp_jax.retrieval.rerank", "musp_jax.core.features", "musp_jax.export",
          "musp_jax.runtime.process", "configs.common")
 
 _PROGRAM = f'''

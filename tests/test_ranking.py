@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from musp_jax import metrics
-from musp_jax import rerank
+from musp_jax.retrieval import rerank
 from musp_jax.retrieval import ranking
 
 

@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from musp_jax.runtime import writing
-from musp_jax import rerank as rerank_lib
+from musp_jax.retrieval import rerank as rerank_lib
 
 DISTANCES = ("cam_squared", "cam", "cosine", "euclidean")
 # The distance k-reciprocal re-ranking is computed from (module docstring).
