@@ -11,7 +11,7 @@ import pytest
 
 from musp_jax import evaluate
 from musp_jax import metrics
-from musp_jax import protocols
+from musp_jax.retrieval import protocols
 from musp_jax.retrieval import ranking
 
 ROOT = pathlib.Path(__file__).parents[1]

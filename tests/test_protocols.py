@@ -5,7 +5,7 @@ import pytest
 
 from configs import common
 from musp_jax import metrics
-from musp_jax import protocols
+from musp_jax.retrieval import protocols
 from musp_jax.retrieval import ranking
 
 

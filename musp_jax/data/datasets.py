@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from musp_jax import protocols
+from musp_jax.retrieval import protocols
 from tfds_builders import reid_base
 
 
