@@ -184,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       gallery, source = load_gallery(args.gallery)
       signature = gallery.model_signature
     else:
-      from musp_jax import index as index_lib  # pylint: disable=g-import-not-at-top
+      from musp_jax.retrieval import gallery_index as index_lib  # pylint: disable=g-import-not-at-top
       gallery = index_lib.GalleryIndex(args.index, verify_features=args.verify_index)
       signature, source = gallery.model_signature, gallery.model_source
     query = query_features(args.query, signature, gallery_path=args.gallery or args.index,
@@ -236,7 +236,7 @@ def build_index_main(argv: Sequence[str]) -> int:
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   try:
-    from musp_jax import index as index_lib  # pylint: disable=g-import-not-at-top
+    from musp_jax.retrieval import gallery_index as index_lib  # pylint: disable=g-import-not-at-top
     spec = index_lib.Spec(nlist=args.nlist, codec=args.codec, pq_dims=args.pq_dims,
                           nprobe=args.nprobe, store=args.store)
     out = index_lib.build(args.gallery, args.out, spec, overwrite=args.overwrite)

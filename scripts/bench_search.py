@@ -40,7 +40,7 @@ import time
 import numpy as np
 
 import bench_eval  # scripts/ is on sys.path when this file runs as a script
-from musp_jax import index as index_lib
+from musp_jax.retrieval import gallery_index as index_lib
 from musp_jax.retrieval import ranking
 
 SIGNATURE = json.dumps({"synthetic": "bench_search"})

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from musp_jax import index as index_lib
+from musp_jax.retrieval import gallery_index as index_lib
 from musp_jax.core import features
 from musp_jax.retrieval import ranking
 from musp_jax import search
