@@ -10,7 +10,7 @@ import io_stack
 
 _CORE = ("musp_jax.models", "musp_jax.models.weights", "musp_jax.core.losses", "musp_jax.core.optim",
          "musp_jax.core.state", "musp_jax.core.step", "musp_jax.core.preprocess", "musp_jax.retrieval.ranking",
-         "musp_jax.metrics", "musp_jax.retrieval.rerank", "musp_jax.core.features", "musp_jax.export",
+         "musp_jax.retrieval.reference", "musp_jax.retrieval.rerank", "musp_jax.core.features", "musp_jax.export",
          "musp_jax.runtime.process", "configs.common")
 
 _PROGRAM = f'''
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from configs import common
 from musp_jax.core import features
-from musp_jax import metrics
+from musp_jax.retrieval import reference
 from musp_jax.core import optim
 from musp_jax.retrieval import ranking
 from musp_jax.core import state
@@ -66,7 +66,7 @@ q = ranking.Features(np.asarray(feats), np.asarray(areas), np.arange(8) % 4, np.
 g = ranking.Features(np.asarray(feats)[::-1], np.asarray(areas)[::-1], np.arange(8)[::-1] % 4,
                        np.ones(8, int))
 got = ranking.evaluate(q, g)
-want = metrics.rank_metrics(ranking.distance_matrix(q, g), q.ids, g.ids, q.cams, g.cams)
+want = reference.rank_metrics(ranking.distance_matrix(q, g), q.ids, g.ids, q.cams, g.cams)
 print(json.dumps({{"loaded": sorted(m for m, v in sys.modules.items()
                              if m.split(".")[0] in {io_stack.BLOCKED!r} and v is not None),
                   "feats": list(feats.shape),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from musp_jax import evaluate
-from musp_jax import metrics
+from musp_jax.retrieval import reference
 from musp_jax.retrieval import protocols
 from musp_jax.retrieval import ranking
 
@@ -25,10 +25,10 @@ def _features(rng, n, num_ids=6, p=3, c=8, signature=""):
 
 
 def _reference_row(q, g, remove_junk=True):
-  """cam_squared written out in float64, ranked by metrics.rank_metrics."""
+  """cam_squared written out in float64, ranked by reference.rank_metrics."""
   w = q.areas[:, None].astype(np.float64) * g.areas[None]
   d = np.sum((q.feats[:, None].astype(np.float64) - g.feats[None]) ** 2, -1)
-  r = metrics.rank_metrics(np.sum(w * d, -1) / w.sum(-1), q.ids, g.ids, q.cams, g.cams,
+  r = reference.rank_metrics(np.sum(w * d, -1) / w.sum(-1), q.ids, g.ids, q.cams, g.cams,
                            remove_junk=remove_junk)
   return {"mAP": r["mAP"], "CMC@1": r["cmc"][0], "CMC@5": r["cmc"][4],
           "CMC@10": r["cmc"][9], "mINP": r["mINP"], "num_queries": r["num_valid_queries"]}

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from musp_jax import metrics
+from musp_jax.retrieval import reference
 from musp_jax.retrieval import protocols
 from musp_jax.retrieval import ranking
 
@@ -18,7 +18,7 @@ def _features(rng, ids, cams, p=2, c=6):
 
 def _reference_row(q, g, remove_junk):
   distmat = np.asarray(ranking.pairwise_distance(q.feats, q.areas, g.feats, g.areas))
-  r = metrics.rank_metrics(distmat, q.ids, g.ids, q.cams, g.cams,
+  r = reference.rank_metrics(distmat, q.ids, g.ids, q.cams, g.cams,
                            remove_junk=remove_junk)
   return {"mAP": r["mAP"], "CMC@1": r["cmc"][0], "CMC@5": r["cmc"][4],
           "CMC@10": r["cmc"][9], "mINP": r["mINP"],

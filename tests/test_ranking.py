@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from musp_jax import metrics
+from musp_jax.retrieval import reference
 from musp_jax.retrieval import rerank
 from musp_jax.retrieval import ranking
 
@@ -82,7 +82,7 @@ def test_device_ranking_equals_reference(query_block, remove_junk):
   assert jax.device_count() == 8  # the gallery is sharded over 8 devices
   for seed in range(2):
     distmat, labels = _problem(seed)
-    want = metrics.rank_metrics(distmat, *labels, max_rank=20,
+    want = reference.rank_metrics(distmat, *labels, max_rank=20,
                                 remove_junk=remove_junk, per_query=True)
     assert np.sum(want["per_query"]["first_hit"] < 0) > 0  # some are skipped
     got = ranking.rank_distmat(distmat, *labels, max_rank=20,
@@ -95,7 +95,7 @@ def test_device_ranking_on_one_device_and_long_cmc():
   distmat, labels = _problem(3, num_q=20, num_g=30)
   mesh = jax.make_mesh((1,), ("gallery",), axis_types=(jax.sharding.AxisType.Auto,),
                        devices=jax.devices()[:1])
-  want = metrics.rank_metrics(distmat, *labels, max_rank=50)  # longer than G
+  want = reference.rank_metrics(distmat, *labels, max_rank=50)  # longer than G
   _assert_same(ranking.rank_distmat(distmat, *labels, max_rank=50, mesh=mesh,
                                       query_block=7), want)
 
@@ -113,7 +113,7 @@ def test_evaluate_features_equals_reference(distance):
   direct = np.asarray(ranking.pairwise_distance(q.feats, q.areas, g.feats,
                                                   g.areas, distance=distance))
   np.testing.assert_allclose(distmat, direct, atol=1e-6)
-  want = metrics.rank_metrics(distmat, q.ids, g.ids, q.cams, g.cams, max_rank=10,
+  want = reference.rank_metrics(distmat, q.ids, g.ids, q.cams, g.cams, max_rank=10,
                               per_query=True)
   for block in (7, 30):  # ragged and single-block
     got = ranking.evaluate(q, g, distance=distance, max_rank=10,
@@ -183,7 +183,7 @@ def test_rerank_matches_definition():
   np.testing.assert_allclose(got, want, atol=1e-5)
   result = ranking.evaluate(q, g, rerank=True, rerank_k1=4, rerank_k2=3,
                               return_distmat=True, max_rank=5)
-  _assert_same(result, metrics.rank_metrics(result["distmat"], q.ids, g.ids,
+  _assert_same(result, reference.rank_metrics(result["distmat"], q.ids, g.ids,
                                             q.cams, g.cams, max_rank=5))
 
 
@@ -232,7 +232,7 @@ def test_plain_features_format(tmp_path):
   np.testing.assert_array_equal(q.ids, q_ids)
   assert q.file_names is None and q.model_signature == ""
   euclid = np.linalg.norm(qx[:, None] - gx[None], axis=-1)
-  want = metrics.rank_metrics(euclid, q_ids, g_ids, q_cams, g_cams, max_rank=5)
+  want = reference.rank_metrics(euclid, q_ids, g_ids, q_cams, g_cams, max_rank=5)
   for distance in ("euclidean", "cam_squared"):  # P = 1: the same ranking
     _assert_same(ranking.evaluate(tmp_path / "q.npz", tmp_path / "g.npz",
                                     distance=distance, max_rank=5), want)

@@ -35,7 +35,7 @@ from musp_jax.data import datasets
 from musp_jax import evaluator
 from musp_jax import inference
 from musp_jax.data import input_pipeline
-from musp_jax import metrics
+from musp_jax.retrieval import reference
 from musp_jax.core import optim
 from musp_jax.runtime import writing
 from musp_jax.retrieval import ranking
@@ -298,7 +298,7 @@ def test_eval_on_another_dataset_needs_only_that_dataset(reference_run, tmp_path
   """Cross-domain: the checkpoint describes itself, so the training data is not read.
 
   The evaluation data_dir holds only a tiny VeRi-776 build; the figures must equal
-  those of the tools' single-device path (inference.embed_files + metrics.rank_metrics).
+  those of the tools' single-device path (inference.embed_files + reference.rank_metrics).
   """
   import test_tfds_veri776  # pylint: disable=g-import-not-at-top
   expected = test_tfds_veri776.write_veri(tmp_path / "VeRi")
@@ -318,7 +318,7 @@ def test_eval_on_another_dataset_needs_only_that_dataset(reference_run, tmp_path
                      np.array([expected[n][2] for n in names]))
   (q, q_ids, q_cams), (g, g_ids, g_cams) = feats["image_query"], feats["image_test"]
   distmat = np.asarray(ranking.pairwise_distance(q.feats, q.areas, g.feats, g.areas))
-  want = metrics.rank_metrics(distmat, q_ids, g_ids, q_cams, g_cams)
+  want = reference.rank_metrics(distmat, q_ids, g_ids, q_cams, g_cams)
   assert got["num_queries"] == want["num_valid_queries"] == 2
   assert got["mAP"] == pytest.approx(want["mAP"], abs=1e-6)
   assert got["mINP"] == pytest.approx(want["mINP"], abs=1e-6)

@@ -1,13 +1,13 @@
-"""metrics.rank_metrics against hand-computed tables and a brute-force loop."""
+"""reference.rank_metrics against hand-computed tables and a brute-force loop."""
 
 import numpy as np
 import pytest
 
-from musp_jax import metrics
+from musp_jax.retrieval import reference
 
 
 def _one(dists, g_ids, g_cams, q_id=1, q_cam=0, **kwargs):
-  return metrics.rank_metrics(np.array([dists], np.float32), np.array([q_id]),
+  return reference.rank_metrics(np.array([dists], np.float32), np.array([q_id]),
                               np.array(g_ids), np.array([q_cam]),
                               np.array(g_cams), **kwargs)
 
@@ -53,15 +53,15 @@ def test_queries_without_true_match_are_skipped():
                      np.float32)
   q_ids, q_cams = np.array([1, 7, 2]), np.array([0, 0, 5])
   g_ids, g_cams = np.array([3, 1, 2]), np.array([3, 4, 5])
-  r = metrics.rank_metrics(distmat, q_ids, g_ids, q_cams, g_cams, max_rank=3,
+  r = reference.rank_metrics(distmat, q_ids, g_ids, q_cams, g_cams, max_rank=3,
                            per_query=True)
   assert r["num_valid_queries"] == 1
   assert r["mAP"] == pytest.approx(0.5)
   np.testing.assert_array_equal(r["per_query"]["AP"], [0.5, np.nan, np.nan])
   np.testing.assert_array_equal(r["per_query"]["INP"], [0.5, np.nan, np.nan])
   np.testing.assert_array_equal(r["per_query"]["first_hit"], [1, -1, -1])
-  assert "per_query" not in metrics.rank_metrics(distmat, q_ids, g_ids, q_cams, g_cams)
-  r = metrics.rank_metrics(distmat, q_ids, g_ids, q_cams, g_cams, max_rank=3,
+  assert "per_query" not in reference.rank_metrics(distmat, q_ids, g_ids, q_cams, g_cams)
+  r = reference.rank_metrics(distmat, q_ids, g_ids, q_cams, g_cams, max_rank=3,
                            remove_junk=False)
   # Query id 2 now counts: its match is first -> AP 1, INP 1.
   assert r["num_valid_queries"] == 2
@@ -79,7 +79,7 @@ def test_errors():
   with pytest.raises(ValueError, match="no query has a true match"):
     _one([0.1, 0.2], [5, 6], [1, 1])
   with pytest.raises(ValueError, match="g_ids has shape"):
-    metrics.rank_metrics(np.zeros((1, 3)), np.array([1]), np.array([1, 2]),
+    reference.rank_metrics(np.zeros((1, 3)), np.array([1]), np.array([1, 2]),
                          np.array([0]), np.array([0, 0, 0]))
 
 
@@ -119,7 +119,7 @@ def test_matches_brute_force_with_many_ties(seed, remove_junk):
   # Query ids 6 and 7 are not in the gallery: those queries are skipped.
   q_ids, g_ids = rng.integers(0, 8, num_q), rng.integers(0, 6, num_g)
   q_cams, g_cams = rng.integers(0, 3, num_q), rng.integers(0, 3, num_g)
-  r = metrics.rank_metrics(distmat, q_ids, g_ids, q_cams, g_cams, max_rank=10,
+  r = reference.rank_metrics(distmat, q_ids, g_ids, q_cams, g_cams, max_rank=10,
                            remove_junk=remove_junk, per_query=True)
   m_ap, cmc, m_inp, n, per_query = _brute_force(distmat, q_ids, g_ids, q_cams,
                                                 g_cams, 10, remove_junk)
