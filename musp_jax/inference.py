@@ -27,7 +27,7 @@ import tqdm
 from etils import epath
 
 from musp_jax.data import augment
-from musp_jax import checkpointing
+from musp_jax.training import checkpointing
 from musp_jax.core import features
 from musp_jax import models
 from musp_jax.retrieval import ranking

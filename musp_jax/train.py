@@ -31,7 +31,7 @@ from clu import periodic_actions
 from etils import epath
 from jax.sharding import NamedSharding
 
-from musp_jax import checkpointing
+from musp_jax.training import checkpointing
 from musp_jax.data import datasets
 from musp_jax import evaluator
 from musp_jax.data import input_pipeline

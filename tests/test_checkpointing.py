@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from musp_jax import checkpointing
+from musp_jax.training import checkpointing
 
 
 @flax.struct.dataclass

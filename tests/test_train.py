@@ -30,7 +30,7 @@ from tensorboard.util import tensor_util
 
 from configs import synthetic
 from musp_jax import attention_metrics
-from musp_jax import checkpointing
+from musp_jax.training import checkpointing
 from musp_jax.data import datasets
 from musp_jax import evaluator
 from musp_jax import inference

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from configs import synthetic
-from musp_jax import checkpointing
+from musp_jax.training import checkpointing
 from musp_jax.core import optim
 from musp_jax.core import state as state_lib
 from musp_jax.models import build_model

@@ -1,0 +1,1 @@
+"""Training: the staged driver, checkpoints, the config check, evaluation of a model, attention scores, figures."""
