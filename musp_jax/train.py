@@ -40,7 +40,7 @@ from musp_jax.runtime import writing
 from musp_jax.runtime import process
 from musp_jax.core import state as state_lib
 from musp_jax.core import step as step_lib
-from musp_jax import validate
+from musp_jax.training import validate
 from musp_jax.models import build_model
 from musp_jax.models import weights
 
