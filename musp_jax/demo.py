@@ -43,7 +43,7 @@ def reference_rows(config, mesh) -> tuple[dict, dict | None]:
   and the random model's attention scores (None without part masks)."""
   from musp_jax import attention_metrics  # pylint: disable=g-import-not-at-top
   from musp_jax.data import datasets  # pylint: disable=g-import-not-at-top
-  from musp_jax import evaluator  # pylint: disable=g-import-not-at-top
+  from musp_jax.training import evaluator  # pylint: disable=g-import-not-at-top
   from musp_jax.retrieval import ranking  # pylint: disable=g-import-not-at-top
   from musp_jax.core import state  # pylint: disable=g-import-not-at-top
   from musp_jax.models import build_model  # pylint: disable=g-import-not-at-top
@@ -70,7 +70,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   process.setup()
   from musp_jax import attention_metrics  # pylint: disable=g-import-not-at-top
-  from musp_jax import evaluator  # pylint: disable=g-import-not-at-top
+  from musp_jax.training import evaluator  # pylint: disable=g-import-not-at-top
   from musp_jax.runtime import writing  # pylint: disable=g-import-not-at-top
   from musp_jax import train  # pylint: disable=g-import-not-at-top
 

@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rerank_k1=args.rerank_k1, rerank_k2=args.rerank_k2,
         rerank_lambda=args.rerank_lambda, keep_junk=args.keep_junk,
         query_block=args.query_block, trials=args.trials, seed=args.seed)
-    from musp_jax import evaluator  # pylint: disable=g-import-not-at-top
+    from musp_jax.training import evaluator  # pylint: disable=g-import-not-at-top
     files = args.test or f"{args.query} vs {args.gallery}"
     title = (f"Saved features {files}: protocol {args.protocol or 'plain'}, distance "
              f"{args.distance}" + (" + re-ranking" if args.rerank else ""))

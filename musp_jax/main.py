@@ -34,7 +34,7 @@ def main(argv):
         f"--step={FLAGS.step} is only for --mode=eval; training always resumes from the "
         f"latest checkpoint of --workdir {FLAGS.workdir}.")
   process.setup()
-  from musp_jax import evaluator  # pylint: disable=g-import-not-at-top
+  from musp_jax.training import evaluator  # pylint: disable=g-import-not-at-top
   from musp_jax import train  # pylint: disable=g-import-not-at-top
   logging.info("Config:\n%s", FLAGS.config)
   if FLAGS.mode == "train":

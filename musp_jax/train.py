@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding
 
 from musp_jax.training import checkpointing
 from musp_jax.data import datasets
-from musp_jax import evaluator
+from musp_jax.training import evaluator
 from musp_jax.data import input_pipeline
 from musp_jax.core import optim
 from musp_jax.runtime import writing

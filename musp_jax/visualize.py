@@ -43,7 +43,7 @@ from matplotlib.figure import Figure
 
 from musp_jax import attention_metrics
 from musp_jax.data import augment
-from musp_jax import evaluator
+from musp_jax.training import evaluator
 from musp_jax.core import features
 from musp_jax import inference
 from musp_jax.runtime import writing

@@ -10,7 +10,7 @@ import pytest
 import tools_fixtures
 from musp_jax import attention_metrics as am
 from musp_jax.data import datasets
-from musp_jax import evaluator
+from musp_jax.training import evaluator
 from musp_jax.core import features
 from musp_jax import inference
 from musp_jax.runtime import process

@@ -9,7 +9,7 @@ import numpy as np
 import tools_fixtures
 from musp_jax.data import augment
 from musp_jax.data import datasets
-from musp_jax import evaluator
+from musp_jax.training import evaluator
 from musp_jax.core import features
 from musp_jax.runtime import process
 

@@ -32,7 +32,7 @@ from configs import synthetic
 from musp_jax import attention_metrics
 from musp_jax.training import checkpointing
 from musp_jax.data import datasets
-from musp_jax import evaluator
+from musp_jax.training import evaluator
 from musp_jax import inference
 from musp_jax.data import input_pipeline
 from musp_jax.retrieval import reference
