@@ -5,7 +5,7 @@
 Trains configs/synthetic.py (the dataset is rendered on first use), then evaluates the
 same model with random weights and a raw-pixel nearest-neighbour search on the same
 query/gallery split, so the trained mAP can be read against both; prints the attention
-scores against the ground-truth part masks (musp_jax/attention_metrics.py) of the
+scores against the ground-truth part masks (musp_jax/attention_scores.py) of the
 trained and the random model. Ends with pictures.
 """
 
@@ -41,7 +41,7 @@ def raw_pixel_features(source, size: int = 32):
 def reference_rows(config, mesh) -> tuple[dict, dict | None]:
   """mAP of the same model with random weights, and of raw-pixel nearest neighbours;
   and the random model's attention scores (None without part masks)."""
-  from musp_jax import attention_metrics  # pylint: disable=g-import-not-at-top
+  from musp_jax.training import attention_scores  # pylint: disable=g-import-not-at-top
   from musp_jax.data import datasets  # pylint: disable=g-import-not-at-top
   from musp_jax.training import evaluator  # pylint: disable=g-import-not-at-top
   from musp_jax.retrieval import ranking  # pylint: disable=g-import-not-at-top
@@ -62,14 +62,14 @@ def reference_rows(config, mesh) -> tuple[dict, dict | None]:
   pixel_rows = target.run_protocol(pixels, config.eval)
   return ({"random weights": next(iter(random_rows.values())),
            "raw-pixel NN": next(iter(pixel_rows.values()))},
-          random_rows.get(attention_metrics.ROW))
+          random_rows.get(attention_scores.ROW))
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   process.setup()
-  from musp_jax import attention_metrics  # pylint: disable=g-import-not-at-top
+  from musp_jax.training import attention_scores  # pylint: disable=g-import-not-at-top
   from musp_jax.training import evaluator  # pylint: disable=g-import-not-at-top
   from musp_jax.runtime import writing  # pylint: disable=g-import-not-at-top
   from musp_jax import train  # pylint: disable=g-import-not-at-top
@@ -85,13 +85,13 @@ def main(argv):
   summary = (f"{table}\nTrained / random-weights mAP: {ratio:.1f}x; trained / raw-pixel "
              f"mAP: {trained['mAP'] / max(pixel_map, 1e-12):.1f}x "
              f"({100 * (trained['mAP'] - pixel_map):+.1f} points)\n")
-  attention = results["results"].get(attention_metrics.ROW)
+  attention = results["results"].get(attention_scores.ROW)
   if attention is not None:
     summary += ("\nAttention against the ground-truth part masks (%; "
-                "musp_jax/attention_metrics.py):\n\n"
-                + attention_metrics.summary_table({"MUSP trained (this run)": attention,
+                "musp_jax/attention_scores.py):\n\n"
+                + attention_scores.summary_table({"MUSP trained (this run)": attention,
                                                    "random weights": random_attention})
-                + "\n" + attention_metrics.markdown(attention))
+                + "\n" + attention_scores.markdown(attention))
   workdir = os.path.abspath(os.path.expanduser(FLAGS.workdir))
   writing.write_text(os.path.join(workdir, "demo_summary.md"), summary)
   try:

@@ -12,7 +12,7 @@ query images of the workdir's evaluation dataset are shown.
 On a dataset with ground-truth part masks (synthetic_vehicles), `demo` also draws
 attention_parts.png: per row the image, its ground-truth part map, then each
 map over the image with the share of its mass on the vehicle in that image
-(musp_jax/attention_metrics.py defines the scores).
+(musp_jax/attention_scores.py defines the scores).
 
 ranks: query images of the evaluation dataset and their top-k gallery images,
 after the protocol's junk removal (same id and camera); green frame: same
@@ -41,7 +41,7 @@ from matplotlib import patches
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from musp_jax import attention_metrics
+from musp_jax.training import attention_scores
 from musp_jax.data import augment
 from musp_jax.training import evaluator
 from musp_jax.core import features
@@ -51,7 +51,7 @@ from musp_jax.retrieval import ranking
 from musp_jax.runtime import process
 
 DISPLAY_HEIGHT = 128  # pixels of each picture cell
-# Display colours of the ground-truth classes (attention_metrics.PART_CLASSES order).
+# Display colours of the ground-truth classes (attention_scores.PART_CLASSES order).
 CLASS_COLORS = ("#000000", "#9e9e9e", "#ffd600", "#1e40ff", "#00e5ff", "#e53935",
                 "#ff40ff")
 MATCH, NON_MATCH, QUERY = "#1a9850", "#d73027", "#2166ac"
@@ -201,9 +201,9 @@ def attention_parts_figure(images: Sequence[np.ndarray], masks: Sequence[np.ndar
   fig = _figure(b, n + 2, max(1.0, w / h))
   axes = fig.subplots(b, n + 2, squeeze=False)
   for r, (img, mask) in enumerate(zip(shown, masks)):
-    scores = attention_metrics.attention_scores(
+    scores = attention_scores.attention_scores(
         attention_BxHxWxN[r:r + 1],
-        attention_metrics.class_fractions(mask, (h, w))[None])
+        attention_scores.class_fractions(mask, (h, w))[None])
     for c, ax in enumerate(axes[r]):
       ax.set_xticks([])
       ax.set_yticks([])
@@ -219,7 +219,7 @@ def attention_parts_figure(images: Sequence[np.ndarray], masks: Sequence[np.ndar
                   else f"{100 * scores['vehicle_share'][k]:.0f}% on vehicle")
         _map_panel(ax, img, attention_BxHxWxN[r, :, :, k], k, n, scores["area"][k], detail)
   fig.legend(handles=[patches.Patch(color=col, label=name) for col, name in
-                      zip(CLASS_COLORS, attention_metrics.PART_CLASSES)],
+                      zip(CLASS_COLORS, attention_scores.PART_CLASSES)],
              loc="lower center", ncol=len(CLASS_COLORS), fontsize=9, frameon=False)
   fig.suptitle("Attention maps beside the ground-truth part map; % of the image, and "
                "of each map's mass on the vehicle", fontsize=11)
@@ -292,12 +292,12 @@ def attention_parts_picture(loaded: inference.LoadedModel, out: str, *,
   _check_attention(loaded.config)
   source = _eval_source(loaded.config, "query")
   records = [source[i] for i in range(min(num_images, len(source)))]
-  if not attention_metrics.has_part_masks([records]):
+  if not attention_scores.has_part_masks([records]):
     raise ValueError("The evaluation dataset has no ground-truth part masks "
-                     f"({attention_metrics.MASK_KEY!r}).")
+                     f"({attention_scores.MASK_KEY!r}).")
   where = [str(r.get("file_name", i)) for i, r in enumerate(records)]
   images = [inference.decode_image(r["image"], where=n) for r, n in zip(records, where)]
-  masks = [attention_metrics.decode_mask(r[attention_metrics.MASK_KEY], where=n)
+  masks = [attention_scores.decode_mask(r[attention_scores.MASK_KEY], where=n)
            for r, n in zip(records, where)]
   attention = _attention(loaded.model, loaded.variables, loaded.config,
                          _attention_inputs(loaded.config, images))
@@ -437,7 +437,7 @@ def demo_pictures(workdir: str, *, data_dir: str | None = None) -> list[str]:
   written = []
   if loaded.has_attention:
     written.append(attention_picture(loaded, str(out_dir / "attention.png")))
-    if attention_metrics.has_part_masks([_eval_source(loaded.config, "query")]):
+    if attention_scores.has_part_masks([_eval_source(loaded.config, "query")]):
       written.append(attention_parts_picture(loaded, str(out_dir / "attention_parts.png")))
   written.append(ranks_picture(loaded, str(out_dir), order="worst"))
   return written

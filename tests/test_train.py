@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 from tensorboard.util import tensor_util
 
 from configs import synthetic
-from musp_jax import attention_metrics
+from musp_jax.training import attention_scores
 from musp_jax.training import checkpointing
 from musp_jax.data import datasets
 from musp_jax.training import evaluator
@@ -113,9 +113,9 @@ def test_run_writes_results_and_checkpoints(reference_run, data_dir):
   results = json.loads((reference_run / "results.json").read_text())
   assert (results["step"], results["epoch"]) == (32, 2.0)
   # The protocol's row, and the attention scores against the synthetic part masks.
-  assert list(results["results"]) == ["synthetic_vehicles", attention_metrics.ROW]
+  assert list(results["results"]) == ["synthetic_vehicles", attention_scores.ROW]
   name, row = "synthetic_vehicles", results["results"]["synthetic_vehicles"]
-  assert results["results"][attention_metrics.ROW]["num_images"] == 22 + 74  # query + gallery
+  assert results["results"][attention_scores.ROW]["num_images"] == 22 + 74  # query + gallery
   # Every query of the tiny set has a gallery match under another camera.
   query = datasets.split_index("synthetic_vehicles", "query", data_dir=str(data_dir),
                                builder_config="tiny")

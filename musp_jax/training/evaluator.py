@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from musp_jax import attention_metrics
+from musp_jax.training import attention_scores
 from musp_jax.data import datasets
 from musp_jax.core import features
 from musp_jax.data import input_pipeline
@@ -77,7 +77,7 @@ def attention_row(model, variables, sources, config: ml_collections.ConfigDict, 
   attention_fn = features.jitted_attention(model, config.input.normalize)
   maps = [apply_to_split(attention_fn, variables, source, config, mesh, desc="attention")[0]
           for source in sources]
-  return attention_metrics.score_splits(np.concatenate(maps), sources)
+  return attention_scores.score_splits(np.concatenate(maps), sources)
 
 
 def split_features(model, variables, config: ml_collections.ConfigDict, mesh
@@ -101,13 +101,13 @@ def evaluate(model, variables, config: ml_collections.ConfigDict, mesh) -> dict:
   target, splits = split_features(model, variables, config, mesh)
   rows = target.run_protocol(splits, config.eval)
   # Attention maps scored against ground-truth part masks, for datasets that have them
-  # (synthetic_vehicles): one more row, musp_jax/attention_metrics.py.
+  # (synthetic_vehicles): one more row, musp_jax/attention_scores.py.
   if config.model.head == "musp":
     kw = dict(data_dir=config.dataset.data_dir, builder_config=target.builder_config)
     sources = [datasets.load_split(target.name, split, **kw)
                for split in target.splits.values()]
-    if attention_metrics.has_part_masks(sources):
-      rows[attention_metrics.ROW] = attention_row(model, variables, sources, config, mesh)
+    if attention_scores.has_part_masks(sources):
+      rows[attention_scores.ROW] = attention_row(model, variables, sources, config, mesh)
   return rows
 
 
@@ -119,8 +119,8 @@ def primary_map(rows: dict) -> float:
 def flat_scalars(rows: dict) -> dict[str, float]:
   out = {f"eval/{name}/{k}": float(row[k]) for name, row in rows.items()
          for k in ROW_METRICS if k in row}
-  if attention_metrics.ROW in rows:
-    out.update(attention_metrics.flat_scalars(rows[attention_metrics.ROW]))
+  if attention_scores.ROW in rows:
+    out.update(attention_scores.flat_scalars(rows[attention_scores.ROW]))
   return out
 
 
@@ -133,12 +133,12 @@ def markdown_table(results: dict, *, title: str | None = None) -> str:
   lines = [head, "", "| test set | " + " | ".join(ROW_METRICS) + " | queries |",
            "|---" * (len(ROW_METRICS) + 2) + "|"]
   rows = dict(results.get("results", {}))
-  attention = rows.pop(attention_metrics.ROW, None)
+  attention = rows.pop(attention_scores.ROW, None)
   for name, row in rows.items():
     cells = [f"{100 * row[k]:.2f}" if k in row else "-" for k in ROW_METRICS]
     lines.append(f"| {name} | " + " | ".join(cells) + f" | {row.get('num_queries', '-')} |")
   if attention is not None:
-    lines += ["", attention_metrics.markdown(attention)]
+    lines += ["", attention_scores.markdown(attention)]
   return "\n".join(lines).rstrip("\n") + "\n"
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import tools_fixtures
-from musp_jax import attention_metrics as am
+from musp_jax.training import attention_scores as am
 from musp_jax.data import datasets
 from musp_jax.training import evaluator
 from musp_jax.core import features
