@@ -72,7 +72,7 @@ def main(argv):
   from musp_jax.training import attention_scores  # pylint: disable=g-import-not-at-top
   from musp_jax.training import evaluator  # pylint: disable=g-import-not-at-top
   from musp_jax.runtime import writing  # pylint: disable=g-import-not-at-top
-  from musp_jax import train  # pylint: disable=g-import-not-at-top
+  from musp_jax.training import train  # pylint: disable=g-import-not-at-top
 
   config = FLAGS.config
   results = process.run_entry_point(lambda: train.train_and_evaluate(config, FLAGS.workdir))

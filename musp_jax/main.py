@@ -35,7 +35,7 @@ def main(argv):
         f"latest checkpoint of --workdir {FLAGS.workdir}.")
   process.setup()
   from musp_jax.training import evaluator  # pylint: disable=g-import-not-at-top
-  from musp_jax import train  # pylint: disable=g-import-not-at-top
+  from musp_jax.training import train  # pylint: disable=g-import-not-at-top
   logging.info("Config:\n%s", FLAGS.config)
   if FLAGS.mode == "train":
     run = lambda: train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

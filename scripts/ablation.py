@@ -222,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error(str(e))
 
   from musp_jax.runtime import process  # pylint: disable=g-import-not-at-top
-  from musp_jax import train  # pylint: disable=g-import-not-at-top
+  from musp_jax.training import train  # pylint: disable=g-import-not-at-top
   process.setup()
   root = pathlib.Path(args.workdir).expanduser()
   root.mkdir(parents=True, exist_ok=True)

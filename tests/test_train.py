@@ -41,7 +41,7 @@ from musp_jax.runtime import writing
 from musp_jax.retrieval import ranking
 from musp_jax.core import state as state_lib
 from musp_jax.core import step as step_lib
-from musp_jax import train
+from musp_jax.training import train
 from musp_jax.models import build_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
