@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from musp_jax import inference
+from musp_jax.serving import inference
 from musp_jax.retrieval import ranking
 from musp_jax.runtime import process
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from musp_jax import embed as embed_lib
 from musp_jax.core import features
-from musp_jax import inference
+from musp_jax.serving import inference
 from musp_jax.runtime import writing
 from musp_jax.retrieval import ranking
 from musp_jax.runtime import process

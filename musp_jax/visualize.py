@@ -45,7 +45,7 @@ from musp_jax.training import attention_scores
 from musp_jax.data import augment
 from musp_jax.training import evaluator
 from musp_jax.core import features
-from musp_jax import inference
+from musp_jax.serving import inference
 from musp_jax.runtime import writing
 from musp_jax.retrieval import ranking
 from musp_jax.runtime import process

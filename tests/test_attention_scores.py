@@ -12,7 +12,7 @@ from musp_jax.training import attention_scores as am
 from musp_jax.data import datasets
 from musp_jax.training import evaluator
 from musp_jax.core import features
-from musp_jax import inference
+from musp_jax.serving import inference
 from musp_jax.runtime import process
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 import tools_fixtures
 from musp_jax.data import augment
 from musp_jax import embed
-from musp_jax import inference
+from musp_jax.serving import inference
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from musp_jax.training import attention_scores
 from musp_jax.training import checkpointing
 from musp_jax.data import datasets
 from musp_jax.training import evaluator
-from musp_jax import inference
+from musp_jax.serving import inference
 from musp_jax.data import input_pipeline
 from musp_jax.retrieval import reference
 from musp_jax.core import optim

@@ -120,7 +120,7 @@ def shared_workdir() -> pathlib.Path:
 @functools.cache
 def shared_model():
   """The shared workdir's model, loaded once so its jitted functions compile once."""
-  from musp_jax import inference  # pylint: disable=g-import-not-at-top
+  from musp_jax.serving import inference  # pylint: disable=g-import-not-at-top
   return inference.load(shared_workdir())
 
 

@@ -1,0 +1,1 @@
+"""Serving: a trained model loaded for the tools, and its lowering to ONNX."""
