@@ -124,7 +124,7 @@ def export(loaded, *, input_hw: tuple[int, int] | None = None, flip: bool = Fals
 def export_onnx(loaded, *, input_hw: tuple[int, int] | None = None,
                 flip: bool = False) -> tuple[bytes, dict]:
   """A LoadedModel -> (ONNX model bytes, metadata): images -> feats, areas."""
-  from musp_jax import to_onnx  # pylint: disable=g-import-not-at-top
+  from musp_jax.serving import onnx_lowering  # pylint: disable=g-import-not-at-top
   if loaded.config.model.get("dtype", "float32") != "float32":
     raise ValueError(f"ONNX export takes float32 models; this one computes in "
                      f"model.dtype={loaded.config.model.dtype!r}.")
@@ -144,13 +144,13 @@ def export_onnx(loaded, *, input_hw: tuple[int, int] | None = None,
     out = fn(images)
     return out["feats"], out["areas"]
 
-  model = to_onnx.convert(feats_and_areas, spec, input_name="images",
+  model = onnx_lowering.convert(feats_and_areas, spec, input_name="images",
                           output_names=("feats", "areas"),
                           doc="RGB uint8 images -> per-branch L2-normalised features, areas")
   outputs = {o.name: [d.dim_param or str(d.dim_value) for d in o.type.tensor_type.shape.dim]
              for o in model.graph.output}
   metadata = _metadata(loaded, ONNX_FORMAT, input_hw, flip, outputs)
-  metadata["opset"] = to_onnx.OPSET
+  metadata["opset"] = onnx_lowering.OPSET
   entry = model.metadata_props.add()
   entry.key, entry.value = "musp_jax", json.dumps(metadata)
   return model.SerializeToString(), metadata

@@ -7,11 +7,11 @@ import numpy as np
 import onnxruntime
 import pytest
 
-from musp_jax import to_onnx
+from musp_jax.serving import onnx_lowering
 
 
 def _run(fn, spec, x):
-  model = to_onnx.convert(fn, spec, input_name="x",
+  model = onnx_lowering.convert(fn, spec, input_name="x",
                           output_names=[f"y{i}" for i in range(len(fn(x)))])
   session = onnxruntime.InferenceSession(model.SerializeToString(),
                                          providers=["CPUExecutionProvider"])
@@ -54,5 +54,5 @@ def test_primitives_match_jax():
 def test_unsupported_primitive_is_named():
   spec = jax.ShapeDtypeStruct((3, 4), np.float32)
   with pytest.raises(NotImplementedError, match="primitive 'sort'"):
-    to_onnx.convert(lambda x: (jnp.sort(x, axis=-1),), spec, input_name="x",
+    onnx_lowering.convert(lambda x: (jnp.sort(x, axis=-1),), spec, input_name="x",
                     output_names=["y"])
