@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from musp_jax.retrieval import ranking
+from musp_jax.retrieval import saved_features
 
 
 # --------------------------------------------------------------------------
@@ -190,7 +191,7 @@ def evaluate_features(q_feats: Any, g_feats: Any, q_pids: Any, g_pids: Any,
       if areas.shape != (n, p) or areas.dtype.kind != "f":
         raise ValueError(f"{side}_areas has shape {areas.shape} and dtype {areas.dtype}; "
                          f"expected float ({n}, {p}) to match {side}_feats")
-    sets.append(ranking.Features(
+    sets.append(saved_features.Features(
         feats, areas.astype(np.float32, copy=False),
         _labels(pids, f"{side}_pids", n, f"{side}_feats"),
         _labels(camids, f"{side}_camids", n, f"{side}_feats")))

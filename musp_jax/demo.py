@@ -44,7 +44,7 @@ def reference_rows(config, mesh) -> tuple[dict, dict | None]:
   from musp_jax.training import attention_scores  # pylint: disable=g-import-not-at-top
   from musp_jax.data import datasets  # pylint: disable=g-import-not-at-top
   from musp_jax.training import evaluator  # pylint: disable=g-import-not-at-top
-  from musp_jax.retrieval import ranking  # pylint: disable=g-import-not-at-top
+  from musp_jax.retrieval import saved_features
   from musp_jax.core import state  # pylint: disable=g-import-not-at-top
   from musp_jax.models import build_model  # pylint: disable=g-import-not-at-top
 
@@ -57,7 +57,7 @@ def reference_rows(config, mesh) -> tuple[dict, dict | None]:
   for role, split in target.splits.items():
     raw = raw_pixel_features(datasets.load_split(target.name, split, **kw))
     index = datasets.split_index(target.name, split, **kw)
-    pixels[role] = ranking.Features(raw["feats"], raw["areas"], index["vehicle_id"],
+    pixels[role] = saved_features.Features(raw["feats"], raw["areas"], index["vehicle_id"],
                                       index["camera_id"])
   pixel_rows = target.run_protocol(pixels, config.eval)
   return ({"random weights": next(iter(random_rows.values())),

@@ -4,7 +4,7 @@
     python -m musp_jax.embed --checkpoint workdirs/demo/checkpoints/120 \\
         --images a.jpg b.jpg --out feats.npz --flip
 
-The .npz has ranking.save_features' keys (feats (N, P, C) L2-normalised
+The .npz has saved_features.save_features' keys (feats (N, P, C) L2-normalised
 per branch, areas (N, P), vehicle_id and camera_id (-1: unknown), file_name,
 model_signature) plus model_source, the checkpoint it was made with, which
 `musp_jax.search` uses to embed queries with the same model.
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from musp_jax.serving import inference
-from musp_jax.retrieval import ranking
+from musp_jax.retrieval import saved_features
 from musp_jax.runtime import process
 
 
@@ -40,12 +40,12 @@ def load_model(args: argparse.Namespace) -> inference.LoadedModel:
 
 def embed(loaded: inference.LoadedModel, images: Sequence[str], out: str, *,
           batch_size: int = 32, flip: bool = False, progress: bool = True
-          ) -> ranking.Features:
+          ) -> saved_features.Features:
   """Embeds image files/folders and writes `out` (.npz); returns the features."""
   files = inference.list_images(images)
   features = inference.embed_files(loaded, files, batch_size=batch_size, flip=flip,
                                    progress=progress)
-  ranking.save_features(out, features, model_source=np.array(loaded.source))
+  saved_features.save_features(out, features, model_source=np.array(loaded.source))
   return features
 
 

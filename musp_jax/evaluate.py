@@ -7,8 +7,8 @@
 
 Prints the paper's table (mAP, CMC@1/5/10, mINP in %) and, with --json, writes
 {"results": {row: metrics}, ...}. Files are .npz in either layout that
-`ranking.load_features` reads:
-  - ours (`python -m musp_jax.embed`, `ranking.save_features`): feats (N, P, C),
+`saved_features.load_features` reads:
+  - ours (`python -m musp_jax.embed`, `saved_features.save_features`): feats (N, P, C),
     areas (N, P), vehicle_id (N,), camera_id (N,) [, file_name, model_signature];
   - plain, for any model: feats (N, D) or (N, P, C) float, pids (N,) int,
     camids (N,) int [, areas (N, P)]; use camera id -1 where there is none.
@@ -33,23 +33,24 @@ from musp_jax.data import datasets
 from musp_jax.core import features
 from musp_jax.runtime import writing
 from musp_jax.retrieval import ranking
+from musp_jax.retrieval import saved_features
 
 
-def _read(path: str, role: str) -> ranking.Features:
-  features = ranking.load_features(path)
+def _read(path: str, role: str) -> saved_features.Features:
+  features = saved_features.load_features(path)
   if len(features) == 0:
     raise ValueError(f"{path}: the {role} has no rows")
   return features
 
 
-def _check_same_model(query: ranking.Features, gallery: ranking.Features,
+def _check_same_model(query: saved_features.Features, gallery: saved_features.Features,
                       query_path: str, gallery_path: str) -> None:
   if query.model_signature and gallery.model_signature:
     features.check_signature(query.model_signature, gallery.model_signature,
                              found_where=query_path, expected_where=gallery_path)
 
 
-def run_protocol(name: str, splits: dict[str, ranking.Features], *, size: str,
+def run_protocol(name: str, splits: dict[str, saved_features.Features], *, size: str,
                  options: dict[str, Any], trials: int, seed: int
                  ) -> dict[str, dict[str, float]]:
   """The one call into the dataset table's protocols ({row name: row})."""

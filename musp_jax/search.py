@@ -36,14 +36,15 @@ from musp_jax.core import features
 from musp_jax.serving import inference
 from musp_jax.runtime import writing
 from musp_jax.retrieval import ranking
+from musp_jax.retrieval import saved_features
 from musp_jax.runtime import process
 
 DISTANCES = ("cam_squared", "cam")
 
 
-def load_gallery(path: str) -> tuple[ranking.Features, str]:
+def load_gallery(path: str) -> tuple[saved_features.Features, str]:
   """(features, model_source) of a saved-features .npz ("" if it has no source)."""
-  features = ranking.load_features(path)
+  features = saved_features.load_features(path)
   with np.load(path, allow_pickle=False) as data:
     source = str(data["model_source"]) if "model_source" in data.files else ""
   return features, source
@@ -53,10 +54,10 @@ def query_features(queries: Sequence[str], gallery_signature: str, *,
                    gallery_path: str, gallery_source: str,
                    workdir: str | None = None, checkpoint: str | None = None,
                    step: int | None = None, batch_size: int = 32,
-                   progress: bool = True) -> ranking.Features:
+                   progress: bool = True) -> saved_features.Features:
   """Query features, checked to come from the gallery's model."""
   if len(queries) == 1 and queries[0].endswith(".npz"):
-    query = ranking.load_features(queries[0])
+    query = saved_features.load_features(queries[0])
     features.check_signature(query.model_signature, gallery_signature,
                              found_where=queries[0], expected_where=gallery_path)
     return query
@@ -81,7 +82,7 @@ def query_features(queries: Sequence[str], gallery_signature: str, *,
                                batch_size=batch_size, flip=flip, progress=progress)
 
 
-def search(query: ranking.Features, gallery: ranking.Features, *, topk: int = 10,
+def search(query: saved_features.Features, gallery: saved_features.Features, *, topk: int = 10,
            distance: str = "cam_squared") -> list[dict[str, Any]]:
   """Per query: its top-k gallery items by ascending distance (ties: gallery order)."""
   if distance not in DISTANCES:
@@ -100,7 +101,7 @@ def search(query: ranking.Features, gallery: ranking.Features, *, topk: int = 10
                         names=names, ids=gallery.ids, cams=gallery.cams)
 
 
-def search_index(query: ranking.Features, gallery_index: Any, *, topk: int = 10,
+def search_index(query: saved_features.Features, gallery_index: Any, *, topk: int = 10,
                  nprobe: int | None = None, candidates: int | None = None
                  ) -> list[dict[str, Any]]:
   """Like `search`, with candidates from a musp_jax.index.GalleryIndex."""
@@ -110,7 +111,7 @@ def search_index(query: ranking.Features, gallery_index: Any, *, topk: int = 10,
                         ids=gallery_index.ids, cams=gallery_index.cams)
 
 
-def ranked_results(query: ranking.Features, dist_QxK: np.ndarray, index_QxK: np.ndarray,
+def ranked_results(query: saved_features.Features, dist_QxK: np.ndarray, index_QxK: np.ndarray,
                    *, names: np.ndarray, ids: np.ndarray, cams: np.ndarray
                    ) -> list[dict[str, Any]]:
   """The per-query result records of ranked gallery indices (-1: none found)."""

@@ -48,6 +48,7 @@ from musp_jax.core import features
 from musp_jax.serving import inference
 from musp_jax.runtime import writing
 from musp_jax.retrieval import ranking
+from musp_jax.retrieval import saved_features
 from musp_jax.runtime import process
 
 DISPLAY_HEIGHT = 128  # pixels of each picture cell
@@ -335,7 +336,7 @@ def choose_queries(aps: np.ndarray, order: str, count: int, *, seed: int = 0) ->
 
 
 def ranked_list(dist_G: np.ndarray, query_id: int, query_cam: int,
-                gallery: ranking.Features, topk: int) -> tuple[np.ndarray, np.ndarray]:
+                gallery: saved_features.Features, topk: int) -> tuple[np.ndarray, np.ndarray]:
   """Top-k gallery indices after junk removal (same id and camera), and whether each
   is a true match: the list the per-query AP was computed on."""
   order = np.argsort(dist_G, kind="stable")

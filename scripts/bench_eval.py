@@ -27,6 +27,8 @@ import numpy as np
 
 from musp_jax.retrieval import reference
 from musp_jax.retrieval import ranking
+from musp_jax.retrieval import saved_features
+from musp_jax.core import features
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -65,10 +67,10 @@ def _best(fn, repeats: int, warmup: bool = True) -> float:
 
 
 def _features(rng, n, p, c, num_ids):
-  feats = ranking.l2_normalize(rng.standard_normal((n, p, c), np.float32))
+  feats = features.l2_normalize(rng.standard_normal((n, p, c), np.float32))
   areas = rng.uniform(0.05, 1.0, (n, p)).astype(np.float32)
   areas[:, -1] = 1.0 / max(p - 1, 1)  # the global branch's pseudo-area
-  return ranking.Features(feats, areas, rng.integers(0, num_ids, n),
+  return saved_features.Features(feats, areas, rng.integers(0, num_ids, n),
                             rng.integers(0, 174, n))
 
 
@@ -186,8 +188,8 @@ def main():
       ours, ids_q, ids_g, cams_q, cams_g), 1, warmup=False)
   print(f"    from the host (rank_distmat, with the copy of D and the same-id table): "
         f"{t_rank_dev:.3f} s; numpy reference {t_rank_np:.3f} s")
-  q_ids = ranking.Features(q.feats, q.areas, ids_q, cams_q)
-  g_ids = ranking.Features(g.feats, g.areas, ids_g, cams_g)
+  q_ids = saved_features.Features(q.feats, q.areas, ids_q, cams_q)
+  g_ids = saved_features.Features(g.feats, g.areas, ids_g, cams_g)
   t_fused = _best(lambda: jax.block_until_ready(ranking.evaluate(
       q_ids, g_ids, query_block=qb, mesh=mesh)), 1)
   print(f"    distance + exact ranking of the block (evaluate): {t_fused:.3f} s;"

@@ -42,6 +42,8 @@ import numpy as np
 import bench_eval  # scripts/ is on sys.path when this file runs as a script
 from musp_jax.retrieval import gallery_index as index_lib
 from musp_jax.retrieval import ranking
+from musp_jax.retrieval import saved_features
+from musp_jax.core import features
 
 SIGNATURE = json.dumps({"synthetic": "bench_search"})
 
@@ -60,13 +62,13 @@ class Synthetic:
     counts[-1] -= int(counts.sum()) - args.num_items
     self.ids = np.repeat(np.arange(num_ids), counts)
     num_groups = max(1, num_ids // args.group_size)
-    groups = ranking.l2_normalize(
+    groups = features.l2_normalize(
         rng.standard_normal((num_groups, p, c), np.float32))
     group_of = rng.integers(0, num_groups, num_ids)
     self.centres = np.empty((num_ids, p, c), np.float32)
     for lo in range(0, num_ids, 65536):  # bounded temporaries
       hi = min(lo + 65536, num_ids)
-      self.centres[lo:hi] = ranking.l2_normalize(
+      self.centres[lo:hi] = features.l2_normalize(
           groups[group_of[lo:hi]] + args.identity_spread / np.sqrt(c)
           * rng.standard_normal((hi - lo, p, c), np.float32))
     self.profiles = rng.dirichlet(np.full(p - 1, 4.0), num_ids).astype(np.float32)
@@ -75,7 +77,7 @@ class Synthetic:
              ) -> tuple[np.ndarray, np.ndarray]:
     c = self.args.channels
     noise = rng.standard_normal((len(ids), *self.centres.shape[1:]), np.float32)
-    feats = ranking.l2_normalize(self.centres[ids] + self.args.noise / np.sqrt(c) * noise)
+    feats = features.l2_normalize(self.centres[ids] + self.args.noise / np.sqrt(c) * noise)
     parts = rng.gamma(20.0 * self.profiles[ids] + 0.5).astype(np.float32)
     areas = np.empty((len(ids), self.args.parts), np.float32)
     areas[:, :-1] = parts / parts.sum(axis=1, keepdims=True)
@@ -88,27 +90,27 @@ class Synthetic:
       hi = min(lo + self.args.shard_items, self.args.num_items)
       feats, areas = self.images(self.ids[lo:hi], np.random.default_rng([self.args.seed, s]))
       paths.append(folder / f"gallery_{s:03d}.npz")
-      ranking.save_features(paths[-1], ranking.Features(
+      saved_features.save_features(paths[-1], saved_features.Features(
           feats, areas, self.ids[lo:hi], np.arange(lo, hi) % 174,
           np.array([f"cam{i % 174:03d}/{i:08d}.jpg" for i in range(lo, hi)]), SIGNATURE))
     return paths
 
-  def queries(self) -> ranking.Features:
+  def queries(self) -> saved_features.Features:
     rng = np.random.default_rng([self.args.seed, 10**6])
     ids = rng.choice(self.ids, self.args.num_queries)
     feats, areas = self.images(ids, rng)
-    return ranking.Features(feats, areas, ids, np.full(len(ids), -1),
+    return saved_features.Features(feats, areas, ids, np.full(len(ids), -1),
                               np.array([f"q{i}" for i in range(len(ids))]), SIGNATURE)
 
 
-def exact_search(query: ranking.Features, shards: list[pathlib.Path], k: int
+def exact_search(query: saved_features.Features, shards: list[pathlib.Path], k: int
                  ) -> tuple[np.ndarray, np.ndarray, float]:
   """Brute-force top k over the shards, one in memory at a time; compute seconds."""
   best_d = np.full((len(query), 0), np.inf, np.float32)
   best_i = np.zeros((len(query), 0), np.int64)
   offset, seconds = 0, 0.0
   for path in shards:
-    gallery = ranking.load_features(path)  # reading is not counted
+    gallery = saved_features.load_features(path)  # reading is not counted
     t = time.perf_counter()
     dist = ranking.distance_matrix(query, gallery, query_block=len(query))
     top = np.argpartition(dist, k - 1, axis=1)[:, :k]

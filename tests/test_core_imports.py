@@ -34,6 +34,7 @@ from musp_jax.core import features
 from musp_jax.retrieval import reference
 from musp_jax.core import optim
 from musp_jax.retrieval import ranking
+from musp_jax.retrieval import saved_features
 from musp_jax.core import state
 from musp_jax.core import step
 from musp_jax.runtime import process
@@ -62,8 +63,8 @@ train_step = step.jit_step(model=Tiny(), tx=tx, loss_config=c.loss, input_config
 st, m = train_step(st, batch)
 st, m2 = train_step(st, batch)
 rng = np.random.default_rng(1)
-q = ranking.Features(np.asarray(feats), np.asarray(areas), np.arange(8) % 4, np.zeros(8, int))
-g = ranking.Features(np.asarray(feats)[::-1], np.asarray(areas)[::-1], np.arange(8)[::-1] % 4,
+q = saved_features.Features(np.asarray(feats), np.asarray(areas), np.arange(8) % 4, np.zeros(8, int))
+g = saved_features.Features(np.asarray(feats)[::-1], np.asarray(areas)[::-1], np.arange(8)[::-1] % 4,
                        np.ones(8, int))
 got = ranking.evaluate(q, g)
 want = reference.rank_metrics(ranking.distance_matrix(q, g), q.ids, g.ids, q.cams, g.cams)

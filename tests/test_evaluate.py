@@ -12,14 +12,15 @@ import pytest
 from musp_jax import evaluate
 from musp_jax.retrieval import reference
 from musp_jax.retrieval import protocols
-from musp_jax.retrieval import ranking
+from musp_jax.retrieval import saved_features
+from musp_jax.core import features
 
 ROOT = pathlib.Path(__file__).parents[1]
 
 
 def _features(rng, n, num_ids=6, p=3, c=8, signature=""):
-  feats = ranking.l2_normalize(rng.normal(size=(n, p, c)).astype(np.float32))
-  return ranking.Features(feats, rng.uniform(0.1, 1, (n, p)).astype(np.float32),
+  feats = features.l2_normalize(rng.normal(size=(n, p, c)).astype(np.float32))
+  return saved_features.Features(feats, rng.uniform(0.1, 1, (n, p)).astype(np.float32),
                             rng.integers(0, num_ids, n), rng.integers(0, 3, n),
                             model_signature=signature)
 
@@ -44,8 +45,8 @@ def _assert_row(got, want):
 def saved(tmp_path):
   rng = np.random.default_rng(0)
   q, g = _features(rng, 15, signature='{"m": 1}'), _features(rng, 40, signature='{"m": 1}')
-  ranking.save_features(tmp_path / "q.npz", q)
-  ranking.save_features(tmp_path / "g.npz", g)
+  saved_features.save_features(tmp_path / "q.npz", q)
+  saved_features.save_features(tmp_path / "g.npz", g)
   return tmp_path, q, g
 
 
@@ -85,8 +86,8 @@ def test_plain_files_without_protocol(tmp_path, capsys):
 def test_vehicle_id_takes_one_test_file(tmp_path, capsys):
   rng = np.random.default_rng(2)
   test = _features(rng, 40, num_ids=10)
-  test = ranking.Features(test.feats, test.areas, test.ids, np.full(40, -1))
-  ranking.save_features(tmp_path / "t.npz", test)
+  test = saved_features.Features(test.feats, test.areas, test.ids, np.full(40, -1))
+  saved_features.save_features(tmp_path / "t.npz", test)
   assert evaluate.main(["--test", str(tmp_path / "t.npz"), "--protocol", "vehicle_id",
                         "--size", "small", "--trials", "2"]) == 0
   out = capsys.readouterr().out
@@ -133,13 +134,13 @@ def test_bad_files_fail_naming_file_and_key(saved, capsys):
 
 def test_refusals(saved, capsys):
   tmp_path, q, _ = saved
-  other = ranking.Features(q.feats, q.areas, q.ids, q.cams, model_signature='{"m": 2}')
-  ranking.save_features(tmp_path / "other.npz", other)
+  other = saved_features.Features(q.feats, q.areas, q.ids, q.cams, model_signature='{"m": 2}')
+  saved_features.save_features(tmp_path / "other.npz", other)
   rc = evaluate.main(["--query", str(tmp_path / "other.npz"),
                       "--gallery", str(tmp_path / "g.npz")])
   assert rc == 2 and "made by another model" in capsys.readouterr().err
-  no_cams = ranking.Features(q.feats, q.areas, q.ids, np.full(len(q), -1))
-  ranking.save_features(tmp_path / "nc.npz", no_cams)
+  no_cams = saved_features.Features(q.feats, q.areas, q.ids, np.full(len(q), -1))
+  saved_features.save_features(tmp_path / "nc.npz", no_cams)
   rc = evaluate.main(["--query", str(tmp_path / "nc.npz"), "--gallery", str(tmp_path / "nc.npz")])
   assert rc == 2 and "pass --keep_junk" in capsys.readouterr().err
   for args in (["--test", "t.npz"],

@@ -14,6 +14,7 @@ import pytest
 from musp_jax.retrieval import gallery_index as index_lib
 from musp_jax.core import features
 from musp_jax.retrieval import ranking
+from musp_jax.retrieval import saved_features
 from musp_jax import search
 
 SIGNATURE = json.dumps({"head": "musp", "parts": 3, "channels": 8, "weights": "00ff"},
@@ -25,13 +26,13 @@ def _features(rng, num_ids, per_id, *, parts=3, channels=8, prefix="g",
   """Clustered features: identity centres plus noise, varied areas (SPEC section 4)."""
   centres = rng.standard_normal((num_ids, parts, channels))
   ids = np.repeat(np.arange(num_ids), per_id)
-  feats = ranking.l2_normalize(
+  feats = features.l2_normalize(
       centres[ids] + 0.6 * rng.standard_normal((len(ids), parts, channels)))
   areas = np.empty((len(ids), parts), np.float32)
   areas[:, :-1] = rng.dirichlet(np.full(parts - 1, 2.0), len(ids))
   areas[:, -1] = 1.0 / (parts - 1)  # the global branch's pseudo-area
   names = np.array([f"{prefix}{i:04d}.jpg" for i in range(len(ids))])
-  return ranking.Features(feats.astype(np.float32), areas, ids,
+  return saved_features.Features(feats.astype(np.float32), areas, ids,
                             np.arange(len(ids)) % 4, names, signature)
 
 
@@ -52,7 +53,7 @@ def data(tmp_path_factory):
   gallery = _features(rng, 60, 5)
   # Exact duplicates: equal distances, so the tie order (gallery index) is tested.
   dup = np.array([3, 3, 117, 250])
-  gallery = ranking.Features(
+  gallery = saved_features.Features(
       np.concatenate([gallery.feats, gallery.feats[dup]]),
       np.concatenate([gallery.areas, gallery.areas[dup]]),
       np.concatenate([gallery.ids, gallery.ids[dup]]),
@@ -62,8 +63,8 @@ def data(tmp_path_factory):
   query = _features(np.random.default_rng(1), 60, 1, prefix="q")
   query = query.take(np.arange(0, 60, 2))
   gallery_npz, query_npz = root / "gallery.npz", root / "query.npz"
-  ranking.save_features(gallery_npz, gallery)
-  ranking.save_features(query_npz, query)
+  saved_features.save_features(gallery_npz, gallery)
+  saved_features.save_features(query_npz, query)
   # Exhaustive: flat codes, every list probed (the default for flat codes).
   exhaustive = index_lib.build([gallery_npz], root / "exhaustive.index",
                                index_lib.Spec(nlist=8, codec="flat"))
@@ -140,7 +141,7 @@ def test_multi_shard_build_equals_single_file_build(data, tmp_path):
   shards = []
   for i, part in enumerate(np.array_split(np.arange(len(gallery)), 3)):
     shards.append(tmp_path / f"part{i}.npz")
-    ranking.save_features(shards[-1], gallery.take(part))
+    saved_features.save_features(shards[-1], gallery.take(part))
   multi = index_lib.build(shards, tmp_path / "multi.index",
                           index_lib.Spec(nlist=8, codec="flat"))
   meta_single = json.loads((single / "meta.json").read_text())
@@ -160,7 +161,7 @@ def test_approximate_index_returns_exact_distances(tmp_path, codec, candidates,
   gallery = _features(rng, 300, 4, channels=16)
   query = _features(np.random.default_rng(3), 300, 1, channels=16, prefix="q").take(
       np.arange(40))
-  ranking.save_features(tmp_path / "g.npz", gallery)
+  saved_features.save_features(tmp_path / "g.npz", gallery)
   path = index_lib.build([tmp_path / "g.npz"], tmp_path / "approx.index",
                          index_lib.Spec(codec=codec, nlist=4, pq_dims=8, nprobe=2,
                                         store="float16"))
@@ -169,7 +170,7 @@ def test_approximate_index_returns_exact_distances(tmp_path, codec, candidates,
   assert not built.exhaustive() and built.feats.dtype == np.float16
   dist, idx = built.search(query, 10, candidates=20)
   # Distances are exact for the stored (float16-rounded) features, in order.
-  stored = ranking.Features(gallery.feats.astype(np.float16).astype(np.float32),
+  stored = saved_features.Features(gallery.feats.astype(np.float16).astype(np.float32),
                               gallery.areas, gallery.ids, gallery.cams)
   ref = ranking.distance_matrix(query, stored)
   np.testing.assert_allclose(dist, np.take_along_axis(ref, idx, 1), atol=1e-5)
@@ -189,7 +190,7 @@ def test_model_signature_mismatch_is_refused_by_name(data, tmp_path, capsys):
   other = json.loads(SIGNATURE)
   other.update(weights="1234", num_prototypes=5)
   other_query = tmp_path / "other.npz"
-  ranking.save_features(other_query, ranking.Features(
+  saved_features.save_features(other_query, saved_features.Features(
       query.feats, query.areas, query.ids, query.cams, query.file_names,
       json.dumps(other, sort_keys=True)))
   assert search.main(["--index", str(path), "--query", str(other_query)]) == 2

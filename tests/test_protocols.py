@@ -7,13 +7,15 @@ from configs import common
 from musp_jax.retrieval import reference
 from musp_jax.retrieval import protocols
 from musp_jax.retrieval import ranking
+from musp_jax.retrieval import saved_features
+from musp_jax.core import features
 
 
 def _features(rng, ids, cams, p=2, c=6):
   n = len(ids)
-  feats = ranking.l2_normalize(rng.normal(size=(n, p, c)).astype(np.float32))
+  feats = features.l2_normalize(rng.normal(size=(n, p, c)).astype(np.float32))
   areas = rng.uniform(0.1, 1.0, size=(n, p)).astype(np.float32)
-  return ranking.Features(feats, areas, np.asarray(ids), np.asarray(cams))
+  return saved_features.Features(feats, areas, np.asarray(ids), np.asarray(cams))
 
 
 def _reference_row(q, g, remove_junk):

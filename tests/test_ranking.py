@@ -7,14 +7,16 @@ import pytest
 from musp_jax.retrieval import reference
 from musp_jax.retrieval import rerank
 from musp_jax.retrieval import ranking
+from musp_jax.retrieval import saved_features
+from musp_jax.core import features
 
 
 def _features(rng, n, p=3, c=8, num_ids=8, num_cams=3, normalize=True):
   feats = rng.normal(size=(n, p, c)).astype(np.float32)
   if normalize:
-    feats = ranking.l2_normalize(feats)
+    feats = features.l2_normalize(feats)
   areas = rng.uniform(0.05, 1.0, size=(n, p)).astype(np.float32)
-  return ranking.Features(feats, areas, rng.integers(0, num_ids, n),
+  return saved_features.Features(feats, areas, rng.integers(0, num_ids, n),
                             rng.integers(0, num_cams, n))
 
 
@@ -105,7 +107,7 @@ def test_evaluate_features_equals_reference(distance):
   rng = np.random.default_rng(2)
   q, g = _features(rng, 30), _features(rng, 53)
   # Duplicated gallery items give exact ties in the computed distances.
-  g = ranking.Features(np.concatenate([g.feats, g.feats[:10]]),
+  g = saved_features.Features(np.concatenate([g.feats, g.feats[:10]]),
                          np.concatenate([g.areas, g.areas[:10]]),
                          np.concatenate([g.ids, (g.ids[:10] + 1) % 8]),
                          np.concatenate([g.cams, g.cams[:10]]))
@@ -124,11 +126,11 @@ def test_evaluate_features_equals_reference(distance):
 def test_evaluate_from_saved_features(tmp_path):
   rng = np.random.default_rng(3)
   q, g = _features(rng, 12), _features(rng, 25)
-  q = ranking.Features(q.feats, q.areas, q.ids, q.cams,
+  q = saved_features.Features(q.feats, q.areas, q.ids, q.cams,
                          np.array([f"q{i}.jpg" for i in range(12)]), "musp P=3 C=8")
-  ranking.save_features(tmp_path / "q.npz", q)
-  ranking.save_features(tmp_path / "g.npz", g)
-  loaded = ranking.load_features(tmp_path / "q.npz")
+  saved_features.save_features(tmp_path / "q.npz", q)
+  saved_features.save_features(tmp_path / "g.npz", g)
+  loaded = saved_features.load_features(tmp_path / "q.npz")
   np.testing.assert_array_equal(loaded.feats, q.feats)
   np.testing.assert_array_equal(loaded.file_names, q.file_names)
   assert loaded.model_signature == "musp P=3 C=8"
@@ -136,7 +138,7 @@ def test_evaluate_from_saved_features(tmp_path):
                ranking.evaluate(q, g))
   np.savez(tmp_path / "bad.npz", feats=q.feats)
   with pytest.raises(ValueError, match="missing keys"):
-    ranking.load_features(tmp_path / "bad.npz")
+    saved_features.load_features(tmp_path / "bad.npz")
 
 
 def _rerank_by_definition(q_g, q_q, g_g, k1, k2, lam):
@@ -226,7 +228,7 @@ def test_plain_features_format(tmp_path):
   q_cams, g_cams = rng.integers(0, 2, 9), rng.integers(0, 2, 20)
   np.savez(tmp_path / "q.npz", feats=qx.astype(np.float32), pids=q_ids, camids=q_cams)
   np.savez(tmp_path / "g.npz", feats=gx, pids=g_ids, camids=g_cams)  # float64 is fine
-  q = ranking.load_features(tmp_path / "q.npz")
+  q = saved_features.load_features(tmp_path / "q.npz")
   assert q.feats.shape == (9, 1, 12) and q.feats.dtype == np.float32
   np.testing.assert_array_equal(q.areas, np.ones((9, 1)))
   np.testing.assert_array_equal(q.ids, q_ids)
@@ -239,7 +241,7 @@ def test_plain_features_format(tmp_path):
   # (N, P, C) with areas reads as the saved-features format does.
   f = _features(rng, 5)
   np.savez(tmp_path / "p.npz", feats=f.feats, areas=f.areas, pids=f.ids, camids=f.cams)
-  p = ranking.load_features(tmp_path / "p.npz")
+  p = saved_features.load_features(tmp_path / "p.npz")
   np.testing.assert_array_equal(p.feats, f.feats)
   np.testing.assert_array_equal(p.areas, f.areas)
 
@@ -276,17 +278,17 @@ def _write(path, **arrays):
 def test_bad_features_files_name_file_and_key(tmp_path, arrays, message):
   path = _write(tmp_path / "bad.npz", **arrays)
   with pytest.raises(ValueError, match=f"^{str(path)}: {message}"):
-    ranking.load_features(path)
+    saved_features.load_features(path)
 
 
 def test_unreadable_features_files(tmp_path):
   text = tmp_path / "feats.txt"
   text.write_text("not numpy\n")
   with pytest.raises(ValueError, match="not a readable .npz archive") as e:
-    ranking.load_features(text)
+    saved_features.load_features(text)
   assert "pickle" not in str(e.value) and str(text) in str(e.value)
   np.save(tmp_path / "one.npy", np.zeros((2, 3)))
   with pytest.raises(ValueError, match="single .npy array"):
-    ranking.load_features(tmp_path / "one.npy")
+    saved_features.load_features(tmp_path / "one.npy")
   with pytest.raises(FileNotFoundError, match="absent.npz"):
-    ranking.load_features(tmp_path / "absent.npz")
+    saved_features.load_features(tmp_path / "absent.npz")

@@ -9,7 +9,7 @@ import pytest
 import tools_fixtures
 from musp_jax import embed
 from musp_jax.core import features
-from musp_jax.retrieval import ranking
+from musp_jax.retrieval import saved_features
 from musp_jax import search
 
 
@@ -52,7 +52,7 @@ def test_search_gallery_images_find_themselves_first(gallery, tmp_path, capsys):
   assert f"query: {paths[1].name}" in table and "distance" in table
   result = json.loads(hits.read_text())
   assert [q["query"] for q in result["queries"]] == [paths[1].name, paths[4].name]
-  g = ranking.load_features(gallery_npz)
+  g = saved_features.load_features(gallery_npz)
   for q in result["queries"]:
     ranked = q["results"]
     assert len(ranked) == 4
@@ -82,20 +82,20 @@ def test_json_to_stdout_and_npz_query(gallery, capsys):
 def _save_with_signature(path, features, **changes):
   sig = json.loads(features.model_signature)
   sig.update(changes)
-  ranking.save_features(path, ranking.Features(
+  saved_features.save_features(path, saved_features.Features(
       features.feats, features.areas, features.ids, features.cams, features.file_names,
       json.dumps(sig, sort_keys=True)))
 
 
 def test_features_of_another_model_are_refused(gallery, tmp_path, capsys):
   root, paths, gallery_npz = gallery
-  g = ranking.load_features(gallery_npz)
+  g = saved_features.load_features(gallery_npz)
   other = tmp_path / "other.npz"
   _save_with_signature(other, g, weights="0123456789abcdef", num_prototypes=5)
   # Image queries embedded with this workdir's model against a gallery of another.
   with pytest.raises(features.SignatureMismatchError,
                      match=r"(?s)another model.*num_prototypes.*weights"):
-    search.query_features([str(paths[0])], ranking.load_features(other).model_signature,
+    search.query_features([str(paths[0])], saved_features.load_features(other).model_signature,
                           gallery_path=str(other), gallery_source="",
                           workdir=str(tools_fixtures.shared_workdir()), progress=False)
   # A features file as query against it: same check, through the CLI.
@@ -104,7 +104,7 @@ def test_features_of_another_model_are_refused(gallery, tmp_path, capsys):
   err = capsys.readouterr().err
   assert "another model" in err and "weights" in err
   # Different (P, C) is refused even without signatures.
-  baseline_like = ranking.Features(g.feats[:, -1:], g.areas[:, -1:], g.ids, g.cams)
+  baseline_like = saved_features.Features(g.feats[:, -1:], g.areas[:, -1:], g.ids, g.cams)
   with pytest.raises(ValueError, match=r"\(P, C\)"):
     search.search(g, baseline_like)
 
@@ -112,7 +112,7 @@ def test_features_of_another_model_are_refused(gallery, tmp_path, capsys):
 def test_gallery_without_model_source_needs_a_model(gallery, tmp_path):
   _, paths, gallery_npz = gallery
   bare = tmp_path / "bare.npz"
-  ranking.save_features(bare, ranking.load_features(gallery_npz))
+  saved_features.save_features(bare, saved_features.load_features(gallery_npz))
   g, source = search.load_gallery(str(bare))
   assert source == ""
   with pytest.raises(ValueError, match="pass --workdir or --checkpoint"):

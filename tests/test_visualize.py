@@ -12,6 +12,7 @@ from PIL import Image
 import tools_fixtures
 from musp_jax.data import augment
 from musp_jax.retrieval import ranking
+from musp_jax.retrieval import saved_features
 from musp_jax import visualize
 
 
@@ -49,7 +50,7 @@ def test_overlay_blends_the_colour_map_at_the_image_size():
 
 def _features(ids, cams):
   n = len(ids)
-  return ranking.Features(np.zeros((n, 1, 2), np.float32), np.ones((n, 1), np.float32),
+  return saved_features.Features(np.zeros((n, 1, 2), np.float32), np.ones((n, 1), np.float32),
                             np.asarray(ids), np.asarray(cams))
 
 

@@ -27,7 +27,16 @@ import numpy as np
 
 from musp_jax import models
 from musp_jax.core import preprocess
-from musp_jax.retrieval.ranking import l2_normalize
+
+
+def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
+  """x / ||x|| along `axis` (numpy or jax arrays, also under jit).
+
+  All-zero vectors (zero-padded branches) stay zero.
+  """
+  xp = jnp if isinstance(x, jax.Array) else np
+  norm = xp.sqrt(xp.sum(x * x, axis=axis, keepdims=True))
+  return x / xp.maximum(norm, eps)
 
 
 class SignatureMismatchError(ValueError):

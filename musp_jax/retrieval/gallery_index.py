@@ -106,6 +106,7 @@ import numpy as np
 from musp_jax.core import features
 from musp_jax.runtime import writing
 from musp_jax.retrieval import ranking
+from musp_jax.retrieval import saved_features
 
 try:
   import faiss  # pylint: disable=g-import-not-at-top
@@ -241,10 +242,10 @@ def _scan(shards: Sequence[str]) -> _Layout:
     if not os.path.isfile(path):
       raise FileNotFoundError(f"Gallery shard {path} does not exist.")
     with np.load(path, allow_pickle=False) as data:
-      missing = [k for k in ranking.NPZ_KEYS if k not in data.files]
+      missing = [k for k in saved_features.NPZ_KEYS if k not in data.files]
       if missing:
         raise ValueError(f"{path}: missing keys {missing}; a gallery shard is a "
-                         f"saved-features .npz with {list(ranking.NPZ_KEYS)}.")
+                         f"saved-features .npz with {list(saved_features.NPZ_KEYS)}.")
       shape, _ = _npy_header(data, path, "feats")
       if len(shape) != 3:
         raise ValueError(f"{path}: feats has shape {shape}, expected (N, P, C).")
@@ -270,8 +271,8 @@ def _scan(shards: Sequence[str]) -> _Layout:
   return layout
 
 
-def _read_shard(shard: _Shard, parts: int, channels: int) -> ranking.Features:
-  features = ranking.load_features(shard.path)
+def _read_shard(shard: _Shard, parts: int, channels: int) -> saved_features.Features:
+  features = saved_features.load_features(shard.path)
   if features.feats.shape != (shard.count, parts, channels):
     raise ValueError(f"{shard.path}: feats changed while building the index: "
                      f"{features.feats.shape}, was {(shard.count, parts, channels)}.")
@@ -279,7 +280,7 @@ def _read_shard(shard: _Shard, parts: int, channels: int) -> ranking.Features:
   return features
 
 
-def _check_values(features: ranking.Features, where: str) -> None:
+def _check_values(features: saved_features.Features, where: str) -> None:
   """Finite features; areas >= 0 with a positive sum (r > 0, see the docstring)."""
   for name, x in (("feats", features.feats), ("areas", features.areas)):
     bad = ~np.isfinite(x).reshape(len(x), -1).all(axis=1)
@@ -608,7 +609,7 @@ class GalleryIndex:
     nprobe = nprobe or self.params["nprobe"]
     return self.params["codec"] == "flat" and nprobe >= self.params["nlist"]
 
-  def search(self, query: ranking.Features, k: int = 10, *, nprobe: int | None = None,
+  def search(self, query: saved_features.Features, k: int = 10, *, nprobe: int | None = None,
              candidates: int | None = None, query_block: int = 256
              ) -> tuple[np.ndarray, np.ndarray]:
     """(distances, gallery indices), each (Q, k), in ascending (distance, index).

@@ -23,8 +23,9 @@ import ml_collections
 import numpy as np
 
 from musp_jax.retrieval import ranking
+from musp_jax.retrieval import saved_features
 
-Features = ranking.Features
+Features = saved_features.Features
 
 
 def _options(eval_config: ml_collections.ConfigDict | None,
@@ -42,7 +43,7 @@ def _options(eval_config: ml_collections.ConfigDict | None,
 
 
 def as_features(split: "Features | Mapping[str, np.ndarray]", name: str) -> Features:
-  """A split as `ranking.Features`; dicts need feats, areas, vehicle_id,
+  """A split as `saved_features.Features`; dicts need feats, areas, vehicle_id,
   camera_id (as written by the evaluator or stored in a features .npz)."""
   if isinstance(split, Features):
     return split

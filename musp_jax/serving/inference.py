@@ -30,7 +30,7 @@ from musp_jax.data import augment
 from musp_jax.training import checkpointing
 from musp_jax.core import features
 from musp_jax import models
-from musp_jax.retrieval import ranking
+from musp_jax.retrieval import saved_features
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -160,13 +160,13 @@ def embed_bytes(loaded: LoadedModel, images: Iterable[tuple[str, bytes]], *,
 
 def embed_files(loaded: LoadedModel, files: Sequence[tuple[str, str]], *,
                 batch_size: int = 32, flip: bool = False,
-                progress: bool = True) -> ranking.Features:
+                progress: bool = True) -> saved_features.Features:
   """Image files [(name, path)] (see `list_images`) -> saved-features form."""
   items = ((path, epath.Path(path).read_bytes()) for _, path in files)
   feats, areas = embed_bytes(loaded, items, total=len(files), batch_size=batch_size,
                              flip=flip, progress=progress)
   n = len(files)
-  return ranking.Features(
+  return saved_features.Features(
       feats=feats, areas=areas, ids=np.full(n, -1, np.int64), cams=np.full(n, -1, np.int64),
       file_names=np.asarray([name for name, _ in files], dtype=str),
       model_signature=features.with_flip(loaded.signature, flip))

@@ -23,7 +23,7 @@ from musp_jax.training import attention_scores
 from musp_jax.data import datasets
 from musp_jax.core import features
 from musp_jax.data import input_pipeline
-from musp_jax.retrieval import ranking
+from musp_jax.retrieval import saved_features
 
 ROW_METRICS = ("mAP", "CMC@1", "CMC@5", "CMC@10", "mINP")
 
@@ -81,7 +81,7 @@ def attention_row(model, variables, sources, config: ml_collections.ConfigDict, 
 
 
 def split_features(model, variables, config: ml_collections.ConfigDict, mesh
-                   ) -> tuple[datasets.EvalSet, dict[str, ranking.Features]]:
+                   ) -> tuple[datasets.EvalSet, dict[str, saved_features.Features]]:
   """The evaluation dataset's protocol splits as Features, by protocol role."""
   target = datasets.eval_set(config)
   kw = dict(data_dir=config.dataset.data_dir, builder_config=target.builder_config)
@@ -91,7 +91,7 @@ def split_features(model, variables, config: ml_collections.ConfigDict, mesh
     source = datasets.load_split(target.name, split, **kw)
     f = extract_features(model, variables, source, config, mesh, desc=split)
     index = datasets.split_index(target.name, split, **kw)
-    out[role] = ranking.Features(f["feats"], f["areas"], index["vehicle_id"],
+    out[role] = saved_features.Features(f["feats"], f["areas"], index["vehicle_id"],
                                    index["camera_id"])
   return target, out
 
