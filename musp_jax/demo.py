@@ -95,8 +95,10 @@ def main(argv):
   workdir = os.path.abspath(os.path.expanduser(FLAGS.workdir))
   writing.write_text(os.path.join(workdir, "demo_summary.md"), summary)
   try:
-    from musp_jax import visualize  # pylint: disable=g-import-not-at-top
-    pictures = visualize.demo_pictures(workdir)
+    from musp_jax.serving import inference  # pylint: disable=g-import-not-at-top
+    from musp_jax.training import model_pictures  # pylint: disable=g-import-not-at-top
+    pictures = model_pictures.demo_pictures(inference.load(workdir),
+                                            os.path.join(workdir, "pictures"))
   except ImportError:
     pictures = []
   print("\n" + summary)

@@ -12,7 +12,7 @@ from musp_jax.training import attention_scores as am
 from musp_jax.data import datasets
 from musp_jax.training import evaluator
 from musp_jax.core import features
-from musp_jax.serving import inference
+from musp_jax.data import augment
 from musp_jax.runtime import process
 
 
@@ -120,7 +120,7 @@ def test_model_scores_on_a_split_match_a_direct_computation():
                                 process.make_mesh())
 
   records = sources[0] + sources[1]
-  pixels = np.stack([inference.resize_to_model(config, inference.decode_image(r["image"], where=""))
+  pixels = np.stack([augment.resize(augment.decode(r["image"]), tuple(config.input.image_size))
                      for r in records])
   attention = np.asarray(features.jitted_attention(loaded.model, config.input.normalize)(
       loaded.variables, pixels))

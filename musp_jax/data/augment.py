@@ -29,11 +29,17 @@ import numpy as np
 ERASE_ATTEMPTS = 100  # as the reference RandomErasing
 
 
-def decode(data: bytes) -> np.ndarray:
-  """Decodes JPEG/PNG bytes to an RGB uint8 array (H, W, 3)."""
-  img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
+def decode(data: bytes, *, where: str = "image") -> np.ndarray:
+  """Decodes encoded image bytes to an RGB uint8 array (H, W, 3), or a ValueError
+  naming `where` (the file or record the bytes come from)."""
+  try:
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
+    reason = ""
+  except Exception as e:  # cv2 raises several types on garbage input
+    img, reason = None, f": {e}"
   if img is None:
-    raise ValueError(f"Could not decode image bytes ({len(data)} bytes).")
+    raise ValueError(f"{where} is not a readable image ({len(data)} bytes; expected JPEG, "
+                     f"PNG, BMP, WebP or TIFF){reason}")
   return img
 
 

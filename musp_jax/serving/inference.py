@@ -57,6 +57,18 @@ class LoadedModel:
   def has_attention(self) -> bool:
     return self.config.model.head == "musp"
 
+  def with_overrides(self, *, data_dir: str | None = None,
+                     eval_batch_size: int | None = None) -> LoadedModel:
+    """The model with its saved config pointing at another data_dir / eval batch size."""
+    if data_dir is None and eval_batch_size is None:
+      return self
+    config = ml_collections.ConfigDict(self.config.to_dict())
+    if data_dir is not None:
+      config.dataset.data_dir = data_dir
+    if eval_batch_size is not None:
+      config.eval.batch_size = eval_batch_size
+    return dataclasses.replace(self, config=config)
+
 
 def load(path: str | os.PathLike, *, step: int | None = None) -> LoadedModel:
   """Restores a model for inference from a workdir (default: its latest step) or a
@@ -105,16 +117,6 @@ def list_images(paths: Sequence[str | os.PathLike]) -> list[tuple[str, str]]:
   return found
 
 
-def decode_image(data: bytes, *, where: str) -> np.ndarray:
-  """RGB uint8 (H, W, 3), or a ValueError naming `where`."""
-  try:
-    return augment.decode(data)
-  except Exception as e:  # cv2 raises several types on garbage input
-    raise ValueError(
-        f"{where} is not a readable image ({len(data)} bytes; expected JPEG, PNG, BMP, "
-        f"WebP or TIFF): {e}") from e
-
-
 # --------------------------------------------------------------------------
 # Features.
 
@@ -137,7 +139,7 @@ def embed_bytes(loaded: LoadedModel, images: Iterable[tuple[str, bytes]], *,
       try:
         x[i] = transform(data)
       except Exception:
-        decode_image(data, where=name)  # names the file if it is not an image
+        augment.decode(data, where=name)  # names the file if it is not an image
         raise
     f, a = jax.device_get(fn(loaded.variables, x))
     feats.append(f[:len(batch)])
@@ -170,8 +172,3 @@ def embed_files(loaded: LoadedModel, files: Sequence[tuple[str, str]], *,
       feats=feats, areas=areas, ids=np.full(n, -1, np.int64), cams=np.full(n, -1, np.int64),
       file_names=np.asarray([name for name, _ in files], dtype=str),
       model_signature=features.with_flip(loaded.signature, flip))
-
-
-def resize_to_model(config: ml_collections.ConfigDict, image_HxWx3: np.ndarray) -> np.ndarray:
-  """A decoded RGB uint8 image -> uint8 pixels at the model's size (the test transform)."""
-  return augment.resize(image_HxWx3, tuple(config.input.image_size))

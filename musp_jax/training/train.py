@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding
 from musp_jax.training import checkpointing
 from musp_jax.data import datasets
 from musp_jax.training import evaluator
+from musp_jax.training import model_pictures
 from musp_jax.data import input_pipeline
 from musp_jax.core import optim
 from musp_jax.runtime import writing
@@ -276,8 +277,7 @@ def _evaluate(model, state, config, mesh, writer, step: int, steps_per_epoch: in
   results = {"step": step, "epoch": step / steps_per_epoch, "results": rows}
   writer.write_scalars(step, evaluator.flat_scalars(rows))
   if config.model.head == "musp" and jax.process_index() == 0:
-    from musp_jax import visualize  # pylint: disable=g-import-not-at-top
-    grid = visualize.eval_attention_grid(model, state.variables, config)
+    grid = model_pictures.eval_attention_grid(model, state.variables, config)
     writer.write_images(step, {"attention": grid[None]})
   evaluator.write_results(workdir, results)
   return results
