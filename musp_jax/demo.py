@@ -52,7 +52,7 @@ def reference_rows(config, mesh) -> tuple[dict, dict | None]:
   kw = dict(data_dir=config.dataset.data_dir, builder_config=target.builder_config)
   model = build_model(config.model, datasets.num_classes(config.dataset.name, **kw))
   random_variables = state.init_variables(model, config.input.image_size, config.seed)
-  random_rows = evaluator.evaluate(model, random_variables, config, mesh)
+  random_rows = evaluator.evaluate_model(model, random_variables, config, mesh)
   pixels = {}
   for role, split in target.splits.items():
     raw = raw_pixel_features(datasets.load_split(target.name, split, **kw))
@@ -97,7 +97,7 @@ def main(argv):
   try:
     from musp_jax.serving import inference  # pylint: disable=g-import-not-at-top
     from musp_jax.training import model_pictures  # pylint: disable=g-import-not-at-top
-    pictures = model_pictures.demo_pictures(inference.load(workdir),
+    pictures = model_pictures.demo_pictures(inference.load_model(workdir),
                                             os.path.join(workdir, "pictures"))
   except ImportError:
     pictures = []

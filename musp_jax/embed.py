@@ -24,21 +24,7 @@ from musp_jax.retrieval import saved_features
 from musp_jax.runtime import process
 
 
-def add_model_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
-  """--workdir / --checkpoint / --step, shared by the tools."""
-  group = parser.add_mutually_exclusive_group(required=required)
-  group.add_argument("--workdir", help="Training workdir (with checkpoints/).")
-  group.add_argument("--checkpoint", help="A step folder <workdir>/checkpoints/<step>.")
-  parser.add_argument("--step", type=int, default=None,
-                      help="With --workdir: the checkpoint step (default: latest).")
-
-
-def load_model(args: argparse.Namespace) -> inference.LoadedModel:
-  """The model named by add_model_args' flags."""
-  return inference.load(args.workdir or args.checkpoint, step=args.step)
-
-
-def embed(loaded: inference.LoadedModel, images: Sequence[str], out: str, *,
+def write_features(loaded: inference.LoadedModel, images: Sequence[str], out: str, *,
           batch_size: int = 32, flip: bool = False, progress: bool = True
           ) -> saved_features.Features:
   """Embeds image files/folders and writes `out` (.npz); returns the features."""
@@ -53,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m musp_jax.embed", description=__doc__.split("\n\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  add_model_args(parser)
+  inference.add_model_args(parser)
   parser.add_argument("--images", nargs="+", required=True,
                       help="Image files and/or folders (searched recursively).")
   parser.add_argument("--out", required=True, help="Output .npz.")
@@ -67,8 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   process.setup()
   try:
-    loaded = load_model(args)
-    features = embed(loaded, args.images, args.out, batch_size=args.batch_size,
+    loaded = inference.model_from_args(args)
+    features = write_features(loaded, args.images, args.out, batch_size=args.batch_size,
                      flip=args.flip)
   except process.USER_ERRORS as e:
     process.print_error(e, verbose=args.verbose)

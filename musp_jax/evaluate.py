@@ -65,7 +65,7 @@ def run_protocol(name: str, splits: dict[str, saved_features.Features], *, size:
                                      eval_config=eval_config, **options)
 
 
-def evaluate(*, query: str | None = None, gallery: str | None = None,
+def evaluate_files(*, query: str | None = None, gallery: str | None = None,
              test: str | None = None, protocol: str | None = None, size: str = "",
              distance: str = "cam_squared", rerank: bool = False,
              rerank_k1: int = 20, rerank_k2: int = 6, rerank_lambda: float = 0.3,
@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   from musp_jax.runtime import process  # pylint: disable=g-import-not-at-top
   process.setup()
   try:
-    report = evaluate(
+    report = evaluate_files(
         query=args.query, gallery=args.gallery, test=args.test, protocol=args.protocol,
         size=args.size, distance=args.distance, rerank=args.rerank,
         rerank_k1=args.rerank_k1, rerank_k2=args.rerank_k2,

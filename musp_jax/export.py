@@ -108,7 +108,7 @@ def _metadata(loaded, fmt: str, input_hw: tuple[int, int], flip: bool,
 
 def export(loaded, *, input_hw: tuple[int, int] | None = None, flip: bool = False,
            platforms: Sequence[str] = ("cpu", "cuda")) -> tuple[bytes, dict]:
-  """A LoadedModel (musp_jax.inference.load) -> (serialized function, metadata)."""
+  """A LoadedModel (musp_jax.serving.inference.load_model) -> (serialized function, metadata)."""
   input_hw = _input_hw(loaded, input_hw)
   fn = serving_fn(loaded.model, loaded.variables, loaded.config, input_hw=input_hw,
                   flip=flip)
@@ -181,7 +181,7 @@ def onnx_parity(serialized: bytes, reference: Callable[[np.ndarray], dict],
   return worst
 
 
-def save(path: str, serialized: bytes, metadata: dict) -> None:
+def write_npz(path: str, serialized: bytes, metadata: dict) -> None:
   """Writes the export atomically: a failed or killed write leaves `path` as it was."""
   with writing.atomic_file(path) as tmp:
     np.savez(tmp, exported=np.frombuffer(serialized, np.uint8),
@@ -216,7 +216,7 @@ class ExportedModel:
 
 
 def load(path: str) -> ExportedModel:
-  """Reads a file written by `save` (needs jax and numpy, not the model code)."""
+  """Reads a file written by `write_npz` (needs jax and numpy, not the model code)."""
   with np.load(path, allow_pickle=False) as data:
     if "exported" not in data.files or "metadata" not in data.files:
       raise ValueError(f"{path} is not a musp_jax export (keys {sorted(data.files)}; "
@@ -229,12 +229,12 @@ def load(path: str) -> ExportedModel:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  from musp_jax import embed  # pylint: disable=g-import-not-at-top
   from musp_jax.runtime import process  # pylint: disable=g-import-not-at-top
+  from musp_jax.serving import inference  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(
       prog="python -m musp_jax.export", description=__doc__.split("\n\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  embed.add_model_args(parser)
+  inference.add_model_args(parser)
   parser.add_argument("--out", required=True, help="Output file (.npz, or .onnx).")
   parser.add_argument("--format", choices=FORMATS, default="jax",
                       help="jax: a jax.export artefact (.npz); onnx: an ONNX model (.onnx).")
@@ -262,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr)
       return 2
   try:
-    loaded = embed.load_model(args)
+    loaded = inference.model_from_args(args)
     if args.format == "onnx":
       serialized, metadata = export_onnx(loaded, input_hw=args.input_size, flip=args.flip)
       if not args.no_verify:
@@ -281,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
       serialized, metadata = export(loaded, input_hw=args.input_size, flip=args.flip,
                                     platforms=args.platforms or ("cpu", "cuda"))
-      save(args.out, serialized, metadata)
+      write_npz(args.out, serialized, metadata)
   except (*process.USER_ERRORS, NotImplementedError) as e:
     process.print_error(e, verbose=args.verbose)
     return 2

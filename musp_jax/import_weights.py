@@ -37,7 +37,7 @@ def _log(msg: str) -> None:
   print(f"[import_weights] {msg}", file=sys.stderr, flush=True)
 
 
-def import_torchvision(path: str) -> tuple[dict[str, Any], dict]:
+def convert_torchvision(path: str) -> tuple[dict[str, Any], dict]:
   """torchvision ResNet -> (backbone-only variables, metadata); writes nothing."""
   _log(f"reading {path}")
   state_dict = weights.load_state_dict(path)
@@ -54,7 +54,7 @@ def import_torchvision(path: str) -> tuple[dict[str, Any], dict]:
   return variables, metadata
 
 
-def import_musp(path: str) -> tuple[dict[str, Any], dict]:
+def convert_musp(path: str) -> tuple[dict[str, Any], dict]:
   """Official MUSP checkpoint -> (whole-model variables, metadata); writes nothing."""
   _log(f"reading {path}")
   state_dict = weights.load_state_dict(path)
@@ -104,9 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     writing.check_replaceable(out, owned=weights.is_init_checkpoint, what=_WHAT,
                               overwrite=args.overwrite)
     if args.torchvision:
-      variables, metadata = import_torchvision(args.torchvision)
+      variables, metadata = convert_torchvision(args.torchvision)
     else:
-      variables, metadata = import_musp(args.musp)
+      variables, metadata = convert_musp(args.musp)
     write(out, variables, metadata, overwrite=args.overwrite)
   except process.USER_ERRORS as e:
     process.print_error(e, verbose=args.verbose)

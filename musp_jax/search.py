@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 
-from musp_jax import embed as embed_lib
 from musp_jax.core import features
 from musp_jax.serving import inference
 from musp_jax.runtime import writing
@@ -73,7 +72,7 @@ def query_features(queries: Sequence[str], gallery_signature: str, *,
           "any more (moved or deleted); pass --workdir or --checkpoint with its new place "
           "(the model is checked against the gallery's signature).")
     model_path = gallery_source
-  loaded = inference.load(model_path, step=step)
+  loaded = inference.load_model(model_path, step=step)
   flip = bool(features.signature_field(gallery_signature, "flip", False))
   features.check_signature(features.with_flip(loaded.signature, flip),
                            gallery_signature, found_where=f"model {loaded.source}",
@@ -170,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="Also write the results as JSON here ('-': JSON to stdout "
                            "instead of the table).")
   parser.add_argument("--batch_size", type=int, default=32)
-  embed_lib.add_model_args(parser, required=False)
+  inference.add_model_args(parser, required=False)
   process.add_verbose_arg(parser)
   args = parser.parse_args(argv)
   if args.topk < 1:
@@ -240,7 +239,7 @@ def build_index_main(argv: Sequence[str]) -> int:
     from musp_jax.retrieval import gallery_index as index_lib  # pylint: disable=g-import-not-at-top
     spec = index_lib.Spec(nlist=args.nlist, codec=args.codec, pq_dims=args.pq_dims,
                           nprobe=args.nprobe, store=args.store)
-    out = index_lib.build(args.gallery, args.out, spec, overwrite=args.overwrite)
+    out = index_lib.build_index(args.gallery, args.out, spec, overwrite=args.overwrite)
     built = index_lib.GalleryIndex(out)
   except process.USER_ERRORS as e:
     process.print_error(e, verbose=args.verbose)

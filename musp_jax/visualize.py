@@ -38,13 +38,12 @@ from musp_jax.training import model_pictures
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  from musp_jax import embed  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(
       prog="python -m musp_jax.visualize", description=__doc__.split("\n\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
   att = sub.add_parser("attention", help="Attention maps over images.")
-  embed.add_model_args(att)
+  inference.add_model_args(att)
   att.add_argument("--images", nargs="+", default=None,
                    help="Image files/folders (default: evaluation query images).")
   att.add_argument("--num_images", type=int, default=6)
@@ -52,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="PNG path (default: <workdir>/pictures/attention.png).")
   att.add_argument("--data_dir", default=None, help="Override config.dataset.data_dir.")
   rk = sub.add_parser("ranks", help="Rank lists of evaluation queries.")
-  embed.add_model_args(rk)
+  inference.add_model_args(rk)
   rk.add_argument("--order", choices=model_pictures.ORDERS, default="worst")
   rk.add_argument("--queries", type=int, nargs="+", default=None,
                   help="Query indices to show (instead of --order).")
@@ -73,10 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   process.setup()
   try:
     if args.command == "demo":
-      loaded = inference.load(args.workdir).with_overrides(data_dir=args.data_dir)
+      loaded = inference.load_model(args.workdir).with_overrides(data_dir=args.data_dir)
       written = model_pictures.demo_pictures(loaded, str(epath.Path(args.workdir) / "pictures"))
     else:
-      loaded = embed.load_model(args).with_overrides(
+      loaded = inference.model_from_args(args).with_overrides(
           data_dir=args.data_dir, eval_batch_size=getattr(args, "batch_size", None))
       pictures = epath.Path(loaded.source).parent.parent / "pictures"
       if args.command == "attention":

@@ -179,7 +179,7 @@ def run(args, work: pathlib.Path) -> None:
 
   base = bench_eval._rss_reset()  # pylint: disable=protected-access
   t = time.perf_counter()
-  out = index_lib.build(shards, work / "gallery.index",
+  out = index_lib.build_index(shards, work / "gallery.index",
                         index_lib.Spec(codec=args.codec, nlist=args.nlist))
   t_build = time.perf_counter() - t
   peak_build = bench_eval._status("VmHWM") - base  # pylint: disable=protected-access

@@ -46,7 +46,7 @@ FRACTIONS = np.eye(3)[LABELS]
 def test_maps_that_follow_the_parts_score_perfectly():
   # Map 0 = body, map 1 = lamps, background map = background, in each image.
   attention = FRACTIONS[..., [BODY, LAMPS, BG]]
-  s = am.attention_scores(attention, FRACTIONS)
+  s = am.score_maps(attention, FRACTIONS)
   np.testing.assert_allclose(s["mass_share"], np.eye(3)[[BODY, LAMPS, BG]])
   np.testing.assert_allclose(np.diag(s["iou"][:, [BODY, LAMPS, BG]]), 1.0)
   assert list(s["best_part"][:2]) == [BODY, LAMPS]
@@ -63,7 +63,7 @@ def test_a_positional_prior_scores_as_one():
   # The same maps for both images: right for image 0, wrong for image 1.
   fixed = FRACTIONS[0][..., [BODY, LAMPS, BG]]
   attention = np.stack([fixed, fixed])
-  s = am.attention_scores(attention, FRACTIONS)
+  s = am.score_maps(attention, FRACTIONS)
   np.testing.assert_array_equal(s["image_dependence"], 0.0)
   assert s["image_dependence_mean"] == 0.0
   # Map 0 puts one unit on image 0's body and one on image 1's background.
@@ -77,19 +77,19 @@ def test_a_positional_prior_scores_as_one():
 
 def test_uniform_maps_and_a_dead_background():
   uniform = np.full((2, 2, 2, 3), 1 / 3)
-  s = am.attention_scores(uniform, FRACTIONS)
+  s = am.score_maps(uniform, FRACTIONS)
   np.testing.assert_allclose(s["mass_share"], np.tile([0.5, 0.25, 0.25], (3, 1)))
   # Body: min(1/3, 1) on its one cell per image; max 1 there plus 3 x 1/3 elsewhere.
   np.testing.assert_allclose(s["iou"][:, BODY], (2 / 3) / 4)
   np.testing.assert_array_equal(s["image_dependence"], 0.0)  # constant maps
   # The background map is dead: the parts split every cell.
   dead = np.concatenate([np.full((2, 2, 2, 2), 0.5), np.zeros((2, 2, 2, 1))], -1)
-  s = am.attention_scores(dead, FRACTIONS)
+  s = am.score_maps(dead, FRACTIONS)
   assert math.isnan(s["background_on_background"]) and s["background_taken"] == 0.0
   row = am.to_row(s, num_images=2)
   assert row["background_on_background"] is None
   json.dumps(row, allow_nan=False)  # valid JSON
-  scalars = am.flat_scalars(row)
+  scalars = am.attention_scalars(row)
   assert "attention/background_on_background" not in scalars
   assert scalars["attention/background_taken"] == 0.0
   assert scalars["attention/background/area"] == 0.0
@@ -101,9 +101,9 @@ def test_uniform_maps_and_a_dead_background():
 
 def test_bad_shapes_are_rejected():
   with pytest.raises(ValueError, match="same N, h, w"):
-    am.attention_scores(np.zeros((2, 2, 3, 3)), FRACTIONS)
+    am.score_maps(np.zeros((2, 2, 3, 3)), FRACTIONS)
   with pytest.raises(ValueError, match="n >= 2"):
-    am.attention_scores(np.ones((2, 2, 2, 1)), FRACTIONS)
+    am.score_maps(np.ones((2, 2, 2, 1)), FRACTIONS)
 
 
 def test_model_scores_on_a_split_match_a_direct_computation():
@@ -132,9 +132,9 @@ def test_model_scores_on_a_split_match_a_direct_computation():
     # OpenCV's area interpolation is the exact area average when shrinking.
     fractions.append(np.stack([cv2.resize(onehot[..., c], (w, h), interpolation=cv2.INTER_AREA)
                                for c in range(onehot.shape[-1])], -1))
-  expected = am.to_row(am.attention_scores(attention, np.stack(fractions)), len(records))
+  expected = am.to_row(am.score_maps(attention, np.stack(fractions)), len(records))
   assert row["num_images"] == 11
-  flat, flat_expected = am.flat_scalars(row), am.flat_scalars(expected)
+  flat, flat_expected = am.attention_scalars(row), am.attention_scalars(expected)
   assert flat.keys() == flat_expected.keys()
   for k, v in flat_expected.items():
     assert flat[k] == pytest.approx(v, abs=2e-5), k

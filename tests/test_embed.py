@@ -66,11 +66,11 @@ def test_embed_folder_end_to_end(tmp_path, loaded, capsys):
 
 def test_checkpoint_flag_and_batch_size_give_the_same_features(tmp_path, loaded):
   paths = tools_fixtures.write_images(tmp_path, 3, seed=1, suffix=".jpg")
-  a = embed.embed(loaded, [str(p) for p in paths], str(tmp_path / "a.npz"),
+  a = embed.write_features(loaded, [str(p) for p in paths], str(tmp_path / "a.npz"),
                   batch_size=4, progress=False)
-  by_checkpoint = inference.load(loaded.source)
+  by_checkpoint = inference.load_model(loaded.source)
   assert by_checkpoint.signature == loaded.signature
-  b = embed.embed(by_checkpoint, [str(p) for p in paths], str(tmp_path / "b.npz"),
+  b = embed.write_features(by_checkpoint, [str(p) for p in paths], str(tmp_path / "b.npz"),
                   batch_size=1, progress=False)
   np.testing.assert_allclose(a.feats, b.feats, atol=1e-5)
   np.testing.assert_allclose(a.areas, b.areas, atol=1e-6)
@@ -107,14 +107,14 @@ def test_non_image_file_is_a_clear_error(tmp_path, loaded):
   bad.write_bytes(b"this is text, not a JPEG")
   good = tools_fixtures.write_images(tmp_path, 1)[0]
   with pytest.raises(ValueError, match="broken.jpg is not a readable image"):
-    embed.embed(loaded, [str(good), str(bad)], str(tmp_path / "x.npz"), progress=False)
+    embed.write_features(loaded, [str(good), str(bad)], str(tmp_path / "x.npz"), progress=False)
   with pytest.raises(FileNotFoundError, match="neither an image file nor a folder"):
     inference.list_images([str(tmp_path / "missing.jpg")])
 
 
 def test_bad_model_locations_are_clear_errors(tmp_path, capsys):
   with pytest.raises(FileNotFoundError, match="holds no checkpoint: expected a training workdir"):
-    inference.load(str(tmp_path))
+    inference.load_model(str(tmp_path))
   rc = embed.main(["--checkpoint", str(tmp_path / "nowhere"), "--images", str(tmp_path),
                    "--out", str(tmp_path / "x.npz")])
   assert rc == 2 and "holds no checkpoint" in capsys.readouterr().err
@@ -129,7 +129,7 @@ def test_class_count_and_config_come_from_the_checkpoint(loaded, tmp_path):
   step_dir = pathlib.Path(loaded.source)
   copy = tmp_path / "moved" / "checkpoints" / step_dir.name
   shutil.copytree(step_dir, copy)
-  moved = inference.load(copy)
+  moved = inference.load_model(copy)
   assert moved.signature == loaded.signature
   assert moved.config.to_dict() == loaded.config.to_dict()
 

@@ -92,7 +92,7 @@ def test_vehicle_id_takes_one_test_file(tmp_path, capsys):
                         "--size", "small", "--trials", "2"]) == 0
   out = capsys.readouterr().out
   assert "| vehicle_id_small/random2 |" in out and "| vehicle_id_small/first |" in out
-  report = evaluate.evaluate(test=str(tmp_path / "t.npz"), protocol="vehicle_id",
+  report = evaluate.evaluate_files(test=str(tmp_path / "t.npz"), protocol="vehicle_id",
                              size="small", trials=2)
   q, g = protocols.vehicleid_first_split(test.ids)
   _assert_row(report["results"]["vehicle_id_small/first"],

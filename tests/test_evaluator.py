@@ -53,6 +53,6 @@ def test_results_files_round_trip(tmp_path):
 def test_scalars_and_the_checkpoint_metric():
   rows = {**ROWS, "other": {"mAP": 0.9}}
   assert evaluator.primary_map(rows) == 0.5  # the protocol's first row
-  assert evaluator.flat_scalars(rows) == {
+  assert evaluator.tensorboard_scalars(rows) == {
       "eval/veri776/mAP": 0.5, "eval/veri776/CMC@1": 0.75, "eval/veri776/CMC@5": 0.875,
       "eval/veri776/CMC@10": 1.0, "eval/veri776/mINP": 0.125, "eval/other/mAP": 0.9}

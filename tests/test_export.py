@@ -55,7 +55,7 @@ def test_round_trip_gives_identical_outputs(exported_file, loaded):
 def test_export_at_model_size_matches_embed(tmp_path, loaded):
   """At the model's input size there is no resize: the export equals the embed tool."""
   serialized, metadata = export.export(loaded, platforms=("cpu",))
-  export.save(str(tmp_path / "m.npz"), serialized, metadata)
+  export.write_npz(str(tmp_path / "m.npz"), serialized, metadata)
   model = export.load(str(tmp_path / "m.npz"))
   paths = tools_fixtures.write_images(tmp_path / "imgs", 2, seed=5)
   from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -64,7 +64,7 @@ def test_export_at_model_size_matches_embed(tmp_path, loaded):
     img = Image.open(p).convert("RGB").resize(loaded.image_size[::-1])
     img.save(tmp_path / f"r{i}.png")
     resized.append(np.asarray(img))
-  feats = embed.embed(loaded, [str(tmp_path / "r0.png"), str(tmp_path / "r1.png")],
+  feats = embed.write_features(loaded, [str(tmp_path / "r0.png"), str(tmp_path / "r1.png")],
                       str(tmp_path / "f.npz"), progress=False)
   out = model(np.stack(resized))
   np.testing.assert_allclose(out["feats"], feats.feats, atol=2e-5)
@@ -149,7 +149,7 @@ def test_onnx_export_command_on_the_baseline(baseline_workdir, tmp_path, capsys)
   assert rc == 0
   assert "onnxruntime vs JAX on random images: relative difference" in (
       capsys.readouterr().out)
-  loaded = inference.load(baseline_workdir)
+  loaded = inference.load_model(baseline_workdir)
   direct = jax.jit(export.serving_fn(loaded.model, loaded.variables, loaded.config,
                                      input_hw=loaded.image_size))
   _check_onnx_model(out, loaded, loaded.image_size, direct)

@@ -66,7 +66,7 @@ def data(tmp_path_factory):
   saved_features.save_features(gallery_npz, gallery)
   saved_features.save_features(query_npz, query)
   # Exhaustive: flat codes, every list probed (the default for flat codes).
-  exhaustive = index_lib.build([gallery_npz], root / "exhaustive.index",
+  exhaustive = index_lib.build_index([gallery_npz], root / "exhaustive.index",
                                index_lib.Spec(nlist=8, codec="flat"))
   return root, gallery, query, gallery_npz, query_npz, exhaustive
 
@@ -142,7 +142,7 @@ def test_multi_shard_build_equals_single_file_build(data, tmp_path):
   for i, part in enumerate(np.array_split(np.arange(len(gallery)), 3)):
     shards.append(tmp_path / f"part{i}.npz")
     saved_features.save_features(shards[-1], gallery.take(part))
-  multi = index_lib.build(shards, tmp_path / "multi.index",
+  multi = index_lib.build_index(shards, tmp_path / "multi.index",
                           index_lib.Spec(nlist=8, codec="flat"))
   meta_single = json.loads((single / "meta.json").read_text())
   meta_multi = json.loads((multi / "meta.json").read_text())
@@ -162,7 +162,7 @@ def test_approximate_index_returns_exact_distances(tmp_path, codec, candidates,
   query = _features(np.random.default_rng(3), 300, 1, channels=16, prefix="q").take(
       np.arange(40))
   saved_features.save_features(tmp_path / "g.npz", gallery)
-  path = index_lib.build([tmp_path / "g.npz"], tmp_path / "approx.index",
+  path = index_lib.build_index([tmp_path / "g.npz"], tmp_path / "approx.index",
                          index_lib.Spec(codec=codec, nlist=4, pq_dims=8, nprobe=2,
                                         store="float16"))
   built = index_lib.GalleryIndex(path)
@@ -199,7 +199,7 @@ def test_model_signature_mismatch_is_refused_by_name(data, tmp_path, capsys):
   assert str(path) in err
   # Shards of two models are refused when building, naming the field.
   with pytest.raises(features.SignatureMismatchError, match=r"(?s)weights.*1234"):
-    index_lib.build([data[3], other_query], tmp_path / "mixed.index")
+    index_lib.build_index([data[3], other_query], tmp_path / "mixed.index")
   assert not (tmp_path / "mixed.index").exists()
   # Features of another layout (P, C) are refused by search.
   with pytest.raises(features.SignatureMismatchError, match=r"\(P, C\)"):
@@ -253,15 +253,15 @@ def test_failed_build_leaves_nothing_and_keeps_the_old_index(data, tmp_path, mon
 
   monkeypatch.setattr(index_lib.faiss, "write_index", fail)
   with pytest.raises(RuntimeError, match="disk full"):
-    index_lib.build([gallery_npz], out)
+    index_lib.build_index([gallery_npz], out)
   assert not out.exists() and not _leftovers(tmp_path, out.name)
   monkeypatch.undo()
   # A rebuild over an existing index that fails leaves the old one intact.
-  index_lib.build([gallery_npz], out)
+  index_lib.build_index([gallery_npz], out)
   before = index_lib.GalleryIndex(out).search(query, 5)
   monkeypatch.setattr(index_lib.faiss, "write_index", fail)
   with pytest.raises(RuntimeError, match="disk full"):
-    index_lib.build([gallery_npz], out, overwrite=True)
+    index_lib.build_index([gallery_npz], out, overwrite=True)
   for x, y in zip(before, index_lib.GalleryIndex(out).search(query, 5)):
     np.testing.assert_array_equal(x, y)
   assert not _leftovers(tmp_path, out.name)

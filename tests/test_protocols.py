@@ -82,10 +82,7 @@ def test_veri_wild_reports_both_rows_and_veri776_removes_junk():
   rng = np.random.default_rng(1)
   query = _features(rng, rng.integers(0, 6, 15), rng.integers(0, 3, 15))
   gallery = _features(rng, rng.integers(0, 6, 40), rng.integers(0, 3, 40))
-  # Splits as the evaluator hands them over: dicts of arrays.
-  splits = {name: {"feats": f.feats, "areas": f.areas, "vehicle_id": f.ids,
-                   "camera_id": f.cams}
-            for name, f in (("query", query), ("gallery", gallery))}
+  splits = {"query": query, "gallery": gallery}
   rows = protocols.veri_wild(splits, name="veri_wild_small")
   assert set(rows) == {"veri_wild_small/junk_removed", "veri_wild_small/all"}
   _assert_row(rows["veri_wild_small/junk_removed"],
@@ -103,6 +100,7 @@ def test_errors_name_the_problem():
     protocols.query_gallery({"query": {}}, name="veri776")
   with pytest.raises(ValueError, match="remove_junk is fixed"):
     protocols.veri_wild({"query": {}, "gallery": {}}, name="w", remove_junk=False)
-  with pytest.raises(ValueError, match="lacks \\['areas'"):
-    protocols.as_features({"feats": np.zeros((1, 1, 1)), "vehicle_id": [1],
-                           "camera_id": [1]}, "query")
+  with pytest.raises(TypeError, match="splits \\['query', 'gallery'\\] must be "
+                     "saved_features.Features, got \\['dict', 'dict'\\]"):
+    protocols.query_gallery({"query": {"feats": np.zeros((1, 1, 1))}, "gallery": {}},
+                            name="veri776")

@@ -23,7 +23,7 @@ def gallery(tmp_path_factory, loaded):
   root = tmp_path_factory.mktemp("search")
   paths = tools_fixtures.write_images(root / "gallery", 6, seed=3)
   out = root / "gallery.npz"
-  embed.embed(loaded, [str(root / "gallery")], str(out), progress=False)
+  embed.write_features(loaded, [str(root / "gallery")], str(out), progress=False)
   return root, paths, out
 
 

@@ -253,9 +253,9 @@ def test_eval_mode_reproduces_logged_metrics(reference_run, data_dir):
   assert code == 0, out
   again = json.loads((reference_run / f"eval_step_{logged['step']}.json").read_text())
   # Every logged scalar: each protocol row's metrics and the attention scores.
-  expected = evaluator.flat_scalars(logged["results"])
+  expected = evaluator.tensorboard_scalars(logged["results"])
   assert any(k.startswith("attention/") for k in expected)
-  assert evaluator.flat_scalars(again["results"]) == pytest.approx(expected, abs=1e-6)
+  assert evaluator.tensorboard_scalars(again["results"]) == pytest.approx(expected, abs=1e-6)
   assert evaluator.markdown_table(again) in out  # the table is printed too
 
 
@@ -308,7 +308,7 @@ def test_eval_on_another_dataset_needs_only_that_dataset(reference_run, tmp_path
   code, out = _main(reference_run, other, "--mode=eval", "--config.eval.dataset=veri776")
   assert code == 0, out
   got = json.loads((reference_run / "eval_step_32.json").read_text())["results"]["veri776"]
-  loaded = inference.load(reference_run)
+  loaded = inference.load_model(reference_run)
   feats = {}
   for folder in ("image_query", "image_test"):
     names = sorted(n for n in expected if n.startswith(folder))

@@ -121,7 +121,7 @@ def shared_workdir() -> pathlib.Path:
 def shared_model():
   """The shared workdir's model, loaded once so its jitted functions compile once."""
   from musp_jax.serving import inference  # pylint: disable=g-import-not-at-top
-  return inference.load(shared_workdir())
+  return inference.load_model(shared_workdir())
 
 
 @functools.cache

@@ -43,7 +43,7 @@ def label_smoothed_cross_entropy(logits_BxK: jax.Array, labels_B: jax.Array,
   return jnp.mean(optax.softmax_cross_entropy(logits_BxK, targets_BxK))
 
 
-def pairwise_distance(feats_BxC: jax.Array) -> jax.Array:
+def euclidean_distances(feats_BxC: jax.Array) -> jax.Array:
   """Euclidean distances sqrt(max(|x|^2 + |y|^2 - 2 x.y, 1e-12)), (B, B).
 
   The diagonal is set to the clamp exactly: in float32 the expanded form leaves
@@ -70,7 +70,7 @@ def batch_hard_triplet(feats_BxC: jax.Array, labels_B: jax.Array,
   negative), has_neg, and active (the anchor's triplet still violates the
   margin: d_an - d_ap < margin; for the soft margin d_an < d_ap).
   """
-  dist_BxB = pairwise_distance(feats_BxC)
+  dist_BxB = euclidean_distances(feats_BxC)
   same_BxB = labels_B[:, None] == labels_B[None, :]
   # Self is always in `same`, so every anchor has a positive.
   dist_ap_B = jnp.max(jnp.where(same_BxB, dist_BxB, -jnp.inf), axis=1)

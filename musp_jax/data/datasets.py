@@ -177,7 +177,7 @@ def _prepared_builder(name: str, data_dir: str, builder_config: str | None):
   return get_builder(name, data_dir=data_dir, builder_config=builder_config)
 
 
-def _check_split(builder: reid_base.ReIdBuilder, split: str) -> None:
+def _require_split(builder: reid_base.ReIdBuilder, split: str) -> None:
   """Splits are those of the build (VehicleID / VERI-Wild hold the test lists found)."""
   if split not in builder.info.splits:
     raise ValueError(f"Dataset {builder.name} in {builder.data_dir} has splits "
@@ -217,7 +217,7 @@ class ReIdSource(Sequence):
   def tfds_source(self):
     if self._source is None:
       b = _prepared_builder(self.name, self.data_dir, self.builder_config)
-      _check_split(b, self.split)
+      _require_split(b, self.split)
       self._source = b.as_data_source(
           self.split, decoders={k: tfds.decode.SkipDecoding() for k in ENCODED_FEATURES
                                 if k in b.info.features})
@@ -266,7 +266,7 @@ def split_index(name: str, split: str, *, data_dir: str,
   first and last entries are checked against the records.
   """
   b = _prepared_builder(name, data_dir, builder_config)
-  _check_split(b, split)
+  _require_split(b, split)
   try:
     index = b.info.metadata["index"][split]
   except (KeyError, TypeError) as e:

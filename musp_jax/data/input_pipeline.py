@@ -38,7 +38,7 @@ _AUGMENT_STREAM = 1
 _MAX_STEPS = 2**40
 
 
-def _check_split(global_batch_size: int, process_index: int,
+def _local_batch_size(global_batch_size: int, process_index: int,
                  process_count: int) -> int:
   if process_count < 1 or not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must be in "
@@ -139,7 +139,7 @@ def train_dataset(
         f"global_batch_size={global_batch_size} but input.num_ids * "
         f"input.num_instances = {p} * {k} = {p * k}; PK batches need them equal."
     )
-  local = _check_split(global_batch_size, process_index, process_count)
+  local = _local_batch_size(global_batch_size, process_index, process_count)
   sampler = sampling.PKSampler(labels, num_ids=p, num_instances=k, seed=seed)
   transform = augment.TrainTransform.from_config(input_config)
   return grain.MapDataset.range(_MAX_STEPS).map(_TrainBatch(
@@ -196,7 +196,7 @@ def eval_batches(
   on the device (features.embed). `index` is the record's position
   in `source` (global), so gathered rows can be matched to split_index.
   """
-  local = _check_split(batch_size, process_index, process_count)
+  local = _local_batch_size(batch_size, process_index, process_count)
   n = len(source)
   steps = num_eval_batches(n, batch_size)
   transform = augment.TestTransform.from_config(input_config)

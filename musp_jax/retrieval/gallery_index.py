@@ -358,7 +358,7 @@ def _resolve(spec: Spec, num_items: int, parts: int, channels: int) -> dict[str,
 # Building.
 
 
-def build(shards: Sequence[str | os.PathLike], out: str | os.PathLike,
+def build_index(shards: Sequence[str | os.PathLike], out: str | os.PathLike,
           spec: Spec = Spec(), *, overwrite: bool = False) -> pathlib.Path:
   """Builds the index folder `out` from saved-features .npz shards, in order.
 

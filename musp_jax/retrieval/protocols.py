@@ -42,29 +42,17 @@ def _options(eval_config: ml_collections.ConfigDict | None,
   return options
 
 
-def as_features(split: "Features | Mapping[str, np.ndarray]", name: str) -> Features:
-  """A split as `saved_features.Features`; dicts need feats, areas, vehicle_id,
-  camera_id (as written by the evaluator or stored in a features .npz)."""
-  if isinstance(split, Features):
-    return split
-  missing = [k for k in ("feats", "areas", "vehicle_id", "camera_id")
-             if k not in split]
-  if missing:
-    raise ValueError(f"protocols: split {name!r} lacks {missing}; "
-                     f"it has {sorted(split)}")
-  return Features(np.asarray(split["feats"], np.float32),
-                  np.asarray(split["areas"], np.float32),
-                  np.asarray(split["vehicle_id"]), np.asarray(split["camera_id"]),
-                  None if "file_name" not in split else np.asarray(split["file_name"]))
-
-
-def _roles(splits: Mapping[str, "Features | Mapping[str, np.ndarray]"],
-           need: tuple[str, ...], name: str) -> list[Features]:
+def _roles(splits: Mapping[str, Features], need: tuple[str, ...], name: str
+           ) -> list[Features]:
   missing = [r for r in need if r not in splits]
   if missing:
     raise ValueError(f"protocols: {name} needs splits {list(need)}, missing {missing} "
                      f"(got {sorted(splits)})")
-  return [as_features(splits[r], r) for r in need]
+  wrong = [r for r in need if not isinstance(splits[r], Features)]
+  if wrong:
+    raise TypeError(f"protocols: {name}'s splits {wrong} must be saved_features.Features, "
+                    f"got {[type(splits[r]).__name__ for r in wrong]}")
+  return [splits[r] for r in need]
 
 
 def query_gallery(splits, *, name: str, eval_config=None,

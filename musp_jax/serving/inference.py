@@ -5,13 +5,14 @@ checkpoint's weights with `checkpointing.load_variables` (its run config and cla
 count come with it), rebuild the model, then turn image files into L2-normalised
 per-branch features and areas with `features.embed` (SPEC section 4).
 
-    loaded = inference.load("workdirs/demo")                       # latest step
-    loaded = inference.load("workdirs/demo/checkpoints/120")       # a step folder
+    loaded = inference.load_model("workdirs/demo")                       # latest step
+    loaded = inference.load_model("workdirs/demo/checkpoints/120")       # a step folder
     feats = inference.embed_files(loaded, inference.list_images(["photos/"]))
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import os
@@ -70,7 +71,7 @@ class LoadedModel:
     return dataclasses.replace(self, config=config)
 
 
-def load(path: str | os.PathLike, *, step: int | None = None) -> LoadedModel:
+def load_model(path: str | os.PathLike, *, step: int | None = None) -> LoadedModel:
   """Restores a model for inference from a workdir (default: its latest step) or a
   step folder <workdir>/checkpoints/<step>."""
   restored = checkpointing.load_variables(path, step=step)
@@ -85,6 +86,20 @@ def load(path: str | os.PathLike, *, step: int | None = None) -> LoadedModel:
       weights=features.weights_fingerprint(restored.variables))
   return LoadedModel(config=config, model=model, variables=restored.variables,
                      step=restored.step, source=restored.source, signature=signature)
+
+
+def add_model_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+  """--workdir / --checkpoint / --step, shared by the tools."""
+  group = parser.add_mutually_exclusive_group(required=required)
+  group.add_argument("--workdir", help="Training workdir (with checkpoints/).")
+  group.add_argument("--checkpoint", help="A step folder <workdir>/checkpoints/<step>.")
+  parser.add_argument("--step", type=int, default=None,
+                      help="With --workdir: the checkpoint step (default: latest).")
+
+
+def model_from_args(args: argparse.Namespace) -> LoadedModel:
+  """The model named by `add_model_args`' arguments."""
+  return load_model(args.workdir or args.checkpoint, step=args.step)
 
 
 # --------------------------------------------------------------------------

@@ -13,7 +13,7 @@ cell, the fraction of that region each class covers (`class_fractions`).
 
 With A (N images, h, w, n maps; the last is the background prototype, maps sum
 to 1 at each cell) and G (N, h, w, C class fractions, summing to 1 at each
-cell), sums running over images and cells (`attention_scores`):
+cell), sums running over images and cells (`score_maps`):
 
   area[k]           mean of A_k: the share of the image map k takes.
   mass_share[k, c]  sum A_k G_c / sum A_k: the share of map k's attention mass
@@ -99,7 +99,7 @@ def decode_mask(data: bytes, *, where: str) -> np.ndarray:
   return mask
 
 
-def attention_scores(attention_NxHxWxK: np.ndarray, fractions_NxHxWxC: np.ndarray
+def score_maps(attention_NxHxWxK: np.ndarray, fractions_NxHxWxC: np.ndarray
                      ) -> dict[str, Any]:
   """The scores of the module docstring, as numpy arrays and floats.
 
@@ -184,7 +184,7 @@ def to_row(scores: dict[str, Any], num_images: int) -> dict[str, Any]:
   }
 
 
-def flat_scalars(row: dict[str, Any]) -> dict[str, float]:
+def attention_scalars(row: dict[str, Any]) -> dict[str, float]:
   """TensorBoard scalars of a row: summaries and each map's main scores."""
   out = {f"attention/{k}": float(row[k]) for k in SUMMARY if row.get(k) is not None}
   for p in row["prototypes"]:
@@ -239,4 +239,4 @@ def score_splits(maps_NxHxWxK: np.ndarray,
     for i in range(len(source)):
       mask = decode_mask(source[i][MASK_KEY], where=f"record {i}")
       fractions.append(class_fractions(mask, maps_NxHxWxK.shape[1:3]))
-  return to_row(attention_scores(maps_NxHxWxK, np.stack(fractions)), len(maps_NxHxWxK))
+  return to_row(score_maps(maps_NxHxWxK, np.stack(fractions)), len(maps_NxHxWxK))

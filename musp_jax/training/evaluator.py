@@ -96,7 +96,7 @@ def split_features(model, variables, config: ml_collections.ConfigDict, mesh
   return target, out
 
 
-def evaluate(model, variables, config: ml_collections.ConfigDict, mesh) -> dict:
+def evaluate_model(model, variables, config: ml_collections.ConfigDict, mesh) -> dict:
   """Evaluates on config.eval.dataset (default: the training dataset) by its protocol."""
   target, splits = split_features(model, variables, config, mesh)
   rows = target.run_protocol(splits, config.eval)
@@ -116,11 +116,11 @@ def primary_map(rows: dict) -> float:
   return float(next(iter(rows.values()))["mAP"])
 
 
-def flat_scalars(rows: dict) -> dict[str, float]:
+def tensorboard_scalars(rows: dict) -> dict[str, float]:
   out = {f"eval/{name}/{k}": float(row[k]) for name, row in rows.items()
          for k in ROW_METRICS if k in row}
   if attention_scores.ROW in rows:
-    out.update(attention_scores.flat_scalars(rows[attention_scores.ROW]))
+    out.update(attention_scores.attention_scalars(rows[attention_scores.ROW]))
   return out
 
 

@@ -178,7 +178,7 @@ def attention_parts_figure(images: Sequence[np.ndarray], masks: Sequence[np.ndar
   fig = _figure(b, n + 2, max(1.0, w / h))
   axes = fig.subplots(b, n + 2, squeeze=False)
   for r, (img, mask) in enumerate(zip(shown, masks)):
-    scores = attention_scores.attention_scores(
+    scores = attention_scores.score_maps(
         attention_BxHxWxN[r:r + 1],
         attention_scores.class_fractions(mask, (h, w))[None])
     for c, ax in enumerate(axes[r]):

@@ -273,9 +273,9 @@ def _resume(manager, state, config, model, tx, state_sharding, *, total_steps: i
 def _evaluate(model, state, config, mesh, writer, step: int, steps_per_epoch: int,
               workdir: epath.Path) -> dict:
   """Evaluates, logs scalars and the attention grid, writes the results files."""
-  rows = evaluator.evaluate(model, state.variables, config, mesh)
+  rows = evaluator.evaluate_model(model, state.variables, config, mesh)
   results = {"step": step, "epoch": step / steps_per_epoch, "results": rows}
-  writer.write_scalars(step, evaluator.flat_scalars(rows))
+  writer.write_scalars(step, evaluator.tensorboard_scalars(rows))
   if config.model.head == "musp" and jax.process_index() == 0:
     grid = model_pictures.eval_attention_grid(model, state.variables, config)
     writer.write_images(step, {"attention": grid[None]})
@@ -320,7 +320,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
     variables = jax.device_put(weights.load_init(state_lib.init_variables(
         model, config.input.image_size, config.seed), config.model.init_from), replicated)
     done = 0
-  rows = evaluator.evaluate(model, variables, config, mesh)
+  rows = evaluator.evaluate_model(model, variables, config, mesh)
   results = {"step": done, "results": rows}
   if unwritable:
     return {**results, "not_written": f"{workdir} is not writable ({unwritable})"}
