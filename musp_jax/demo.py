@@ -44,7 +44,8 @@ def reference_rows(config, mesh) -> tuple[dict, dict | None]:
   from musp_jax.training import attention_scores  # pylint: disable=g-import-not-at-top
   from musp_jax.data import datasets  # pylint: disable=g-import-not-at-top
   from musp_jax.training import evaluator  # pylint: disable=g-import-not-at-top
-  from musp_jax.retrieval import saved_features
+  from musp_jax.retrieval import protocols  # pylint: disable=g-import-not-at-top
+  from musp_jax.retrieval import saved_features  # pylint: disable=g-import-not-at-top
   from musp_jax.core import state  # pylint: disable=g-import-not-at-top
   from musp_jax.models import build_model  # pylint: disable=g-import-not-at-top
 
@@ -59,7 +60,8 @@ def reference_rows(config, mesh) -> tuple[dict, dict | None]:
     index = datasets.split_index(target.name, split, **kw)
     pixels[role] = saved_features.Features(raw["feats"], raw["areas"], index["vehicle_id"],
                                       index["camera_id"])
-  pixel_rows = target.run_protocol(pixels, config.eval)
+  pixel_rows = protocols.run(target.protocol, pixels, name=target.row_name,
+                             eval_config=config.eval)
   return ({"random weights": next(iter(random_rows.values())),
            "raw-pixel NN": next(iter(pixel_rows.values()))},
           random_rows.get(attention_scores.ROW))

@@ -29,9 +29,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import ml_collections
+
 from musp_jax.data import datasets
 from musp_jax.core import features
 from musp_jax.runtime import writing
+from musp_jax.retrieval import protocols
 from musp_jax.retrieval import ranking
 from musp_jax.retrieval import saved_features
 
@@ -54,15 +57,14 @@ def run_protocol(name: str, splits: dict[str, saved_features.Features], *, size:
                  options: dict[str, Any], trials: int, seed: int
                  ) -> dict[str, dict[str, float]]:
   """The one call into the dataset table's protocols ({row name: row})."""
-  from configs import common  # pylint: disable=g-import-not-at-top
-  eval_config = common.get_config().eval
-  eval_config.distance = options.pop("distance")
-  eval_config.rerank = options.pop("rerank")
-  eval_config.query_block = options.pop("query_block")
-  eval_config.vehicleid_trials = trials
-  eval_config.vehicleid_seed = seed
-  return datasets.spec(name).protocol(splits, name=f"{name}_{size}" if size else name,
-                                     eval_config=eval_config, **options)
+  # The fields of a run config's `eval` section that the protocols read.
+  eval_config = ml_collections.ConfigDict(dict(
+      distance=options.pop("distance"), rerank=options.pop("rerank"),
+      query_block=options.pop("query_block"), vehicleid_trials=trials,
+      vehicleid_seed=seed))
+  return protocols.run(datasets.spec(name).protocol, splits,
+                       name=f"{name}_{size}" if size else name, eval_config=eval_config,
+                       **options)
 
 
 def evaluate_files(*, query: str | None = None, gallery: str | None = None,

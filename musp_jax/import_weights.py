@@ -22,10 +22,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from configs import common
 from musp_jax.runtime import writing
 from musp_jax.runtime import process
-from musp_jax.models import build_model
+from musp_jax.models import musp
 from musp_jax.models import resnet
 from musp_jax.models import weights
 
@@ -60,10 +59,12 @@ def convert_musp(path: str) -> tuple[dict[str, Any], dict]:
   state_dict = weights.load_state_dict(path)
   shapes = weights.musp_checkpoint_shapes(state_dict, what=path)
   num_classes = shapes.pop("num_classes")
-  model_config = common.get_config().model
-  model_config.update(shapes)
   _log(f"MUSP model: {dict(shapes)}, {num_classes} classes")
-  model = build_model(model_config, num_classes)
+  # The shapes fix every parameter; what they cannot tell (softmax attention, the value
+  # map's mean as the global feature) is the official head's, MUSPHead's defaults.
+  head_fields = {k: v for k, v in shapes.items() if k != "depth"}
+  model = musp.ReIDModel(backbone=resnet.ResNet(shapes["depth"]),
+                         head=musp.MUSPHead(num_classes, **head_fields))
   template = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros(_PROBE_SHAPE)))
   variables = weights.import_musp(state_dict, template, what=path)

@@ -14,6 +14,7 @@ from musp_jax.training import evaluator
 from musp_jax.core import features
 from musp_jax.data import augment
 from musp_jax.runtime import process
+from tfds_builders.synthetic_vehicles import render
 
 
 def test_class_fractions_average_each_cells_region_exactly():
@@ -32,7 +33,7 @@ def test_class_fractions_average_each_cells_region_exactly():
   np.testing.assert_array_equal(am.class_fractions(big, (2, 2), num_classes=4),
                                 np.eye(4)[[[0, 1], [2, 3]]])
   with pytest.raises(ValueError, match="class 7"):
-    am.class_fractions(np.full((4, 4), 7), (2, 2))
+    am.class_fractions(np.full((4, 4), 7), (2, 2), num_classes=7)
 
 
 # Two images on a 2 x 2 grid, classes (background, body, lamps) one per cell; the vehicle
@@ -86,7 +87,7 @@ def test_uniform_maps_and_a_dead_background():
   dead = np.concatenate([np.full((2, 2, 2, 2), 0.5), np.zeros((2, 2, 2, 1))], -1)
   s = am.score_maps(dead, FRACTIONS)
   assert math.isnan(s["background_on_background"]) and s["background_taken"] == 0.0
-  row = am.to_row(s, num_images=2)
+  row = am.to_row(s, num_images=2, classes=("background", "body", "lamps"))
   assert row["background_on_background"] is None
   json.dumps(row, allow_nan=False)  # valid JSON
   scalars = am.attention_scalars(row)
@@ -117,7 +118,7 @@ def test_model_scores_on_a_split_match_a_direct_computation():
   sources = [list(query)[:5], list(gallery)[:6]]  # 5 + 6 images in batches of 8: padded
   assert am.has_part_masks(sources) and not am.has_part_masks([[{"image": b""}]])
   row = evaluator.attention_row(loaded.model, loaded.variables, sources, config,
-                                process.make_mesh())
+                                process.make_mesh(), classes=render.PART_CLASSES)
 
   records = sources[0] + sources[1]
   pixels = np.stack([augment.resize(augment.decode(r["image"]), tuple(config.input.image_size))
@@ -127,12 +128,13 @@ def test_model_scores_on_a_split_match_a_direct_computation():
   fractions = []
   for r in records:
     mask = cv2.imdecode(np.frombuffer(r["part_mask"], np.uint8), cv2.IMREAD_GRAYSCALE)
-    onehot = np.eye(len(am.PART_CLASSES), dtype=np.float32)[mask]
+    onehot = np.eye(len(render.PART_CLASSES), dtype=np.float32)[mask]
     h, w = attention.shape[1:3]
     # OpenCV's area interpolation is the exact area average when shrinking.
     fractions.append(np.stack([cv2.resize(onehot[..., c], (w, h), interpolation=cv2.INTER_AREA)
                                for c in range(onehot.shape[-1])], -1))
-  expected = am.to_row(am.score_maps(attention, np.stack(fractions)), len(records))
+  expected = am.to_row(am.score_maps(attention, np.stack(fractions)), len(records),
+                      render.PART_CLASSES)
   assert row["num_images"] == 11
   flat, flat_expected = am.attention_scalars(row), am.attention_scalars(expected)
   assert flat.keys() == flat_expected.keys()

@@ -170,3 +170,10 @@ def test_reading_needs_no_tensorflow(data_dir):
       f"datasets.split_index({NAME!r}, 'gallery', data_dir={data_dir!r}, builder_config='tiny')\n"
       "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'\n")
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_part_classes_come_from_the_builder():
+  from tfds_builders.synthetic_vehicles import render  # pylint: disable=g-import-not-at-top
+  assert datasets.part_classes("synthetic_vehicles") == render.PART_CLASSES
+  assert datasets.part_classes("synthetic_vehicles")[0] == "background"
+  assert datasets.part_classes("veri776") == ()

@@ -45,7 +45,7 @@ def test_attention_beside_the_ground_truth_part_map():
   attention[:, :2, :, 0] = 1.0
   attention[:, 2:, :, 1] = 1.0
   fig = figures.attention_parts_figure([d.image for d in drawn], [d.mask for d in drawn],
-                                         attention, ["a", "b"])
+                                       attention, render.PART_CLASSES, ["a", "b"])
   axes = np.asarray(fig.axes).reshape(2, 4)
   for row, d in zip(axes, drawn):
     top, bottom = d.mask[:64], d.mask[64:]

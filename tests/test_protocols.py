@@ -104,3 +104,10 @@ def test_errors_name_the_problem():
                      "saved_features.Features, got \\['dict', 'dict'\\]"):
     protocols.query_gallery({"query": {"feats": np.zeros((1, 1, 1))}, "gallery": {}},
                             name="veri776")
+
+
+def test_every_dataset_names_a_protocol_that_exists():
+  from musp_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  assert {d.protocol for d in datasets.DATASETS.values()} == set(protocols.PROTOCOLS)
+  with pytest.raises(ValueError, match="Unknown protocol 'market'"):
+    protocols.run("market", {}, name="m")

@@ -19,13 +19,12 @@ import dataclasses
 import importlib
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from musp_jax.retrieval import protocols
 from tfds_builders import reid_base
 
 
@@ -36,22 +35,23 @@ class Dataset:
   manual_download: bool  # built from a licensed download (--manual_dir)
   # Protocol role -> split name; "{n}" is the test size's number (builder.TEST_SIZES).
   eval_splits: Mapping[str, str]
-  protocol: Callable[..., dict]  # musp_jax.protocols.<protocol>
+  # Its evaluation protocol, by name (musp_jax/retrieval/protocols.py, PROTOCOLS).
+  protocol: str
 
 
 DATASETS: dict[str, Dataset] = {
     "veri776": Dataset(
         "tfds_builders.veri776.veri776_dataset_builder", True,
-        {"query": "query", "gallery": "gallery"}, protocols.query_gallery),
+        {"query": "query", "gallery": "gallery"}, "query_gallery"),
     "vehicle_id": Dataset(
         "tfds_builders.vehicle_id.vehicle_id_dataset_builder", True,
-        {"test": "test_{n}"}, protocols.vehicle_id),
+        {"test": "test_{n}"}, "vehicle_id"),
     "veri_wild": Dataset(
         "tfds_builders.veri_wild.veri_wild_dataset_builder", True,
-        {"query": "query_{n}", "gallery": "gallery_{n}"}, protocols.veri_wild),
+        {"query": "query_{n}", "gallery": "gallery_{n}"}, "veri_wild"),
     "synthetic_vehicles": Dataset(
         "tfds_builders.synthetic_vehicles.synthetic_vehicles_dataset_builder", False,
-        {"query": "query", "gallery": "gallery"}, protocols.query_gallery),
+        {"query": "query", "gallery": "gallery"}, "query_gallery"),
 }
 INDEX_KEYS = reid_base.INDEX_KEYS
 # Encoded image features, read as their bytes (never decoded by TFDS).
@@ -78,18 +78,21 @@ def test_sizes(name: str) -> dict[str, int]:
   return dict(getattr(builder_class(name), "TEST_SIZES", {}))
 
 
+def part_classes(name: str) -> tuple[str, ...]:
+  """The names of the values of a dataset's ground-truth part masks (0: background);
+  () for a dataset without part masks."""
+  return tuple(getattr(builder_class(name), "PART_CLASSES", ()))
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalSet:
-  """What evaluation reads: a dataset, its build, the protocol's splits, a row name."""
+  """What evaluation reads: a dataset, its build, the protocol's splits and name, a row
+  name."""
   name: str
   builder_config: str
   splits: dict[str, str]  # protocol role -> split
   row_name: str
-
-  def run_protocol(self, features_by_role: Mapping[str, Any], eval_config=None,
-                   **overrides) -> dict[str, dict[str, float]]:
-    return spec(self.name).protocol(features_by_role, name=self.row_name,
-                                    eval_config=eval_config, **overrides)
+  protocol: str  # the dataset's protocol (Dataset.protocol)
 
 
 def eval_set(config: Any) -> EvalSet:
@@ -105,12 +108,12 @@ def eval_set(config: Any) -> EvalSet:
     builder_config = cls.DEFAULT_CONFIG_NAME if cls.BUILDER_CONFIGS else ""
   sizes = test_sizes(name)
   if not sizes:
-    return EvalSet(name, builder_config, dict(row.eval_splits), name)
+    return EvalSet(name, builder_config, dict(row.eval_splits), name, row.protocol)
   size = config.eval.test_size
   if size not in sizes:
     raise ValueError(f"eval.test_size={size!r}; {name} has test sizes {list(sizes)}.")
   splits = {role: split.format(n=sizes[size]) for role, split in row.eval_splits.items()}
-  return EvalSet(name, builder_config, splits, f"{name}_{size}")
+  return EvalSet(name, builder_config, splits, f"{name}_{size}", row.protocol)
 
 
 def config_names(name: str) -> tuple[str, ...]:

@@ -4,8 +4,8 @@ Every protocol has the same signature, `protocol(splits, *, name, eval_config,
 **overrides)`: `splits` maps the protocol's roles ("query" and "gallery", or "test")
 to the extracted features, `name` prefixes the rows, and the result is {row name: row},
 a row being the flat scalars of `ranking.result_row` (mAP, CMC@1/5/10, mINP,
-num_queries). The dataset table (musp_jax.datasets.DATASETS) says which protocol and
-which splits each dataset uses:
+num_queries). The dataset table (musp_jax/data/datasets.py, DATASETS) names each
+dataset's protocol and the splits it reads; `run` calls a protocol by that name:
 
   query_gallery   "<name>"                junk = same id and camera (VeRi-776, synthetic)
   vehicle_id      "<name>/random10"       per id one random image is the gallery, the
@@ -120,3 +120,15 @@ def veri_wild(splits, *, name: str, eval_config=None,
       f"{name}/all": ranking.result_row(
           ranking.evaluate(query, gallery, remove_junk=False, **options)),
   }
+
+
+PROTOCOLS = {"query_gallery": query_gallery, "vehicle_id": vehicle_id, "veri_wild": veri_wild}
+
+
+def run(protocol: str, splits: Mapping[str, Features], *, name: str,
+        eval_config: ml_collections.ConfigDict | None = None,
+        **overrides) -> dict[str, dict[str, float]]:
+  """The protocol named `protocol` (a dataset's, musp_jax/data/datasets.py) on `splits`."""
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"Unknown protocol {protocol!r}; expected one of {sorted(PROTOCOLS)}.")
+  return PROTOCOLS[protocol](splits, name=name, eval_config=eval_config, **overrides)

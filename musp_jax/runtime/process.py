@@ -34,7 +34,6 @@ from absl import flags
 from absl import logging
 from etils import epath
 
-from musp_jax import distributed
 
 
 def hide_gpus_from_tensorflow() -> None:
@@ -71,7 +70,31 @@ def configure_jax(config: Any) -> None:
     jax.config.update("jax_compilation_cache_dir",
                       str(epath.Path(config.compilation_cache_dir).expanduser()))
   if config.distributed and not jax.distributed.is_initialized():
-    distributed.initialize()
+    initialize_distributed()
+
+
+ENV_ADDRESS = "JAX_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAX_PROCESS_ID"
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
+  """`jax.distributed.initialize` with arguments, environment variables or auto-detection."""
+  coordinator_address = coordinator_address or os.environ.get(ENV_ADDRESS)
+  if num_processes is None and ENV_NUM_PROCESSES in os.environ:
+    num_processes = int(os.environ[ENV_NUM_PROCESSES])
+  if process_id is None and ENV_PROCESS_ID in os.environ:
+    process_id = int(os.environ[ENV_PROCESS_ID])
+  given = (coordinator_address, num_processes, process_id)
+  if any(v is not None for v in given) and any(v is None for v in given):
+    raise ValueError(
+        f"Multi-process start-up needs all of {ENV_ADDRESS}, {ENV_NUM_PROCESSES} and "
+        f"{ENV_PROCESS_ID} (or arguments); got address={coordinator_address!r}, "
+        f"num_processes={num_processes!r}, process_id={process_id!r}.")
+  # With nothing given, JAX detects SLURM / Open MPI / TPU environments itself.
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
 
 
 def setup(config: Any = None) -> None:

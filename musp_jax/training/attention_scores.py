@@ -1,7 +1,8 @@
 """MUSP attention maps scored against ground-truth part masks.
 
-The synthetic vehicles come with a label map per image (render.PART_CLASSES:
-background, body, lamps, wheels, windows, roof item, sticker/stripe), so what
+The synthetic vehicles come with a label map per image (their builder's PART_CLASSES,
+musp_jax/data/datasets.py `part_classes`: background, body, lamps, wheels, windows,
+roof item, sticker/stripe; class 0 is always the background), so what
 the paper could only show in pictures (Figures 1, 3, 5: the soft partition finds
 the vehicle, separates its parts, the background prototype takes the background)
 can be measured.
@@ -51,8 +52,6 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from tfds_builders.synthetic_vehicles.render import PART_CLASSES
-
 ROW = "attention vs part masks"  # the name of the scores' entry among the result rows
 MASK_KEY = "part_mask"  # the record field holding the PNG label map
 DEAD_AREA = 1e-3  # a map with less than this share of the image counts as dead
@@ -71,7 +70,7 @@ def _overlap_matrix(size: int, cells: int) -> np.ndarray:
 
 
 def class_fractions(mask_HxW: np.ndarray, grid_hw: tuple[int, int],
-                    num_classes: int = len(PART_CLASSES)) -> np.ndarray:
+                    num_classes: int) -> np.ndarray:
   """(h, w, C) float32: per map cell, the fraction of its image region in each class.
 
   Exact area averaging of the one-hot label map over each cell's region (cells
@@ -82,7 +81,7 @@ def class_fractions(mask_HxW: np.ndarray, grid_hw: tuple[int, int],
     raise ValueError(f"Label map must be (H, W), got shape {mask_HxW.shape}.")
   if mask_HxW.size and mask_HxW.max() >= num_classes:
     raise ValueError(f"Label map holds class {int(mask_HxW.max())}; expected values "
-                     f"below {num_classes} ({', '.join(PART_CLASSES)}).")
+                     f"below {num_classes}, the dataset's number of part classes.")
   h, w = grid_hw
   onehot_HxWxC = np.eye(num_classes, dtype=np.float64)[mask_HxW]
   rows_hxH = _overlap_matrix(mask_HxW.shape[0], h)
@@ -154,9 +153,10 @@ def _clean(x: float) -> float | None:
   return None if math.isnan(x) else float(x)
 
 
-def to_row(scores: dict[str, Any], num_images: int) -> dict[str, Any]:
+def to_row(scores: dict[str, Any], num_images: int, classes: Sequence[str]
+           ) -> dict[str, Any]:
   """JSON-ready scores: summaries, then one entry per map (undefined values: None;
-  a map whose area is below DEAD_AREA has no shares)."""
+  a map whose area is below DEAD_AREA has no shares); `classes` names the classes."""
   n = len(scores["area"])
   prototypes = []
   for k in range(n):
@@ -166,11 +166,11 @@ def to_row(scores: dict[str, Any], num_images: int) -> dict[str, Any]:
         "area": float(scores["area"][k]),
         "background_share": float(scores["background_share"][k]) if alive else None,
         "vehicle_share": float(scores["vehicle_share"][k]) if alive else None,
-        "best_part": PART_CLASSES[int(scores["best_part"][k])],
+        "best_part": classes[int(scores["best_part"][k])],
         "best_iou": float(scores["iou"][k, scores["best_part"][k]]),
         "image_dependence": float(scores["image_dependence"][k]),
-        "mass_share": dict(zip(PART_CLASSES, map(float, scores["mass_share"][k]))),
-        "iou": dict(zip(PART_CLASSES, map(float, scores["iou"][k]))),
+        "mass_share": dict(zip(classes, map(float, scores["mass_share"][k]))),
+        "iou": dict(zip(classes, map(float, scores["iou"][k]))),
     })
   return {
       "num_images": int(num_images),
@@ -231,12 +231,13 @@ def has_part_masks(sources: Sequence[Sequence[dict[str, Any]]]) -> bool:
   return all(len(s) and MASK_KEY in s[0] for s in sources)
 
 
-def score_splits(maps_NxHxWxK: np.ndarray,
-                 sources: Sequence[Sequence[dict[str, Any]]]) -> dict[str, Any]:
-  """Scores the maps of every record of the splits, in order (JSON-ready, `to_row`)."""
+def score_splits(maps_NxHxWxK: np.ndarray, sources: Sequence[Sequence[dict[str, Any]]],
+                 classes: Sequence[str]) -> dict[str, Any]:
+  """Scores the maps of every record of the splits, in order (JSON-ready, `to_row`);
+  `classes` names the values of the records' label maps."""
   fractions = []
   for source in sources:
     for i in range(len(source)):
       mask = decode_mask(source[i][MASK_KEY], where=f"record {i}")
-      fractions.append(class_fractions(mask, maps_NxHxWxK.shape[1:3]))
-  return to_row(score_maps(maps_NxHxWxK, np.stack(fractions)), len(maps_NxHxWxK))
+      fractions.append(class_fractions(mask, maps_NxHxWxK.shape[1:3], len(classes)))
+  return to_row(score_maps(maps_NxHxWxK, np.stack(fractions)), len(maps_NxHxWxK), classes)

@@ -23,6 +23,7 @@ from musp_jax.training import attention_scores
 from musp_jax.data import datasets
 from musp_jax.core import features
 from musp_jax.data import input_pipeline
+from musp_jax.retrieval import protocols
 from musp_jax.retrieval import saved_features
 
 ROW_METRICS = ("mAP", "CMC@1", "CMC@5", "CMC@10", "mINP")
@@ -70,14 +71,14 @@ def extract_features(model, variables, source, config: ml_collections.ConfigDict
   return {"feats": feats, "areas": areas}
 
 
-def attention_row(model, variables, sources, config: ml_collections.ConfigDict, mesh
-                  ) -> dict:
+def attention_row(model, variables, sources, config: ml_collections.ConfigDict, mesh, *,
+                  classes: tuple[str, ...]) -> dict:
   """A MUSP model's attention on the splits' images, scored against their ground-truth
-  part masks (attention_metrics; JSON-ready)."""
+  part masks, whose values `classes` names (attention_scores; JSON-ready)."""
   attention_fn = features.jitted_attention(model, config.input.normalize)
   maps = [apply_to_split(attention_fn, variables, source, config, mesh, desc="attention")[0]
           for source in sources]
-  return attention_scores.score_splits(np.concatenate(maps), sources)
+  return attention_scores.score_splits(np.concatenate(maps), sources, classes)
 
 
 def split_features(model, variables, config: ml_collections.ConfigDict, mesh
@@ -99,7 +100,8 @@ def split_features(model, variables, config: ml_collections.ConfigDict, mesh
 def evaluate_model(model, variables, config: ml_collections.ConfigDict, mesh) -> dict:
   """Evaluates on config.eval.dataset (default: the training dataset) by its protocol."""
   target, splits = split_features(model, variables, config, mesh)
-  rows = target.run_protocol(splits, config.eval)
+  rows = protocols.run(target.protocol, splits, name=target.row_name,
+                       eval_config=config.eval)
   # Attention maps scored against ground-truth part masks, for datasets that have them
   # (synthetic_vehicles): one more row, musp_jax/attention_scores.py.
   if config.model.head == "musp":
@@ -107,7 +109,9 @@ def evaluate_model(model, variables, config: ml_collections.ConfigDict, mesh) ->
     sources = [datasets.load_split(target.name, split, **kw)
                for split in target.splits.values()]
     if attention_scores.has_part_masks(sources):
-      rows[attention_scores.ROW] = attention_row(model, variables, sources, config, mesh)
+      rows[attention_scores.ROW] = attention_row(
+          model, variables, sources, config, mesh,
+          classes=datasets.part_classes(target.name))
   return rows
 
 

@@ -29,7 +29,7 @@ from musp_jax.runtime import writing
 from musp_jax.training import attention_scores
 
 DISPLAY_HEIGHT = 128  # pixels of each picture cell
-# Display colours of the ground-truth classes (attention_scores.PART_CLASSES order).
+# Display colours of the ground-truth part classes, in their order (class 0: background).
 CLASS_COLORS = ("#000000", "#9e9e9e", "#ffd600", "#1e40ff", "#00e5ff", "#e53935",
                 "#ff40ff")
 MATCH, NON_MATCH, QUERY = "#1a9850", "#d73027", "#2166ac"
@@ -161,7 +161,7 @@ def part_map_image(mask_HxW: np.ndarray) -> np.ndarray:
 
 
 def attention_parts_figure(images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
-                           attention_BxHxWxN: np.ndarray,
+                           attention_BxHxWxN: np.ndarray, classes: Sequence[str],
                            names: Sequence[str] | None = None) -> Figure:
   """Per row: the image, its ground-truth part map, then each map over the image.
 
@@ -180,7 +180,7 @@ def attention_parts_figure(images: Sequence[np.ndarray], masks: Sequence[np.ndar
   for r, (img, mask) in enumerate(zip(shown, masks)):
     scores = attention_scores.score_maps(
         attention_BxHxWxN[r:r + 1],
-        attention_scores.class_fractions(mask, (h, w))[None])
+        attention_scores.class_fractions(mask, (h, w), len(classes))[None])
     for c, ax in enumerate(axes[r]):
       ax.set_xticks([])
       ax.set_yticks([])
@@ -196,8 +196,8 @@ def attention_parts_figure(images: Sequence[np.ndarray], masks: Sequence[np.ndar
                   else f"{100 * scores['vehicle_share'][k]:.0f}% on vehicle")
         _map_panel(ax, img, attention_BxHxWxN[r, :, :, k], k, n, scores["area"][k], detail)
   fig.legend(handles=[patches.Patch(color=col, label=name) for col, name in
-                      zip(CLASS_COLORS, attention_scores.PART_CLASSES)],
-             loc="lower center", ncol=len(CLASS_COLORS), fontsize=9, frameon=False)
+                      zip(CLASS_COLORS, classes)],
+             loc="lower center", ncol=len(classes), fontsize=9, frameon=False)
   fig.suptitle("Attention maps beside the ground-truth part map; % of the image, and "
                "of each map's mass on the vehicle", fontsize=11)
   fig.tight_layout(rect=(0, 0.04, 1, 1))

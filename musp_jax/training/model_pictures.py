@@ -127,7 +127,9 @@ def attention_parts_picture(loaded: Any, out: str, *,
            for r, n in zip(records, where)]
   attention = _attention(loaded.model, loaded.variables, loaded.config,
                          _attention_inputs(loaded.config, images))
-  return figures.save_figure(figures.attention_parts_figure(images, masks, attention, where), out)
+  classes = datasets.part_classes(datasets.eval_set(loaded.config).name)
+  return figures.save_figure(
+      figures.attention_parts_figure(images, masks, attention, classes, where), out)
 
 
 # --------------------------------------------------------------------------
