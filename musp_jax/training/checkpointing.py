@@ -11,9 +11,7 @@ Each saved step holds three items:
 The latest `keep` steps are kept, and the best step by mAP is kept as well.
 
 `load_variables` is the one way to get a model's weights out of a checkpoint: it
-restores params and batch_stats only (no optimizer state). Steps written before `run`
-existed hold `model` (the model config) instead; they are read with their workdir's
-config.json and the class count is taken from the classifier's shape.
+restores params and batch_stats only (no optimizer state).
 
 A step whose files are missing or unreadable (a truncated array file, a deleted
 `_METADATA`, a lost item) is corrupt, which is not the same as a step of another
@@ -42,7 +40,6 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 from musp_jax import models
 
 METRIC = "mAP"
-_LEGACY_MODEL_ITEM = "model"
 
 
 class CheckpointMismatchError(ValueError):
@@ -114,8 +111,7 @@ def _manager(directory, options, state_handler) -> ocp.CheckpointManager:
       epath.Path(os.path.abspath(os.path.expanduser(directory))), options=options,
       item_handlers={"state": state_handler,
                      "data": ocp.JsonCheckpointHandler(),
-                     "run": ocp.JsonCheckpointHandler(),
-                     _LEGACY_MODEL_ITEM: ocp.JsonCheckpointHandler()})
+                     "run": ocp.JsonCheckpointHandler()})
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, *,
@@ -147,12 +143,9 @@ def resolve_step(manager: ocp.CheckpointManager, step: int | None) -> int:
 
 
 def saved_model_config(manager: ocp.CheckpointManager, step: int) -> dict:
-  """The model config a step was written with (`run`, or a legacy `model` item)."""
-  if (manager.directory / str(step) / "run").exists():
-    run = manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
-    return run["config"]["model"]
-  return manager.restore(step, args=ocp.args.Composite(
-      **{_LEGACY_MODEL_ITEM: ocp.args.JsonRestore()}))[_LEGACY_MODEL_ITEM]
+  """The model config a step was written with (its `run` item)."""
+  run = manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
+  return run["config"]["model"]
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, *,
@@ -207,10 +200,10 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any
 def _check_intact(step_dir: epath.Path, items: tuple[str, ...]) -> None:
   """Raises CheckpointCorruptError naming the first missing file of a step folder.
 
-  `items` must be present, and `run` (or a legacy step's `model`) with them.
+  `items` must be present, and `run` with them.
   """
   missing = None
-  if not (step_dir / "run").exists() and not (step_dir / _LEGACY_MODEL_ITEM).exists():
+  if not (step_dir / "run").exists():
     missing = "run/ (what the model is)"
   for item in items:
     if missing is None and not (step_dir / item).is_dir():
@@ -367,35 +360,9 @@ def _load_step(manager: ocp.CheckpointManager, step: int,
 
 
 def _run_info(manager: ocp.CheckpointManager, step: int, where: epath.Path) -> RunInfo:
-  if (where / "run").exists():
-    with _reading(step, str(where)):
-      return RunInfo.from_json(manager.restore(
-          step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"])
-  # A step written before `run` existed: the workdir's config.json and the shapes.
-  config_path = where.parent.parent / "config.json"
-  if not config_path.exists():
-    raise FileNotFoundError(
-        f"{where} was written by an older version that did not store its config in the "
-        f"checkpoint, and {config_path} (its run config) is missing; restore config.json "
-        "next to checkpoints/.")
-  config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
   with _reading(step, str(where)):
-    saved = saved_model_config(manager, step)
-  check_model_config(saved, config.model, where=str(where))
-  with _reading(step, str(where)):
-    return RunInfo(config=config, num_classes=_classifier_classes(manager, step, where))
-
-
-def _classifier_classes(manager: ocp.CheckpointManager, step: int,
-                        where: epath.Path) -> int:
-  """The class count of a checkpoint: the last axis of its classifier kernels."""
-  shapes = _shapes(manager.item_metadata(step)["state"])
-  counts = {s[-1] for k, s in shapes.items() if k.endswith("classifier/kernel")}
-  if len(counts) != 1:
-    raise CheckpointMismatchError(
-        f"{where}: cannot read the class count from the classifier shapes "
-        f"({sorted(counts) or 'no classifier found'}).")
-  return counts.pop()
+    return RunInfo.from_json(manager.restore(
+        step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"])
 
 
 def jsonable(config: Any) -> dict:
