@@ -29,6 +29,7 @@ from musp_jax.retrieval import reference
 from musp_jax.retrieval import ranking
 from musp_jax.retrieval import saved_features
 from musp_jax.core import features
+from musp_jax.runtime import process
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -131,7 +132,7 @@ def main():
   t_gemm = _best(lambda: matmul(a, b).block_until_ready(), args.repeats)
   print(f"\n[1] float32 GEMM ({qb} x {p * c}) @ ({p * c} x {gb}): "
         f"{t_gemm:.3f} s = {flops / t_gemm / 1e9:,.0f} GFLOP/s (machine rate)")
-  mesh = ranking.default_mesh()
+  mesh = process.make_mesh()
   g_prep, _ = ranking._prepare_gallery(g, "cam_squared", mesh)  # pylint: disable=protected-access
   qf, qa = jnp.asarray(q.feats), jnp.asarray(q.areas)
   dist_fn = lambda kind: ranking._query_distance(  # pylint: disable=protected-access

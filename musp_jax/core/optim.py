@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from musp_jax.core.state import path_str
+
 
 def make_schedule(optim_config: ml_collections.ConfigDict,
                   steps_per_epoch: int) -> optax.Schedule:
@@ -46,16 +48,11 @@ def make_schedule(optim_config: ml_collections.ConfigDict,
   return schedule
 
 
-def _path_str(path) -> str:
-  """'backbone/layer1_0/conv1/kernel' for a key path of nested dicts."""
-  return jax.tree_util.keystr(path, simple=True, separator="/")
-
-
 def decay_mask(params, wd_exclude: str):
   """Tree of bools: True where weight decay applies (path not matching regex)."""
   pattern = re.compile(wd_exclude)
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: pattern.search(_path_str(path)) is None, params)
+      lambda path, _: pattern.search(path_str(path)) is None, params)
 
 
 def param_labels(params, *, backbone_key: str, frozen_pattern: str):
@@ -67,9 +64,9 @@ def param_labels(params, *, backbone_key: str, frozen_pattern: str):
   frozen = re.compile(frozen_pattern) if frozen_pattern else None
 
   def label(path, _):
-    if frozen is not None and frozen.search(_path_str(path)):
+    if frozen is not None and frozen.search(path_str(path)):
       return "frozen"
-    return "backbone" if _path_str(path[:1]) == backbone_key else "head"
+    return "backbone" if path_str(path[:1]) == backbone_key else "head"
   return jax.tree_util.tree_map_with_path(label, params)
 
 

@@ -30,6 +30,12 @@ class TrainState:
     return {"params": self.params, "batch_stats": self.batch_stats}
 
 
+def path_str(keys) -> str:
+  """'params/backbone/conv1/kernel': a leaf's key path in a state or variables tree
+  (dicts or dataclasses), as optimizer masks and checkpoint reports name it."""
+  return jax.tree_util.keystr(keys, simple=True, separator="/")
+
+
 def init_variables(model, image_size, seed: int) -> dict:
   """Fresh model variables ({"params", "batch_stats"}), initialised in one program."""
   dummy = jnp.zeros((1, *image_size, 3), jnp.float32)

@@ -59,6 +59,7 @@ import numpy as np
 from musp_jax.retrieval import rerank as rerank_lib
 from musp_jax.retrieval import saved_features
 from musp_jax.retrieval.saved_features import Features
+from musp_jax.runtime import process
 
 DISTANCES = ("cam_squared", "cam", "cosine", "euclidean")
 # The distance k-reciprocal re-ranking is computed from (module docstring).
@@ -198,12 +199,6 @@ def _distmat_block(dist, g_valid, idx, pos, junk):
 # Host-side bookkeeping: same-id tables, blocks, sharding, accumulation.
 
 
-def default_mesh() -> Mesh:
-  """A 1-D mesh over all devices (the gallery axis is sharded over it)."""
-  return jax.make_mesh((jax.device_count(),), ("gallery",),
-                       axis_types=(jax.sharding.AxisType.Auto,))
-
-
 def _shardings(mesh: Mesh) -> tuple[NamedSharding, NamedSharding, NamedSharding]:
   axes = tuple(mesh.axis_names)
   return (NamedSharding(mesh, PartitionSpec(axes)),  # gallery rows
@@ -316,6 +311,26 @@ def _check_block(query_block: int) -> None:
     raise ValueError(f"query_block={query_block}; expected >= 1")
 
 
+def _rank_in_blocks(labels, block_stats, *, max_rank: int, remove_junk: bool,
+                    query_block: int, mesh: Mesh, per_query: bool) -> dict[str, Any]:
+  """The one loop over query blocks, for distances given or computed on the device.
+
+  labels: (q_ids, g_ids, q_cams, g_cams). `block_stats(queries, block_rows, idx, pos,
+  junk)` returns the per-query (AP, first-hit rank, INP) of the `queries` (padded to
+  `block_rows`) from their same-id tables (`_SameIdTable.table`, on the device).
+  """
+  _check_block(query_block)
+  _, _, repl = _shardings(mesh)
+  table = _SameIdTable(*labels, remove_junk)
+  query_block = _effective_block(query_block, table)
+  acc = _Accumulator(max_rank, len(table.q_ids))
+  for queries, width in _query_blocks(table, query_block):
+    idx, pos, junk = (_put(_pad_rows(x, query_block), repl)
+                      for x in table.table(queries, width))
+    acc.add(queries, *block_stats(queries, query_block, idx, pos, junk))
+  return acc.result(per_query)
+
+
 # --------------------------------------------------------------------------
 # Public entry points.
 
@@ -333,22 +348,20 @@ def rank_distmat(distmat: np.ndarray, q_ids, g_ids, q_cams, g_cams, *,
   distmat = np.asarray(distmat, np.float32)
   if distmat.ndim != 2:
     raise ValueError(f"rank_distmat: distmat must be 2-D, got {distmat.shape}")
-  mesh = mesh or default_mesh()
-  _check_block(query_block)
-  rows, cols, repl = _shardings(mesh)
-  table = _SameIdTable(q_ids, g_ids, q_cams, g_cams, remove_junk)
-  query_block = _effective_block(query_block, table)
+  mesh = mesh or process.make_mesh()
+  rows, cols, _ = _shardings(mesh)
   num_g = distmat.shape[1]
   g_pad = _round_up(num_g, mesh.size)
   g_valid = _put(np.arange(g_pad) < num_g, rows)
-  acc = _Accumulator(max_rank, distmat.shape[0])
-  for queries, width in _query_blocks(table, query_block):
-    block = np.zeros((query_block, g_pad), np.float32)
+
+  def block_stats(queries, block_rows, idx, pos, junk):
+    block = np.zeros((block_rows, g_pad), np.float32)
     block[:len(queries), :num_g] = distmat[queries]
-    idx, pos, junk = (_put(_pad_rows(x, query_block), repl)
-                      for x in table.table(queries, width))
-    acc.add(queries, *_distmat_block(_put(block, cols), g_valid, idx, pos, junk))
-  return acc.result(per_query)
+    return _distmat_block(_put(block, cols), g_valid, idx, pos, junk)
+
+  return _rank_in_blocks((q_ids, g_ids, q_cams, g_cams), block_stats,
+                         max_rank=max_rank, remove_junk=remove_junk,
+                         query_block=query_block, mesh=mesh, per_query=per_query)
 
 
 def _prepare_gallery(gallery: Features, distance: str, mesh: Mesh):
@@ -373,7 +386,7 @@ def distance_matrix(query: "Features | str | os.PathLike",
   _check_distance(distance)
   return _distance_matrix(saved_features.as_features(query, "query"),
                           saved_features.as_features(gallery, "gallery"), distance=distance,
-                          query_block=query_block, mesh=mesh or default_mesh(),
+                          query_block=query_block, mesh=mesh or process.make_mesh(),
                           precision=precision)
 
 
@@ -433,7 +446,7 @@ def evaluate(query: "Features | str | os.PathLike",
   if query.feats.shape[1:] != gallery.feats.shape[1:]:
     raise ValueError(f"evaluate: query features {query.feats.shape[1:]} and "
                      f"gallery features {gallery.feats.shape[1:]} differ (P, C)")
-  mesh = mesh or default_mesh()
+  mesh = mesh or process.make_mesh()
   _check_block(query_block)
   labels = (query.ids, gallery.ids, query.cams, gallery.cams)
   options = dict(max_rank=max_rank, remove_junk=remove_junk,
@@ -460,20 +473,17 @@ def evaluate(query: "Features | str | os.PathLike",
 
   _, _, repl = _shardings(mesh)
   g_prep, g_valid = _prepare_gallery(gallery, distance, mesh)
-  table = _SameIdTable(*labels, remove_junk)
-  query_block = _effective_block(query_block, table)
-  acc = _Accumulator(max_rank, len(query))
-  for queries, width in _query_blocks(table, query_block):
-    qf = _put(_pad_rows(query.feats[queries].astype(np.float32, copy=False), query_block),
+
+  def block_stats(queries, block_rows, idx, pos, junk):
+    qf = _put(_pad_rows(query.feats[queries].astype(np.float32, copy=False), block_rows),
               repl)
-    qa = _put(_pad_rows(query.areas[queries].astype(np.float32, copy=False), query_block,
+    qa = _put(_pad_rows(query.areas[queries].astype(np.float32, copy=False), block_rows,
                         1.0),
               repl)
-    idx, pos, junk = (_put(_pad_rows(x, query_block), repl)
-                      for x in table.table(queries, width))
-    acc.add(queries, *_features_block(qf, qa, g_prep, g_valid, idx, pos, junk,
-                                      distance=distance, precision=precision))
-  return acc.result(per_query)
+    return _features_block(qf, qa, g_prep, g_valid, idx, pos, junk, distance=distance,
+                           precision=precision)
+
+  return _rank_in_blocks(labels, block_stats, **options)
 
 
 def result_row(result: dict[str, Any], ranks: Sequence[int] = (1, 5, 10)

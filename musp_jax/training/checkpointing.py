@@ -38,6 +38,7 @@ from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from musp_jax import models
+from musp_jax.core.state import path_str
 
 METRIC = "mAP"
 
@@ -260,11 +261,6 @@ def check_model_config(saved: Any, wanted: Any, *, where: str) -> None:
     raise CheckpointMismatchError(
         f"Checkpoint {where} was written for another architecture: " + "; ".join(diffs)
         + ".")
-
-
-def path_str(keys) -> str:
-  """'params/backbone/conv1/kernel' whether the tree holds dicts or dataclasses."""
-  return jax.tree_util.keystr(keys, simple=True, separator="/")
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
