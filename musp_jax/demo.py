@@ -6,7 +6,8 @@ Trains configs/synthetic.py (the dataset is rendered on first use), then evaluat
 same model with random weights and a raw-pixel nearest-neighbour search on the same
 query/gallery split, so the trained mAP can be read against both; prints the attention
 scores against the ground-truth part masks (musp_jax/attention_scores.py) of the
-trained and the random model. Ends with pictures.
+trained and the random model. Ends with pictures, and as every tool does
+(musp_jax/runtime/cli.py).
 """
 
 import os
@@ -15,10 +16,12 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from musp_jax.runtime import cli
 from musp_jax.runtime import process
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "workdirs/demo", "Where logs, checkpoints and results go.")
+flags.DEFINE_bool("verbose", False, "On an error, print its traceback too.")
 config_flags.DEFINE_config_file("config", "configs/synthetic.py", "The demo config.",
                                 lock_config=True)
 
@@ -67,17 +70,23 @@ def reference_rows(config, mesh) -> tuple[dict, dict | None]:
           random_rows.get(attention_scores.ROW))
 
 
-def main(argv):
+def main(argv) -> int:
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cli.usage_error(f"unexpected arguments: {argv[1:]}")
   process.setup()
+  return cli.run(lambda: run_demo(FLAGS.config, FLAGS.workdir), verbose=FLAGS.verbose)
+
+
+def run_demo(config, workdir: str) -> None:
+  """Trains, evaluates the references, writes demo_summary.md and the pictures."""
+  from musp_jax.runtime import writing  # pylint: disable=g-import-not-at-top
+  from musp_jax.serving import inference  # pylint: disable=g-import-not-at-top
   from musp_jax.training import attention_scores  # pylint: disable=g-import-not-at-top
   from musp_jax.training import evaluator  # pylint: disable=g-import-not-at-top
-  from musp_jax.runtime import writing  # pylint: disable=g-import-not-at-top
+  from musp_jax.training import model_pictures  # pylint: disable=g-import-not-at-top
   from musp_jax.training import train  # pylint: disable=g-import-not-at-top
 
-  config = FLAGS.config
-  results = process.run_entry_point(lambda: train.train_and_evaluate(config, FLAGS.workdir))
+  results = train.train_and_evaluate(config, workdir)
   trained = next(iter(results["results"].values()))
   references, random_attention = reference_rows(config, process.make_mesh())
   rows = {"MUSP trained (this run)": trained, **references}
@@ -90,19 +99,14 @@ def main(argv):
   attention = results["results"].get(attention_scores.ROW)
   if attention is not None:
     summary += ("\nAttention against the ground-truth part masks (%; "
-                "musp_jax/attention_scores.py):\n\n"
+                "musp_jax/training/attention_scores.py):\n\n"
                 + attention_scores.summary_table({"MUSP trained (this run)": attention,
                                                    "random weights": random_attention})
                 + "\n" + attention_scores.markdown(attention))
-  workdir = os.path.abspath(os.path.expanduser(FLAGS.workdir))
+  workdir = os.path.abspath(os.path.expanduser(workdir))
   writing.write_text(os.path.join(workdir, "demo_summary.md"), summary)
-  try:
-    from musp_jax.serving import inference  # pylint: disable=g-import-not-at-top
-    from musp_jax.training import model_pictures  # pylint: disable=g-import-not-at-top
-    pictures = model_pictures.demo_pictures(inference.load_model(workdir),
-                                            os.path.join(workdir, "pictures"))
-  except ImportError:
-    pictures = []
+  pictures = model_pictures.demo_pictures(inference.load_model(workdir),
+                                          os.path.join(workdir, "pictures"))
   print("\n" + summary)
   print(f"TensorBoard logs:  tensorboard --logdir {workdir}")
   print(f"Checkpoints:       {workdir}/checkpoints")
@@ -112,4 +116,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=process.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

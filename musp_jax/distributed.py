@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 
+from musp_jax.runtime import cli
 from musp_jax.runtime import process
 
 def free_port() -> int:
@@ -90,22 +91,29 @@ def launch_local(command: Sequence[str], num_processes: int, *, port: int | None
   return results
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
+      prog="python -m musp_jax.distributed",
       description="Run a command as N JAX processes on this machine.",
       usage="python -m musp_jax.distributed --num_processes N -- COMMAND ...")
   parser.add_argument("--num_processes", type=int, required=True)
   parser.add_argument("--port", type=int, default=None)
+  cli.add_verbose_arg(parser)
   parser.add_argument("command", nargs=argparse.REMAINDER)
   args = parser.parse_args(argv)
   command = args.command[1:] if args.command[:1] == ["--"] else args.command
   if not command:
     parser.error("give the command to run after --")
+  return cli.run(lambda: _launch(command, args.num_processes, args.port),
+                 verbose=args.verbose)
+
+
+def _launch(command: Sequence[str], num_processes: int, port: int | None) -> None:
   try:
-    launch_local(command, args.num_processes, port=args.port)
+    launch_local(command, num_processes, port=port)
   except subprocess.CalledProcessError as e:
-    sys.exit(f"{e.cmd} exited with status {e.returncode}")
+    raise ChildProcessError(f"{e.cmd} exited with status {e.returncode}") from e
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -21,6 +21,7 @@ import numpy as np
 
 from musp_jax.serving import inference
 from musp_jax.retrieval import saved_features
+from musp_jax.runtime import cli
 from musp_jax.runtime import process
 
 
@@ -46,22 +47,21 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--flip", action="store_true",
                       help="Average the features of each image and its mirror image.")
-  process.add_verbose_arg(parser)
+  cli.add_verbose_arg(parser)
   args = parser.parse_args(argv)
   if not args.out.endswith(".npz"):
     parser.error(f"--out {args.out}: expected a .npz path.")
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   process.setup()
-  try:
+
+  def run():
     loaded = inference.model_from_args(args)
     features = write_features(loaded, args.images, args.out, batch_size=args.batch_size,
-                     flip=args.flip)
-  except process.USER_ERRORS as e:
-    process.print_error(e, verbose=args.verbose)
-    return 2
-  print(f"Wrote {args.out}: {len(features)} images, feats {features.feats.shape[1:]} "
-        f"(P, C), model {loaded.source}.")
-  return 0
+                              flip=args.flip)
+    print(f"Wrote {args.out}: {len(features)} images, feats {features.feats.shape[1:]} "
+          f"(P, C), model {loaded.source}.")
+
+  return cli.run(run, verbose=args.verbose)
 
 
 if __name__ == "__main__":

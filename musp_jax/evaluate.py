@@ -33,6 +33,7 @@ import ml_collections
 
 from musp_jax.data import datasets
 from musp_jax.core import features
+from musp_jax.runtime import cli
 from musp_jax.runtime import writing
 from musp_jax.retrieval import protocols
 from musp_jax.retrieval import ranking
@@ -135,8 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="vehicle_id: random galleries averaged.")
   parser.add_argument("--seed", type=int, default=0, help="vehicle_id: split seed.")
   parser.add_argument("--json", help="Also write the results as JSON ('-': stdout).")
-  parser.add_argument("--verbose", action="store_true",
-                      help="On an error, print its traceback too.")
+  cli.add_verbose_arg(parser)
   args = parser.parse_args(argv)
   if args.protocol == "vehicle_id":
     if not args.test or args.query or args.gallery:
@@ -150,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error("--size names the rows of --protocol vehicle_id or veri_wild only.")
   from musp_jax.runtime import process  # pylint: disable=g-import-not-at-top
   process.setup()
-  try:
+
+  def run():
     report = evaluate_files(
         query=args.query, gallery=args.gallery, test=args.test, protocol=args.protocol,
         size=args.size, distance=args.distance, rerank=args.rerank,
@@ -165,10 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(evaluator.markdown_table(report, title=title))
     if args.json:
       _write_json(args.json, report)
-  except process.USER_ERRORS as e:
-    process.print_error(e, verbose=args.verbose)
-    return 2
-  return 0
+
+  return cli.run(run, verbose=args.verbose)
 
 
 if __name__ == "__main__":

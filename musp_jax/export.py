@@ -229,6 +229,7 @@ def load(path: str) -> ExportedModel:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  from musp_jax.runtime import cli  # pylint: disable=g-import-not-at-top
   from musp_jax.runtime import process  # pylint: disable=g-import-not-at-top
   from musp_jax.serving import inference  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(
@@ -245,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="jax format: platforms to lower for (default: cpu cuda).")
   parser.add_argument("--no_verify", action="store_true",
                       help="onnx format: skip the onnxruntime parity check.")
-  process.add_verbose_arg(parser)
+  cli.add_verbose_arg(parser)
   args = parser.parse_args(argv)
   suffix = ".onnx" if args.format == "onnx" else ".npz"
   if not args.out.endswith(suffix):
@@ -253,42 +254,44 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.platforms and args.format == "onnx":
     parser.error("--platforms is for --format jax; an ONNX model runs where its runtime does.")
   process.setup()
+  return cli.run(lambda: _export_and_write(args), verbose=args.verbose)
+
+
+def _export_and_write(args) -> None:
+  """The command's work: load, export, check (ONNX), write, say what was written."""
+  from musp_jax.serving import inference  # pylint: disable=g-import-not-at-top
   if args.format == "onnx" and not args.no_verify:
     try:
       import onnxruntime  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
     except ImportError:
-      print("error: --format onnx checks the model with onnxruntime, which is not "
-            "installed: pip install 'musp-jax[export]' (or pass --no_verify).",
-            file=sys.stderr)
-      return 2
-  try:
-    loaded = inference.model_from_args(args)
-    if args.format == "onnx":
+      raise ImportError("--format onnx checks the model with onnxruntime, which is not "
+                        "installed: pip install 'musp-jax[export]' (or pass "
+                        "--no_verify).") from None
+  loaded = inference.model_from_args(args)
+  if args.format == "onnx":
+    try:
       serialized, metadata = export_onnx(loaded, input_hw=args.input_size, flip=args.flip)
-      if not args.no_verify:
-        hw = _input_hw(loaded, args.input_size)
-        parity = onnx_parity(serialized, jax.jit(serving_fn(
-            loaded.model, loaded.variables, loaded.config, input_hw=hw, flip=args.flip)), hw)
-        print(f"onnxruntime vs JAX on random images: relative difference "
-              f"{parity['feats']:.1e} (feats), {parity['areas']:.1e} (areas)")
-        if max(parity.values()) > PARITY_TOLERANCE:
-          raise ValueError(f"the ONNX model differs from the JAX function by more than "
-                           f"{PARITY_TOLERANCE} ({parity}); not written.")
-      # A failed or killed write leaves an earlier file whole.
-      with writing.atomic_file(args.out) as tmp:
-        with open(tmp, "wb") as f:
-          f.write(serialized)
-    else:
-      serialized, metadata = export(loaded, input_hw=args.input_size, flip=args.flip,
-                                    platforms=args.platforms or ("cpu", "cuda"))
-      write_npz(args.out, serialized, metadata)
-  except (*process.USER_ERRORS, NotImplementedError) as e:
-    process.print_error(e, verbose=args.verbose)
-    return 2
+    except NotImplementedError as e:  # a primitive the lowering does not cover, named
+      raise ValueError(f"ONNX export: {e}") from e
+    if not args.no_verify:
+      hw = _input_hw(loaded, args.input_size)
+      parity = onnx_parity(serialized, jax.jit(serving_fn(
+          loaded.model, loaded.variables, loaded.config, input_hw=hw, flip=args.flip)), hw)
+      print(f"onnxruntime vs JAX on random images: relative difference "
+            f"{parity['feats']:.1e} (feats), {parity['areas']:.1e} (areas)")
+      if max(parity.values()) > PARITY_TOLERANCE:
+        raise ValueError(f"the ONNX model differs from the JAX function by more than "
+                         f"{PARITY_TOLERANCE} ({parity}); not written.")
+    # A failed or killed write leaves an earlier file whole.
+    with writing.atomic_file(args.out) as tmp:
+      with open(tmp, "wb") as f:
+        f.write(serialized)
+  else:
+    serialized, metadata = export(loaded, input_hw=args.input_size, flip=args.flip,
+                                  platforms=args.platforms or ("cpu", "cuda"))
+    write_npz(args.out, serialized, metadata)
   print(f"Wrote {args.out} ({len(serialized) / 2**20:.1f} MiB): "
         f"{json.dumps(metadata['input'])} -> {json.dumps(metadata['outputs'])}")
-  return 0
-
 
 if __name__ == "__main__":
   sys.exit(main())

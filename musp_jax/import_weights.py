@@ -22,8 +22,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from musp_jax.runtime import writing
+from musp_jax.runtime import cli
 from musp_jax.runtime import process
+from musp_jax.runtime import writing
 from musp_jax.models import musp
 from musp_jax.models import resnet
 from musp_jax.models import weights
@@ -87,7 +88,8 @@ def write(out: str, variables: dict[str, Any], metadata: dict, *,
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+      prog="python -m musp_jax.import_weights", description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--torchvision", metavar="PATH",
                       help="torchvision ResNet state dict")
@@ -96,29 +98,29 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--out", required=True, help="output Orbax directory")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace --out if import_weights wrote it")
-  process.add_verbose_arg(parser)
+  cli.add_verbose_arg(parser)
   args = parser.parse_args(argv)
+  process.setup()
+  return cli.run(lambda: import_to(args), verbose=args.verbose)
+
+
+def import_to(args: argparse.Namespace) -> None:
+  """The command's work: checks --out, reads and converts the source, writes --out."""
   out = os.path.abspath(args.out)
-  try:
-    # Refused outputs fail before the source is read; the source is read and
-    # converted before anything is written.
-    writing.check_replaceable(out, owned=weights.is_init_checkpoint, what=_WHAT,
-                              overwrite=args.overwrite)
-    if args.torchvision:
-      variables, metadata = convert_torchvision(args.torchvision)
-    else:
-      variables, metadata = convert_musp(args.musp)
-    write(out, variables, metadata, overwrite=args.overwrite)
-  except process.USER_ERRORS as e:
-    process.print_error(e, verbose=args.verbose)
-    return 2
+  # Refused outputs fail before the source is read; the source is read and
+  # converted before anything is written.
+  writing.check_replaceable(out, owned=weights.is_init_checkpoint, what=_WHAT,
+                            overwrite=args.overwrite)
+  if args.torchvision:
+    variables, metadata = convert_torchvision(args.torchvision)
+  else:
+    variables, metadata = convert_musp(args.musp)
+  write(out, variables, metadata, overwrite=args.overwrite)
   _log(f"wrote {out}")
   if metadata["kind"] == "model":
     overrides = " ".join(f"--config.model.{k}={v}" for k, v in metadata["model"].items())
     _log(f"use with: --config.model.init_from={out} {overrides} (and a dataset with "
          f"{metadata['num_classes']} training ids)")
-  return 0
-
 
 if __name__ == "__main__":
   sys.exit(main())

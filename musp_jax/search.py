@@ -36,6 +36,7 @@ from musp_jax.serving import inference
 from musp_jax.runtime import writing
 from musp_jax.retrieval import ranking
 from musp_jax.retrieval import saved_features
+from musp_jax.runtime import cli
 from musp_jax.runtime import process
 
 DISTANCES = ("cam_squared", "cam")
@@ -170,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "instead of the table).")
   parser.add_argument("--batch_size", type=int, default=32)
   inference.add_model_args(parser, required=False)
-  process.add_verbose_arg(parser)
+  cli.add_verbose_arg(parser)
   args = parser.parse_args(argv)
   if args.topk < 1:
     parser.error(f"--topk {args.topk}: expected >= 1.")
@@ -179,35 +180,35 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.index is not None and args.distance != "cam_squared":
     parser.error("--index ranks by the cam_squared distance only.")
   process.setup()
-  try:
-    if args.index is None:
-      gallery, source = load_gallery(args.gallery)
-      signature = gallery.model_signature
-    else:
-      from musp_jax.retrieval import gallery_index as index_lib  # pylint: disable=g-import-not-at-top
-      gallery = index_lib.GalleryIndex(args.index, verify_features=args.verify_index)
-      signature, source = gallery.model_signature, gallery.model_source
-    query = query_features(args.query, signature, gallery_path=args.gallery or args.index,
-                           gallery_source=source, workdir=args.workdir,
-                           checkpoint=args.checkpoint, step=args.step,
-                           batch_size=args.batch_size)
-    if args.index is None:
-      results = search(query, gallery, topk=args.topk, distance=args.distance)
-    else:
-      results = search_index(query, gallery, topk=args.topk, nprobe=args.nprobe,
-                             candidates=args.candidates)
-    payload = {"gallery": args.gallery or args.index, "distance": args.distance,
-               "topk": args.topk, "queries": results}
-    if args.json == "-":
-      print(json.dumps(payload, indent=2))
-      return 0
-    print(format_table(results))
-    if args.json:
-      writing.write_text(args.json, json.dumps(payload, indent=2))
-  except process.USER_ERRORS as e:
-    process.print_error(e, verbose=args.verbose)
-    return 2
-  return 0
+  return cli.run(lambda: _search_and_print(args), verbose=args.verbose)
+
+
+def _search_and_print(args: argparse.Namespace) -> None:
+  """The command's work: open the gallery, embed the queries, rank, print/write."""
+  if args.index is None:
+    gallery, source = load_gallery(args.gallery)
+    signature = gallery.model_signature
+  else:
+    from musp_jax.retrieval import gallery_index as index_lib  # pylint: disable=g-import-not-at-top
+    gallery = index_lib.GalleryIndex(args.index, verify_features=args.verify_index)
+    signature, source = gallery.model_signature, gallery.model_source
+  query = query_features(args.query, signature, gallery_path=args.gallery or args.index,
+                         gallery_source=source, workdir=args.workdir,
+                         checkpoint=args.checkpoint, step=args.step,
+                         batch_size=args.batch_size)
+  if args.index is None:
+    results = search(query, gallery, topk=args.topk, distance=args.distance)
+  else:
+    results = search_index(query, gallery, topk=args.topk, nprobe=args.nprobe,
+                           candidates=args.candidates)
+  payload = {"gallery": args.gallery or args.index, "distance": args.distance,
+             "topk": args.topk, "queries": results}
+  if args.json == "-":
+    print(json.dumps(payload, indent=2))
+    return
+  print(format_table(results))
+  if args.json:
+    writing.write_text(args.json, json.dumps(payload, indent=2))
 
 
 def build_index_main(argv: Sequence[str]) -> int:
@@ -232,24 +233,22 @@ def build_index_main(argv: Sequence[str]) -> int:
                       help="Feature store dtype for the exact re-ranking.")
   parser.add_argument("--overwrite", action="store_true",
                       help="Replace --out if it is an index folder.")
-  process.add_verbose_arg(parser)
+  cli.add_verbose_arg(parser)
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s")
-  try:
-    from musp_jax.retrieval import gallery_index as index_lib  # pylint: disable=g-import-not-at-top
-    spec = index_lib.Spec(nlist=args.nlist, codec=args.codec, pq_dims=args.pq_dims,
-                          nprobe=args.nprobe, store=args.store)
-    out = index_lib.build_index(args.gallery, args.out, spec, overwrite=args.overwrite)
-    built = index_lib.GalleryIndex(out)
-  except process.USER_ERRORS as e:
-    process.print_error(e, verbose=args.verbose)
-    return 2
+  return cli.run(lambda: _build_and_print(args), verbose=args.verbose)
+
+
+def _build_and_print(args: argparse.Namespace) -> None:
+  from musp_jax.retrieval import gallery_index as index_lib  # pylint: disable=g-import-not-at-top
+  spec = index_lib.Spec(nlist=args.nlist, codec=args.codec, pq_dims=args.pq_dims,
+                        nprobe=args.nprobe, store=args.store)
+  out = index_lib.build_index(args.gallery, args.out, spec, overwrite=args.overwrite)
+  built = index_lib.GalleryIndex(out)
   params = built.params
   print(f"Wrote {out}: {len(built)} images from {len(args.gallery)} shard(s), "
         f"{params['factory']} (nprobe {params['nprobe']}, "
         f"{'exact' if built.exhaustive() else 'approximate'} by default).")
-  return 0
-
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from etils import epath
 
 from musp_jax.data import augment
+from musp_jax.runtime import cli
 from musp_jax.runtime import process
 from musp_jax.serving import inference
 from musp_jax.training import model_pictures
@@ -67,37 +68,36 @@ def main(argv: Sequence[str] | None = None) -> int:
   demo.add_argument("--workdir", required=True)
   demo.add_argument("--data_dir", default=None, help="Override config.dataset.data_dir.")
   for sub_parser in (att, rk, demo):
-    process.add_verbose_arg(sub_parser)
+    cli.add_verbose_arg(sub_parser)
   args = parser.parse_args(argv)
   process.setup()
-  try:
-    if args.command == "demo":
-      loaded = inference.load_model(args.workdir).with_overrides(data_dir=args.data_dir)
-      written = model_pictures.demo_pictures(loaded, str(epath.Path(args.workdir) / "pictures"))
-    else:
-      loaded = inference.model_from_args(args).with_overrides(
-          data_dir=args.data_dir, eval_batch_size=getattr(args, "batch_size", None))
-      pictures = epath.Path(loaded.source).parent.parent / "pictures"
-      if args.command == "attention":
-        images = names = None
-        if args.images:
-          model_pictures.require_attention(loaded.config)  # before reading any image
-          files = inference.list_images(args.images)[:args.num_images]
-          images = [augment.decode(epath.Path(p).read_bytes(), where=p) for _, p in files]
-          names = [name for name, _ in files]
-        written = [model_pictures.attention_picture(
-            loaded, args.out or str(pictures / "attention.png"), images=images, names=names,
-            num_images=args.num_images)]
-      else:
-        written = [model_pictures.ranks_picture(
-            loaded, args.out_dir or str(pictures), order=args.order, queries=args.queries,
-            num_queries=args.num_queries, topk=args.topk, seed=args.seed)]
-  except process.USER_ERRORS as e:
-    process.print_error(e, verbose=args.verbose)
-    return 2
-  print(json.dumps({"written": written}))
-  return 0
+  return cli.run(lambda: _draw(args), verbose=args.verbose)
 
+
+def _draw(args: argparse.Namespace) -> None:
+  """The command's work: load the model, draw, print the written paths as JSON."""
+  if args.command == "demo":
+    loaded = inference.load_model(args.workdir).with_overrides(data_dir=args.data_dir)
+    written = model_pictures.demo_pictures(loaded, str(epath.Path(args.workdir) / "pictures"))
+  else:
+    loaded = inference.model_from_args(args).with_overrides(
+        data_dir=args.data_dir, eval_batch_size=getattr(args, "batch_size", None))
+    pictures = epath.Path(loaded.source).parent.parent / "pictures"
+    if args.command == "attention":
+      images = names = None
+      if args.images:
+        model_pictures.require_attention(loaded.config)  # before reading any image
+        files = inference.list_images(args.images)[:args.num_images]
+        images = [augment.decode(epath.Path(p).read_bytes(), where=p) for _, p in files]
+        names = [name for name, _ in files]
+      written = [model_pictures.attention_picture(
+          loaded, args.out or str(pictures / "attention.png"), images=images, names=names,
+          num_images=args.num_images)]
+    else:
+      written = [model_pictures.ranks_picture(
+          loaded, args.out_dir or str(pictures), order=args.order, queries=args.queries,
+          num_queries=args.num_queries, topk=args.topk, seed=args.seed)]
+  print(json.dumps({"written": written}))
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -97,7 +97,7 @@ def test_folder_without_images_is_a_clear_error(tmp_path, capsys):
     inference.list_images([str(tmp_path / "empty")])
   rc = embed.main(["--workdir", str(tools_fixtures.shared_workdir()),
                    "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "x.npz")])
-  assert rc == 2
+  assert rc == 1
   assert "No images in folder" in capsys.readouterr().err
   assert not (tmp_path / "x.npz").exists()
 
@@ -117,7 +117,7 @@ def test_bad_model_locations_are_clear_errors(tmp_path, capsys):
     inference.load_model(str(tmp_path))
   rc = embed.main(["--checkpoint", str(tmp_path / "nowhere"), "--images", str(tmp_path),
                    "--out", str(tmp_path / "x.npz")])
-  assert rc == 2 and "holds no checkpoint" in capsys.readouterr().err
+  assert rc == 1 and "holds no checkpoint" in capsys.readouterr().err
 
 
 def test_class_count_and_config_come_from_the_checkpoint(loaded, tmp_path):
@@ -139,7 +139,7 @@ def test_output_is_written_whole_or_not_at_all(tmp_path, capsys):
   (tmp_path / "taken.npz").mkdir()  # a folder where the file would go
   rc = embed.main(["--workdir", str(tools_fixtures.shared_workdir()),
                    "--images", str(images[0]), "--out", str(tmp_path / "taken.npz")])
-  assert rc == 2
+  assert rc == 1
   assert (f"error: {tmp_path / 'taken.npz'} is a folder; expected a file path to write."
           in capsys.readouterr().err)
   out = tmp_path / "feats.npz"

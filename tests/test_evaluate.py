@@ -126,7 +126,7 @@ def test_bad_files_fail_naming_file_and_key(saved, capsys):
     rc = evaluate.main(["--query", str(path), "--gallery", str(tmp_path / "g.npz"),
                         "--json", str(tmp_path / "out.json")])
     err = capsys.readouterr().err
-    assert rc == 2
+    assert rc == 1
     assert f"error: {path}: {message}" in err
     assert "pickle" not in err
   assert (tmp_path / "out.json").read_text() == "earlier results\n"  # not overwritten
@@ -138,11 +138,11 @@ def test_refusals(saved, capsys):
   saved_features.save_features(tmp_path / "other.npz", other)
   rc = evaluate.main(["--query", str(tmp_path / "other.npz"),
                       "--gallery", str(tmp_path / "g.npz")])
-  assert rc == 2 and "made by another model" in capsys.readouterr().err
+  assert rc == 1 and "made by another model" in capsys.readouterr().err
   no_cams = saved_features.Features(q.feats, q.areas, q.ids, np.full(len(q), -1))
   saved_features.save_features(tmp_path / "nc.npz", no_cams)
   rc = evaluate.main(["--query", str(tmp_path / "nc.npz"), "--gallery", str(tmp_path / "nc.npz")])
-  assert rc == 2 and "pass --keep_junk" in capsys.readouterr().err
+  assert rc == 1 and "pass --keep_junk" in capsys.readouterr().err
   for args in (["--test", "t.npz"],
                ["--protocol", "vehicle_id", "--query", "q.npz", "--gallery", "g.npz"],
                ["--query", "q.npz", "--gallery", "g.npz", "--protocol", "veri776",

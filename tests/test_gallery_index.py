@@ -124,13 +124,13 @@ def test_cli_index_mode_equals_brute_force(data, tmp_path, capsys):
     np.testing.assert_allclose([r["distance"] for r in indexed["results"]],
                                [r["distance"] for r in brute["results"]], atol=1e-6)
   # An existing index is not overwritten without --overwrite.
-  assert search.main(["index", "--gallery", str(gallery_npz), "--out", str(out)]) == 2
+  assert search.main(["index", "--gallery", str(gallery_npz), "--out", str(out)]) == 1
   assert "exists" in capsys.readouterr().err
   # Nor is any folder that is not an index, even with --overwrite (a training workdir).
   workdir = tmp_path / "workdir"
   (workdir / "checkpoints").mkdir(parents=True)
   assert search.main(["index", "--gallery", str(gallery_npz), "--out", str(workdir),
-                      "--overwrite"]) == 2
+                      "--overwrite"]) == 1
   assert (f"error: {workdir} exists and is not an index folder; refusing to replace it, "
           "even with --overwrite.") in capsys.readouterr().err
   assert [p.name for p in workdir.iterdir()] == ["checkpoints"]
@@ -193,7 +193,7 @@ def test_model_signature_mismatch_is_refused_by_name(data, tmp_path, capsys):
   saved_features.save_features(other_query, saved_features.Features(
       query.feats, query.areas, query.ids, query.cams, query.file_names,
       json.dumps(other, sort_keys=True)))
-  assert search.main(["--index", str(path), "--query", str(other_query)]) == 2
+  assert search.main(["--index", str(path), "--query", str(other_query)]) == 1
   err = capsys.readouterr().err
   assert "another model" in err and "weights" in err and "num_prototypes" in err
   assert str(path) in err

@@ -52,29 +52,6 @@ def test_handlers_are_restored_after_the_loop():
   assert {s: signal.getsignal(s) for s in process.StopRequests.SIGNALS} == before
 
 
-def test_entry_point_errors_are_one_line_with_exit_codes(capsys):
-  def fail(error):
-    def fn():
-      raise error
-    return fn
-
-  with pytest.raises(SystemExit) as e:
-    process.run_entry_point(fail(FileNotFoundError("/data/x is missing")))
-  assert e.value.code == 1
-  assert capsys.readouterr().err == "error: /data/x is missing\n"
-  with pytest.raises(SystemExit) as e:
-    process.run_entry_point(fail(ValueError("bad value")), verbose=True)
-  err = capsys.readouterr().err
-  assert err.startswith("Traceback (most recent call last)") and err.endswith(
-      "error: bad value\n")
-  with pytest.raises(SystemExit) as e:
-    process.run_entry_point(fail(process.Stopped("stopped after step 3", exit_code=143)))
-  assert e.value.code == 143 and capsys.readouterr().err == "stopped after step 3\n"
-  with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
-    process.run_entry_point(lambda: 1 / 0)
-  assert process.run_entry_point(lambda: 7) == 7
-
-
 def test_tools_with_their_own_argument_parser_can_start_grain_workers():
   """grain reads absl flags when it starts workers; `python -m musp_jax.visualize demo`
   (argparse, not an absl app) failed with UnparsedFlagAccessError."""

@@ -100,7 +100,7 @@ def test_features_of_another_model_are_refused(gallery, tmp_path, capsys):
                           workdir=str(tools_fixtures.shared_workdir()), progress=False)
   # A features file as query against it: same check, through the CLI.
   rc = search.main(["--gallery", str(other), "--query", str(gallery_npz)])
-  assert rc == 2
+  assert rc == 1
   err = capsys.readouterr().err
   assert "another model" in err and "weights" in err
   # Different (P, C) is refused even without signatures.
@@ -131,12 +131,12 @@ def test_foreign_or_orphaned_galleries_are_one_line_errors(gallery, tmp_path, ca
   _, paths, gallery_npz = gallery
   for name, data in (("pickled.npz", b"\x80\x04K\x01."), ("text.npz", b"not numpy")):
     (tmp_path / name).write_bytes(data)
-    assert search.main(["--gallery", str(tmp_path / name), "--query", str(paths[0])]) == 2
+    assert search.main(["--gallery", str(tmp_path / name), "--query", str(paths[0])]) == 1
     assert _error(capsys) == (f"error: {tmp_path / name}: not a readable .npz archive of "
                               "arrays (written by numpy.savez)")
   np.save(tmp_path / "array.npy", np.zeros(3))
   assert search.main(["--gallery", str(tmp_path / "array.npy"), "--query",
-                      str(paths[0])]) == 2
+                      str(paths[0])]) == 1
   assert _error(capsys) == (f"error: {tmp_path / 'array.npy'}: holds a single .npy array; "
                             "expected an .npz archive (numpy.savez) with named arrays")
   # The model behind a gallery was moved: the gallery and the old place are named.
@@ -148,7 +148,7 @@ def test_foreign_or_orphaned_galleries_are_one_line_errors(gallery, tmp_path, ca
   source = str(np.load(moved_npz)["model_source"])
   shutil.move(workdir, tmp_path / "elsewhere")
   capsys.readouterr()
-  assert search.main(["--gallery", str(moved_npz), "--query", str(paths[0])]) == 2
+  assert search.main(["--gallery", str(moved_npz), "--query", str(paths[0])]) == 1
   assert _error(capsys) == (
       f"error: {moved_npz} was made by the model in {source}, which is not there any "
       "more (moved or deleted); pass --workdir or --checkpoint with its new place (the "
@@ -157,6 +157,6 @@ def test_foreign_or_orphaned_galleries_are_one_line_errors(gallery, tmp_path, ca
                       "--workdir", str(tmp_path / "elsewhere")]) == 0
   # --verbose: the traceback too.
   assert search.main(["--gallery", str(tmp_path / "text.npz"), "--query", str(paths[0]),
-                      "--verbose"]) == 2
+                      "--verbose"]) == 1
   err = capsys.readouterr().err
   assert "Traceback (most recent call last)" in err and "error: " in err

@@ -53,11 +53,11 @@ def test_bad_inputs_are_clear_errors(tmp_path, loaded, capsys):
   (tmp_path / "empty").mkdir()
   rc = visualize.main(["attention", "--workdir", str(tools_fixtures.shared_workdir()),
                        "--images", str(tmp_path / "empty")])
-  assert rc == 2 and "No images in folder" in capsys.readouterr().err
+  assert rc == 1 and "No images in folder" in capsys.readouterr().err
   baseline = tools_fixtures.make_workdir(tmp_path / "baseline", head="baseline")
   rc = visualize.main(["attention", "--workdir", str(baseline),
                        "--images", str(tmp_path)])
-  assert rc == 2 and "no attention maps" in capsys.readouterr().err
+  assert rc == 1 and "no attention maps" in capsys.readouterr().err
   with pytest.raises(ValueError, match="out of range"):
     model_pictures.ranks_picture(
         loaded.with_overrides(data_dir=tools_fixtures.shared_data_dir()),

@@ -38,6 +38,7 @@ from musp_jax.training import model_pictures
 from musp_jax.data import input_pipeline
 from musp_jax.core import optim
 from musp_jax.runtime import writing
+from musp_jax.runtime import cli
 from musp_jax.runtime import process
 from musp_jax.core import state as state_lib
 from musp_jax.core import step as step_lib
@@ -50,7 +51,7 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
-class TrainingInterrupted(process.Stopped):
+class TrainingInterrupted(cli.Stopped):
   """SIGINT/SIGTERM stopped training after a finished, saved step."""
 
   def __init__(self, signum: int, step: int, directory: str):
