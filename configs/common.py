@@ -1,4 +1,5 @@
-"""The official MUSP recipe (SPEC sections 1-4); dataset configs override a few fields.
+"""The official MUSP recipe (docs/design.md sections 1-4); dataset configs override a few
+fields.
 
     python -m musp_jax.main --config configs/common.py --workdir workdirs/common
 
@@ -124,7 +125,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
                  "input.num_instances": 4, "input.num_workers": 0, "optim.num_epochs": 1,
                  "optim.warmup_epochs": 0, "eval.every_epochs": 1},
     "baseline": {"model.head": "baseline"},
-    # The paper's text (SPEC section 1 table, right column); its value width
+    # The paper's text (docs/design.md section 1 table, right column); its value width
     # c = 2048 // (n - 1) is what value_channels=0 resolves to for the full conv.
     "paper": {"model.value_conv": "full", "model.pooling": "mean", "model.ese": "kept",
               "model.global_feature": "backbone_gap", "model.diversity": "kept",

@@ -14,7 +14,7 @@
 Both take RGB uint8 images of the exported size (any batch size) and do the
 preprocessing themselves: resize to the model's input size (bilinear,
 antialiased when shrinking), then the one feature function `features.embed`,
-which normalises as training and evaluation do (SPEC section 4). Both are built
+which normalises as training and evaluation do (docs/design.md section 4). Both are built
 from one function, `serving_fn`.
 
 jax format: a `jax.export` artefact (StableHLO) lowered for CPU and CUDA;
@@ -108,7 +108,7 @@ def _metadata(loaded, fmt: str, input_hw: tuple[int, int], flip: bool,
 
 def export(loaded, *, input_hw: tuple[int, int] | None = None, flip: bool = False,
            platforms: Sequence[str] = ("cpu", "cuda")) -> tuple[bytes, dict]:
-  """A LoadedModel (musp_jax.serving.inference.load_model) -> (serialized function, metadata)."""
+  """A loaded model (serving.inference.load_model) -> (serialized function, metadata)."""
   input_hw = _input_hw(loaded, input_hw)
   fn = serving_fn(loaded.model, loaded.variables, loaded.config, input_hw=input_hw,
                   flip=flip)

@@ -9,7 +9,7 @@
 
 Queries are image files, folders, or a features .npz. Images are embedded with the
 model that made the gallery (its model_source, or --workdir/--checkpoint); the
-distance is the CAM-weighted one (SPEC section 4). Features of another model are
+distance is the CAM-weighted one (docs/design.md section 4). Features of another model are
 refused, with the differing fields named.
 
 --gallery ranks the whole gallery by brute force in memory: exact, the default,

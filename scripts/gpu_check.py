@@ -8,7 +8,7 @@ ml-collections; never TensorFlow, tensorflow-datasets, grain or clu, and no down
 Parts, each a subprocess with its own time limit (a failure is reported, the next part
 still runs, except after `platform`):
   platform  versions, devices; model.conv_impl="auto" resolves to XLA convolutions,
-            lowered to cuDNN (SPEC: GEMM convolutions are for the CPU only)
+            lowered to cuDNN (GEMM convolutions, models/fast_conv.py, are for the CPU only)
   parity    MUSP ResNet-50 on the same weights and uint8 images on the GPU and on the
             CPU, float32 and bfloat16: features, areas and the train-mode loss
   train     scripts/bench_train.py: MUSP ResNet-50, 256 px, batch 64, the JAX step in

@@ -23,7 +23,8 @@ SIGNATURE = json.dumps({"head": "musp", "parts": 3, "channels": 8, "weights": "0
 
 def _features(rng, num_ids, per_id, *, parts=3, channels=8, prefix="g",
               signature=SIGNATURE):
-  """Clustered features: identity centres plus noise, varied areas (SPEC section 4)."""
+  """Clustered features: identity centres plus noise, varied areas (docs/design.md
+  section 4)."""
   centres = rng.standard_normal((num_ids, parts, channels))
   ids = np.repeat(np.arange(num_ids), per_id)
   feats = features.l2_normalize(

@@ -1,7 +1,7 @@
 """Images -> retrieval features: the one feature function, and the model signature.
 
-SPEC section 4: each branch's pre-BN feature, L2-normalised, with the areas that weight
-the CAM distance. With `flip`, an image and its mirror image are both embedded: the
+docs/design.md section 4: each branch's pre-BN feature, L2-normalised, with the areas that
+weight the CAM distance. With `flip`, an image and its mirror image are both embedded: the
 per-branch features are normalised, summed and normalised again, and the areas are
 averaged, so an image and its mirror image get the same features and areas.
 

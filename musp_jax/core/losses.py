@@ -7,7 +7,7 @@ The spatial diversity term is computed inside the model
 (`musp_jax.models.musp.diversity_term`, returned as `outputs["diversity"]`);
 `total_loss` only weights it, so the attention maps never leave the model.
 
-Conventions follow the official MUSP training code (SPEC section 2):
+Conventions follow the official MUSP training code (docs/design.md section 2):
   * ID loss: cross-entropy against q = (1 - eps) * onehot + eps / K, averaged
     over the batch, summed over branches.
   * Triplet loss: Euclidean distance sqrt(max(d^2, 1e-12)) on pre-BN features,

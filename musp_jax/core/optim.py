@@ -1,4 +1,5 @@
-"""Optimizer and learning-rate schedule of the official MUSP recipe (SPEC 3).
+"""Optimizer and learning-rate schedule of the official MUSP recipe (docs/design.md
+section 3).
 
 Adam with PyTorch's coupled L2 weight decay: `weight_decay * param` is added to
 the gradient before the Adam moments (torch.optim.Adam(weight_decay=...)), which
@@ -82,7 +83,7 @@ def make_optimizer(optim_config: ml_collections.ConfigDict, steps_per_epoch: int
       top-level `backbone_key` subtree; grad_clip > 0 clips the raw gradient's
       global norm before weight decay is added (as clip_grad_norm_ before
       optimizer.step() in PyTorch).
-    steps_per_epoch: optimizer steps per epoch (SPEC 3).
+    steps_per_epoch: optimizer steps per epoch (docs/design.md section 3).
     backbone_key: the top-level parameter key of the backbone.
     frozen_pattern: regex on paths of parameters that are never updated (as
       requires_grad=False in PyTorch, where Adam's weight decay skips them too),

@@ -7,7 +7,7 @@ one fused elementwise pass. The random choices (which box to erase) stay on the 
 with the rest of the augmentation (augment.py), so a batch is still a pure function of
 (seed, step, slot).
 
-SPEC section 3: x = (v / 255 - mean) / std per channel; random erasing fills its box
+docs/design.md section 3: x = (v / 255 - mean) / std per channel; random erasing fills its box
 with `erase_fill` after normalisation.
 """
 

@@ -1,6 +1,6 @@
 """Image transforms run by the grain workers (numpy + OpenCV only, no JAX).
 
-Train (SPEC section 3, the official code's order): random 2D translation
+Train (docs/design.md section 3, the official code's order): random 2D translation
 (with probability p resize to 1.125x and take a random crop, else resize),
 horizontal flip, and the box of random erasing. Test: resize. Both hand over
 uint8 pixels: normalisation and the erasing itself (after normalisation, as the
@@ -106,7 +106,7 @@ NO_ERASE = (0, 0, 0, 0)  # an erase box of height 0: nothing is erased
 
 @dataclasses.dataclass(frozen=True)
 class TrainTransform:
-  """Decode + SPEC section 3 train augmentation; call with (bytes, rng)."""
+  """Decode + docs/design.md section 3 train augmentation; call with (bytes, rng)."""
 
   size_hw: tuple[int, int]
   translate_prob: float
@@ -172,7 +172,7 @@ class TrainTransform:
 
 @dataclasses.dataclass(frozen=True)
 class TestTransform:
-  """Decode and resize (SPEC section 3 test transform, before normalisation)."""
+  """Decode and resize (docs/design.md section 3 test transform, before normalisation)."""
 
   size_hw: tuple[int, int]
 

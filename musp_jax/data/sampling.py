@@ -7,8 +7,8 @@ and dealt into groups of K (an identity with fewer than K images is drawn with
 replacement up to K; a remainder smaller than K is dropped), then each batch
 takes one group from P identities chosen uniformly among those with groups
 left. The official sampler ends the epoch when fewer than P identities have
-groups left; here the epoch has a fixed length (`steps_per_epoch`, SPEC
-section 3) and a fresh deal is appended when that happens, so the schedule in
+groups left; here the epoch has a fixed length (`steps_per_epoch`,
+docs/design.md section 3) and a fresh deal is appended when that happens, so the schedule in
 epochs and the data position in steps stay exact.
 
 Epoch e's arrangement depends only on (seed, e, labels); it is computed once

@@ -5,7 +5,7 @@
 
 For galleries too large to rank by brute force in memory (millions of images).
 Candidates come from a faiss IVF index (k-means inverted lists, inner-product
-metric); the CAM-weighted squared distance (SPEC section 4, `cam_squared`) is
+metric); the CAM-weighted squared distance (docs/design.md section 4, `cam_squared`) is
 then computed exactly on the candidates' full features, read from a
 memory-mapped store on disk, with ranking.pairwise_distance. Results carry
 exact distances and are ordered by (distance, gallery index), as brute force

@@ -1,4 +1,4 @@
-"""Per-dataset query/gallery/junk rules (SPEC section 5), one named row each.
+"""Per-dataset query/gallery/junk rules (docs/design.md section 5), one named row each.
 
 Every protocol has the same signature, `protocol(splits, *, name, eval_config,
 **overrides)`: `splits` maps the protocol's roles ("query" and "gallery", or "test")

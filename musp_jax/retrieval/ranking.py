@@ -1,6 +1,6 @@
 """CAM-weighted distance and exact on-device ranking, streamed in query blocks.
 
-Distances (SPEC section 4), for features f (N, P, C) and areas a (N, P):
+Distances (docs/design.md section 4), for features f (N, P, C) and areas a (N, P):
 
   cam_squared  D = sum_p w_p ||f_q^p - f_g^p||^2      (official code, default)
   cam          D = sum_p w_p ||f_q^p - f_g^p||        (paper text)
@@ -26,7 +26,7 @@ where [a f] is the area-scaled concatenated feature (P*C); the norm terms and
 the denominator a_q . a_g are GEMMs with P columns. This holds for any features
 (not only L2-normalised ones), so no (Q, G, P) tensor is ever built.
 
-Ranking (SPEC section 5) without sorting: a query's AP, CMC and INP depend only
+Ranking (docs/design.md section 5) without sorting: a query's AP, CMC and INP depend only
 on the ranks of its true matches. With the stable tie rule, gallery item k is
 ahead of item j iff (d_k, k) < (d_j, j) lexicographically, so the rank of a true
 match j among the kept items is
@@ -442,7 +442,8 @@ def evaluate(query: "Features | str | os.PathLike",
     "per_query", "rerank_input").
   """
   _check_distance(distance)
-  query, gallery = saved_features.as_features(query, "query"), saved_features.as_features(gallery, "gallery")
+  query = saved_features.as_features(query, "query")
+  gallery = saved_features.as_features(gallery, "gallery")
   if query.feats.shape[1:] != gallery.feats.shape[1:]:
     raise ValueError(f"evaluate: query features {query.feats.shape[1:]} and "
                      f"gallery features {gallery.feats.shape[1:]} differ (P, C)")

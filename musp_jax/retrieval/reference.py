@@ -1,4 +1,4 @@
-"""Pure-numpy reference of the retrieval metrics (SPEC section 5).
+"""Pure-numpy reference of the retrieval metrics (docs/design.md section 5).
 
 This is the slow, obviously-correct definition that the on-device ranking in
 `retrieval.py` is tested against. Per query:

@@ -72,8 +72,9 @@ ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
 
 
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
   """`jax.distributed.initialize` with arguments, environment variables or auto-detection."""
   coordinator_address = coordinator_address or os.environ.get(ENV_ADDRESS)
   if num_processes is None and ENV_NUM_PROCESSES in os.environ:

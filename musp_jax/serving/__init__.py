@@ -1,1 +1,2 @@
-"""Serving: a trained model loaded for the tools, and its lowering to ONNX."""
+"""Serving: a trained model loaded for the tools (image files -> features) and its
+lowering to ONNX."""

@@ -3,7 +3,7 @@
 embed, search, visualize, export and the demo all start the same way: restore a
 checkpoint's weights with `checkpointing.load_variables` (its run config and class
 count come with it), rebuild the model, then turn image files into L2-normalised
-per-branch features and areas with `features.embed` (SPEC section 4).
+per-branch features and areas with `features.embed` (docs/design.md section 4).
 
     loaded = inference.load_model("workdirs/demo")                       # latest step
     loaded = inference.load_model("workdirs/demo/checkpoints/120")       # a step folder
