@@ -18,7 +18,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
 
-  # --- data (tfds_builders/, musp_jax/datasets.py) ---
+  # --- data (tfds_builders/, musp_jax/data/datasets.py) ---
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "synthetic_vehicles"  # veri776 | vehicle_id | veri_wild | synthetic_vehicles
   # TFDS builder config: the synthetic dataset's size (tiny | small | large); the
@@ -94,7 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.gamma = 0.1
   c.optim.num_epochs = 90
 
-  # --- evaluation (retrieval.py, protocols.py) ---
+  # --- evaluation (retrieval/ranking.py, retrieval/protocols.py) ---
   c.eval = ml_collections.ConfigDict()
   c.eval.dataset = ""  # empty: the training dataset; else another (cross-domain)
   c.eval.test_size = "small"  # VehicleID / VERI-Wild test set: small | medium | large

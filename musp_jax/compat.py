@@ -15,7 +15,7 @@
   all_AP   list of numpy float64, one per query that has a true match, in query order
   all_INP  the same for INP (true matches / rank of the last one)
 
-Both are computed by `musp_jax.retrieval`'s exact on-device ranking, one
+Both are computed by `musp_jax.retrieval.ranking`'s exact on-device ranking, one
 (query_block, G) block at a time, so memory stays bounded for any Q x G.
 Junk (same id and same camera as the query) is removed, as in fast-reid.
 

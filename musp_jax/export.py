@@ -24,7 +24,7 @@ signature, source checkpoint, jax version).
 
 onnx format (opset 17, dynamic batch; for onnxruntime, TensorRT, DeepStream):
 the jaxpr of `serving_fn` is written primitive by primitive as ONNX operators
-by `musp_jax.to_onnx`, weights and everything else that does not depend on the
+by `musp_jax.serving.onnx_lowering`, weights and everything else that does not depend on the
 images folded into constants; the same metadata is in the model's
 metadata_props["musp_jax"]. Why our own lowering rather than a converter
 library (both tried with jax 0.10.2):

@@ -13,7 +13,7 @@ distance is the CAM-weighted one (docs/design.md section 4). Features of another
 refused, with the differing fields named.
 
 --gallery ranks the whole gallery by brute force in memory: exact, the default,
-right for galleries that fit in memory. --index (musp_jax.index) takes
+right for galleries that fit in memory. --index (musp_jax/retrieval/gallery_index.py) takes
 candidates from an approximate index and re-ranks them with the exact distance;
 with an exhaustive index (the default for galleries under 65,536 images) the
 result equals brute force.
@@ -104,7 +104,7 @@ def search(query: saved_features.Features, gallery: saved_features.Features, *, 
 def search_index(query: saved_features.Features, gallery_index: Any, *, topk: int = 10,
                  nprobe: int | None = None, candidates: int | None = None
                  ) -> list[dict[str, Any]]:
-  """Like `search`, with candidates from a musp_jax.index.GalleryIndex."""
+  """Like `search`, with candidates from a gallery_index.GalleryIndex."""
   dist_QxK, index_QxK = gallery_index.search(query, topk, nprobe=nprobe,
                                              candidates=candidates)
   return ranked_results(query, dist_QxK, index_QxK, names=gallery_index.file_names,
@@ -215,7 +215,8 @@ def build_index_main(argv: Sequence[str]) -> int:
   """`python -m musp_jax.search index`: builds an index folder from .npz shards."""
   parser = argparse.ArgumentParser(
       prog="python -m musp_jax.search index",
-      description="Build an approximate index (musp_jax.index) over saved-features "
+      description="Build an approximate index (musp_jax.retrieval.gallery_index) over "
+                  "saved-features "
                   ".npz shards, streamed one at a time.")
   parser.add_argument("--gallery", nargs="+", required=True,
                       help="Saved-features .npz shards (embed's --out), in order.")

@@ -1,6 +1,11 @@
-"""The numerical core imports and runs with TensorFlow, tfds, grain and clu refused."""
+"""The package's layout, checked: its layers import only the layers below them, the
+numerical core imports and runs with TensorFlow, tfds, grain and clu refused, and README's
+map lists every module."""
 
+import ast
 import json
+import pathlib
+import re
 import subprocess
 import sys
 
@@ -8,14 +13,69 @@ import pytest
 
 import io_stack
 
-_CORE = ("musp_jax.models", "musp_jax.models.weights", "musp_jax.core.losses", "musp_jax.core.optim",
-         "musp_jax.core.state", "musp_jax.core.step", "musp_jax.core.preprocess", "musp_jax.retrieval.ranking",
-         "musp_jax.retrieval.reference", "musp_jax.retrieval.rerank", "musp_jax.core.features", "musp_jax.export",
-         "musp_jax.runtime.process", "configs.common")
+PACKAGE = io_stack.ROOT / "musp_jax"
+# What each layer may import from the package (besides itself); the commands at the top
+# may import any layer. README, "Map of the package".
+LAYERS = {
+    "runtime": set(),
+    "models": set(),
+    "core": {"models"},
+    "data": set(),
+    "retrieval": {"runtime", "models", "core"},
+    "training": {"runtime", "models", "core", "data", "retrieval"},
+    "serving": {"runtime", "models", "core", "data", "retrieval", "training"},
+}
+# The rule of the numerical core is a path rule: everything under these folders.
+NO_IO_STACK = ("runtime", "models", "core", "retrieval")
+COMMANDS = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
+
+
+def _modules(folder: str) -> list[str]:
+  return sorted("musp_jax." + ".".join(p.relative_to(PACKAGE).with_suffix("").parts)
+                .removesuffix(".__init__") for p in (PACKAGE / folder).rglob("*.py"))
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+  names = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      names.update(a.name for a in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      names.add(node.module)
+      names.update(f"{node.module}.{a.name}" for a in node.names)
+  return names
+
+
+def test_top_of_the_package_holds_only_the_commands_and_the_layers():
+  assert sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"
+                ) == sorted(LAYERS)
+  # Each command runs as `python -m musp_jax.X` (compat is imported by its documented path).
+  for name in COMMANDS - {"compat"}:
+    assert 'if __name__ == "__main__":' in (PACKAGE / f"{name}.py").read_text(), name
+
+
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_layers_import_only_the_layers_below(layer):
+  problems = []
+  for path in sorted((PACKAGE / layer).rglob("*.py")):
+    for name in _imports(path):
+      parts = name.split(".")
+      where = path.relative_to(io_stack.ROOT)
+      if parts[0] == "configs":
+        problems.append(f"{where} imports the experiment configs ({name})")
+      elif name.startswith("tfds_builders.synthetic_vehicles.render"):
+        problems.append(f"{where} imports the synthetic renderer")
+      elif parts[0] == "musp_jax" and len(parts) > 1:
+        if parts[1] in COMMANDS:
+          problems.append(f"{where} imports the command module musp_jax.{parts[1]}")
+        elif parts[1] in LAYERS and parts[1] != layer and parts[1] not in LAYERS[layer]:
+          problems.append(f"{where} imports {name}, a layer above {layer}")
+  assert not problems, "\n".join(problems)
+
 
 _PROGRAM = f'''
 import importlib, json, sys
-for name in {_CORE!r}:
+for name in {[m for f in NO_IO_STACK for m in _modules(f)] + ["musp_jax.export", "configs.common"]!r}:
   importlib.import_module(name)
 for name in {io_stack.BLOCKED!r}:  # the finder works: they are refused
   try:
@@ -31,14 +91,14 @@ import jax.numpy as jnp
 import numpy as np
 from configs import common
 from musp_jax.core import features
-from musp_jax.retrieval import reference
 from musp_jax.core import optim
-from musp_jax.retrieval import ranking
-from musp_jax.retrieval import saved_features
 from musp_jax.core import state
 from musp_jax.core import step
-from musp_jax.runtime import process
 from musp_jax.models import build_model
+from musp_jax.retrieval import ranking
+from musp_jax.retrieval import reference
+from musp_jax.retrieval import saved_features
+from musp_jax.runtime import process
 
 c = common.get_config("runlocal")
 batch = step.random_batch(np.random.default_rng(0), 8, (32, 32), 4)
@@ -63,9 +123,10 @@ train_step = step.jit_step(model=Tiny(), tx=tx, loss_config=c.loss, input_config
 st, m = train_step(st, batch)
 st, m2 = train_step(st, batch)
 rng = np.random.default_rng(1)
-q = saved_features.Features(np.asarray(feats), np.asarray(areas), np.arange(8) % 4, np.zeros(8, int))
-g = saved_features.Features(np.asarray(feats)[::-1], np.asarray(areas)[::-1], np.arange(8)[::-1] % 4,
-                       np.ones(8, int))
+q = saved_features.Features(np.asarray(feats), np.asarray(areas), np.arange(8) % 4,
+                            np.zeros(8, int))
+g = saved_features.Features(np.asarray(feats)[::-1], np.asarray(areas)[::-1],
+                            np.arange(8)[::-1] % 4, np.ones(8, int))
 got = ranking.evaluate(q, g)
 want = reference.rank_metrics(ranking.distance_matrix(q, g), q.ids, g.ids, q.cams, g.cams)
 print(json.dumps({{"loaded": sorted(m for m, v in sys.modules.items()
@@ -88,3 +149,21 @@ def test_core_runs_without_the_io_stack(tmp_path):
   assert all(abs(n - 1.0) < 1e-5 for row in out["norms"] for n in row)
   assert out["step"] == 2 and out["losses"][1] != out["losses"][0]
   assert out["mAP"][0] == pytest.approx(out["mAP"][1], rel=1e-6) and out["mAP"][1] > 0
+
+
+def test_readme_map_lists_every_module():
+  text = (io_stack.ROOT / "README.md").read_text()
+  block = text[text.index("    musp_jax/\n"):text.index("    configs/ ")]
+  listed, folder = set(), ""
+  for line in block.splitlines()[1:]:
+    m = re.match(r"^( {6}| {8})(\S+)", line)
+    if not m:
+      continue
+    name = m.group(2)
+    if name.endswith("/"):
+      folder = name
+    elif name.endswith(".py"):
+      listed.add(folder + name if len(m.group(1)) == 8 else name)
+  modules = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+             if p.name != "__init__.py" or p.parent.name == "models"}
+  assert listed == modules, (sorted(modules - listed), sorted(listed - modules))

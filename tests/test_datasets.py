@@ -1,4 +1,4 @@
-"""musp_jax.datasets: reading built splits, the split index, errors, atomic builds."""
+"""data/datasets.py: reading built splits, the split index, errors, atomic builds."""
 
 import json
 import os

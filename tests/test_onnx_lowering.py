@@ -1,4 +1,4 @@
-"""to_onnx: primitives beyond the model's (which test_export covers) against JAX."""
+"""onnx_lowering: primitives beyond the model's (which test_export covers) against JAX."""
 
 import jax
 from jax import lax

@@ -4,7 +4,7 @@ Train (docs/design.md section 3, the official code's order): random 2D translati
 (with probability p resize to 1.125x and take a random crop, else resize),
 horizontal flip, and the box of random erasing. Test: resize. Both hand over
 uint8 pixels: normalisation and the erasing itself (after normalisation, as the
-official code) run on the device in the jitted step (musp_jax/preprocess.py).
+official code) run on the device in the jitted step (musp_jax/core/preprocess.py).
 
 OpenCV rather than PIL: its decoder and SIMD resize are about twice as fast,
 which is what lets a CPU core keep up with a GPU (scripts/bench_input.py).

@@ -58,7 +58,7 @@ class _TrainBatch:
   """Step -> this process's rows of the global PK batch at that step.
 
   Each image is written into the batch array as it is made (uint8; normalisation
-  and erasing run in the jitted step, musp_jax/preprocess.py), so a worker never
+  and erasing run in the jitted step, musp_jax/core/preprocess.py), so a worker never
   holds a batch's images twice. In a worker the array is in shared memory, and
   grain hands the main process a handle instead of copying it.
   """

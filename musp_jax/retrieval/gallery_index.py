@@ -111,7 +111,7 @@ from musp_jax.retrieval import saved_features
 try:
   import faiss  # pylint: disable=g-import-not-at-top
 except ImportError as e:  # the optional `index` extra
-  raise ImportError("musp_jax.index needs faiss: pip install 'musp-jax[index]' "
+  raise ImportError("musp_jax.retrieval.gallery_index needs faiss: pip install 'musp-jax[index]' "
                     "(faiss-cpu).") from e
 
 FORMAT = "musp_jax.index/1"

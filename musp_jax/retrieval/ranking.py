@@ -339,10 +339,10 @@ def rank_distmat(distmat: np.ndarray, q_ids, g_ids, q_cams, g_cams, *,
                  max_rank: int = 50, remove_junk: bool = True,
                  query_block: int = 1024, mesh: Mesh | None = None,
                  per_query: bool = False) -> dict[str, Any]:
-  """`metrics.rank_metrics` computed on the device, query block by block.
+  """`reference.rank_metrics` computed on the device, query block by block.
 
   With `per_query`, also "per_query": {"AP", "INP", "first_hit"}, as
-  `metrics.rank_metrics` returns them (NaN / -1 for queries without a true
+  `reference.rank_metrics` returns them (NaN / -1 for queries without a true
   match).
   """
   distmat = np.asarray(distmat, np.float32)

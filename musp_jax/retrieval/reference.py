@@ -1,7 +1,7 @@
 """Pure-numpy reference of the retrieval metrics (docs/design.md section 5).
 
 This is the slow, obviously-correct definition that the on-device ranking in
-`retrieval.py` is tested against. Per query:
+`ranking.py` is tested against. Per query:
 
   1. order the gallery by ascending distance; ties keep gallery index order
      (a stable sort), so the result never depends on the sort algorithm;

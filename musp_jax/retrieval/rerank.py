@@ -1,7 +1,7 @@
 """k-reciprocal re-ranking (Zhong et al., CVPR 2017), in numpy.
 
 It needs the whole (Q+G) x (Q+G) distance matrix on the host, so it is meant
-for sets that fit in memory (VeRi-776, VehicleID); `retrieval.evaluate` calls
+for sets that fit in memory (VeRi-776, VehicleID); `ranking.evaluate` calls
 it when `rerank=True` and ranks the result on the device.
 
 Input convention: the method is defined on squared Euclidean distances (Zhong
@@ -9,7 +9,7 @@ et al. square the Euclidean distance first; fast-reid and torchreid pass
 squared distances), and its result depends on that choice (step 3 weighs
 neighbours by exp(-d), step 6 mixes d in). Pass squared distances: squared L2,
 cam_squared, or 1 - cos (half the squared L2 of normalised features; the scale
-cancels in the normalisation below). `retrieval.evaluate` does so for every
+cancels in the normalisation below). `ranking.evaluate` does so for every
 `distance` through `retrieval.RERANK_INPUT`; a plain Euclidean or `cam`
 distance is re-ranked through its squared counterpart.
 

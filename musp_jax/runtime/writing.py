@@ -1,10 +1,10 @@
 """Writing outputs safely: the training workdir's lock, atomic files and folders.
 
-    with outputs.WorkdirLock(workdir):          # one training run per workdir
+    with writing.WorkdirLock(workdir):          # one training run per workdir
       ...
-    with outputs.atomic_file("gallery.npz") as tmp:   # readers never see half a file
+    with writing.atomic_file("gallery.npz") as tmp:   # readers never see half a file
       np.savez(tmp, ...)
-    outputs.replace_folder(out, write, owned=is_mine)  # a folder swapped in when done
+    writing.replace_folder(out, write, owned=is_mine)  # a folder swapped in when done
 
 A lock is an advisory `flock` on <workdir>/.lock, which holds the holder's host and pid
 for the message a second run prints. The kernel drops the lock when its process dies,

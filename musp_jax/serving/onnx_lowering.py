@@ -444,7 +444,7 @@ def _lower(g: _Graph, jaxpr: jcore.Jaxpr, consts: Sequence[Any],
       outs = _RULES[eqn.primitive.name](g, eqn, ins)
     else:
       raise NotImplementedError(
-          f"to_onnx: no ONNX rule for the JAX primitive {eqn.primitive.name!r}")
+          f"onnx_lowering: no ONNX rule for the JAX primitive {eqn.primitive.name!r}")
     for v, out in zip(eqn.outvars, outs):
       if not isinstance(v, jcore.DropVar):
         env[v] = out
@@ -460,7 +460,7 @@ def convert(fn: Callable, spec: jax.ShapeDtypeStruct, *, input_name: str,
   """
   closed = jax.make_jaxpr(fn)(spec)
   if len(closed.jaxpr.outvars) != len(output_names):
-    raise ValueError(f"to_onnx: fn returns {len(closed.jaxpr.outvars)} arrays, "
+    raise ValueError(f"onnx_lowering: fn returns {len(closed.jaxpr.outvars)} arrays, "
                      f"{len(output_names)} output names given")
   g = _Graph()
   for i, d in enumerate(spec.shape):

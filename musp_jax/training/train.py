@@ -2,8 +2,8 @@
 
 config check and workdir lock -> mesh -> data -> model and optimizer -> restore ->
 loop (step, log, evaluate, checkpoint). The step itself is the pure `step.train_step`,
-compiled by `step.jit_step`; the state lives in musp_jax/state.py; evaluation and the
-results files in musp_jax/evaluator.py.
+compiled by `step.jit_step`; the state lives in musp_jax/core/state.py; evaluation and the
+results files in musp_jax/training/evaluator.py.
 
 Stopping: the first SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption) lets the
 current step finish, saves it, waits for the save and raises TrainingInterrupted,
