@@ -28,10 +28,10 @@ config_flags.DEFINE_config_file("config", "configs/synthetic.py", "The demo conf
 
 def raw_pixel_features(source, size: int = 32):
   """Each image as one L2-normalised vector of its downscaled pixels: (N, 1, 3*size^2)."""
-  import io  # pylint: disable=g-import-not-at-top
+  import io
 
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  import numpy as np
+  from PIL import Image
   feats = np.stack([
       np.asarray(Image.open(io.BytesIO(source[i]["image"])).convert("RGB")
                  .resize((size, size), Image.BILINEAR), np.float32).reshape(-1)
@@ -44,13 +44,13 @@ def raw_pixel_features(source, size: int = 32):
 def reference_rows(config, mesh) -> tuple[dict, dict | None]:
   """mAP of the same model with random weights, and of raw-pixel nearest neighbours;
   and the random model's attention scores (None without part masks)."""
-  from musp_jax.training import attention_scores  # pylint: disable=g-import-not-at-top
-  from musp_jax.data import datasets  # pylint: disable=g-import-not-at-top
-  from musp_jax.training import evaluator  # pylint: disable=g-import-not-at-top
-  from musp_jax.retrieval import protocols  # pylint: disable=g-import-not-at-top
-  from musp_jax.retrieval import saved_features  # pylint: disable=g-import-not-at-top
-  from musp_jax.core import state  # pylint: disable=g-import-not-at-top
-  from musp_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  from musp_jax.training import attention_scores
+  from musp_jax.data import datasets
+  from musp_jax.training import evaluator
+  from musp_jax.retrieval import protocols
+  from musp_jax.retrieval import saved_features
+  from musp_jax.core import state
+  from musp_jax.models import build_model
 
   target = datasets.eval_set(config)
   kw = dict(data_dir=config.dataset.data_dir, builder_config=target.builder_config)
@@ -79,12 +79,12 @@ def main(argv) -> int:
 
 def run_demo(config, workdir: str) -> None:
   """Trains, evaluates the references, writes demo_summary.md and the pictures."""
-  from musp_jax.runtime import writing  # pylint: disable=g-import-not-at-top
-  from musp_jax.serving import inference  # pylint: disable=g-import-not-at-top
-  from musp_jax.training import attention_scores  # pylint: disable=g-import-not-at-top
-  from musp_jax.training import evaluator  # pylint: disable=g-import-not-at-top
-  from musp_jax.training import model_pictures  # pylint: disable=g-import-not-at-top
-  from musp_jax.training import train  # pylint: disable=g-import-not-at-top
+  from musp_jax.runtime import writing
+  from musp_jax.serving import inference
+  from musp_jax.training import attention_scores
+  from musp_jax.training import evaluator
+  from musp_jax.training import model_pictures
+  from musp_jax.training import train
 
   results = train.train_and_evaluate(config, workdir)
   trained = next(iter(results["results"].values()))

@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error("--keep_junk: each --protocol fixes its own junk rule.")
   if args.size and args.protocol not in ("vehicle_id", "veri_wild"):
     parser.error("--size names the rows of --protocol vehicle_id or veri_wild only.")
-  from musp_jax.runtime import process  # pylint: disable=g-import-not-at-top
+  from musp_jax.runtime import process
   process.setup()
 
   def run():
@@ -158,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rerank_k1=args.rerank_k1, rerank_k2=args.rerank_k2,
         rerank_lambda=args.rerank_lambda, keep_junk=args.keep_junk,
         query_block=args.query_block, trials=args.trials, seed=args.seed)
-    from musp_jax.training import evaluator  # pylint: disable=g-import-not-at-top
+    from musp_jax.training import evaluator
     files = args.test or f"{args.query} vs {args.gallery}"
     title = (f"Saved features {files}: protocol {args.protocol or 'plain'}, distance "
              f"{args.distance}" + (" + re-ranking" if args.rerank else ""))

@@ -66,7 +66,7 @@ PARITY_TOLERANCE = 1e-4  # ONNX vs JAX, relative per feature vector
 def serving_fn(model, variables: Any, config, *, input_hw: tuple[int, int],
                flip: bool = False) -> Callable[[jax.Array], dict[str, jax.Array]]:
   """uint8 images (N, *input_hw, 3) -> {"feats", "areas"}; weights are closed over."""
-  from musp_jax.core import features  # pylint: disable=g-import-not-at-top
+  from musp_jax.core import features
   model_hw = tuple(int(v) for v in config.input.image_size)
 
   def fn(images_NxHxWx3: jax.Array) -> dict[str, jax.Array]:
@@ -95,7 +95,7 @@ def _input_hw(loaded, input_hw) -> tuple[int, int]:
 
 def _metadata(loaded, fmt: str, input_hw: tuple[int, int], flip: bool,
               outputs: dict[str, list[str]]) -> dict:
-  from musp_jax.core import features  # pylint: disable=g-import-not-at-top
+  from musp_jax.core import features
   return {
       "format": fmt,
       "input": {"shape": ["batch", *input_hw, 3], "dtype": "uint8", "channels": "RGB"},
@@ -124,7 +124,7 @@ def export(loaded, *, input_hw: tuple[int, int] | None = None, flip: bool = Fals
 def export_onnx(loaded, *, input_hw: tuple[int, int] | None = None,
                 flip: bool = False) -> tuple[bytes, dict]:
   """A LoadedModel -> (ONNX model bytes, metadata): images -> feats, areas."""
-  from musp_jax.serving import onnx_lowering  # pylint: disable=g-import-not-at-top
+  from musp_jax.serving import onnx_lowering
   if loaded.config.model.get("dtype", "float32") != "float32":
     raise ValueError(f"ONNX export takes float32 models; this one computes in "
                      f"model.dtype={loaded.config.model.dtype!r}.")
@@ -164,7 +164,7 @@ def onnx_parity(serialized: bytes, reference: Callable[[np.ndarray], dict],
   Per image and branch: ||onnx - jax|| / ||jax|| for feats, and the same over
   each image's areas.
   """
-  import onnxruntime  # pylint: disable=g-import-not-at-top
+  import onnxruntime
   session = onnxruntime.InferenceSession(serialized, providers=["CPUExecutionProvider"])
   rng = np.random.default_rng(seed)
   worst = {"feats": 0.0, "areas": 0.0}
@@ -229,9 +229,9 @@ def load(path: str) -> ExportedModel:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  from musp_jax.runtime import cli  # pylint: disable=g-import-not-at-top
-  from musp_jax.runtime import process  # pylint: disable=g-import-not-at-top
-  from musp_jax.serving import inference  # pylint: disable=g-import-not-at-top
+  from musp_jax.runtime import cli
+  from musp_jax.runtime import process
+  from musp_jax.serving import inference
   parser = argparse.ArgumentParser(
       prog="python -m musp_jax.export", description=__doc__.split("\n\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -259,10 +259,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _export_and_write(args) -> None:
   """The command's work: load, export, check (ONNX), write, say what was written."""
-  from musp_jax.serving import inference  # pylint: disable=g-import-not-at-top
+  from musp_jax.serving import inference
   if args.format == "onnx" and not args.no_verify:
     try:
-      import onnxruntime  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+      import onnxruntime  # noqa: F401
     except ImportError:
       raise ImportError("--format onnx checks the model with onnxruntime, which is not "
                         "installed: pip install 'musp-jax[export]' (or pass "

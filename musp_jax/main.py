@@ -36,8 +36,8 @@ def main(argv) -> int:
         f"--step={FLAGS.step} is only for --mode=eval; training always resumes from the "
         f"latest checkpoint of --workdir {FLAGS.workdir}.")
   process.setup()
-  from musp_jax.training import evaluator  # pylint: disable=g-import-not-at-top
-  from musp_jax.training import train  # pylint: disable=g-import-not-at-top
+  from musp_jax.training import evaluator
+  from musp_jax.training import train
   logging.info("Config:\n%s", FLAGS.config)
 
   def run():

@@ -189,7 +189,7 @@ def _search_and_print(args: argparse.Namespace) -> None:
     gallery, source = load_gallery(args.gallery)
     signature = gallery.model_signature
   else:
-    from musp_jax.retrieval import gallery_index as index_lib  # pylint: disable=g-import-not-at-top
+    from musp_jax.retrieval import gallery_index as index_lib
     gallery = index_lib.GalleryIndex(args.index, verify_features=args.verify_index)
     signature, source = gallery.model_signature, gallery.model_source
   query = query_features(args.query, signature, gallery_path=args.gallery or args.index,
@@ -241,7 +241,7 @@ def build_index_main(argv: Sequence[str]) -> int:
 
 
 def _build_and_print(args: argparse.Namespace) -> None:
-  from musp_jax.retrieval import gallery_index as index_lib  # pylint: disable=g-import-not-at-top
+  from musp_jax.retrieval import gallery_index as index_lib
   spec = index_lib.Spec(nlist=args.nlist, codec=args.codec, pq_dims=args.pq_dims,
                         nprobe=args.nprobe, store=args.store)
   out = index_lib.build_index(args.gallery, args.out, spec, overwrite=args.overwrite)

@@ -76,7 +76,7 @@ def run_config(variant: str, seed: int, *, scale: float,
                overrides: Sequence[tuple[str, Any]] = ()):
   """The recipe of configs/synthetic.py with the variant's fields, the seed and the
   training length scaled, then `overrides`; one evaluation, at the end."""
-  from configs import synthetic  # pylint: disable=g-import-not-at-top
+  from configs import synthetic
   c = synthetic.get_config()
   for key, value in VARIANTS[variant].items():
     _set(c, key, value)
@@ -97,7 +97,7 @@ def run_config(variant: str, seed: int, *, scale: float,
 
 def read_run(workdir: pathlib.Path) -> dict[str, Any]:
   """The retrieval metrics (first protocol row) and attention summaries of a finished run."""
-  from musp_jax.training import attention_scores  # pylint: disable=g-import-not-at-top
+  from musp_jax.training import attention_scores
   results = json.loads((workdir / "results.json").read_text())
   rows = dict(results["results"])
   attention = rows.pop(attention_scores.ROW, None)
@@ -165,9 +165,9 @@ def tables(stats: dict[str, dict[str, Any]]) -> str:
 
 def figure(stats: dict[str, dict[str, Any]], records: Sequence[dict[str, Any]], path):
   """Bars of mean +- std per variant (retrieval, attention), one dot per seed."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  import numpy as np
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
 
   names = list(stats)
   fig = Figure(figsize=(13, 4.5), dpi=100)
@@ -221,8 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ValueError as e:
     parser.error(str(e))
 
-  from musp_jax.runtime import process  # pylint: disable=g-import-not-at-top
-  from musp_jax.training import train  # pylint: disable=g-import-not-at-top
+  from musp_jax.runtime import process
+  from musp_jax.training import train
   process.setup()
   root = pathlib.Path(args.workdir).expanduser()
   root.mkdir(parents=True, exist_ok=True)

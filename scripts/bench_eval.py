@@ -77,8 +77,8 @@ def _features(rng, n, p, c, num_ids):
 
 def _dense_torch(qf, qa, gf, ga):
   """The official code's evaluation-time distance, op for op (on the GPU if there is one)."""
-  import torch  # pylint: disable=g-import-not-at-top
-  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  import torch
+  import torch.nn.functional as F
   device = "cuda" if torch.cuda.is_available() else "cpu"
   qf, qa, gf, ga = (torch.from_numpy(x).to(device) for x in (qf, qa, gf, ga))
   mats = []
@@ -133,9 +133,9 @@ def main():
   print(f"\n[1] float32 GEMM ({qb} x {p * c}) @ ({p * c} x {gb}): "
         f"{t_gemm:.3f} s = {flops / t_gemm / 1e9:,.0f} GFLOP/s (machine rate)")
   mesh = process.make_mesh()
-  g_prep, _ = ranking._prepare_gallery(g, "cam_squared", mesh)  # pylint: disable=protected-access
+  g_prep, _ = ranking._prepare_gallery(g, "cam_squared", mesh)
   qf, qa = jnp.asarray(q.feats), jnp.asarray(q.areas)
-  dist_fn = lambda kind: ranking._query_distance(  # pylint: disable=protected-access
+  dist_fn = lambda kind: ranking._query_distance(
       qf, qa, g_prep, distance=kind, precision=HIGHEST)
   base = _rss_reset()
   t_dist = _best(lambda: dist_fn("cam_squared").block_until_ready(), args.repeats)
@@ -143,13 +143,13 @@ def main():
   print(f"[2] cam_squared block ({qb} x {gb}): {t_dist:.3f} s = "
         f"{flops / t_dist / 1e9:,.0f} GFLOP/s = {t_gemm / t_dist:.0%} of the "
         f"GEMM rate (goal >= 70%); peak {mem_dist}")
-  g_cam, _ = ranking._prepare_gallery(g, "cam", mesh)  # pylint: disable=protected-access
-  t_cam = _best(lambda: ranking._query_distance(  # pylint: disable=protected-access
+  g_cam, _ = ranking._prepare_gallery(g, "cam", mesh)
+  t_cam = _best(lambda: ranking._query_distance(
       qf, qa, g_cam, distance="cam", precision=HIGHEST).block_until_ready(),
                 args.repeats)
   print(f"    cam (paper, non-squared) block: {t_cam:.3f} s = "
         f"{t_gemm / t_cam:.0%} of the GEMM rate")
-  del g_cam
+  g_cam = None  # frees the prepared gallery before the next part
 
   # 3. The dense (Q, G, P) form.
   ours = np.asarray(dist_fn("cam_squared"))
@@ -172,14 +172,13 @@ def main():
   ids_q = rng.integers(0, gb // 13, qb)
   ids_g = rng.integers(0, gb // 13, gb)  # about 13 images per id, as VERI-Wild
   cams_q, cams_g = rng.integers(0, 174, qb), rng.integers(0, 174, gb)
-  # pylint: disable=protected-access
+  # The ranking's private parts, timed alone:
   table = ranking._SameIdTable(ids_q, ids_g, cams_q, cams_g, True)
   (queries, width), = ranking._query_blocks(table, qb)
   same_id = [jnp.asarray(ranking._pad_rows(x, qb)) for x in table.table(queries, width)]
   dist_dev, g_valid = dist_fn("cam_squared"), jnp.ones(gb, bool)
   t_rank = _best(lambda: jax.block_until_ready(ranking._distmat_block(
       dist_dev, g_valid, *same_id)), args.repeats)
-  # pylint: enable=protected-access
   print(f"[4] exact ranking of the block on the device ({width} same-id slots per query):"
         f" {t_rank:.3f} s = {t_rank / t_dist:.0%} of the block's distance time [2]"
         " (goal <= 15%)")

@@ -176,9 +176,9 @@ class Pipeline:
 
 def tiny_model_step_ms(batch_shape) -> float:
   """Step time of a small jitted CNN (forward + backward + SGD)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  from flax import linen as nn
 
   class Tiny(nn.Module):
 

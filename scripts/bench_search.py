@@ -177,12 +177,12 @@ def run(args, work: pathlib.Path) -> None:
   print(f"\n[1] generated {len(shards)} shards of <= {args.shard_items:,} "
         f"({same_id:,} identities) in {time.perf_counter() - t:.0f} s")
 
-  base = bench_eval._rss_reset()  # pylint: disable=protected-access
+  base = bench_eval._rss_reset()
   t = time.perf_counter()
   out = index_lib.build_index(shards, work / "gallery.index",
                         index_lib.Spec(codec=args.codec, nlist=args.nlist))
   t_build = time.perf_counter() - t
-  peak_build = bench_eval._status("VmHWM") - base  # pylint: disable=protected-access
+  peak_build = bench_eval._status("VmHWM") - base
   files = json.loads((out / index_lib.META).read_text())["files"]
   ann_bytes = files[index_lib.ANN]["bytes"]
   disk = sum(f["bytes"] for f in files.values())
@@ -207,7 +207,7 @@ def run(args, work: pathlib.Path) -> None:
   print(f"    {'nprobe':>6} {'cand':>5} {'recall@' + str(k):>9} {'ms/query':>9} "
         f"{'speed-up':>9} {'p50 ms':>7} {'p95 ms':>7} {'dist ok':>7}")
   lat_n = min(args.latency_queries or len(query), len(query))
-  rss_open = bench_eval._status("VmRSS")  # pylint: disable=protected-access
+  rss_open = bench_eval._status("VmRSS")
   for setting in args.settings.split(","):
     nprobe, cand = (int(v) for v in setting.split(":"))
     nprobe = min(nprobe, params["nlist"])
@@ -233,7 +233,7 @@ def run(args, work: pathlib.Path) -> None:
     print(f"    {nprobe:>6} {cand:>5} {recall:>9.4f} {per * 1e3:>9.3f} "
           f"{per_exact / per:>8.0f}x {p50:>7.2f} {p95:>7.2f} {str(dist_ok):>7}")
   print(f"[5] memory: resident {_mib(rss_open)} after opening the index, "
-        f"{_mib(bench_eval._status('VmRSS'))} after searching "  # pylint: disable=protected-access
+        f"{_mib(bench_eval._status('VmRSS'))} after searching "
         f"(feature store pages read through the page cache)")
   print("Goal: recall@10 >= 0.99 at >= 50x the exact search's per-query speed.")
 

@@ -173,7 +173,7 @@ def test_reading_needs_no_tensorflow(data_dir):
 
 
 def test_part_classes_come_from_the_builder():
-  from tfds_builders.synthetic_vehicles import render  # pylint: disable=g-import-not-at-top
+  from tfds_builders.synthetic_vehicles import render
   assert datasets.part_classes("synthetic_vehicles") == render.PART_CLASSES
   assert datasets.part_classes("synthetic_vehicles")[0] == "background"
   assert datasets.part_classes("veri776") == ()

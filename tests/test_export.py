@@ -58,7 +58,7 @@ def test_export_at_model_size_matches_embed(tmp_path, loaded):
   export.write_npz(str(tmp_path / "m.npz"), serialized, metadata)
   model = export.load(str(tmp_path / "m.npz"))
   paths = tools_fixtures.write_images(tmp_path / "imgs", 2, seed=5)
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image
   resized = []
   for i, p in enumerate(paths):  # already at the model's size, so embed does not resize
     img = Image.open(p).convert("RGB").resize(loaded.image_size[::-1])

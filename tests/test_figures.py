@@ -35,7 +35,7 @@ def test_overlay_blends_the_colour_map_at_the_image_size():
 
 
 def test_attention_beside_the_ground_truth_part_map():
-  from tfds_builders.synthetic_vehicles import render  # pylint: disable=g-import-not-at-top
+  from tfds_builders.synthetic_vehicles import render
   ident = render.make_identities(0, 2)
   cam = render.make_cameras(0, 1)[0]
   drawn = [render.render(i, cam, render.image_rng(0, 5, j), height=128, view=v)

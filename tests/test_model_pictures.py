@@ -48,7 +48,7 @@ def test_per_query_ap_and_choice_of_queries():
 
 def test_eval_attention_grid_shows_the_first_query_images(loaded):
   """Training writes this grid to TensorBoard at each evaluation."""
-  from musp_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  from musp_jax.data import datasets
   local = loaded.with_overrides(data_dir=tools_fixtures.shared_data_dir())
   images, names = model_pictures.eval_images(local.config, 2)
   source = datasets.load_split("synthetic_vehicles", "query",

@@ -107,7 +107,7 @@ def test_errors_name_the_problem():
 
 
 def test_every_dataset_names_a_protocol_that_exists():
-  from musp_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  from musp_jax.data import datasets
   assert {d.protocol for d in datasets.DATASETS.values()} == set(protocols.PROTOCOLS)
   with pytest.raises(ValueError, match="Unknown protocol 'market'"):
     protocols.run("market", {}, name="m")

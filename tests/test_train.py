@@ -101,7 +101,7 @@ def reference_run(tmp_path_factory, data_dir):
 
 def _events(workdir):
   """{tag: [(step, value or image shape)]} of the run's TensorBoard files."""
-  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  from tensorboard.backend.event_processing import event_accumulator
   acc = event_accumulator.EventAccumulator(str(workdir), size_guidance={"tensors": 0})
   acc.Reload()
   return {tag: [(e.step, tensor_util.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)]
@@ -300,7 +300,7 @@ def test_eval_on_another_dataset_needs_only_that_dataset(reference_run, tmp_path
   The evaluation data_dir holds only a tiny VeRi-776 build; the figures must equal
   those of the tools' single-device path (inference.embed_files + reference.rank_metrics).
   """
-  import test_tfds_veri776  # pylint: disable=g-import-not-at-top
+  import test_tfds_veri776
   expected = test_tfds_veri776.write_veri(tmp_path / "VeRi")
   other = tmp_path / "tfds"
   datasets.build("veri776", data_dir=str(other), builder_config="",

@@ -1,7 +1,6 @@
 """Safe outputs: the workdir lock (held by another process, taken over from a dead one),
 atomic files and folders that never lose what was there."""
 
-import json
 import os
 import pathlib
 import signal

@@ -66,7 +66,7 @@ def _exit_with_parent(parent_pid: int) -> None:
   # threads, and that signal fires when the starting thread ends, not the process.
   while os.getppid() == parent_pid:
     time.sleep(_PARENT_POLL_S)
-  os._exit(1)  # pylint: disable=protected-access
+  os._exit(1)
 
 
 class _LentSegment(shared_memory.SharedMemory):
@@ -76,7 +76,7 @@ class _LentSegment(shared_memory.SharedMemory):
   never the worker's mapping, which the next batch reuses.
   """
 
-  # pylint: disable-next=super-init-not-called
+  # No SharedMemory.__init__: this object maps nothing, it views `private`'s memory.
   def __init__(self, private: shared_memory.SharedMemory, public: str):
     self._name = "/" + public
     self._fd = -1

@@ -109,7 +109,7 @@ from musp_jax.retrieval import ranking
 from musp_jax.retrieval import saved_features
 
 try:
-  import faiss  # pylint: disable=g-import-not-at-top
+  import faiss
 except ImportError as e:  # the optional `index` extra
   raise ImportError("musp_jax.retrieval.gallery_index needs faiss: pip install 'musp-jax[index]' "
                     "(faiss-cpu).") from e

@@ -116,7 +116,7 @@ def _config_file(argv) -> object | None:
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(arg or None)
-  except Exception:  # pylint: disable=broad-except  # the flag error is reported anyway
+  except Exception:  # the flag error is reported anyway
     return None
 
 
@@ -148,7 +148,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing for app.run(flags_parser=...): a bad flag, config file or
   --config.<key> override is reported in one line, naming the key and the fields there
   are."""
-  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  FLAGS = flags.FLAGS
   try:
     try:
       remaining = FLAGS(argv)

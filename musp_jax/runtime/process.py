@@ -34,7 +34,7 @@ def hide_gpus_from_tensorflow() -> None:
   """TensorFlow must not take GPU memory from JAX (it is only used for I/O here)."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf
   except ImportError:  # the numerical core runs without TensorFlow
     return
   tf.config.set_visible_devices([], "GPU")

@@ -242,7 +242,7 @@ def _set_aside(manager: ocp.CheckpointManager, step: int) -> str:
       suffix += 1
     (epath.Path(manager.directory) / str(step)).rename(target)
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(f"set_aside_{step}")
   return str(target)
 
