@@ -42,10 +42,10 @@ def main(argv: Sequence[str]) -> int:
   if len(argv) != 2 or argv[1] not in datasets.DATASETS:
     cli.usage_error(
         f"give one dataset name: {' | '.join(datasets.DATASETS)} (got {argv[1:]}).")
-  return cli.run(lambda: build(argv[1]), verbose=_VERBOSE.value)
+  return cli.run(lambda: _build_and_report(argv[1]), verbose=_VERBOSE.value)
 
 
-def build(name: str) -> None:
+def _build_and_report(name: str) -> None:
   """Builds dataset `name` as the flags say and prints what was built."""
   config = _CONFIG.value
   if config is None:  # the builder's default config, if it has configs

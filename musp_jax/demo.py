@@ -63,8 +63,8 @@ def reference_rows(config, mesh) -> tuple[dict, dict | None]:
     index = datasets.split_index(target.name, split, **kw)
     pixels[role] = saved_features.Features(raw["feats"], raw["areas"], index["vehicle_id"],
                                       index["camera_id"])
-  pixel_rows = protocols.run(target.protocol, pixels, name=target.row_name,
-                             eval_config=config.eval)
+  pixel_rows = protocols.run_protocol(target.protocol, pixels, name=target.row_name,
+                                      eval_config=config.eval)
   return ({"random weights": next(iter(random_rows.values())),
            "raw-pixel NN": next(iter(pixel_rows.values()))},
           random_rows.get(attention_scores.ROW))

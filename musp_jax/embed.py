@@ -26,7 +26,7 @@ from musp_jax.runtime import process
 
 
 def write_features(loaded: inference.LoadedModel, images: Sequence[str], out: str, *,
-          batch_size: int = 32, flip: bool = False, progress: bool = True
+                   batch_size: int = 32, flip: bool = False, progress: bool = True
           ) -> saved_features.Features:
   """Embeds image files/folders and writes `out` (.npz); returns the features."""
   files = inference.list_images(images)
@@ -54,14 +54,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   process.setup()
 
-  def run():
+  def work():
     loaded = inference.model_from_args(args)
     features = write_features(loaded, args.images, args.out, batch_size=args.batch_size,
                               flip=args.flip)
     print(f"Wrote {args.out}: {len(features)} images, feats {features.feats.shape[1:]} "
           f"(P, C), model {loaded.source}.")
 
-  return cli.run(run, verbose=args.verbose)
+  return cli.run(work, verbose=args.verbose)
 
 
 if __name__ == "__main__":

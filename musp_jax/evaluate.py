@@ -54,41 +54,41 @@ def _check_same_model(query: saved_features.Features, gallery: saved_features.Fe
                              found_where=query_path, expected_where=gallery_path)
 
 
-def run_protocol(name: str, splits: dict[str, saved_features.Features], *, size: str,
-                 options: dict[str, Any], trials: int, seed: int
-                 ) -> dict[str, dict[str, float]]:
+def _protocol_rows(name: str, splits: dict[str, saved_features.Features], *, size: str,
+                   options: dict[str, Any], trials: int, seed: int
+                   ) -> dict[str, dict[str, float]]:
   """The one call into the dataset table's protocols ({row name: row})."""
   # The fields of a run config's `eval` section that the protocols read.
   eval_config = ml_collections.ConfigDict(dict(
       distance=options.pop("distance"), rerank=options.pop("rerank"),
       query_block=options.pop("query_block"), vehicleid_trials=trials,
       vehicleid_seed=seed))
-  return protocols.run(datasets.spec(name).protocol, splits,
+  return protocols.run_protocol(datasets.spec(name).protocol, splits,
                        name=f"{name}_{size}" if size else name, eval_config=eval_config,
                        **options)
 
 
 def evaluate_files(*, query: str | None = None, gallery: str | None = None,
-             test: str | None = None, protocol: str | None = None, size: str = "",
-             distance: str = "cam_squared", rerank: bool = False,
-             rerank_k1: int = 20, rerank_k2: int = 6, rerank_lambda: float = 0.3,
-             keep_junk: bool = False, query_block: int = 1024, trials: int = 10,
-             seed: int = 0) -> dict[str, Any]:
+                   test: str | None = None, protocol: str | None = None, size: str = "",
+                   distance: str = "cam_squared", rerank: bool = False,
+                   rerank_k1: int = 20, rerank_k2: int = 6, rerank_lambda: float = 0.3,
+                   keep_junk: bool = False, query_block: int = 1024, trials: int = 10,
+                   seed: int = 0) -> dict[str, Any]:
   """Rows of results ({"results": {row: metrics}, ...}) for saved features."""
   options = dict(distance=distance, rerank=rerank, query_block=query_block,
                  rerank_k1=rerank_k1, rerank_k2=rerank_k2, rerank_lambda=rerank_lambda)
   report = {"protocol": protocol, "distance": distance, "rerank": rerank}
   if protocol == "vehicle_id":
     report["test"] = test
-    rows = run_protocol(protocol, {"test": _read(test, "test set")}, size=size,
-                        options=options, trials=trials, seed=seed)
+    rows = _protocol_rows(protocol, {"test": _read(test, "test set")}, size=size,
+                          options=options, trials=trials, seed=seed)
     return {**report, "results": rows}
   q, g = _read(query, "query set"), _read(gallery, "gallery")
   _check_same_model(q, g, query, gallery)
   report.update(query=query, gallery=gallery)
   if protocol is not None:
-    rows = run_protocol(protocol, {"query": q, "gallery": g}, size=size,
-                        options=options, trials=trials, seed=seed)
+    rows = _protocol_rows(protocol, {"query": q, "gallery": g}, size=size,
+                          options=options, trials=trials, seed=seed)
     return {**report, "results": rows}
   try:
     result = ranking.evaluate(q, g, remove_junk=not keep_junk, **options)
@@ -151,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   from musp_jax.runtime import process
   process.setup()
 
-  def run():
+  def work():
     report = evaluate_files(
         query=args.query, gallery=args.gallery, test=args.test, protocol=args.protocol,
         size=args.size, distance=args.distance, rerank=args.rerank,
@@ -167,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
       _write_json(args.json, report)
 
-  return cli.run(run, verbose=args.verbose)
+  return cli.run(work, verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def main(argv) -> int:
   from musp_jax.training import train
   logging.info("Config:\n%s", FLAGS.config)
 
-  def run():
+  def work():
     if FLAGS.mode == "train":
       results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     else:
@@ -50,7 +50,7 @@ def main(argv) -> int:
     if "not_written" in results:
       print(f"Not written: {results['not_written']}.", flush=True)
 
-  return cli.run(run, verbose=FLAGS.verbose)
+  return cli.run(work, verbose=FLAGS.verbose)
 
 
 if __name__ == "__main__":

@@ -110,4 +110,4 @@ def test_every_dataset_names_a_protocol_that_exists():
   from musp_jax.data import datasets
   assert {d.protocol for d in datasets.DATASETS.values()} == set(protocols.PROTOCOLS)
   with pytest.raises(ValueError, match="Unknown protocol 'market'"):
-    protocols.run("market", {}, name="m")
+    protocols.run_protocol("market", {}, name="m")

@@ -39,7 +39,7 @@ _MAX_STEPS = 2**40
 
 
 def _local_batch_size(global_batch_size: int, process_index: int,
-                 process_count: int) -> int:
+                      process_count: int) -> int:
   if process_count < 1 or not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must be in "
                      f"[0, process_count={process_count}).")

@@ -359,7 +359,7 @@ def _resolve(spec: Spec, num_items: int, parts: int, channels: int) -> dict[str,
 
 
 def build_index(shards: Sequence[str | os.PathLike], out: str | os.PathLike,
-          spec: Spec = Spec(), *, overwrite: bool = False) -> pathlib.Path:
+                spec: Spec = Spec(), *, overwrite: bool = False) -> pathlib.Path:
   """Builds the index folder `out` from saved-features .npz shards, in order.
 
   Gallery index i is the i-th item of the shards concatenated. Only one shard

@@ -5,7 +5,8 @@ Every protocol has the same signature, `protocol(splits, *, name, eval_config,
 to the extracted features, `name` prefixes the rows, and the result is {row name: row},
 a row being the flat scalars of `ranking.result_row` (mAP, CMC@1/5/10, mINP,
 num_queries). The dataset table (musp_jax/data/datasets.py, DATASETS) names each
-dataset's protocol and the splits it reads; `run` calls a protocol by that name:
+dataset's protocol and the splits it reads; `run_protocol` calls a protocol by that
+name:
 
   query_gallery   "<name>"                junk = same id and camera (VeRi-776, synthetic)
   vehicle_id      "<name>/random10"       per id one random image is the gallery, the
@@ -125,9 +126,9 @@ def veri_wild(splits, *, name: str, eval_config=None,
 PROTOCOLS = {"query_gallery": query_gallery, "vehicle_id": vehicle_id, "veri_wild": veri_wild}
 
 
-def run(protocol: str, splits: Mapping[str, Features], *, name: str,
-        eval_config: ml_collections.ConfigDict | None = None,
-        **overrides) -> dict[str, dict[str, float]]:
+def run_protocol(protocol: str, splits: Mapping[str, Features], *, name: str,
+                 eval_config: ml_collections.ConfigDict | None = None,
+                 **overrides) -> dict[str, dict[str, float]]:
   """The protocol named `protocol` (a dataset's, musp_jax/data/datasets.py) on `splits`."""
   if protocol not in PROTOCOLS:
     raise ValueError(f"Unknown protocol {protocol!r}; expected one of {sorted(PROTOCOLS)}.")

@@ -100,8 +100,8 @@ def split_features(model, variables, config: ml_collections.ConfigDict, mesh
 def evaluate_model(model, variables, config: ml_collections.ConfigDict, mesh) -> dict:
   """Evaluates on config.eval.dataset (default: the training dataset) by its protocol."""
   target, splits = split_features(model, variables, config, mesh)
-  rows = protocols.run(target.protocol, splits, name=target.row_name,
-                       eval_config=config.eval)
+  rows = protocols.run_protocol(target.protocol, splits, name=target.row_name,
+                                eval_config=config.eval)
   # Attention maps scored against ground-truth part masks, for datasets that have them
   # (synthetic_vehicles): one more row, musp_jax/attention_scores.py.
   if config.model.head == "musp":
