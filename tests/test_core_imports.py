@@ -73,6 +73,15 @@ def test_layers_import_only_the_layers_below(layer):
   assert not problems, "\n".join(problems)
 
 
+def test_nothing_in_the_package_imports_configs_or_the_renderer():
+  """The experiment configs and the synthetic renderer sit above the package: the commands
+  read a config file by its path (--config) and datasets through their builders."""
+  problems = [f"{p.relative_to(io_stack.ROOT)}: {name}" for p in sorted(PACKAGE.rglob("*.py"))
+              for name in _imports(p)
+              if name.split(".")[0] == "configs" or ".render" in name]
+  assert not problems
+
+
 _PROGRAM = f'''
 import importlib, json, sys
 for name in {[m for f in NO_IO_STACK for m in _modules(f)] + ["musp_jax.export", "configs.common"]!r}:
