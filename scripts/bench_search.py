@@ -1,4 +1,5 @@
-"""City-scale search: the approximate index (musp_jax.retrieval.gallery_index) against exact brute force.
+"""City-scale search: the approximate index (retrieval/gallery_index.py) against exact
+brute force.
 
     flock /work/bench.lock .venv/bin/python scripts/bench_search.py     # 1,000,000 images
     .venv/bin/python scripts/bench_search.py --num_items 100000         # a quick look

@@ -74,8 +74,9 @@ def test_every_tool_answers_help(tool, capsys):
 
 def test_search_index_and_visualize_commands_answer_help(capsys):
   from musp_jax import search, visualize
-  for main, argv, usage in ((search.main, ["index", "--help"], "python -m musp_jax.search index"),
-                            (visualize.main, ["ranks", "--help"], "python -m musp_jax.visualize ranks")):
+  for main, argv, usage in (
+      (search.main, ["index", "--help"], "python -m musp_jax.search index"),
+      (visualize.main, ["ranks", "--help"], "python -m musp_jax.visualize ranks")):
     with pytest.raises(SystemExit) as e:
       main(argv)
     out = capsys.readouterr().out

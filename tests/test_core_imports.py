@@ -84,7 +84,8 @@ def test_nothing_in_the_package_imports_configs_or_the_renderer():
 
 _PROGRAM = f'''
 import importlib, json, sys
-for name in {[m for f in NO_IO_STACK for m in _modules(f)] + ["musp_jax.export", "configs.common"]!r}:
+for name in {[m for f in NO_IO_STACK for m in _modules(f)]
+              + ["musp_jax.export", "configs.common"]!r}:
   importlib.import_module(name)
 for name in {io_stack.BLOCKED!r}:  # the finder works: they are refused
   try:

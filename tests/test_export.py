@@ -78,7 +78,8 @@ import numpy as np
 from musp_jax import export
 model = export.load({str(exported_file)!r})
 out = model(np.zeros((2, 48, 80, 3), np.uint8))
-loaded = sorted(m for m in sys.modules if m.startswith(("musp_jax.models", "flax", "musp_jax.serving.inference")))
+loaded = sorted(m for m in sys.modules
+                if m.startswith(("musp_jax.models", "flax", "musp_jax.serving.inference")))
 print(json.dumps({{"shape": list(out["feats"].shape), "modules": loaded}}))
 """
   env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
