@@ -91,7 +91,7 @@ def add_verbose_arg(parser: argparse.ArgumentParser) -> None:
 
 
 # --------------------------------------------------------------------------
-# Command-line flags of the absl tools (main, demo).
+# Command-line flags of the absl tools (main, demo, build_dataset).
 
 
 def _config_spec(argv) -> str | None:
