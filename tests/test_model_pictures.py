@@ -13,7 +13,6 @@ from musp_jax.retrieval import saved_features
 from musp_jax.training import model_pictures
 
 
-
 @pytest.fixture(scope="module")
 def loaded():
   return tools_fixtures.shared_model()

@@ -28,7 +28,6 @@ NPZ_KEYS = ("feats", "areas", "vehicle_id", "camera_id", "file_name",
 PLAIN_KEYS = ("feats", "pids", "camids")  # features of any model (load_features)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Features:
   """One split's retrieval features (the saved .npz format, in memory)."""

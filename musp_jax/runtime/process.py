@@ -29,7 +29,6 @@ from absl import logging
 from etils import epath
 
 
-
 def hide_gpus_from_tensorflow() -> None:
   """TensorFlow must not take GPU memory from JAX (it is only used for I/O here)."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
