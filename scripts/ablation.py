@@ -18,7 +18,7 @@ the demo recipe (configs/synthetic.py, plus the variant words of --config) with 
 training length multiplied by --scale (default 0.5: 5 of the demo's 10 epochs; all 15
 runs took 34 min on a 2-core CPU) and any config field changed with --set. Each run
 evaluates once, at its end, with the protocol and, for MUSP, the attention scores
-against the ground-truth part masks (musp_jax/attention_metrics.py). Prints mean +-
+against the ground-truth part masks (musp_jax/training/attention_scores.py). Prints mean +-
 standard deviation over seeds (sample std, ddof=1) in tables shaped like the paper's
 Tables 5 (number of attentions) and 6 (ESE), MUSP n = 5 against the baseline with
 Welch's t, and the attention scores, and writes ablation.md, ablation.json,
@@ -26,8 +26,8 @@ ablation.png and (where matplotlib and the tools import) ablation_maps.png, the 
 of MUSP n = 5 beside the ground-truth part maps, into --workdir.
 
 Runners: `train` (default) runs train.train_and_evaluate, the driver behind
-musp_jax.main, on the built dataset; `core` (musp_jax/core_run.py) renders the set in
-memory and needs only jax, flax, optax, orbax, numpy and OpenCV, as on a bare GPU image
+musp_jax.main, on the built dataset; `core` (musp_jax/training/in_memory.py) trains on
+the set rendered in memory and needs only jax, flax, optax, orbax, numpy and OpenCV, as on a bare GPU image
 (`bash scripts/gpu_check.sh study`). --pretrain_scale S > 0 first trains the
 `pretrain` recipe of configs/synthetic.py (its length times S; --pretrain_set changes
 its fields) into <workdir>/pretrain and starts every run from it (model.init_from).
@@ -106,7 +106,7 @@ def run_config(variant: str | None, seed: int, *, scale: float,
   """The recipe of configs/synthetic.py (with its variant `words`) with the variant's
   fields, the seed and the training length scaled, then `overrides`; one evaluation,
   at the end. variant None: the recipe's own model (the pretraining run)."""
-  from configs import synthetic  # pylint: disable=g-import-not-at-top
+  from configs import synthetic
   c = synthetic.get_config(words or None)
   for key, value in VARIANTS[variant].items() if variant else ():
     _set(c, key, value)
@@ -127,10 +127,10 @@ def run_config(variant: str | None, seed: int, *, scale: float,
 
 def read_run(workdir: pathlib.Path) -> dict[str, Any]:
   """The retrieval metrics (first protocol row) and attention summaries of a finished run."""
-  from musp_jax import attention_metrics  # pylint: disable=g-import-not-at-top
+  from musp_jax.training import attention_scores
   results = json.loads((workdir / "results.json").read_text())
   rows = dict(results["results"])
-  attention = rows.pop(attention_metrics.ROW, None)
+  attention = rows.pop(attention_scores.ROW, None)
   first = next(iter(rows.values()))
   out = {k: float(first[k]) for k in RETRIEVAL}
   for k in ATTENTION + COUNTS:
@@ -149,13 +149,16 @@ REFERENCE_GROUPS = (("body",), ("windows",), ("lamps", "wheels"),
 
 def reference_row(masks, grid_hw: tuple[int, int]) -> dict[str, Any]:
   """The attention scores of REFERENCE_GROUPS drawn from the label maps themselves."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from musp_jax import attention_metrics  # pylint: disable=g-import-not-at-top
-  fractions = np.stack([attention_metrics.class_fractions(m, grid_hw) for m in masks])
-  groups = [[attention_metrics.PART_CLASSES.index(c) for c in g] for g in REFERENCE_GROUPS]
+  import numpy as np
+
+  from musp_jax.training import attention_scores
+  from tfds_builders.synthetic_vehicles.render import PART_CLASSES
+  fractions = np.stack([attention_scores.class_fractions(m, grid_hw, len(PART_CLASSES))
+                        for m in masks])
+  groups = [[PART_CLASSES.index(c) for c in g] for g in REFERENCE_GROUPS]
   maps = np.stack([fractions[..., g].sum(-1) for g in groups], -1)
-  row = attention_metrics.to_row(attention_metrics.attention_scores(maps, fractions),
-                                 len(masks))
+  row = attention_scores.to_row(attention_scores.score_maps(maps, fractions), len(masks),
+                               PART_CLASSES)
   return {"grid": list(grid_hw), **{k: row[k] for k in ATTENTION + COUNTS}}
 
 
@@ -238,7 +241,7 @@ def tables(stats: dict[str, dict[str, Any]], records: Sequence[dict[str, Any]] =
   if versus:
     lines += ["", versus.rstrip("\n")]
   lines += ["", "Attention against the ground-truth part masks (%; distinct best parts: "
-            "a count; musp_jax/attention_metrics.py)", "",
+            "a count; musp_jax/training/attention_scores.py)", "",
             "| variant | " + " | ".join(ATTENTION_TITLES) + " | distinct parts |",
             "|---" * (len(ATTENTION) + 2) + "|"]
   for name in stats:
@@ -260,9 +263,9 @@ def tables(stats: dict[str, dict[str, Any]], records: Sequence[dict[str, Any]] =
 
 def figure(stats: dict[str, dict[str, Any]], records: Sequence[dict[str, Any]], path):
   """Bars of mean +- std per variant (retrieval, attention), one dot per seed."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  import numpy as np
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
 
   names = list(stats)
   fig = Figure(figsize=(13, 4.5), dpi=100)
@@ -296,58 +299,62 @@ PICTURE_IMAGES = 6
 
 
 class CoreRunner:
-  """Runs a config with musp_jax/core_run.py on the set rendered in memory."""
+  """Runs a config with musp_jax/training/in_memory.py on the set rendered in memory."""
 
   def __init__(self):
-    from musp_jax import core_run  # pylint: disable=g-import-not-at-top
-    from musp_jax import runtime  # pylint: disable=g-import-not-at-top
-    self.core_run = core_run
-    self.mesh = runtime.make_mesh()
+    from musp_jax.runtime import process
+    from musp_jax.training import in_memory
+    self.in_memory = in_memory
+    self.mesh = process.make_mesh()
     self.splits: dict[str, Any] = {}
 
   def _splits(self, name: str):
     if name not in self.splits:
       t = time.time()
-      self.splits[name] = self.core_run.synthetic_splits(name)
+      from tfds_builders.synthetic_vehicles import scenes
+      self.splits[name] = {split: self.in_memory.MemorySplit.from_records(records)
+                           for split, records in scenes.render_set(name).items()}
       print(f"rendered {name}: " + ", ".join(f"{len(v)} {k}" for k, v in
                                               self.splits[name].items())
             + f" ({time.time() - t:.0f} s)", flush=True)
     return self.splits[name]
 
   def __call__(self, config, workdir: pathlib.Path, *, save: bool = False) -> None:
-    import numpy as np  # pylint: disable=g-import-not-at-top
-    from musp_jax import attention_metrics  # pylint: disable=g-import-not-at-top
-    from musp_jax import augment  # pylint: disable=g-import-not-at-top
+    import numpy as np
+
+    from musp_jax.data import augment
+    from musp_jax.training import attention_scores
+    from tfds_builders.synthetic_vehicles.render import PART_CLASSES
     if config.dataset.name != "synthetic_vehicles":
       raise ValueError(f"--runner core renders the synthetic vehicles only, not "
                        f"dataset.name={config.dataset.name!r}.")
     try:  # the config check reads the dataset table, which needs tfds
-      from musp_jax import validate  # pylint: disable=g-import-not-at-top
+      from musp_jax.training import validate
     except ImportError:
       validate = None
     if validate is not None:
       validate.check_config(config, mode="train")
     splits = self._splits(config.dataset.builder_config)
-    trained = self.core_run.train(config, splits["train"], mesh=self.mesh)
-    rows, maps = self.core_run.evaluate(trained.model, trained.state.variables, config,
-                                        splits, mesh=self.mesh)
+    trained = self.in_memory.train(config, splits["train"], mesh=self.mesh)
+    rows, maps = self.in_memory.evaluate(trained.model, trained.state.variables, config,
+                                          splits, mesh=self.mesh, classes=PART_CLASSES)
     workdir.mkdir(parents=True, exist_ok=True)
     if save:
-      self.core_run.save(trained, config, str(workdir))
+      self.in_memory.save(trained, config, str(workdir))
     if maps:
       query = splits["query"]
       count = min(PICTURE_IMAGES, len(query))
       np.savez_compressed(
           workdir / MAPS_FILE, maps=maps["query"][:count],
           images=np.array([augment.decode(b) for b in query.images[:count]], object),
-          masks=np.array([attention_metrics.decode_mask(m, where=n) for m, n in
+          masks=np.array([attention_scores.decode_mask(m, where=n) for m, n in
                           zip(query.part_masks[:count], query.file_names)], object),
           names=np.array(query.file_names[:count]))
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    results = {"step": int(self.core_run.schedule(config, len(splits["train"]))[1]),
+    results = {"step": int(self.in_memory.schedule(config, len(splits["train"]))[1]),
                "seconds": trained.seconds, "history": trained.history, "results": rows}
     if maps:
-      masks = [attention_metrics.decode_mask(m, where=n) for role in ("query", "gallery")
+      masks = [attention_scores.decode_mask(m, where=n) for role in ("query", "gallery")
                for m, n in zip(splits[role].part_masks, splits[role].file_names)]
       results["reference"] = reference_row(masks, maps["query"].shape[1:3])
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
@@ -355,7 +362,7 @@ class CoreRunner:
 
 def train_runner(config, workdir: pathlib.Path, *, save: bool = True) -> None:
   del save  # a training workdir holds its checkpoints
-  from musp_jax import train  # pylint: disable=g-import-not-at-top
+  from musp_jax.training import train
   train.train_and_evaluate(config, str(workdir))
 
 
@@ -363,18 +370,19 @@ def maps_picture(workdir: pathlib.Path, path: pathlib.Path) -> str | None:
   """The saved maps of a core run beside the ground-truth part maps, or None when
   there are none or the drawing tools do not import (a bare GPU image: draw them
   later by running the same command where they do)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import numpy as np
   if not (workdir / MAPS_FILE).exists():
     return None
   try:
-    from musp_jax import visualize  # pylint: disable=g-import-not-at-top
+    from musp_jax.training import figures
+    from tfds_builders.synthetic_vehicles.render import PART_CLASSES
   except ImportError as e:
     print(f"No picture of the maps here ({e}); run the command again where the tools "
           "import.")
     return None
   with np.load(workdir / MAPS_FILE, allow_pickle=True) as f:
-    fig = visualize.attention_parts_figure(list(f["images"]), list(f["masks"]), f["maps"],
-                                           [str(n) for n in f["names"]])
+    fig = figures.attention_parts_figure(list(f["images"]), list(f["masks"]), f["maps"],
+                                         PART_CLASSES, [str(n) for n in f["names"]])
   fig.savefig(str(path), dpi=60)
   return str(path)
 
@@ -432,7 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "or input.image_size=(128,128); repeatable.")
   parser.add_argument("--runner", choices=RUNNERS, default="train",
                       help="train: train.train_and_evaluate on the built dataset; core: "
-                           "musp_jax/core_run.py on the set rendered in memory, no "
+                           "musp_jax/training/in_memory.py on the set rendered in memory, no "
                            "TensorFlow, tfds, grain or clu.")
   parser.add_argument("--pretrain_scale", type=float, default=0.0,
                       help="> 0: first train configs/synthetic.py:pretrain with its length "
@@ -466,8 +474,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (ValueError, KeyError) as e:
     parser.error(str(e).strip("'\""))
 
-  from musp_jax import runtime  # pylint: disable=g-import-not-at-top
-  runtime.setup(checked)  # the compilation cache of compilation_cache_dir
+  from musp_jax.runtime import process
+  process.setup(checked)  # the compilation cache of compilation_cache_dir
   runner = CoreRunner() if args.runner == "core" else train_runner
   root = pathlib.Path(args.workdir).expanduser()
   root.mkdir(parents=True, exist_ok=True)

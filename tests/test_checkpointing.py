@@ -1,8 +1,7 @@
 """Orbax checkpointing: round trip, retention (latest + best), mismatches named, and the
-one weights loader (self-describing steps, partial restore, older steps)."""
+one weights loader (self-describing steps, partial restore)."""
 
 import gc
-import json
 import re
 import shutil
 import time
@@ -12,10 +11,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from musp_jax import checkpointing
+from musp_jax.training import checkpointing
 
 
 @flax.struct.dataclass
@@ -157,27 +155,6 @@ def test_load_variables_accepts_every_way_of_naming_a_step(tmp_path):
     checkpointing.load_variables(tmp_path)
 
 
-def test_steps_written_before_run_info_still_load(tmp_path):
-  """An older step holds `model` instead of `run`: config.json and shapes fill in."""
-  directory = tmp_path / "old" / "checkpoints"
-  manager = checkpointing.make_manager(directory)
-  manager.save(4, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(_state(4)), data=ocp.args.JsonSave({"next_step": 4}),
-      model=ocp.args.JsonSave({**MODEL, "value_channels": 512})))
-  manager.wait_until_finished()
-  with pytest.raises(FileNotFoundError, match="config.json"):
-    checkpointing.load_variables(tmp_path / "old")
-  (tmp_path / "old" / "config.json").write_text(json.dumps(
-      {"model": MODEL, "input": {"image_size": [64, 64]}}))
-  restored = checkpointing.load_variables(tmp_path / "old")
-  assert restored.run.num_classes == 7  # the classifier kernel's last axis
-  np.testing.assert_array_equal(restored.variables["params"]["w"], np.full((3, 2), 4.0))
-  # Resuming an older step checks its architecture from the `model` item.
-  _, step, _ = checkpointing.restore(checkpointing.make_manager(directory, read_only=True),
-                                     _abstract(), model_config=MODEL)
-  assert step == 4
-
-
 def _corrupt(step_dir, how):
   if how == "truncated":  # every array file cut in half, as a full disk leaves them
     for f in (step_dir / "state").rglob("*"):
@@ -256,7 +233,7 @@ def test_every_step_corrupt_is_one_error(tmp_path):
 
 
 def _variables(config, num_classes, seed):
-  import tools_fixtures  # pylint: disable=g-import-not-at-top
+  import tools_fixtures
   state = tools_fixtures.random_state(config, num_classes, seed)
   return {"params": state.params, "batch_stats": state.batch_stats}
 
@@ -268,14 +245,14 @@ def _leaves(tree, prefix):
 
 
 def _config(**model):
-  import tools_fixtures  # pylint: disable=g-import-not-at-top
+  import tools_fixtures
   config = tools_fixtures.tiny_config()
   config.model.update(model)
   return config
 
 
 def test_init_from_workdir_takes_backbone_and_head_and_renews_classifiers(tmp_path, caplog):
-  import tools_fixtures  # pylint: disable=g-import-not-at-top
+  import tools_fixtures
   source = tools_fixtures.make_workdir(tmp_path / "src", num_classes=6, seed=1)
   saved = checkpointing.load_variables(source).variables
   config = _config()  # the same MUSP architecture, a dataset of 9 identities
@@ -301,7 +278,7 @@ def test_init_from_workdir_takes_backbone_and_head_and_renews_classifiers(tmp_pa
 
 
 def test_init_from_workdir_with_another_head_takes_the_backbone_only(tmp_path, caplog):
-  import tools_fixtures  # pylint: disable=g-import-not-at-top
+  import tools_fixtures
   source = tools_fixtures.make_workdir(tmp_path / "src", head="baseline", num_classes=6)
   saved = checkpointing.load_variables(source).variables
   config = _config()  # MUSP from a baseline run (the pretraining case)
@@ -317,7 +294,7 @@ def test_init_from_workdir_with_another_head_takes_the_backbone_only(tmp_path, c
 
 
 def test_init_from_workdir_that_does_not_fit_is_a_named_error(tmp_path):
-  import tools_fixtures  # pylint: disable=g-import-not-at-top
+  import tools_fixtures
   source = tools_fixtures.make_workdir(tmp_path / "src", num_prototypes=3)
   deeper = _config(depth=34)
   with pytest.raises(checkpointing.CheckpointMismatchError,
@@ -335,19 +312,20 @@ def test_init_from_workdir_that_does_not_fit_is_a_named_error(tmp_path):
 
 
 def test_train_state_starts_from_a_workdir(tmp_path):
-  import tools_fixtures  # pylint: disable=g-import-not-at-top
-  from musp_jax import optim  # pylint: disable=g-import-not-at-top
-  from musp_jax import runtime  # pylint: disable=g-import-not-at-top
-  from musp_jax import state as state_lib  # pylint: disable=g-import-not-at-top
-  from musp_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  import tools_fixtures
+  from musp_jax.core import optim
+  from musp_jax.core import state as state_lib
+  from musp_jax.models import build_model
+  from musp_jax.runtime import process
   source = tools_fixtures.make_workdir(tmp_path / "src", num_classes=6, seed=4)
   saved = checkpointing.load_variables(source).variables
   config = _config()
+  config.model.init_from = str(source)
   model = build_model(config.model, 5)
   tx = optim.make_optimizer(config.optim, 1)
   state, _ = state_lib.create_train_state(
-      model, tx, tuple(config.input.image_size), seed=0, mesh=runtime.make_mesh(),
-      init_from=str(source), model_config=config.model)
+      model, tx, tuple(config.input.image_size), seed=0, mesh=process.make_mesh(),
+      init_variables=checkpointing.init_function(config.model))
   np.testing.assert_array_equal(state.params["head"]["attention_conv"]["kernel"],
                                 saved["params"]["head"]["attention_conv"]["kernel"])
   assert state.params["head"]["global_branch"]["classifier"]["kernel"].shape[-1] == 5

@@ -1,9 +1,10 @@
 """What each split of a synthetic vehicle set holds: identities, cameras and images.
 
 The TFDS builder (synthetic_vehicles_dataset_builder.py) writes these records, and the
-soft-partition study (scripts/soft_partition.py) renders the same ones in memory where
-TensorFlow is not installed: both call `split_scenes`, so the study trains and scores
-on the bytes the builder stores. numpy and the renderer only.
+soft-partition study (scripts/ablation.py --runner core) renders the same ones in memory
+(`render_set`) where TensorFlow is not installed: both draw every image with `scenes`,
+so the study trains and scores on the bytes the builder stores. numpy and the renderer
+only.
 
 Splits like VeRi-776: `train` identities, and disjoint test identities split into
 `query` (one or two images per identity, from different cameras) and `gallery` (the
@@ -20,7 +21,12 @@ rest). How identities are drawn (`SetSpec.identities`):
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
+import math
+import multiprocessing
+import os
 from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
@@ -156,6 +162,29 @@ def split_scenes(spec: SetSpec) -> dict[str, Iterator[Scene]]:
 def render_split(spec: SetSpec, split: str, vehicle_ids: Sequence[int]) -> list[Scene]:
   """The images of `split` of some of its vehicle ids (a share of a parallel render)."""
   return list(scenes(spec, vehicle_ids, KEEP[split]))
+
+
+def render_set(name: str, *, workers: int | None = None) -> dict[str, list[Scene]]:
+  """Every split of the named set (SETS), rendered in memory by `workers` processes
+  (default: one per core): the records the builder writes, in its order."""
+  if name not in SETS:
+    raise ValueError(f"dataset.builder_config={name!r}: expected one of "
+                     f"{', '.join(SETS)} (tfds_builders/synthetic_vehicles/scenes.py).")
+  spec = SETS[name][1]
+  workers = workers or os.cpu_count() or 1
+  if workers == 1:
+    return {split: render_split(spec, split, split_vehicle_ids(spec, split)) for split in KEEP}
+  out = {}
+  # Spawned workers import numpy, PIL and the renderer only.
+  with concurrent.futures.ProcessPoolExecutor(
+      workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    for split in KEEP:
+      vids = list(split_vehicle_ids(spec, split))
+      chunk = max(1, math.ceil(len(vids) / (4 * workers)))
+      parts = pool.map(functools.partial(render_split, spec, split),
+                       [vids[i:i + chunk] for i in range(0, len(vids), chunk)])
+      out[split] = [scene for part in parts for scene in part]
+  return out
 
 
 def scenes(spec: SetSpec, vehicle_ids: Sequence[int], keep) -> Iterator[Scene]:

@@ -6,8 +6,9 @@ Build (the training driver also builds it on first use):
 
 Splits like VeRi-776: `train` identities, and disjoint test identities split into `query`
 (one or two images per identity, from different cameras) and `gallery` (the rest); what
-each config holds (sizes, cameras, how identities are drawn) is scenes.SETS. Besides the re-ID fields every record holds `part_mask`, the image's ground-truth label
-map (PNG, one channel, values index render.PART_CLASSES), and its view in `metadata`.
+each config holds (sizes, cameras, how identities are drawn) is scenes.SETS. Besides
+the re-ID fields every record holds `part_mask`, the image's ground-truth label map (PNG,
+one channel, values index render.PART_CLASSES), and its view in `metadata`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from tfds_builders import reid_base
+from tfds_builders.synthetic_vehicles import render
 from tfds_builders.synthetic_vehicles import scenes
 
 
@@ -46,6 +48,8 @@ class Builder(reid_base.ReIdBuilder):
       # Stored as the PNG bytes render.encode_mask writes; read undecoded like the image.
       "part_mask": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
   }
+  # What the values of part_mask mean (musp_jax.data.datasets.part_classes).
+  PART_CLASSES = render.PART_CLASSES
   DESCRIPTION = (
       "Rendered vehicles seen from the front, rear or side: identities share body shape "
       "and colour in groups and differ in part details; images vary view, pose, scale, "
