@@ -9,9 +9,9 @@ than the recipe's 3.5e-4 (tuned for imported weights) and stays there for 9 of t
 epochs: after 8 epochs at 1e-3 with a decay at epoch 6 the model was still far from
 fitting the training identities (README, "Synthetic vehicles"). `:runlocal` uses the tiny
 dataset (tests); `:tiny` / `:small` / `:large` pick the dataset size, `:parts` the set in
-which only parts tell identities apart; `:pretrain` trains a backbone on the pretraining
-set for `--config.model.init_from` (a workdir); variant words of configs/common.py
-combine, e.g. `configs/synthetic.py:baseline`.
+which only parts tell identities apart (`:parts_loose`: the same with loose crops);
+`:pretrain` trains a backbone on the pretraining set for `--config.model.init_from` (a
+workdir); variant words of configs/common.py combine, e.g. `configs/synthetic.py:baseline`.
 """
 
 from configs import common
@@ -20,7 +20,8 @@ VARIANTS = {
     **common.VARIANTS,
     "runlocal": {**common.VARIANTS["runlocal"], "dataset.builder_config": "tiny",
                  "input.image_size": (64, 64)},
-    **{size: {"dataset.builder_config": size} for size in ("tiny", "small", "large", "parts")},
+    **{size: {"dataset.builder_config": size} for size in ("tiny", "small", "large", "parts",
+                                                            "parts_loose")},
     # A backbone for model.init_from, as ImageNet weights are for the licensed datasets:
     # the baseline trained on 200 identities that are in no other set (scenes.SETS).
     "pretrain": {"dataset.builder_config": "pretrain", "model.head": "baseline",

@@ -418,11 +418,20 @@ def _clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, w: int, h: int
       shape((x0, y0, x0 + bw, y0 + bh), fill=_fill(col))
 
 
+# Share of the limiting crop side the vehicle spans, drawn uniformly in this range:
+# tight, detector-like crops (every named set but parts_loose, scenes.SETS).
+TIGHT_FILL = (0.78, 0.95)
+
+
 def render(ident: Identity, camera: Camera, rng: np.random.Generator, *,
-           height: int = 144, view: int | None = None, nuisance: bool = True) -> Rendered:
+           height: int = 144, view: int | None = None, nuisance: bool = True,
+           fill_range: tuple[float, float] = TIGHT_FILL) -> Rendered:
   """Renders one image and its label map.
 
   The crop's width follows the view (side views are wider). `view` None draws it.
+  `fill_range`: the share of the limiting crop side the vehicle spans is drawn in it
+  (the vehicle is placed anywhere in the margin left); a wider range than TIGHT_FILL
+  draws the same random numbers, so only the vehicle's size and place change.
   `nuisance=False` leaves out clutter, occluder, blur, lighting, noise and colour cast
   but draws every random number the same, so the geometry and the label map are those
   of the image with nuisances (except where the occluder covers the vehicle).
@@ -443,7 +452,7 @@ def render(ident: Identity, camera: Camera, rng: np.random.Generator, *,
   aspect = min(MAX_ASPECT, 1.0 / (top * y_scale) * rng.uniform(0.85, 1.15))
   h = int(height)
   w = max(8, int(round(h * aspect)))
-  fill = rng.uniform(0.78, 0.95)  # share of the limiting crop side the vehicle spans
+  fill = rng.uniform(*fill_range)  # share of the limiting crop side the vehicle spans
   veh_w = min(fill * w, fill * h / (top * y_scale))
   veh_h = veh_w * top * y_scale
   # Place the box anywhere in the remaining margin.
