@@ -271,6 +271,17 @@ def test_attention_departures_against_the_official_head():
   kernel = [flax_head(n, official(n), attention_init_scale=s).init(key, x)["params"]
             ["attention_conv"]["kernel"] for s in (1.0, 0.1)]
   np.testing.assert_allclose(kernel[1], 0.1 * np.asarray(kernel[0]), rtol=1e-5)
+  # A 1 x 1 attention conv: each cell's maps are the softmax of its own features times
+  # the kernel plus the bias, computed here in float64.
+  head_1x1 = flax_head(n, official(n), ese="none", attention_kernel=1)
+  params = head_1x1.init(key, x)
+  k = np.asarray(params["params"]["attention_conv"]["kernel"], np.float64)
+  assert k.shape == (1, 1, IN_CHANNELS, n)
+  logits = maps.astype(np.float64) @ k[0, 0] + np.asarray(
+      params["params"]["attention_conv"]["bias"], np.float64)
+  want = np.exp(logits - logits.max(-1, keepdims=True))
+  np.testing.assert_allclose(jax.jit(head_1x1.apply)(params, x)["attention"],
+                             want / want.sum(-1, keepdims=True), rtol=1e-4, atol=1e-6)
 
 
 def test_train_mode_matches_torch_batch_statistics():

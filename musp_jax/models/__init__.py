@@ -19,9 +19,10 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ARCH_FIELDS = ("depth", "last_stride", "head", "num_prototypes", "value_conv",
                "value_channels", "ese", "ese_reduction", "attention",
                "global_feature", "pooling", "global_branch", "layer3_stride",
-               "attention_temperature")
+               "attention_temperature", "attention_kernel")
 # What a field added after the first release meant before it existed.
-_ARCH_DEFAULTS = {"global_branch": True, "layer3_stride": 2, "attention_temperature": 1.0}
+_ARCH_DEFAULTS = {"global_branch": True, "layer3_stride": 2, "attention_temperature": 1.0,
+                  "attention_kernel": 3}
 
 
 def compute_dtype(name: str):
@@ -68,6 +69,7 @@ def build_head(model_config: ml_collections.ConfigDict, num_classes: int):
       global_branch=c.global_branch,
       attention_init_scale=c.get("attention_init_scale", 1.0),
       attention_temperature=c.get("attention_temperature", 1.0),
+      attention_kernel=c.get("attention_kernel", 3),
       dtype=compute_dtype(c.dtype),
       conv_impl=c.get("conv_impl", "auto"))
   head.check_settings()  # fail at build time, not after a backbone init

@@ -155,6 +155,9 @@ class MUSPHead(nn.Module):
       initial logits are large and the softmax starts saturated.
     attention_temperature: the attention logits are divided by it before the
       softmax or sigmoid (1 = official).
+    attention_kernel: the attention conv's kernel size, 3 (official) or 1: with
+      1 each cell's logits come from its own features only, not from its
+      neighbours' (nor from the zero padding at the map's border).
   """
   num_classes: int
   num_prototypes: int = 5
@@ -169,6 +172,7 @@ class MUSPHead(nn.Module):
   global_branch: bool = True
   attention_init_scale: float = 1.0
   attention_temperature: float = 1.0
+  attention_kernel: int = 3
   dtype: Any = jnp.float32
   conv_impl: str = "xla"  # for the depthwise value conv: xla | gemm | auto (fast_conv)
 
@@ -185,6 +189,9 @@ class MUSPHead(nn.Module):
       value = getattr(self, field)
       if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"model.{field}={value!r}; expected a number > 0")
+    if self.attention_kernel not in (1, 3):
+      raise ValueError(f"model.attention_kernel={self.attention_kernel!r}; expected 3 "
+                       "(official) or 1")
 
   def _value_channels(self, in_channels: int) -> int:
     self.check_settings()
@@ -205,7 +212,8 @@ class MUSPHead(nn.Module):
     b, h, w, d = maps_BxHxWxD.shape
     n, c = self.num_prototypes, self._value_channels(d)
     groups = c if self.value_conv == "depthwise" else 1
-    att_logits = resnet.conv(n, 3, 1, self.dtype, "attention_conv", use_bias=True,
+    att_logits = resnet.conv(n, self.attention_kernel, 1, self.dtype, "attention_conv",
+                             use_bias=True,
                              init_scale=self.attention_init_scale)(maps_BxHxWxD)
     # The attention conv (D -> n) stays XLA's on every backend: its kernel gradient as
     # matrix products (n = 5 columns) is 3-4x slower on a CPU than XLA's.
