@@ -255,3 +255,24 @@ def test_builder_configs_are_the_named_sets():
   for name, (_, spec) in scenes.SETS.items():
     assert all(getattr(configs[name], f.name) == getattr(spec, f.name)
                for f in dataclasses.fields(scenes.SetSpec))
+
+
+def test_loose_parts_set_moves_and_scales_the_same_vehicles():
+  tight, loose = scenes.SETS["parts"][1], scenes.SETS["parts_loose"][1]
+  assert scenes.identities(loose) == scenes.identities(tight)
+  keep = lambda j, cams: j < 4  # noqa: E731
+  a = list(scenes.scenes(tight, range(1, 11), keep))
+  b = list(scenes.scenes(loose, range(1, 11), keep))
+  assert [(r.file_name, r.metadata) for r in a] == [(r.file_name, r.metadata) for r in b]
+
+  def vehicle(r):  # the vehicle's share of the frame and its centre (fractions)
+    mask = np.asarray(Image.open(io.BytesIO(r.part_mask))) != render.BACKGROUND
+    ys, xs = np.nonzero(mask)
+    return mask.mean(), xs.mean() / mask.shape[1], ys.mean() / mask.shape[0]
+
+  va, vb = np.array([vehicle(r) for r in a]), np.array([vehicle(r) for r in b])
+  # The area goes with the square of the fill: E[f^2] is 0.75 for U(0.78, 0.95) and
+  # 0.48 for U(0.4, 0.95), a ratio of 0.64 (40 images, occluders and poses: +- 0.1).
+  assert vb[:, 0].mean() / va[:, 0].mean() == pytest.approx(0.64, abs=0.1)
+  # And the vehicle's centre moves over a wider range of the frame.
+  assert (vb[:, 1:].std(0) > 1.5 * va[:, 1:].std(0)).all()
