@@ -106,17 +106,20 @@ def test_welch_t_by_hand():
 
 
 def test_core_dry_run_needs_no_io_stack(tmp_path):
-  """The study's GPU mode at tiny shapes: pretraining, then a run from it, with
+  """The study's prepared GPU command (`bash scripts/gpu_check.sh study`) at tiny
+  shapes: pretraining, then runs from it with the study's config words, with
   TensorFlow, tfds, grain and clu refused as on a bare GPU image."""
   cache = f"compilation_cache_dir={tmp_path / 'xla'}"
-  cmd = [sys.executable, str(ROOT / "scripts" / "ablation.py"), "--workdir",
-         str(tmp_path / "study"), "--dry-run", "--variants", "baseline,MUSP n=5",
-         "--seeds", "1", "--pretrain_scale", "1", "--set", cache, "--pretrain_set", cache]
-  out = subprocess.run(cmd, cwd=tmp_path, env=io_stack.blocked_env(tmp_path),
-                       capture_output=True, text=True, timeout=600)
+  cmd = ["bash", str(ROOT / "scripts" / "gpu_check.sh"), "study", "--dry-run",
+         "--variants", "baseline,MUSP n=5", "--seeds", "1", "--set", cache,
+         "--pretrain_set", cache]
+  env = io_stack.blocked_env(tmp_path, OUT=str(tmp_path), PYTHON=sys.executable)
+  out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=600)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   saved = json.loads((tmp_path / "study" / "ablation.json").read_text())
-  assert saved["runner"] == "core" and saved["pretrain"]["step"] == 16  # 128 images / 8
+  assert saved["runner"] == "core" and saved["config"] == "parts,study"
+  assert saved["pretrain"]["step"] == 16  # 128 images / 8
   assert [(r["variant"], r["seed"]) for r in saved["runs"]] == [("baseline", 0),
                                                                  ("MUSP n=5", 0)]
   musp = saved["runs"][1]
@@ -126,5 +129,7 @@ def test_core_dry_run_needs_no_io_stack(tmp_path):
     run = tmp_path / "study" / r["variant"].replace(" ", "").replace("=", "") / "seed0"
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["init_from"] == str(tmp_path / "study" / "pretrain")
+    # The study's optimiser (configs/synthetic.py:study) reached the run.
+    assert (config["optim"]["lr"], config["optim"]["head_lr_mult"]) == (3.5e-4, 10.0)
   assert (tmp_path / "study" / "pretrain" / "checkpoints" / "16").is_dir()
   assert "baseline, seed 0: mAP" in out.stdout and "image_dependence" in out.stdout
