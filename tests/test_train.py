@@ -13,6 +13,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -402,9 +403,54 @@ def test_nan_loss_stops_with_step_and_checkpoint_named(tmp_path, data_dir):
       _error_line(out)), out
 
 
+def test_corrupt_latest_step_and_a_diverging_resume_leave_a_resumable_workdir(
+    tmp_path, data_dir, reference_run):
+  """The reference run with step 32's largest array file cut in half:
+
+  1. Resuming names the cut file in one line (no traceback, no asyncio noise), moves
+     32 aside and restores 30. With lr 1e30, keep 1 and a save every step it saves 31,
+     whose weights give a non-finite loss: the run stops naming 30 as the last good
+     step and moves 31 to diverged_checkpoints/; 30, the step it resumed from, is
+     still there although keep=1.
+  2. The plain command resumes from 30 and ends where the uninterrupted run ended.
+  """
+  workdir = tmp_path / "w"
+  shutil.copytree(reference_run, workdir)
+  ckpt = workdir / "checkpoints"
+  cut = max((f for f in (ckpt / "32" / "state").rglob("*") if f.parent.name == "d"),
+            key=lambda f: f.stat().st_size)
+  cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+  code, out = _main(workdir, data_dir, "--config.optim.lr=1e30",
+                    "--config.keep_checkpoints=1", "--config.checkpoint_every_steps=1")
+  assert code == 1, out
+  (warning,) = [line for line in out.splitlines() if "is corrupt" in line]
+  assert f"Checkpoint step 32 in {ckpt} is corrupt: {cut} is cut short (" in warning
+  assert f"moved it to {workdir / 'corrupt_checkpoints' / '32'}." in warning
+  assert "Event loop is closed" not in out
+  assert f"Resumed from step 30 in {ckpt}." in out
+  assert re.fullmatch(
+      rf"error: Loss became (nan|inf) at step 32; training stopped \(the last good "
+      rf"checkpoint is step 30 in {re.escape(str(ckpt))}; checkpoint 31, whose weights "
+      rf"gave this loss, is moved to {re.escape(str(workdir / 'diverged_checkpoints'))}"
+      r"/31\)\. Lower optim.lr, enable optim.grad_clip, or check the input data\.",
+      _error_line(out)), out
+  assert checkpointing.finished_steps(ckpt)[-1] == 30
+
+  code, out = _main(workdir, data_dir)
+  assert code == 0, out
+  assert f"Resumed from step 30 in {ckpt}." in out
+  step_a, state_a = _final_params(reference_run)
+  step_b, state_b = _final_params(workdir)
+  assert step_a == step_b == 32
+  for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
+    np.testing.assert_array_equal(a, b)
+  assert (json.loads((reference_run / "results.json").read_text())
+          == json.loads((workdir / "results.json").read_text()))
+
+
 def test_nan_message_names_a_finished_checkpoint_before_the_bad_weights(tmp_path):
-  """Saves in flight are waited for; the checkpoint of the diverged weights is not
-  called good."""
+  """Saves in flight are waited for; the checkpoint of the diverged weights is moved
+  out of checkpoints/, so that the next run cannot resume from it."""
   manager = checkpointing.make_manager(tmp_path / "checkpoints", keep=5)
   state = {"w": jnp.ones((256, 256))}
   run = checkpointing.RunInfo(synthetic.get_config(), 16)
@@ -416,11 +462,62 @@ def test_nan_message_names_a_finished_checkpoint_before_the_bad_weights(tmp_path
   guard.push(4, {"loss": jnp.float32(jnp.nan)})  # step 5 ran from checkpoint 4's weights
   with pytest.raises(train.NonFiniteLossError) as e:
     guard.flush()
+  diverged = tmp_path / "diverged_checkpoints" / "4"
   assert str(e.value) == (
       f"Loss became nan at step 5; training stopped (the last good checkpoint is step 2 "
-      f"in {tmp_path / 'checkpoints'}; checkpoint 4 holds the weights that gave this "
-      "loss). Lower optim.lr, enable optim.grad_clip, or check the input data.")
-  assert checkpointing.finished_steps(tmp_path / "checkpoints") == [2, 4]
+      f"in {tmp_path / 'checkpoints'}; checkpoint 4, whose weights gave this loss, is "
+      f"moved to {diverged}). Lower optim.lr, enable optim.grad_clip, or check the "
+      "input data.")
+  assert checkpointing.finished_steps(tmp_path / "checkpoints") == [2]
+  assert (diverged / "state").is_dir() and manager.latest_step() == 2
+
+
+def test_resumed_from_step_is_kept_until_a_newer_one_is_trusted(tmp_path):
+  """keep=1: a newer save would delete the step a run resumed from; it stays until a
+  newer step's weights gave finite losses for trust_steps steps."""
+  directory = tmp_path / "checkpoints"
+  run = checkpointing.RunInfo(synthetic.get_config(), 16)
+  state = {"w": jnp.ones((4, 4))}
+  finite, nan = {"loss": jnp.float32(1.0)}, {"loss": jnp.float32(jnp.nan)}
+
+  def resumed_from_2():
+    for path in (directory, tmp_path / "diverged_checkpoints"):
+      shutil.rmtree(path, ignore_errors=True)
+    protected = checkpointing.ProtectedSteps()
+    manager = checkpointing.make_manager(directory, keep=1, protected=protected)
+    checkpointing.save(manager, 2, state, next_step=2, run=run)
+    manager.wait_until_finished()
+    protected.steps.add(2)  # as train.py does after restoring it
+    guard = train._FiniteLossGuard(manager, protected=protected, trust_steps=2)
+    guard.push(2, finite)  # checkpoint 2's weights gave a finite loss
+    guard.flush()  # before the save of 3
+    checkpointing.save(manager, 3, state, next_step=3, run=run)
+    guard.saved(3)
+    manager.wait_until_finished()
+    assert checkpointing.finished_steps(directory) == [2, 3]  # 2 is protected
+    return manager, guard
+
+  # Diverging at once: checkpoint 3's weights give NaN; 3 is set aside, 2 is left.
+  manager, guard = resumed_from_2()
+  guard.push(3, nan)
+  with pytest.raises(train.NonFiniteLossError, match="the last good checkpoint is step 2"):
+    guard.flush()
+  assert checkpointing.finished_steps(directory) == [2]
+  assert (tmp_path / "diverged_checkpoints" / "3").is_dir()
+
+  # Finite for one step after 3 (trust_steps=2 asks two): 2 is still protected.
+  manager, guard = resumed_from_2()
+  guard.push(3, finite)
+  guard.push(4, finite)  # checks step 3's loss
+  checkpointing.save(manager, 4, state, next_step=4, run=run)
+  manager.wait_until_finished()
+  assert checkpointing.finished_steps(directory) == [2, 4]
+  # The loss of step 4 is finite too: 3 was trusted (and is gone with keep=1), 2 is
+  # released, and the next save leaves only itself.
+  guard.flush()
+  checkpointing.save(manager, 5, state, next_step=5, run=run)
+  manager.wait_until_finished()
+  assert checkpointing.finished_steps(directory) == [5]
 
 
 def test_sharded_step_equals_single_device_step(data_dir):
