@@ -314,10 +314,11 @@ def _quiet_abandoned_reads() -> None:
   Orbax runs a restore's reads in an event loop of its own and closes it when one read
   fails; the other reads go on in tensorstore. When each one ends, its callback
   schedules on the closed loop, whose RuntimeError("Event loop is closed") tensorstore
-  hands to sys.unraisablehook, and the reading coroutines that failed the same way are
-  finalised with their own tensorstore error: a page of tracebacks for each, after the
-  failure has been reported once (`_reading`). Those reports alone are dropped; every
-  other one goes to the hook that was in place.
+  hands to sys.unraisablehook; the reading coroutines left behind are finalised later,
+  each raising its own tensorstore error, or Orbax's "error while reading" made of the
+  GeneratorExit that closes it. A page of tracebacks for each, after the failure has
+  been reported once (`_reading`). Those reports alone are dropped; every other one
+  goes to the hook that was in place.
   """
   previous = sys.unraisablehook
   if getattr(previous, "drops_abandoned_reads", False):
@@ -340,9 +341,16 @@ def _is_abandoned_read_report(unraisable: Any) -> bool:
   if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
     return any(frame.name == "call_soon_threadsafe"
                for frame in traceback.extract_tb(unraisable.exc_traceback))
-  cause = _read_error(error)
-  return (inspect.iscoroutine(unraisable.object) and isinstance(cause, ValueError)
-          and bool(_TENSORSTORE_STATUS.match(str(cause))))
+  if not inspect.iscoroutine(unraisable.object):
+    return False
+  for _ in range(16):  # the error and its causes
+    if error is None:
+      return False
+    if isinstance(error, GeneratorExit) or (
+        isinstance(error, ValueError) and _TENSORSTORE_STATUS.match(str(error))):
+      return True
+    error = error.__cause__
+  return False
 
 
 def set_aside(manager: ocp.CheckpointManager, step: int,

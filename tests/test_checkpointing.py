@@ -283,6 +283,7 @@ def test_reports_of_abandoned_reads_are_dropped_and_others_kept(monkeypatch):
   coroutine.close()
   failed = []
   for cause in (ValueError('OUT_OF_RANGE: Error reading "params.w/0.0" in OCDBT database'),
+                GeneratorExit(),  # the reading coroutine closed while it waited
                 ValueError("some other value error"), TypeError("a bug")):
     try:
       raise Exception("Encountered error while reading array index") from cause  # pylint: disable=broad-exception-raised
@@ -291,11 +292,12 @@ def test_reports_of_abandoned_reads_are_dropped_and_others_kept(monkeypatch):
   reports = [types.SimpleNamespace(exc_type=type(e), exc_value=e,
                                    exc_traceback=e.__traceback__, err_msg=None, object=obj)
              for e, obj in [(closed_loop[0], None), (closed_loop[1], None),
-                            (failed[0], coroutine), (failed[0], None),
-                            (failed[1], coroutine), (failed[2], coroutine)]]
+                            (failed[0], coroutine), (failed[1], coroutine),
+                            (failed[0], None), (failed[2], coroutine),
+                            (failed[3], coroutine)]]
   for report in reports:
     sys.unraisablehook(report)
-  assert seen == [reports[1]] + reports[3:]  # only the first and the third are dropped
+  assert seen == [reports[1]] + reports[4:]  # reports 0, 2 and 3 are dropped
 
 
 def test_every_step_corrupt_is_one_error(tmp_path):
