@@ -62,6 +62,7 @@ def _assert_same(got, want):
     np.testing.assert_allclose(values, want_values, rtol=0, atol=1e-12)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("seed, max_rank, num_q, num_g, num_ids", [
     (0, 50, 40, 200, 12), (1, 10, 40, 200, 12), (7, 50, 200, 2000, 40)])
 def test_evaluate_rank_equals_fastreid(seed, max_rank, num_q, num_g, num_ids):
@@ -114,6 +115,7 @@ def test_evaluate_features_equals_fastreid(metric):
   _assert_same(got, want)
 
 
+@pytest.mark.numerics
 def test_evaluate_features_cam_distance_with_areas():
   rng = np.random.default_rng(5)
   _, labels = _problem(5, num_q=20, num_g=60)
