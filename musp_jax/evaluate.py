@@ -7,8 +7,8 @@
 
 Prints the paper's table (mAP, CMC@1/5/10, mINP in %) and, with --json, writes
 {"results": {row: metrics}, ...}. Files are .npz in either layout that
-`retrieval.load_features` reads:
-  - ours (`python -m musp_jax.embed`, `retrieval.save_features`): feats (N, P, C),
+`saved_features.load_features` reads:
+  - ours (`python -m musp_jax.embed`, `saved_features.save_features`): feats (N, P, C),
     areas (N, P), vehicle_id (N,), camera_id (N,) [, file_name, model_signature];
   - plain, for any model: feats (N, D) or (N, P, C) float, pids (N,) int,
     camids (N,) int [, areas (N, P)]; use camera id -1 where there is none.
@@ -29,65 +29,69 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from musp_jax import datasets
-from musp_jax import features
-from musp_jax import outputs
-from musp_jax import retrieval
+import ml_collections
+
+from musp_jax.data import datasets
+from musp_jax.core import features
+from musp_jax.runtime import cli
+from musp_jax.runtime import writing
+from musp_jax.retrieval import protocols
+from musp_jax.retrieval import ranking
+from musp_jax.retrieval import saved_features
 
 
-def _read(path: str, role: str) -> retrieval.Features:
-  features = retrieval.load_features(path)
+def _read(path: str, role: str) -> saved_features.Features:
+  features = saved_features.load_features(path)
   if len(features) == 0:
     raise ValueError(f"{path}: the {role} has no rows")
   return features
 
 
-def _check_same_model(query: retrieval.Features, gallery: retrieval.Features,
+def _check_same_model(query: saved_features.Features, gallery: saved_features.Features,
                       query_path: str, gallery_path: str) -> None:
   if query.model_signature and gallery.model_signature:
     features.check_signature(query.model_signature, gallery.model_signature,
                              found_where=query_path, expected_where=gallery_path)
 
 
-def run_protocol(name: str, splits: dict[str, retrieval.Features], *, size: str,
-                 options: dict[str, Any], trials: int, seed: int
-                 ) -> dict[str, dict[str, float]]:
+def _protocol_rows(name: str, splits: dict[str, saved_features.Features], *, size: str,
+                   options: dict[str, Any], trials: int, seed: int
+                   ) -> dict[str, dict[str, float]]:
   """The one call into the dataset table's protocols ({row name: row})."""
-  from configs import common  # pylint: disable=g-import-not-at-top
-  eval_config = common.get_config().eval
-  eval_config.distance = options.pop("distance")
-  eval_config.rerank = options.pop("rerank")
-  eval_config.query_block = options.pop("query_block")
-  eval_config.vehicleid_trials = trials
-  eval_config.vehicleid_seed = seed
-  return datasets.spec(name).protocol(splits, name=f"{name}_{size}" if size else name,
-                                     eval_config=eval_config, **options)
+  # The fields of a run config's `eval` section that the protocols read.
+  eval_config = ml_collections.ConfigDict(dict(
+      distance=options.pop("distance"), rerank=options.pop("rerank"),
+      query_block=options.pop("query_block"), vehicleid_trials=trials,
+      vehicleid_seed=seed))
+  return protocols.run_protocol(datasets.spec(name).protocol, splits,
+                       name=f"{name}_{size}" if size else name, eval_config=eval_config,
+                       **options)
 
 
-def evaluate(*, query: str | None = None, gallery: str | None = None,
-             test: str | None = None, protocol: str | None = None, size: str = "",
-             distance: str = "cam_squared", rerank: bool = False,
-             rerank_k1: int = 20, rerank_k2: int = 6, rerank_lambda: float = 0.3,
-             keep_junk: bool = False, query_block: int = 1024, trials: int = 10,
-             seed: int = 0) -> dict[str, Any]:
+def evaluate_files(*, query: str | None = None, gallery: str | None = None,
+                   test: str | None = None, protocol: str | None = None, size: str = "",
+                   distance: str = "cam_squared", rerank: bool = False,
+                   rerank_k1: int = 20, rerank_k2: int = 6, rerank_lambda: float = 0.3,
+                   keep_junk: bool = False, query_block: int = 1024, trials: int = 10,
+                   seed: int = 0) -> dict[str, Any]:
   """Rows of results ({"results": {row: metrics}, ...}) for saved features."""
   options = dict(distance=distance, rerank=rerank, query_block=query_block,
                  rerank_k1=rerank_k1, rerank_k2=rerank_k2, rerank_lambda=rerank_lambda)
   report = {"protocol": protocol, "distance": distance, "rerank": rerank}
   if protocol == "vehicle_id":
     report["test"] = test
-    rows = run_protocol(protocol, {"test": _read(test, "test set")}, size=size,
-                        options=options, trials=trials, seed=seed)
+    rows = _protocol_rows(protocol, {"test": _read(test, "test set")}, size=size,
+                          options=options, trials=trials, seed=seed)
     return {**report, "results": rows}
   q, g = _read(query, "query set"), _read(gallery, "gallery")
   _check_same_model(q, g, query, gallery)
   report.update(query=query, gallery=gallery)
   if protocol is not None:
-    rows = run_protocol(protocol, {"query": q, "gallery": g}, size=size,
-                        options=options, trials=trials, seed=seed)
+    rows = _protocol_rows(protocol, {"query": q, "gallery": g}, size=size,
+                          options=options, trials=trials, seed=seed)
     return {**report, "results": rows}
   try:
-    result = retrieval.evaluate(q, g, remove_junk=not keep_junk, **options)
+    result = ranking.evaluate(q, g, remove_junk=not keep_junk, **options)
   except ValueError as e:
     if "no query has a true match" in str(e) and not keep_junk and (
         (q.cams == -1).all() and (g.cams == -1).all()):
@@ -96,7 +100,7 @@ def evaluate(*, query: str | None = None, gallery: str | None = None,
     raise
   name = f"{pathlib.Path(query).stem} vs {pathlib.Path(gallery).stem}"
   return {**report, "remove_junk": not keep_junk,
-          "results": {name: retrieval.result_row(result)}}
+          "results": {name: ranking.result_row(result)}}
 
 
 def _write_json(path: str, report: dict[str, Any]) -> None:
@@ -104,7 +108,7 @@ def _write_json(path: str, report: dict[str, Any]) -> None:
   if path == "-":
     sys.stdout.write(text)
     return
-  outputs.write_text(path, text)  # a failed write leaves any earlier file whole
+  writing.write_text(path, text)  # a failed write leaves any earlier file whole
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -119,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "gallery, junk removed).")
   parser.add_argument("--size", default="", help="Test size named in the rows "
                       "(vehicle_id, veri_wild): small | medium | large.")
-  parser.add_argument("--distance", choices=retrieval.DISTANCES, default="cam_squared")
+  parser.add_argument("--distance", choices=ranking.DISTANCES, default="cam_squared")
   parser.add_argument("--rerank", action="store_true",
                       help="k-reciprocal re-ranking (on the squared distance).")
   parser.add_argument("--rerank_k1", type=int, default=20)
@@ -132,8 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="vehicle_id: random galleries averaged.")
   parser.add_argument("--seed", type=int, default=0, help="vehicle_id: split seed.")
   parser.add_argument("--json", help="Also write the results as JSON ('-': stdout).")
-  parser.add_argument("--verbose", action="store_true",
-                      help="On an error, print its traceback too.")
+  cli.add_verbose_arg(parser)
   args = parser.parse_args(argv)
   if args.protocol == "vehicle_id":
     if not args.test or args.query or args.gallery:
@@ -145,16 +148,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error("--keep_junk: each --protocol fixes its own junk rule.")
   if args.size and args.protocol not in ("vehicle_id", "veri_wild"):
     parser.error("--size names the rows of --protocol vehicle_id or veri_wild only.")
-  from musp_jax import runtime  # pylint: disable=g-import-not-at-top
-  runtime.setup()
-  try:
-    report = evaluate(
+  from musp_jax.runtime import process
+  process.setup()
+
+  def work():
+    report = evaluate_files(
         query=args.query, gallery=args.gallery, test=args.test, protocol=args.protocol,
         size=args.size, distance=args.distance, rerank=args.rerank,
         rerank_k1=args.rerank_k1, rerank_k2=args.rerank_k2,
         rerank_lambda=args.rerank_lambda, keep_junk=args.keep_junk,
         query_block=args.query_block, trials=args.trials, seed=args.seed)
-    from musp_jax import evaluator  # pylint: disable=g-import-not-at-top
+    from musp_jax.training import evaluator
     files = args.test or f"{args.query} vs {args.gallery}"
     title = (f"Saved features {files}: protocol {args.protocol or 'plain'}, distance "
              f"{args.distance}" + (" + re-ranking" if args.rerank else ""))
@@ -162,10 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(evaluator.markdown_table(report, title=title))
     if args.json:
       _write_json(args.json, report)
-  except runtime.USER_ERRORS as e:
-    runtime.print_error(e, verbose=args.verbose)
-    return 2
-  return 0
+
+  return cli.run(work, verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from musp_jax import metrics
-from musp_jax import retrieval
+from musp_jax.retrieval import reference
+from musp_jax.retrieval import ranking
+from musp_jax.retrieval import saved_features
+from musp_jax.core import features
+from musp_jax.runtime import process
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -65,17 +68,17 @@ def _best(fn, repeats: int, warmup: bool = True) -> float:
 
 
 def _features(rng, n, p, c, num_ids):
-  feats = retrieval.l2_normalize(rng.standard_normal((n, p, c), np.float32))
+  feats = features.l2_normalize(rng.standard_normal((n, p, c), np.float32))
   areas = rng.uniform(0.05, 1.0, (n, p)).astype(np.float32)
   areas[:, -1] = 1.0 / max(p - 1, 1)  # the global branch's pseudo-area
-  return retrieval.Features(feats, areas, rng.integers(0, num_ids, n),
+  return saved_features.Features(feats, areas, rng.integers(0, num_ids, n),
                             rng.integers(0, 174, n))
 
 
 def _dense_torch(qf, qa, gf, ga):
   """The official code's evaluation-time distance, op for op (on the GPU if there is one)."""
-  import torch  # pylint: disable=g-import-not-at-top
-  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  import torch
+  import torch.nn.functional as F
   device = "cuda" if torch.cuda.is_available() else "cpu"
   qf, qa, gf, ga = (torch.from_numpy(x).to(device) for x in (qf, qa, gf, ga))
   mats = []
@@ -129,10 +132,10 @@ def main():
   t_gemm = _best(lambda: matmul(a, b).block_until_ready(), args.repeats)
   print(f"\n[1] float32 GEMM ({qb} x {p * c}) @ ({p * c} x {gb}): "
         f"{t_gemm:.3f} s = {flops / t_gemm / 1e9:,.0f} GFLOP/s (machine rate)")
-  mesh = retrieval.default_mesh()
-  g_prep, _ = retrieval._prepare_gallery(g, "cam_squared", mesh)  # pylint: disable=protected-access
+  mesh = process.make_mesh()
+  g_prep, _ = ranking._prepare_gallery(g, "cam_squared", mesh)
   qf, qa = jnp.asarray(q.feats), jnp.asarray(q.areas)
-  dist_fn = lambda kind: retrieval._query_distance(  # pylint: disable=protected-access
+  dist_fn = lambda kind: ranking._query_distance(
       qf, qa, g_prep, distance=kind, precision=HIGHEST)
   base = _rss_reset()
   t_dist = _best(lambda: dist_fn("cam_squared").block_until_ready(), args.repeats)
@@ -140,13 +143,13 @@ def main():
   print(f"[2] cam_squared block ({qb} x {gb}): {t_dist:.3f} s = "
         f"{flops / t_dist / 1e9:,.0f} GFLOP/s = {t_gemm / t_dist:.0%} of the "
         f"GEMM rate (goal >= 70%); peak {mem_dist}")
-  g_cam, _ = retrieval._prepare_gallery(g, "cam", mesh)  # pylint: disable=protected-access
-  t_cam = _best(lambda: retrieval._query_distance(  # pylint: disable=protected-access
+  g_cam, _ = ranking._prepare_gallery(g, "cam", mesh)
+  t_cam = _best(lambda: ranking._query_distance(
       qf, qa, g_cam, distance="cam", precision=HIGHEST).block_until_ready(),
                 args.repeats)
   print(f"    cam (paper, non-squared) block: {t_cam:.3f} s = "
         f"{t_gemm / t_cam:.0%} of the GEMM rate")
-  del g_cam
+  g_cam = None  # frees the prepared gallery before the next part
 
   # 3. The dense (Q, G, P) form.
   ours = np.asarray(dist_fn("cam_squared"))
@@ -169,26 +172,25 @@ def main():
   ids_q = rng.integers(0, gb // 13, qb)
   ids_g = rng.integers(0, gb // 13, gb)  # about 13 images per id, as VERI-Wild
   cams_q, cams_g = rng.integers(0, 174, qb), rng.integers(0, 174, gb)
-  # pylint: disable=protected-access
-  table = retrieval._SameIdTable(ids_q, ids_g, cams_q, cams_g, True)
-  (queries, width), = retrieval._query_blocks(table, qb)
-  same_id = [jnp.asarray(retrieval._pad_rows(x, qb)) for x in table.table(queries, width)]
+  # The ranking's private parts, timed alone:
+  table = ranking._SameIdTable(ids_q, ids_g, cams_q, cams_g, True)
+  (queries, width), = ranking._query_blocks(table, qb)
+  same_id = [jnp.asarray(ranking._pad_rows(x, qb)) for x in table.table(queries, width)]
   dist_dev, g_valid = dist_fn("cam_squared"), jnp.ones(gb, bool)
-  t_rank = _best(lambda: jax.block_until_ready(retrieval._distmat_block(
+  t_rank = _best(lambda: jax.block_until_ready(ranking._distmat_block(
       dist_dev, g_valid, *same_id)), args.repeats)
-  # pylint: enable=protected-access
   print(f"[4] exact ranking of the block on the device ({width} same-id slots per query):"
         f" {t_rank:.3f} s = {t_rank / t_dist:.0%} of the block's distance time [2]"
         " (goal <= 15%)")
-  t_rank_dev = _best(lambda: retrieval.rank_distmat(
+  t_rank_dev = _best(lambda: ranking.rank_distmat(
       ours, ids_q, ids_g, cams_q, cams_g, query_block=qb, mesh=mesh), 1)
-  t_rank_np = _best(lambda: metrics.rank_metrics(
+  t_rank_np = _best(lambda: reference.rank_metrics(
       ours, ids_q, ids_g, cams_q, cams_g), 1, warmup=False)
   print(f"    from the host (rank_distmat, with the copy of D and the same-id table): "
         f"{t_rank_dev:.3f} s; numpy reference {t_rank_np:.3f} s")
-  q_ids = retrieval.Features(q.feats, q.areas, ids_q, cams_q)
-  g_ids = retrieval.Features(g.feats, g.areas, ids_g, cams_g)
-  t_fused = _best(lambda: jax.block_until_ready(retrieval.evaluate(
+  q_ids = saved_features.Features(q.feats, q.areas, ids_q, cams_q)
+  g_ids = saved_features.Features(g.feats, g.areas, ids_g, cams_g)
+  t_fused = _best(lambda: jax.block_until_ready(ranking.evaluate(
       q_ids, g_ids, query_block=qb, mesh=mesh)), 1)
   print(f"    distance + exact ranking of the block (evaluate): {t_fused:.3f} s;"
         f" official pipeline (torch dense + numpy ranking): "
@@ -200,11 +202,11 @@ def main():
   query = _features(rng, nq, p, c, num_ids)
   gallery = _features(rng, ng, p, c, num_ids)
   t0 = time.perf_counter()
-  retrieval.evaluate(query, gallery, query_block=qb, mesh=mesh)
+  ranking.evaluate(query, gallery, query_block=qb, mesh=mesh)
   t_cold = time.perf_counter() - t0
   base = _rss_reset()
   t0 = time.perf_counter()
-  result = retrieval.evaluate(query, gallery, query_block=qb, mesh=mesh)
+  result = ranking.evaluate(query, gallery, query_block=qb, mesh=mesh)
   t_eval = time.perf_counter() - t0
   mem_eval = _peak_since(base)
   factor = (args.q * args.g) / (nq * ng)
