@@ -110,7 +110,6 @@ def test_bad_shapes_are_rejected():
     am.score_maps(np.ones((2, 2, 2, 1)), FRACTIONS)
 
 
-@pytest.mark.numerics
 def test_model_scores_on_a_split_match_a_direct_computation():
   """The batched, padded, sharded pass scores what a plain loop over the records does."""
   loaded = tools_fixtures.shared_model()

@@ -34,7 +34,6 @@ def _reference_features(loaded, path):
   return feats / np.maximum(norms, 1e-12), np.asarray(out["areas"])[0]
 
 
-@pytest.mark.numerics
 def test_embed_folder_end_to_end(tmp_path, loaded, capsys):
   paths = tools_fixtures.write_images(tmp_path / "imgs", 5)
   (tmp_path / "imgs" / "notes.txt").write_text("not an image; skipped in a folder")
@@ -70,7 +69,6 @@ def test_embed_folder_end_to_end(tmp_path, loaded, capsys):
       tools_fixtures.assert_net_outputs_close(areas[i], ref_a)
 
 
-@pytest.mark.numerics
 def test_checkpoint_flag_and_batch_size_give_the_same_features(tmp_path, loaded):
   paths = tools_fixtures.write_images(tmp_path, 3, seed=1, suffix=".jpg")
   a = embed.write_features(loaded, [str(p) for p in paths], str(tmp_path / "a.npz"),
@@ -85,7 +83,6 @@ def test_checkpoint_flag_and_batch_size_give_the_same_features(tmp_path, loaded)
   tools_fixtures.assert_net_outputs_close(a.areas, b.areas)
 
 
-@pytest.mark.numerics
 def test_flip_averaged_features_do_not_change_when_the_image_is_mirrored(tmp_path, loaded):
   (path,) = tools_fixtures.write_images(tmp_path / "a", 1, seed=2)
   mirrored = tmp_path / "b" / "mirror.png"

@@ -47,7 +47,6 @@ def test_features_are_each_branchs_pre_bn_feature_l2_normalised(loaded):
   np.testing.assert_allclose(np.linalg.norm(feats, axis=-1), 1.0, rtol=1e-6)
 
 
-@pytest.mark.numerics
 def test_flip_averaging_is_mirror_invariant(loaded):
   x = _images(seed=1)
   feats, areas = _embed(loaded.variables, x, model=loaded.model, flip=True)

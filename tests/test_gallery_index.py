@@ -73,7 +73,6 @@ def data(tmp_path_factory):
   return root, gallery, query, gallery_npz, query_npz, exhaustive
 
 
-@pytest.mark.numerics
 def test_index_vectors_give_the_cam_distance():
   """u_q(t) . z_g = r (t - D(q, g)) for any features, not only L2-normalised ones."""
   rng = np.random.default_rng(5)
@@ -109,7 +108,6 @@ def test_exhaustive_index_returns_the_exact_top_k(data):
   np.testing.assert_allclose(dist[:, 0], 0.0, atol=1e-6)
 
 
-@pytest.mark.numerics
 def test_cli_index_mode_equals_brute_force(data, tmp_path, capsys):
   root, _, _, gallery_npz, query_npz, _ = data
   shards = []
@@ -166,7 +164,6 @@ def test_multi_shard_build_equals_single_file_build(data, tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
-@pytest.mark.numerics
 @pytest.mark.parametrize("codec,candidates,min_recall", [("sq8", 50, 0.99),
                                                           ("pq", 100, 0.95)])
 def test_approximate_index_returns_exact_distances(tmp_path, codec, candidates,

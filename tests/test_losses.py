@@ -15,8 +15,6 @@ from configs import common
 from musp_jax.core import losses
 from musp_jax.models import musp
 
-pytestmark = pytest.mark.numerics  # float results within tolerances (.ci/run)
-
 # Tolerances: float32 losses (XLA) against float64 loops. Each value is a sum of at most
 # ~100 float32 terms (16 x 16 distances of 16 channels, 9 x 7 logits), K u <= 6e-6:
 # rtol=1e-5. Counts and accuracies are exact ratios rounded once to float32 (6e-8):
@@ -111,7 +109,7 @@ def _zero_distance_error(feats_BxC) -> float:
 
 
 # ---------------------------------------------------------------- ID loss
-@pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
+@pytest.mark.parametrize("eps", [0.0, pytest.param(0.1, marks=pytest.mark.numerics), 0.3])
 def test_cross_entropy_matches_loops(eps):
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(9, 7)).astype(np.float32) * 3
@@ -122,7 +120,7 @@ def test_cross_entropy_matches_loops(eps):
 
 
 # ---------------------------------------------------------------- triplet
-@pytest.mark.parametrize("margin", [0.3, 1.0, None])
+@pytest.mark.parametrize("margin", [pytest.param(0.3, marks=pytest.mark.numerics), 1.0, None])
 @pytest.mark.parametrize("case", ["random", "duplicates_and_singles"])
 def test_triplet_matches_loops(margin, case):
   rng = np.random.default_rng(1)
@@ -178,6 +176,7 @@ def test_triplet_without_negatives_is_zero():
   assert np.isfinite(np.asarray(grads)).all()
 
 
+@pytest.mark.numerics
 def test_pairwise_distance_is_precise_for_large_norms():
   # The expanded form |x|^2+|y|^2-2xy cancels; the diagonal must still be the clamp.
   rng = np.random.default_rng(3)
@@ -201,7 +200,7 @@ def _outputs(rng, labels, num_branches, channels, num_classes, diversity):
   return {"feats": feats, "logits": logits, "diversity": np.float32(diversity)}
 
 
-@pytest.mark.parametrize("margin", [0.3, None])
+@pytest.mark.parametrize("margin", [pytest.param(0.3, marks=pytest.mark.numerics), None])
 def test_total_loss_matches_loops(margin):
   rng = np.random.default_rng(4)
   labels = np.asarray(_LABELS_WITH_SINGLES, np.int32)
@@ -249,6 +248,7 @@ def test_total_loss_names_missing_key():
                       _loss_config())
 
 
+@pytest.mark.numerics
 def test_total_loss_sharded_equals_single_device():
   devices = jax.devices()
   assert len(devices) == 8, "tests/conftest.py provides 8 CPU devices"
@@ -352,6 +352,7 @@ def test_total_loss_gradient_finite_with_duplicates_float32():
 
 
 # ---------------------------------------------------------------- diversity
+@pytest.mark.numerics
 def test_diversity_term_matches_loops():
   """The model's diversity term (owned by the model) against explicit loops."""
   rng = np.random.default_rng(8)

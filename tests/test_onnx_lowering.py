@@ -9,8 +9,6 @@ import pytest
 
 from musp_jax.serving import onnx_lowering
 
-pytestmark = pytest.mark.numerics  # float results within tolerances (.ci/run)
-
 
 def _run(fn, spec, x):
   model = onnx_lowering.convert(fn, spec, input_name="x",
@@ -20,6 +18,7 @@ def _run(fn, spec, x):
   return session.run(None, {"x": x}), model
 
 
+@pytest.mark.numerics
 def test_primitives_match_jax():
   rng = np.random.default_rng(0)
   kernel = rng.normal(size=(3, 3, 2, 4)).astype(np.float32)  # HWIO, 2 groups

@@ -12,8 +12,6 @@ import torch
 from configs import common
 from musp_jax.core import optim
 
-pytestmark = pytest.mark.numerics  # float results within tolerances (.ci/run)
-
 
 def _optim_config(**overrides):
   cfg = common.get_config().optim
@@ -175,6 +173,7 @@ def _max_error(traj_a, traj_b):
 _SCHEDULE = dict(lr=1e-2, warmup_epochs=3, warmup_factor=0.1, milestones=(5, 8), gamma=0.1)
 
 
+@pytest.mark.numerics
 def test_adam_matches_torch_default_recipe():
   cfg = _optim_config(**_SCHEDULE)  # weight_decay 5e-4 on everything, eps 1e-8
   jax_traj, jax_lrs = _run_jax(cfg, steps_per_epoch=2, num_steps=20)

@@ -60,7 +60,6 @@ def test_vehicleid_first_split():
   np.testing.assert_array_equal(q, [2, 4, 5, 7, 8, 9])
 
 
-@pytest.mark.numerics
 def test_vehicle_id_rows_average_the_splits():
   rng = np.random.default_rng(0)
   ids = rng.integers(0, 12, 60)
@@ -81,7 +80,6 @@ def test_vehicle_id_rows_average_the_splits():
               _reference_row(test.take(q), test.take(g), False))
 
 
-@pytest.mark.numerics
 def test_veri_wild_reports_both_rows_and_veri776_removes_junk():
   rng = np.random.default_rng(1)
   query = _features(rng, rng.integers(0, 6, 15), rng.integers(0, 3, 15))

@@ -12,8 +12,6 @@ import torchvision
 from musp_jax.models import resnet
 from musp_jax.models import weights
 
-pytestmark = pytest.mark.numerics  # float results within tolerances (.ci/run)
-
 
 def _abstract_init(model, shape=(1, 64, 64, 3)):
   return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape)))
@@ -110,6 +108,7 @@ def resnet18_variables():
                                ignore=("fc.",))
 
 
+@pytest.mark.numerics
 def test_bfloat16_forward_close_to_float32(resnet18_variables):
   images = np.random.RandomState(0).randn(2, 64, 64, 3).astype(np.float32)
   variables = resnet18_variables
@@ -187,8 +186,10 @@ def _bn_steps(shape, dtype, steps=4, *, shard=None, seed=0):
 
 @pytest.mark.parametrize("shape,dtype", [
     ((6, 5), jnp.float32),  # BatchNorm1d (BNNeck): n = batch = 6
-    ((4, 5, 3, 7), jnp.float32),  # BatchNorm2d: n = 4 * 5 * 3 = 60
-    ((4, 5, 3, 7), jnp.bfloat16),  # bf16 compute, float32 statistics
+    # BatchNorm2d: n = 4 * 5 * 3 = 60
+    pytest.param((4, 5, 3, 7), jnp.float32, marks=pytest.mark.numerics),
+    # bf16 compute, float32 statistics
+    pytest.param((4, 5, 3, 7), jnp.bfloat16, marks=pytest.mark.numerics),
 ])
 def test_batch_norm_running_statistics_match_torch(shape, dtype):
   """Running variance moves towards the unbiased batch variance (n / (n-1)),
@@ -208,6 +209,7 @@ def test_batch_norm_running_statistics_match_torch(shape, dtype):
   assert _relative_error(y, ty) <= (1e-5 if dtype == jnp.float32 else 1e-2)
 
 
+@pytest.mark.numerics
 def test_batch_norm_counts_the_global_batch_when_sharded():
   """8 devices x 2 rows: the correction is 16/15 (global), not 2/1."""
   mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
@@ -230,6 +232,7 @@ def test_batch_norm_needs_two_values_per_channel_in_training():
                                                       jnp.ones((1, 3)))
 
 
+@pytest.mark.numerics
 def test_train_mode_statistics_match_torchvision_after_steps():
   """Every running mean/var of a ResNet-18 after 3 train-mode steps."""
   torch.manual_seed(1)

@@ -38,7 +38,6 @@ def _cam_squared_reference(qf, qa, gf, ga):
   return out
 
 
-@pytest.mark.numerics
 def test_search_gallery_images_find_themselves_first(gallery, tmp_path, capsys):
   root, paths, gallery_npz = gallery
   queries = tmp_path / "queries"

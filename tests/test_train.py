@@ -523,7 +523,6 @@ def test_resumed_from_step_is_kept_until_a_newer_one_is_trusted(tmp_path):
   assert checkpointing.finished_steps(directory) == [5]
 
 
-@pytest.mark.numerics
 def test_sharded_step_equals_single_device_step(data_dir):
   """Along 3 steps of a real run, the step on 8 fake devices equals the 1-device step.
 

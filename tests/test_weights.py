@@ -72,9 +72,8 @@ def relative_error(actual, expected) -> float:
 TORCH_RTOL = 1e-4
 
 
-@pytest.mark.numerics
 @pytest.mark.parametrize("depth,last_stride,batch", [
-    (50, 1, 2), (50, 2, 1), (18, 1, 2)])
+    pytest.param(50, 1, 2, marks=pytest.mark.numerics), (50, 2, 1), (18, 1, 2)])
 def test_pooled_features_match_torchvision(depth, last_stride, batch):
   torch_model = torchvision_resnet(depth, last_stride, seed=depth + last_stride)
   model = resnet.ResNet(depth, last_stride=last_stride)
@@ -89,7 +88,6 @@ def test_pooled_features_match_torchvision(depth, last_stride, batch):
   assert relative_error(out["pooled"], expected) <= TORCH_RTOL
 
 
-@pytest.mark.numerics
 def test_classifier_logits_match_torchvision_on_odd_input_size():
   # Odd sizes catch padding mistakes ('SAME' pads asymmetrically).
   torch_model = torchvision_resnet(18, seed=3, num_classes=10)
