@@ -113,9 +113,11 @@ def test_core_dry_run_needs_no_io_stack(tmp_path):
   shapes: pretraining, then runs from it with the study's config words, with
   TensorFlow, tfds, grain and clu refused as on a bare GPU image."""
   cache = f"compilation_cache_dir={tmp_path / 'xla'}"
+  # --deadline 0: the command's 6-minute deadline is for a GPU; a loaded CPU must not
+  # decide which runs happen.
   cmd = ["bash", str(ROOT / "scripts" / "gpu_check.sh"), "study", "--dry-run",
-         "--variants", "baseline,MUSP n=5", "--seeds", "1", "--set", cache,
-         "--pretrain_set", cache]
+         "--variants", "baseline,MUSP n=5", "--seeds", "1", "--deadline", "0",
+         "--set", cache, "--pretrain_set", cache]
   env = io_stack.blocked_env(tmp_path, OUT=str(tmp_path), PYTHON=sys.executable)
   out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=600)
