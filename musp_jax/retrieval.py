@@ -59,7 +59,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from musp_jax import outputs
-from musp_jax import rerank as rerank_lib
 
 DISTANCES = ("cam_squared", "cam", "cosine", "euclidean")
 # The distance k-reciprocal re-ranking is computed from (module docstring).
@@ -562,7 +561,9 @@ def evaluate(query: "Features | str | os.PathLike",
              distance: str = "cam_squared", remove_junk: bool = True,
              max_rank: int = 50, query_block: int = 1024,
              rerank: bool = False, rerank_k1: int = 20, rerank_k2: int = 6,
-             rerank_lambda: float = 0.3, mesh: Mesh | None = None,
+             rerank_lambda: float = 0.3, aqe: bool = False, qe_times: int = 1,
+             qe_k: int = 5, qe_alpha: float = 3.0, roc: bool = False,
+             roc_target_fpr: float = 1e-3, mesh: Mesh | None = None,
              precision: Precision = Precision.HIGHEST,
              return_distmat: bool = False,
              per_query: bool = False) -> dict[str, Any]:
@@ -575,9 +576,13 @@ def evaluate(query: "Features | str | os.PathLike",
     max_rank: CMC length.
     query_block: queries per device step; the device holds one
       (query_block, G) distance block.
-    rerank: k-reciprocal re-ranking (needs the (Q+G)^2 matrix on the host),
+    rerank: k-reciprocal re-ranking (musp_jax.rerank, sparse and streamed),
       computed from RERANK_INPUT[distance], the squared-Euclidean member of
       `distance` (module docstring); the result names it "rerank_input".
+    aqe, qe_times, qe_k, qe_alpha: alpha query expansion of both sets first
+      (musp_jax.query_expansion).
+    roc: also return "roc", the verification figures over all query-gallery
+      pairs (musp_jax.verification), with the threshold for roc_target_fpr.
     mesh: devices to shard the gallery over (default: all devices).
     precision: matmul precision of the distance.
     return_distmat: also return the full (Q, G) matrix as "distmat" (after
@@ -589,7 +594,7 @@ def evaluate(query: "Features | str | os.PathLike",
 
   Returns:
     {"mAP", "cmc" (max_rank,), "mINP", "num_valid_queries"} (+ "distmat",
-    "per_query", "rerank_input").
+    "per_query", "rerank_input", "roc").
   """
   _check_distance(distance)
   query, gallery = _as_features(query, "query"), _as_features(gallery, "gallery")
@@ -603,22 +608,31 @@ def evaluate(query: "Features | str | os.PathLike",
                  query_block=query_block, mesh=mesh, per_query=per_query)
   dm = functools.partial(_distance_matrix, query_block=query_block, mesh=mesh,
                          precision=precision)
+  # pylint: disable=g-import-not-at-top  (these build on this module)
+  from musp_jax import verification
+  if aqe:
+    from musp_jax import query_expansion
+    query, gallery = query_expansion.expand(query, gallery, distance=distance,
+                                            qe_times=qe_times, qe_k=qe_k,
+                                            alpha=qe_alpha)
   if rerank:
-    rerank_input = RERANK_INPUT[distance]
-    dm = functools.partial(dm, distance=rerank_input)
-    distmat = rerank_lib.k_reciprocal_rerank(
-        dm(query, gallery), dm(query, query), dm(gallery, gallery),
-        k1=rerank_k1, k2=rerank_k2, lambda_value=rerank_lambda)
-  elif return_distmat:
+    from musp_jax import rerank as rerank_lib
+    result = rerank_lib.evaluate(
+        query, gallery, distance=RERANK_INPUT[distance], k1=rerank_k1, k2=rerank_k2,
+        lambda_value=rerank_lambda, return_distmat=return_distmat, roc=roc,
+        roc_target_fpr=roc_target_fpr, **{k: v for k, v in options.items()
+                                          if k != "mesh"})
+    result["rerank_input"] = RERANK_INPUT[distance]
+    return result
+  # pylint: enable=g-import-not-at-top
+  if return_distmat:
     distmat = dm(query, gallery, distance=distance)
-  else:
-    distmat = None
-  if distmat is not None:
     result = rank_distmat(distmat, *labels, **options)
-    if return_distmat:
-      result["distmat"] = distmat
-    if rerank:
-      result["rerank_input"] = rerank_input
+    result["distmat"] = distmat
+    if roc:
+      result["roc"] = verification.roc(verification.matrix_blocks(distmat), *labels,
+                                       remove_junk=remove_junk,
+                                       target_fpr=roc_target_fpr)
     return result
 
   _, _, repl = _shardings(mesh)
@@ -636,7 +650,13 @@ def evaluate(query: "Features | str | os.PathLike",
                       for x in table.table(queries, width))
     acc.add(queries, *_features_block(qf, qa, g_prep, g_valid, idx, pos, junk,
                                       distance=distance, precision=precision))
-  return acc.result(per_query)
+  result = acc.result(per_query)
+  if roc:
+    result["roc"] = verification.roc(
+        verification.feature_blocks(query, g_prep, g_valid, distance=distance,
+                                    precision=precision, mesh=mesh),
+        *labels, remove_junk=remove_junk, target_fpr=roc_target_fpr)
+  return result
 
 
 def result_row(result: dict[str, Any], ranks: Sequence[int] = (1, 5, 10)
