@@ -111,32 +111,42 @@ Prepare = Callable[..., tuple[jax.Array, ...]]
 Pair = Callable[..., jax.Array]
 
 
-def _merge(best_v, best_i, new_v, new_i, k: int):
-  """The k smallest of [best, new] by value, earlier positions first among ties."""
-  values = jnp.concatenate([best_v, new_v], axis=1)
-  index = jnp.concatenate([best_i, new_i], axis=1)
+def _merge(best_v, best_i, new_v, lo_new, k: int):
+  """The k smallest of [best, new block] by value, earlier positions first among ties.
+
+  The block's own k smallest first (stable), then those 2k: 2.5x faster than one
+  top-k over [best, block] on XLA's CPU backend.
+  """
+  neg, pos = jax.lax.top_k(-new_v, min(k, new_v.shape[1]))
+  values = jnp.concatenate([best_v, -neg], axis=1)
+  index = jnp.concatenate([best_i, lo_new + pos.astype(jnp.int32)], axis=1)
   neg, pos = jax.lax.top_k(-values, k)
   return -neg, jnp.take_along_axis(index, pos, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("prepare", "pair", "k", "diagonal"))
-def _pair_step(fa, aa, va, lo_a, fb, ab, vb, lo_b, best_a, best_b, *, prepare, pair,
-               k: int, diagonal: bool):
+@functools.partial(jax.jit, static_argnames=("prepare",))
+def prepare_block(feats, areas, *, prepare):
+  """`prepare` as a computation of its own: prepared inside the computation of the
+  GEMM that follows (a per-branch norm, say), XLA's CPU backend ran that GEMM 4x
+  slower."""
+  return prepare(feats, areas)
+
+
+@functools.partial(jax.jit, static_argnames=("pair", "k", "diagonal"))
+def _pair_step(pa, va, lo_a, pb, vb, lo_b, best_a, best_b, *, pair, k: int,
+               diagonal: bool):
   """Scores of block a (rows) x block b (columns), merged into both blocks' lists."""
-  score = pair(prepare(fa, aa), prepare(fb, ab))
-  score = score + 0.0  # -0.0 -> +0.0, so that equal scores compare equal below
+  score = pair(pa, pb) + 0.0  # -0.0 -> +0.0, so that equal scores compare equal below
   valid = va[:, None] & vb[None, :]
   top = jnp.where(valid, score, jnp.inf)
   low = jnp.where(valid, score, -jnp.inf)
-  ia = (lo_a + jnp.arange(fa.shape[0], dtype=jnp.int32))
-  ib = (lo_b + jnp.arange(fb.shape[0], dtype=jnp.int32))
   bv, bi, bmax = best_b
-  bv, bi = _merge(bv, bi, top.T, jnp.broadcast_to(ia[None, :], top.T.shape), k)
+  bv, bi = _merge(bv, bi, top.T, lo_a, k)
   best_b = (bv, bi, jnp.maximum(bmax, jnp.max(low, axis=0)))
   if diagonal:
     return best_b, best_b
   av, ai, amax = best_a
-  av, ai = _merge(av, ai, top, jnp.broadcast_to(ib[None, :], top.shape), k)
+  av, ai = _merge(av, ai, top, lo_b, k)
   return (av, ai, jnp.maximum(amax, jnp.max(low, axis=1))), best_b
 
 
@@ -165,20 +175,29 @@ def nearest(items: JointItems, k: int, *, prepare: Prepare, pair: Pair,
   block = min(block, -(-n // 8) * 8)  # small sets: no padding to a large block
   num_blocks = -(-n // block)
   lists = [_empty(block, k) for _ in range(num_blocks)]
-  step = functools.partial(_pair_step, prepare=prepare, pair=pair, k=k)
+  step = functools.partial(_pair_step, pair=pair, k=k)
+
+  def prepared(b: int):
+    feats, areas, valid = items.block(b * block, block)
+    return prepare_block(feats, areas, prepare=prepare), jnp.asarray(valid)
+
   total = num_blocks * (num_blocks + 1) // 2
   with tqdm.tqdm(total=total, desc=desc, unit="block pair", disable=not progress,
                  mininterval=5.0) as bar:
+    previous = None
     for a in range(num_blocks):
-      fa, aa, va = (jnp.asarray(x) for x in items.block(a * block, block))
+      pa, va = prepared(a)
       lo_a = jnp.int32(a * block)
-      lists[a], _ = step(fa, aa, va, lo_a, fa, aa, va, lo_a, lists[a], lists[a],
-                         diagonal=True)
+      lists[a], _ = step(pa, va, lo_a, pa, va, lo_a, lists[a], lists[a], diagonal=True)
       bar.update(1)
       for b in range(a + 1, num_blocks):
-        fb, ab, vb = (jnp.asarray(x) for x in items.block(b * block, block))
-        lists[a], lists[b] = step(fa, aa, va, lo_a, fb, ab, vb, jnp.int32(b * block),
+        pb, vb = prepared(b)
+        lists[a], lists[b] = step(pa, va, lo_a, pb, vb, jnp.int32(b * block),
                                   lists[a], lists[b], diagonal=False)
+        # At most two steps in flight: dispatch runs ahead of the device otherwise,
+        # and every queued step holds its block (the memory of the whole set).
+        jax.block_until_ready(previous)
+        previous = lists[b]
         bar.update(1)
   value = np.concatenate([np.asarray(v) for v, _, _ in lists])[:n]
   index = np.concatenate([np.asarray(i) for _, i, _ in lists])[:n]

@@ -43,6 +43,7 @@ kept as the reference the sparse form is tested against, for sets that fit.
 """
 
 import functools
+import time
 from typing import Any
 
 import jax
@@ -145,7 +146,7 @@ def memory_estimate(num_query: int, num_gallery: int, *, parts: int, channels: i
   half = int(np.around(k1 / 2.0)) + 1
   lists = n * k * (4 + 4) * 3  # device lists, host copies, lookups
   blocks = 4 * block * parts * channels * 4 * 3 + 6 * block * block * 4
-  final = 6 * min(query_block, num_query) * num_gallery * 4
+  final = 6 * min(query_block, _block_rows(num_gallery), num_query) * num_gallery * 4
   def sparse_bytes(row_nnz: int) -> int:
     # V, its k2-row mean, the mean's gallery rows as CSC: 8 bytes a non-zero each.
     return n * row_nnz * 8 * (1 + 2 * min(k2, row_nnz))
@@ -171,10 +172,10 @@ def _reciprocal_mask(index: np.ndarray, k: int, chunk: int = 4096) -> np.ndarray
   return out
 
 
-@functools.partial(jax.jit, static_argnames=("prepare", "pair"))
-def _final_piece(qf, qa, gf, ga, overlap_QxB, qmax_Q, lambda_value, *, prepare, pair):
+@functools.partial(jax.jit, static_argnames=("pair",))
+def _final_piece(q_prep, g_prep, overlap_QxB, qmax_Q, lambda_value, *, pair):
   """Step 6 on one (query block, gallery block) piece, in the oracle's float32 ops."""
-  dist_QxB = pair(prepare(qf, qa), prepare(gf, ga)) + 0.0
+  dist_QxB = pair(q_prep, g_prep) + 0.0
   jaccard_QxB = 1.0 - overlap_QxB / (2.0 - overlap_QxB)
   return (jaccard_QxB * (1.0 - lambda_value)
           + (dist_QxB / qmax_Q[:, None]) * lambda_value)
@@ -203,11 +204,15 @@ class KReciprocal:
     self.score = _SCORES[distance]
     n = len(self.items)
     self.block_size = min(block, -(-self.num_gallery // 8) * 8)
+    start = time.perf_counter()
     nb = neighbours.nearest(self.items, min(k1 + 1, n), prepare=self.score[0],
                             pair=self.score[1], block=block, progress=progress,
                             desc="re-ranking: neighbours")
     self.column_max = nb.column_max
+    self.seconds = {"neighbours": time.perf_counter() - start}
+    start = time.perf_counter()
     v = self._encoding(nb, k1)
+    self.nnz_v = v.nnz
     if k2 > 1:
       rows = np.repeat(np.arange(n), k2)
       mean = sparse.csr_array((np.ones(n * k2, np.float32),
@@ -215,13 +220,14 @@ class KReciprocal:
       v = sparse.csr_array(mean @ v)
       v.data /= np.float32(k2)
     del nb
-    self.nnz_v = v.nnz
+    self.nnz_v_mean = v.nnz
     self.v_query = sparse.csr_array(v[:self.num_query])
     self.v_query.sort_indices()
     self.v_gallery = sparse.csc_array(v[self.num_query:])
     self.v_gallery.sort_indices()
     num_blocks = -(-self.num_gallery // self.block_size)
     self.gallery_valid = jnp.arange(num_blocks * self.block_size) < self.num_gallery
+    self.seconds["encoding"] = time.perf_counter() - start
 
   def _encoding(self, nb: neighbours.Neighbours, k1: int) -> sparse.csr_array:
     """Steps 1-3: the sparse V, rows normalised to sum 1."""
@@ -302,7 +308,8 @@ class KReciprocal:
     (`gallery_valid`)."""
     queries = np.asarray(queries)
     padded = np.concatenate([queries, np.full(rows - len(queries), queries[0])])
-    qf, qa = (jnp.asarray(x) for x in self.items.rows(padded))
+    prepare, pair = self.score
+    q_prep = neighbours.prepare_block(*self.items.rows(padded), prepare=prepare)
     qmax = jnp.asarray(self.column_max[padded])
     overlap = self.overlap(padded)
     pieces = []
@@ -311,9 +318,11 @@ class KReciprocal:
       gf, ga, _ = self.items.block(self.num_query + lo, b)
       piece = np.zeros((rows, b), np.float32)
       piece[:, :min(b, self.num_gallery - lo)] = overlap[:, lo:lo + b]
-      pieces.append(_final_piece(qf, qa, jnp.asarray(gf), jnp.asarray(ga),
-                                 jnp.asarray(piece), qmax, self.lambda_value,
-                                 prepare=self.score[0], pair=self.score[1]))
+      # One piece in flight at a time: each queued one would hold its gallery block.
+      jax.block_until_ready(pieces[-1:])
+      g_prep = neighbours.prepare_block(gf, ga, prepare=prepare)
+      pieces.append(_final_piece(q_prep, g_prep, jnp.asarray(piece), qmax,
+                                 self.lambda_value, pair=pair))
     return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=1)
 
   def matrix(self, query_block: int = 256) -> np.ndarray:
@@ -345,12 +354,26 @@ def evaluate(query: "retrieval.Features", gallery: "retrieval.Features", *,
                                     per_query=per_query)
     result["distmat"] = distmat
   else:
+    start = time.perf_counter()
     result = _rank(encoding, labels, remove_junk=remove_junk, max_rank=max_rank,
                    query_block=query_block, per_query=per_query, progress=progress)
+    encoding.seconds["ranking"] = time.perf_counter() - start
+  n = encoding.num_query + encoding.num_gallery
+  result["rerank_stats"] = {
+      "seconds": dict(encoding.seconds), "v_nonzeros_per_row": encoding.nnz_v / n,
+      "v_mean_nonzeros_per_row": encoding.nnz_v_mean / n,
+      "pairs_outside_lists": encoding.num_outside_lists}
   if roc:
     result["roc"] = verification.roc((encoding.block, encoding.gallery_valid), *labels,
-                                     remove_junk=remove_junk, target_fpr=roc_target_fpr)
+                                     remove_junk=remove_junk, target_fpr=roc_target_fpr,
+                                     query_block=_block_rows(encoding.num_gallery))
   return result
+
+
+def _block_rows(num_gallery: int) -> int:
+  """Query rows of a re-ranked block: its (rows, G) arrays (overlaps, distances, the
+  ranking's temporaries, a handful) stay near 128 MiB each."""
+  return max(8, (2**27 // (4 * max(num_gallery, 1))) // 8 * 8)
 
 
 def _rank(encoding: KReciprocal, labels, *, remove_junk: bool, max_rank: int,
@@ -358,7 +381,8 @@ def _rank(encoding: KReciprocal, labels, *, remove_junk: bool, max_rank: int,
   """retrieval's exact ranking of the re-ranked blocks, one query block at a time."""
   # pylint: disable=protected-access
   table = retrieval._SameIdTable(*labels, remove_junk)
-  query_block = retrieval._effective_block(query_block, table)
+  query_block = min(retrieval._effective_block(query_block, table),
+                    _block_rows(encoding.num_gallery))
   acc = retrieval._Accumulator(max_rank, encoding.num_query)
   blocks = list(retrieval._query_blocks(table, query_block))
   for queries, width in tqdm.tqdm(blocks, desc="re-ranking: ranking", unit="block",
