@@ -8,9 +8,10 @@ Distances (SPEC section 4), for features f (N, P, C) and areas a (N, P):
   euclidean    D = ||x_q - x_g||       on the concatenated feature
   with w_p = a_q^p a_g^p / sum_j a_q^j a_g^j.
 
-k-reciprocal re-ranking (`rerank=True`) is defined on squared Euclidean
-distances: Zhong et al. square the Euclidean distance before re-ranking, and
-fast-reid and torchreid hand it squared distances. So re-ranking always takes
+k-reciprocal re-ranking (`rerank=True`, musp_jax.rerank) is defined on squared
+Euclidean distances: Zhong et al. square the Euclidean distance before
+re-ranking (what torchreid and fast-reid pass it: README "Re-ranking, query
+expansion, verification, and what the peers compute"). So re-ranking always takes
 the squared-Euclidean member of the chosen distance (RERANK_INPUT), and the
 lambda-weighted original distance in its result is that one too:
 

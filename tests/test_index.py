@@ -309,6 +309,10 @@ def test_append_equals_a_build_with_the_same_quantizer(data, tmp_path, capsys):
   assert search.main(["index", "--append", "--gallery", str(days[1]), "--index",
                       str(grown)]) == 0
   assert "Appended 101 images" in capsys.readouterr().out
+  for bad in (["--out", str(tmp_path / "x.index")], ["--codec", "pq"]):
+    with pytest.raises(SystemExit):  # a build's options, refused with --append
+      search.main(["index", "--append", "--gallery", str(days[2]), "--index", str(grown),
+                   *bad])
   index_lib.append(grown, days[2:])
   full = index_lib.build(days, tmp_path / "full.index", spec,
                          quantizer_from=tmp_path / "day0.index")
