@@ -1,11 +1,11 @@
-# Two entry points: `make demo` (train + evaluate on the synthetic dataset) and
-# `make test`. Each creates or updates the virtualenv in $(VENV) itself.
+# Entry points: `make demo` (train + evaluate on the synthetic dataset), `make test`
+# and `make lint`. Each creates or updates the virtualenv in $(VENV) itself.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv venv-test clean-venv
+.PHONY: demo test lint venv venv-test clean-venv
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -29,6 +29,10 @@ demo: venv
 
 test: venv-test
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The linter's rules (pyproject.toml [tool.ruff.lint]) find defects, not style.
+lint: venv-test
+	$(PY) -m ruff check musp_jax configs tfds_builders scripts tests
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,4 +1,5 @@
-"""The official MUSP recipe (SPEC sections 1-4); dataset configs override a few fields.
+"""The official MUSP recipe (docs/design.md sections 1-4); dataset configs override a few
+fields.
 
     python -m musp_jax.main --config configs/common.py --workdir workdirs/common
 
@@ -17,7 +18,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
 
-  # --- data (tfds_builders/, musp_jax/datasets.py) ---
+  # --- data (tfds_builders/, musp_jax/data/datasets.py) ---
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "synthetic_vehicles"  # veri776 | vehicle_id | veri_wild | synthetic_vehicles
   # TFDS builder config: the synthetic dataset's size (tiny | small | large); the
@@ -93,7 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.gamma = 0.1
   c.optim.num_epochs = 90
 
-  # --- evaluation (retrieval.py, protocols.py) ---
+  # --- evaluation (retrieval/ranking.py, retrieval/protocols.py) ---
   c.eval = ml_collections.ConfigDict()
   c.eval.dataset = ""  # empty: the training dataset; else another (cross-domain)
   c.eval.test_size = "small"  # VehicleID / VERI-Wild test set: small | medium | large
@@ -101,11 +102,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.every_epochs = 10
   c.eval.distance = "cam_squared"  # cam_squared (official) | cam (paper) | cosine | euclidean
   c.eval.flip = False
-  c.eval.rerank = False  # k-reciprocal re-ranking (sparse, streamed: musp_jax/rerank.py)
+  c.eval.rerank = False  # k-reciprocal re-ranking, sparse and streamed (retrieval/rerank.py)
   c.eval.rerank_k1 = 20
   c.eval.rerank_k2 = 6
   c.eval.rerank_lambda = 0.3
-  # Alpha query expansion of query and gallery (musp_jax/query_expansion.py); the
+  # Alpha query expansion of query and gallery (retrieval/query_expansion.py); the
   # defaults are fast-reid's TEST.AQE (QE_TIME, QE_K, ALPHA).
   c.eval.aqe = False
   c.eval.qe_times = 1
@@ -133,7 +134,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
                  "input.num_instances": 4, "input.num_workers": 0, "optim.num_epochs": 1,
                  "optim.warmup_epochs": 0, "eval.every_epochs": 1},
     "baseline": {"model.head": "baseline"},
-    # The paper's text (SPEC section 1 table, right column); its value width
+    # The paper's text (docs/design.md section 1 table, right column); its value width
     # c = 2048 // (n - 1) is what value_channels=0 resolves to for the full conv.
     "paper": {"model.value_conv": "full", "model.pooling": "mean", "model.ese": "kept",
               "model.global_feature": "backbone_gap", "model.diversity": "kept",

@@ -1,4 +1,4 @@
-"""MUSP on VeRi-776 with the official recipe (SPEC sections 3-5).
+"""MUSP on VeRi-776 with the official recipe (docs/design.md sections 3-5).
 
     python -m musp_jax.main --config configs/veri776.py --workdir workdirs/veri776
 

@@ -23,8 +23,8 @@ from absl import app
 from absl import flags
 import tensorflow_datasets as tfds
 
-from musp_jax import datasets
-from musp_jax import runtime
+from musp_jax.data import datasets
+from musp_jax.runtime import cli
 
 _MANUAL_DIR = flags.DEFINE_string(
     "manual_dir", "", "Folder of the manual download (licensed datasets).")
@@ -40,21 +40,21 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, "On an error, print its traceback
 
 def main(argv: Sequence[str]) -> int:
   if len(argv) != 2 or argv[1] not in datasets.DATASETS:
-    raise app.UsageError(
-        f"Give one dataset name: {' | '.join(datasets.DATASETS)} (got {argv[1:]}).")
-  name = argv[1]
+    cli.usage_error(
+        f"give one dataset name: {' | '.join(datasets.DATASETS)} (got {argv[1:]}).")
+  return cli.run(lambda: _build_and_report(argv[1]), verbose=_VERBOSE.value)
+
+
+def _build_and_report(name: str) -> None:
+  """Builds dataset `name` as the flags say and prints what was built."""
   config = _CONFIG.value
   if config is None:  # the builder's default config, if it has configs
     names = datasets.config_names(name)
     config = datasets.builder_class(name).DEFAULT_CONFIG_NAME if names else ""
   tfds.display_progress_bar(True)
-  try:
-    report = datasets.build(name, data_dir=_DATA_DIR.value, builder_config=config,
-                            manual_dir=_MANUAL_DIR.value, strict=_STRICT.value,
-                            rebuild=_REBUILD.value)
-  except runtime.USER_ERRORS as e:
-    runtime.print_error(e, verbose=_VERBOSE.value)
-    return 1
+  report = datasets.build(name, data_dir=_DATA_DIR.value, builder_config=config,
+                          manual_dir=_MANUAL_DIR.value, strict=_STRICT.value,
+                          rebuild=_REBUILD.value)
   if report.rebuilt_because:
     print(f"Rebuilt {name}, replacing the last build: {'; '.join(report.rebuilt_because)}.")
   if report.note:
@@ -64,8 +64,7 @@ def main(argv: Sequence[str]) -> int:
   if report.skipped:
     print(f"Skipped {len(report.skipped)} unreadable images, e.g. "
           f"{', '.join(report.skipped[:5])}.")
-  return 0
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

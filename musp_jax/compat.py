@@ -20,9 +20,10 @@
 
 `aqe` has the signature and results of fast-reid's
 `fastreid.evaluation.query_expansion.aqe` (alpha query expansion of the joint
-query + gallery set, musp_jax.query_expansion), streamed: no (N, N) similarity
-matrix. The rankings are computed by `musp_jax.retrieval`'s exact on-device ranking, one
-(query_block, G) block at a time, so memory stays bounded for any Q x G.
+query + gallery set, musp_jax/retrieval/query_expansion.py), streamed: no (N, N)
+similarity matrix. The rankings are computed by `musp_jax.retrieval.ranking`'s exact
+on-device ranking, one (query_block, G) block at a time, so memory stays bounded for
+any Q x G.
 Junk (same id and same camera as the query) is removed, as in fast-reid.
 
 Inputs may be numpy arrays, torch tensors or anything `np.asarray` takes. A CPU
@@ -46,7 +47,8 @@ from typing import Any
 
 import numpy as np
 
-from musp_jax import retrieval
+from musp_jax.retrieval import ranking
+from musp_jax.retrieval import saved_features
 
 
 # --------------------------------------------------------------------------
@@ -132,7 +134,7 @@ def evaluate_rank(distmat: Any, q_pids: Any, g_pids: Any, q_camids: Any, g_camid
     max_rank: CMC length (at most G, as fast-reid).
     use_metric_cuhk03: must be False (see the module docstring).
     use_cython: ignored (accepted for drop-in use).
-    query_block, mesh: as `retrieval.rank_distmat`.
+    query_block, mesh: as `ranking.rank_distmat`.
   """
   del use_cython
   max_rank = _check_max_rank(max_rank, use_metric_cuhk03)
@@ -149,7 +151,7 @@ def evaluate_rank(distmat: Any, q_pids: Any, g_pids: Any, q_camids: Any, g_camid
             _labels(g_pids, "g_pids", num_g, "distmat's columns"),
             _labels(q_camids, "q_camids", num_q, "distmat"),
             _labels(g_camids, "g_camids", num_g, "distmat's columns"))
-  result = retrieval.rank_distmat(distmat, *labels, max_rank=min(max_rank, num_g),
+  result = ranking.rank_distmat(distmat, *labels, max_rank=min(max_rank, num_g),
                                   remove_junk=True, query_block=query_block, mesh=mesh,
                                   per_query=True)
   return _fastreid_tuple(result, num_g, max_rank)
@@ -168,16 +170,16 @@ def evaluate_features(q_feats: Any, g_feats: Any, q_pids: Any, g_pids: Any,
     q_pids, g_pids, q_camids, g_camids: integer labels, one per row.
     q_areas, g_areas: (N, P) branch weights, for the cam distances only
       (required there when P > 1).
-    metric: one of `retrieval.DISTANCES`: "euclidean" and "cosine" act on the
+    metric: one of `ranking.DISTANCES`: "euclidean" and "cosine" act on the
       concatenated feature; "cam_squared" / "cam" weigh branches by area.
       (fast-reid's "euclidean" is the squared distance: the same ranking.)
     rerank, k1, k2, lambda_value: k-reciprocal re-ranking, computed from the
-      squared distance (`retrieval.RERANK_INPUT`), as the original method.
-    query_block, mesh: as `retrieval.evaluate`.
+      squared distance (`ranking.RERANK_INPUT`), as the original method.
+    query_block, mesh: as `ranking.evaluate`.
   """
   max_rank = _check_max_rank(max_rank, False)
-  if metric not in retrieval.DISTANCES:
-    raise ValueError(f"metric={metric!r}; expected one of {retrieval.DISTANCES}")
+  if metric not in ranking.DISTANCES:
+    raise ValueError(f"metric={metric!r}; expected one of {ranking.DISTANCES}")
   sets = []
   for side, feats, pids, camids, areas in (("q", q_feats, q_pids, q_camids, q_areas),
                                            ("g", g_feats, g_pids, g_camids, g_areas)):
@@ -196,7 +198,7 @@ def evaluate_features(q_feats: Any, g_feats: Any, q_pids: Any, g_pids: Any,
       if areas.shape != (n, p) or areas.dtype.kind != "f":
         raise ValueError(f"{side}_areas has shape {areas.shape} and dtype {areas.dtype}; "
                          f"expected float ({n}, {p}) to match {side}_feats")
-    sets.append(retrieval.Features(
+    sets.append(saved_features.Features(
         feats, areas.astype(np.float32, copy=False),
         _labels(pids, f"{side}_pids", n, f"{side}_feats"),
         _labels(camids, f"{side}_camids", n, f"{side}_feats")))
@@ -204,7 +206,7 @@ def evaluate_features(q_feats: Any, g_feats: Any, q_pids: Any, g_pids: Any,
   if query.feats.shape[1:] != gallery.feats.shape[1:]:
     raise ValueError(f"q_feats {query.feats.shape} and g_feats {gallery.feats.shape} "
                      "differ in their feature shape")
-  result = retrieval.evaluate(query, gallery, distance=metric, remove_junk=True,
+  result = ranking.evaluate(query, gallery, distance=metric, remove_junk=True,
                               max_rank=min(max_rank, len(gallery)),
                               query_block=query_block, rerank=rerank, rerank_k1=k1,
                               rerank_k2=k2, rerank_lambda=lambda_value, mesh=mesh,
@@ -225,8 +227,7 @@ def aqe(query_feat: Any, gallery_feat: Any, qe_times: int = 1, qe_k: int = 10,
   The results are not normalised, as fast-reid's; computed in float32 (returned
   in the input's floating dtype).
   """
-  # pylint: disable=g-import-not-at-top
-  from musp_jax import query_expansion
+  from musp_jax.retrieval import query_expansion
   arrays = []
   for name, x in (("query_feat", query_feat), ("gallery_feat", gallery_feat)):
     a = _features(x, name)
@@ -245,7 +246,7 @@ def aqe(query_feat: Any, gallery_feat: Any, qe_times: int = 1, qe_k: int = 10,
 def _like(result: np.ndarray, original: Any) -> Any:
   """`result` as the kind of array `original` is (torch tensor: same device)."""
   if _is_torch_tensor(original):
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch
     dtype = original.dtype if original.dtype.is_floating_point else torch.float32
     return torch.from_numpy(result).to(device=original.device, dtype=dtype)
   original = np.asarray(original)

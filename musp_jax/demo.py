@@ -5,8 +5,9 @@
 Trains configs/synthetic.py (the dataset is rendered on first use), then evaluates the
 same model with random weights and a raw-pixel nearest-neighbour search on the same
 query/gallery split, so the trained mAP can be read against both; prints the attention
-scores against the ground-truth part masks (musp_jax/attention_metrics.py) of the
-trained and the random model. Ends with pictures.
+scores against the ground-truth part masks (musp_jax/attention_scores.py) of the
+trained and the random model. Ends with pictures, and as every tool does
+(musp_jax/runtime/cli.py).
 """
 
 import os
@@ -15,20 +16,22 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from musp_jax import runtime
+from musp_jax.runtime import cli
+from musp_jax.runtime import process
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "workdirs/demo", "Where logs, checkpoints and results go.")
+flags.DEFINE_bool("verbose", False, "On an error, print its traceback too.")
 config_flags.DEFINE_config_file("config", "configs/synthetic.py", "The demo config.",
                                 lock_config=True)
 
 
 def raw_pixel_features(source, size: int = 32):
   """Each image as one L2-normalised vector of its downscaled pixels: (N, 1, 3*size^2)."""
-  import io  # pylint: disable=g-import-not-at-top
+  import io
 
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  import numpy as np
+  from PIL import Image
   feats = np.stack([
       np.asarray(Image.open(io.BytesIO(source[i]["image"])).convert("RGB")
                  .resize((size, size), Image.BILINEAR), np.float32).reshape(-1)
@@ -41,43 +44,51 @@ def raw_pixel_features(source, size: int = 32):
 def reference_rows(config, mesh) -> tuple[dict, dict | None]:
   """mAP of the same model with random weights, and of raw-pixel nearest neighbours;
   and the random model's attention scores (None without part masks)."""
-  from musp_jax import attention_metrics  # pylint: disable=g-import-not-at-top
-  from musp_jax import datasets  # pylint: disable=g-import-not-at-top
-  from musp_jax import evaluator  # pylint: disable=g-import-not-at-top
-  from musp_jax import retrieval  # pylint: disable=g-import-not-at-top
-  from musp_jax import state  # pylint: disable=g-import-not-at-top
-  from musp_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  from musp_jax.training import attention_scores
+  from musp_jax.data import datasets
+  from musp_jax.training import evaluator
+  from musp_jax.retrieval import protocols
+  from musp_jax.retrieval import saved_features
+  from musp_jax.core import state
+  from musp_jax.models import build_model
 
   target = datasets.eval_set(config)
   kw = dict(data_dir=config.dataset.data_dir, builder_config=target.builder_config)
   model = build_model(config.model, datasets.num_classes(config.dataset.name, **kw))
   random_variables = state.init_variables(model, config.input.image_size, config.seed)
-  random_rows = evaluator.evaluate(model, random_variables, config, mesh)
+  random_rows = evaluator.evaluate_model(model, random_variables, config, mesh)
   pixels = {}
   for role, split in target.splits.items():
     raw = raw_pixel_features(datasets.load_split(target.name, split, **kw))
     index = datasets.split_index(target.name, split, **kw)
-    pixels[role] = retrieval.Features(raw["feats"], raw["areas"], index["vehicle_id"],
+    pixels[role] = saved_features.Features(raw["feats"], raw["areas"], index["vehicle_id"],
                                       index["camera_id"])
-  pixel_rows = target.run_protocol(pixels, config.eval)
+  pixel_rows = protocols.run_protocol(target.protocol, pixels, name=target.row_name,
+                                      eval_config=config.eval)
   return ({"random weights": next(iter(random_rows.values())),
            "raw-pixel NN": next(iter(pixel_rows.values()))},
-          random_rows.get(attention_metrics.ROW))
+          random_rows.get(attention_scores.ROW))
 
 
-def main(argv):
+def main(argv) -> int:
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  runtime.setup()
-  from musp_jax import attention_metrics  # pylint: disable=g-import-not-at-top
-  from musp_jax import evaluator  # pylint: disable=g-import-not-at-top
-  from musp_jax import outputs  # pylint: disable=g-import-not-at-top
-  from musp_jax import train  # pylint: disable=g-import-not-at-top
+    cli.usage_error(f"unexpected arguments: {argv[1:]}")
+  process.setup()
+  return cli.run(lambda: run_demo(FLAGS.config, FLAGS.workdir), verbose=FLAGS.verbose)
 
-  config = FLAGS.config
-  results = runtime.run_entry_point(lambda: train.train_and_evaluate(config, FLAGS.workdir))
+
+def run_demo(config, workdir: str) -> None:
+  """Trains, evaluates the references, writes demo_summary.md and the pictures."""
+  from musp_jax.runtime import writing
+  from musp_jax.serving import inference
+  from musp_jax.training import attention_scores
+  from musp_jax.training import evaluator
+  from musp_jax.training import model_pictures
+  from musp_jax.training import train
+
+  results = train.train_and_evaluate(config, workdir)
   trained = next(iter(results["results"].values()))
-  references, random_attention = reference_rows(config, runtime.make_mesh())
+  references, random_attention = reference_rows(config, process.make_mesh())
   rows = {"MUSP trained (this run)": trained, **references}
   table = evaluator.markdown_table({"step": results["step"], "results": rows})
   ratio = trained["mAP"] / max(rows["random weights"]["mAP"], 1e-12)
@@ -85,20 +96,17 @@ def main(argv):
   summary = (f"{table}\nTrained / random-weights mAP: {ratio:.1f}x; trained / raw-pixel "
              f"mAP: {trained['mAP'] / max(pixel_map, 1e-12):.1f}x "
              f"({100 * (trained['mAP'] - pixel_map):+.1f} points)\n")
-  attention = results["results"].get(attention_metrics.ROW)
+  attention = results["results"].get(attention_scores.ROW)
   if attention is not None:
     summary += ("\nAttention against the ground-truth part masks (%; "
-                "musp_jax/attention_metrics.py):\n\n"
-                + attention_metrics.summary_table({"MUSP trained (this run)": attention,
+                "musp_jax/training/attention_scores.py):\n\n"
+                + attention_scores.summary_table({"MUSP trained (this run)": attention,
                                                    "random weights": random_attention})
-                + "\n" + attention_metrics.markdown(attention))
-  workdir = os.path.abspath(os.path.expanduser(FLAGS.workdir))
-  outputs.write_text(os.path.join(workdir, "demo_summary.md"), summary)
-  try:
-    from musp_jax import visualize  # pylint: disable=g-import-not-at-top
-    pictures = visualize.demo_pictures(workdir)
-  except ImportError:
-    pictures = []
+                + "\n" + attention_scores.markdown(attention))
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  writing.write_text(os.path.join(workdir, "demo_summary.md"), summary)
+  pictures = model_pictures.demo_pictures(inference.load_model(workdir),
+                                          os.path.join(workdir, "pictures"))
   print("\n" + summary)
   print(f"TensorBoard logs:  tensorboard --logdir {workdir}")
   print(f"Checkpoints:       {workdir}/checkpoints")
@@ -108,4 +116,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=runtime.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -2,7 +2,8 @@
 
 On a cluster (SLURM, Open MPI, Cloud TPU) `jax.distributed.initialize()` finds
 everything itself. Elsewhere, every process needs the coordinator's address,
-the number of processes and its own id; `initialize` reads them from
+the number of processes and its own id; runtime.process.initialize_distributed
+(which `--config.distributed=True` calls) reads them from
 
     JAX_COORDINATOR_ADDRESS=host:port  JAX_NUM_PROCESSES=N  JAX_PROCESS_ID=i
 
@@ -28,31 +29,8 @@ import tempfile
 import time
 from collections.abc import Sequence
 
-import jax
-
-ENV_ADDRESS = "JAX_COORDINATOR_ADDRESS"
-ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
-ENV_PROCESS_ID = "JAX_PROCESS_ID"
-
-
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
-  """`jax.distributed.initialize` with arguments, environment variables or auto-detection."""
-  coordinator_address = coordinator_address or os.environ.get(ENV_ADDRESS)
-  if num_processes is None and ENV_NUM_PROCESSES in os.environ:
-    num_processes = int(os.environ[ENV_NUM_PROCESSES])
-  if process_id is None and ENV_PROCESS_ID in os.environ:
-    process_id = int(os.environ[ENV_PROCESS_ID])
-  given = (coordinator_address, num_processes, process_id)
-  if any(v is not None for v in given) and any(v is None for v in given):
-    raise ValueError(
-        f"Multi-process start-up needs all of {ENV_ADDRESS}, {ENV_NUM_PROCESSES} and "
-        f"{ENV_PROCESS_ID} (or arguments); got address={coordinator_address!r}, "
-        f"num_processes={num_processes!r}, process_id={process_id!r}.")
-  # With nothing given, JAX detects SLURM / Open MPI / TPU environments itself.
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
-
+from musp_jax.runtime import cli
+from musp_jax.runtime import process
 
 def free_port() -> int:
   """A TCP port that is free on localhost now (for the coordinator)."""
@@ -71,8 +49,9 @@ def launch_local(command: Sequence[str], num_processes: int, *, port: int | None
   port = port or free_port()
   procs, outputs = [], []
   for i in range(num_processes):
-    proc_env = {**os.environ, **(env or {}), ENV_ADDRESS: f"127.0.0.1:{port}",
-                ENV_NUM_PROCESSES: str(num_processes), ENV_PROCESS_ID: str(i)}
+    proc_env = {**os.environ, **(env or {}), process.ENV_ADDRESS: f"127.0.0.1:{port}",
+                process.ENV_NUM_PROCESSES: str(num_processes),
+                process.ENV_PROCESS_ID: str(i)}
     # Files, not pipes: a process blocked on a full pipe would stall the others.
     out = (tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) if capture else (None,
                                                                                         None)
@@ -112,22 +91,29 @@ def launch_local(command: Sequence[str], num_processes: int, *, port: int | None
   return results
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
+      prog="python -m musp_jax.distributed",
       description="Run a command as N JAX processes on this machine.",
       usage="python -m musp_jax.distributed --num_processes N -- COMMAND ...")
   parser.add_argument("--num_processes", type=int, required=True)
   parser.add_argument("--port", type=int, default=None)
+  cli.add_verbose_arg(parser)
   parser.add_argument("command", nargs=argparse.REMAINDER)
   args = parser.parse_args(argv)
   command = args.command[1:] if args.command[:1] == ["--"] else args.command
   if not command:
     parser.error("give the command to run after --")
+  return cli.run(lambda: _launch(command, args.num_processes, args.port),
+                 verbose=args.verbose)
+
+
+def _launch(command: Sequence[str], num_processes: int, port: int | None) -> None:
   try:
-    launch_local(command, args.num_processes, port=args.port)
+    launch_local(command, num_processes, port=port)
   except subprocess.CalledProcessError as e:
-    sys.exit(f"{e.cmd} exited with status {e.returncode}")
+    raise ChildProcessError(f"{e.cmd} exited with status {e.returncode}") from e
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

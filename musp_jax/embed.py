@@ -4,7 +4,7 @@
     python -m musp_jax.embed --checkpoint workdirs/demo/checkpoints/120 \\
         --images a.jpg b.jpg --out feats.npz --flip
 
-The .npz has retrieval.save_features' keys (feats (N, P, C) L2-normalised
+The .npz has saved_features.save_features' keys (feats (N, P, C) L2-normalised
 per branch, areas (N, P), vehicle_id and camera_id (-1: unknown), file_name,
 model_signature) plus model_source, the checkpoint it was made with, which
 `musp_jax.search` uses to embed queries with the same model.
@@ -19,33 +19,20 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from musp_jax import inference
-from musp_jax import retrieval
-from musp_jax import runtime
+from musp_jax.serving import inference
+from musp_jax.retrieval import saved_features
+from musp_jax.runtime import cli
+from musp_jax.runtime import process
 
 
-def add_model_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
-  """--workdir / --checkpoint / --step, shared by the tools."""
-  group = parser.add_mutually_exclusive_group(required=required)
-  group.add_argument("--workdir", help="Training workdir (with checkpoints/).")
-  group.add_argument("--checkpoint", help="A step folder <workdir>/checkpoints/<step>.")
-  parser.add_argument("--step", type=int, default=None,
-                      help="With --workdir: the checkpoint step (default: latest).")
-
-
-def load_model(args: argparse.Namespace) -> inference.LoadedModel:
-  """The model named by add_model_args' flags."""
-  return inference.load(args.workdir or args.checkpoint, step=args.step)
-
-
-def embed(loaded: inference.LoadedModel, images: Sequence[str], out: str, *,
-          batch_size: int = 32, flip: bool = False, progress: bool = True
-          ) -> retrieval.Features:
+def write_features(loaded: inference.LoadedModel, images: Sequence[str], out: str, *,
+                   batch_size: int = 32, flip: bool = False, progress: bool = True
+          ) -> saved_features.Features:
   """Embeds image files/folders and writes `out` (.npz); returns the features."""
   files = inference.list_images(images)
   features = inference.embed_files(loaded, files, batch_size=batch_size, flip=flip,
                                    progress=progress)
-  retrieval.save_features(out, features, model_source=np.array(loaded.source))
+  saved_features.save_features(out, features, model_source=np.array(loaded.source))
   return features
 
 
@@ -53,29 +40,28 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m musp_jax.embed", description=__doc__.split("\n\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  add_model_args(parser)
+  inference.add_model_args(parser)
   parser.add_argument("--images", nargs="+", required=True,
                       help="Image files and/or folders (searched recursively).")
   parser.add_argument("--out", required=True, help="Output .npz.")
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--flip", action="store_true",
                       help="Average the features of each image and its mirror image.")
-  runtime.add_verbose_arg(parser)
+  cli.add_verbose_arg(parser)
   args = parser.parse_args(argv)
   if not args.out.endswith(".npz"):
     parser.error(f"--out {args.out}: expected a .npz path.")
   logging.basicConfig(level=logging.INFO, format="%(message)s")
-  runtime.setup()
-  try:
-    loaded = load_model(args)
-    features = embed(loaded, args.images, args.out, batch_size=args.batch_size,
-                     flip=args.flip)
-  except runtime.USER_ERRORS as e:
-    runtime.print_error(e, verbose=args.verbose)
-    return 2
-  print(f"Wrote {args.out}: {len(features)} images, feats {features.feats.shape[1:]} "
-        f"(P, C), model {loaded.source}.")
-  return 0
+  process.setup()
+
+  def work():
+    loaded = inference.model_from_args(args)
+    features = write_features(loaded, args.images, args.out, batch_size=args.batch_size,
+                              flip=args.flip)
+    print(f"Wrote {args.out}: {len(features)} images, feats {features.feats.shape[1:]} "
+          f"(P, C), model {loaded.source}.")
+
+  return cli.run(work, verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@
 
 Prints the paper's table (mAP, CMC@1/5/10, mINP in %) and, with --json, writes
 {"results": {row: metrics}, ...}. Files are .npz in either layout that
-`retrieval.load_features` reads:
-  - ours (`python -m musp_jax.embed`, `retrieval.save_features`): feats (N, P, C),
+`saved_features.load_features` reads:
+  - ours (`python -m musp_jax.embed`, `saved_features.save_features`): feats (N, P, C),
     areas (N, P), vehicle_id (N,), camera_id (N,) [, file_name, model_signature];
   - plain, for any model: feats (N, D) or (N, P, C) float, pids (N,) int,
     camids (N,) int [, areas (N, P)]; use camera id -1 where there is none.
@@ -21,11 +21,11 @@ file: --test. Query and gallery made by different models (model_signature) are
 refused.
 
 --rerank (k-reciprocal re-ranking) and --aqe (alpha query expansion) work with
-every protocol and any size, streamed in bounded memory (musp_jax.rerank,
-musp_jax.query_expansion). --roc (without --protocol) adds verification figures
-over all query-gallery pairs: TPR at FPR 1e-4 ... 1e-1, the EER and the distance
-threshold for --target_fpr (written to --json, where `search --max_distance`
-reads it), and a plot (musp_jax.verification).
+every protocol and any size, streamed in bounded memory (retrieval/rerank.py,
+retrieval/query_expansion.py). --roc (without --protocol) adds verification
+figures over all query-gallery pairs: TPR at FPR 1e-4 ... 1e-1, the EER and the
+distance threshold for --target_fpr (written to --json, where `search
+--max_distance` reads it), and a plot (retrieval/verification.py).
 """
 
 from __future__ import annotations
@@ -37,51 +37,54 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from musp_jax import datasets
-from musp_jax import features
-from musp_jax import outputs
-from musp_jax import retrieval
+import ml_collections
+
+from musp_jax.data import datasets
+from musp_jax.core import features
+from musp_jax.runtime import cli
+from musp_jax.runtime import writing
+from musp_jax.retrieval import protocols
+from musp_jax.retrieval import ranking
+from musp_jax.retrieval import saved_features
 
 
-def _read(path: str, role: str) -> retrieval.Features:
-  features = retrieval.load_features(path)
+def _read(path: str, role: str) -> saved_features.Features:
+  features = saved_features.load_features(path)
   if len(features) == 0:
     raise ValueError(f"{path}: the {role} has no rows")
   return features
 
 
-def _check_same_model(query: retrieval.Features, gallery: retrieval.Features,
+def _check_same_model(query: saved_features.Features, gallery: saved_features.Features,
                       query_path: str, gallery_path: str) -> None:
   if query.model_signature and gallery.model_signature:
     features.check_signature(query.model_signature, gallery.model_signature,
                              found_where=query_path, expected_where=gallery_path)
 
 
-def run_protocol(name: str, splits: dict[str, retrieval.Features], *, size: str,
-                 options: dict[str, Any], trials: int, seed: int
-                 ) -> dict[str, dict[str, float]]:
+def _protocol_rows(name: str, splits: dict[str, saved_features.Features], *, size: str,
+                   options: dict[str, Any], trials: int, seed: int
+                   ) -> dict[str, dict[str, float]]:
   """The one call into the dataset table's protocols ({row name: row})."""
-  from configs import common  # pylint: disable=g-import-not-at-top
-  eval_config = common.get_config().eval
-  eval_config.distance = options.pop("distance")
-  eval_config.rerank = options.pop("rerank")
-  for key in ("aqe", "qe_times", "qe_k", "qe_alpha"):
-    eval_config[key] = options.pop(key)
-  eval_config.query_block = options.pop("query_block")
-  eval_config.vehicleid_trials = trials
-  eval_config.vehicleid_seed = seed
-  return datasets.spec(name).protocol(splits, name=f"{name}_{size}" if size else name,
-                                     eval_config=eval_config, **options)
+  # The fields of a run config's `eval` section that the protocols read.
+  eval_config = ml_collections.ConfigDict(dict(
+      distance=options.pop("distance"), rerank=options.pop("rerank"),
+      query_block=options.pop("query_block"), vehicleid_trials=trials,
+      vehicleid_seed=seed, **{key: options.pop(key)
+                              for key in ("aqe", "qe_times", "qe_k", "qe_alpha")}))
+  return protocols.run_protocol(datasets.spec(name).protocol, splits,
+                       name=f"{name}_{size}" if size else name, eval_config=eval_config,
+                       **options)
 
 
-def evaluate(*, query: str | None = None, gallery: str | None = None,
-             test: str | None = None, protocol: str | None = None, size: str = "",
-             distance: str = "cam_squared", rerank: bool = False,
-             rerank_k1: int = 20, rerank_k2: int = 6, rerank_lambda: float = 0.3,
-             keep_junk: bool = False, query_block: int = 1024, trials: int = 10,
-             seed: int = 0, aqe: bool = False, qe_times: int = 1, qe_k: int = 5,
-             qe_alpha: float = 3.0, roc: bool = False, target_fpr: float = 1e-3,
-             roc_plot: str | None = None) -> dict[str, Any]:
+def evaluate_files(*, query: str | None = None, gallery: str | None = None,
+                   test: str | None = None, protocol: str | None = None, size: str = "",
+                   distance: str = "cam_squared", rerank: bool = False,
+                   rerank_k1: int = 20, rerank_k2: int = 6, rerank_lambda: float = 0.3,
+                   keep_junk: bool = False, query_block: int = 1024, trials: int = 10,
+                   seed: int = 0, aqe: bool = False, qe_times: int = 1, qe_k: int = 5,
+                   qe_alpha: float = 3.0, roc: bool = False, target_fpr: float = 1e-3,
+                   roc_plot: str | None = None) -> dict[str, Any]:
   """Rows of results ({"results": {row: metrics}, ...}) for saved features.
 
   With `roc` (no protocol), also "roc": the verification figures (and the
@@ -97,19 +100,19 @@ def evaluate(*, query: str | None = None, gallery: str | None = None,
                      "same evaluation)")
   if protocol == "vehicle_id":
     report["test"] = test
-    rows = run_protocol(protocol, {"test": _read(test, "test set")}, size=size,
-                        options=options, trials=trials, seed=seed)
+    rows = _protocol_rows(protocol, {"test": _read(test, "test set")}, size=size,
+                          options=options, trials=trials, seed=seed)
     return {**report, "results": rows}
   q, g = _read(query, "query set"), _read(gallery, "gallery")
   _check_same_model(q, g, query, gallery)
   report.update(query=query, gallery=gallery)
   if protocol is not None:
-    rows = run_protocol(protocol, {"query": q, "gallery": g}, size=size,
-                        options=options, trials=trials, seed=seed)
+    rows = _protocol_rows(protocol, {"query": q, "gallery": g}, size=size,
+                          options=options, trials=trials, seed=seed)
     return {**report, "results": rows}
   try:
-    result = retrieval.evaluate(q, g, remove_junk=not keep_junk, roc=roc,
-                                roc_target_fpr=target_fpr, **options)
+    result = ranking.evaluate(q, g, remove_junk=not keep_junk, roc=roc,
+                              roc_target_fpr=target_fpr, **options)
   except ValueError as e:
     if "no query has a true match" in str(e) and not keep_junk and (
         (q.cams == -1).all() and (g.cams == -1).all()):
@@ -117,17 +120,18 @@ def evaluate(*, query: str | None = None, gallery: str | None = None,
                        "same-id gallery item is junk; pass --keep_junk") from None
     raise
   name = f"{pathlib.Path(query).stem} vs {pathlib.Path(gallery).stem}"
-  report.update(remove_junk=not keep_junk, results={name: retrieval.result_row(result)})
+  report.update(remove_junk=not keep_junk, results={name: ranking.result_row(result)})
   if roc:
-    from musp_jax import verification  # pylint: disable=g-import-not-at-top
     found = result["roc"]
     report["roc"] = {key: found[key] for key in (
         "num_positive", "num_negative", "tpr_at_fpr", "threshold_at_fpr",
         "fpr_at_threshold", "target_fpr", "threshold", "eer", "eer_threshold")}
     report["model_signature"] = q.model_signature
     if roc_plot:
-      verification.plot(found, roc_plot, title=f"{name}: distance {distance}"
-                        + (" + AQE" if aqe else "") + (" + re-ranking" if rerank else ""))
+      from musp_jax.training import figures
+      figures.save_figure(figures.roc_figure(
+          found, title=f"{name}: distance {distance}" + (" + AQE" if aqe else "")
+          + (" + re-ranking" if rerank else "")), roc_plot)
       report["roc_plot"] = roc_plot
   return report
 
@@ -153,7 +157,7 @@ def _write_json(path: str, report: dict[str, Any]) -> None:
   if path == "-":
     sys.stdout.write(text)
     return
-  outputs.write_text(path, text)  # a failed write leaves any earlier file whole
+  writing.write_text(path, text)  # a failed write leaves any earlier file whole
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -168,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "gallery, junk removed).")
   parser.add_argument("--size", default="", help="Test size named in the rows "
                       "(vehicle_id, veri_wild): small | medium | large.")
-  parser.add_argument("--distance", choices=retrieval.DISTANCES, default="cam_squared")
+  parser.add_argument("--distance", choices=ranking.DISTANCES, default="cam_squared")
   parser.add_argument("--rerank", action="store_true",
                       help="k-reciprocal re-ranking (on the squared distance).")
   parser.add_argument("--rerank_k1", type=int, default=20)
@@ -192,8 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="vehicle_id: random galleries averaged.")
   parser.add_argument("--seed", type=int, default=0, help="vehicle_id: split seed.")
   parser.add_argument("--json", help="Also write the results as JSON ('-': stdout).")
-  parser.add_argument("--verbose", action="store_true",
-                      help="On an error, print its traceback too.")
+  cli.add_verbose_arg(parser)
   args = parser.parse_args(argv)
   if args.protocol == "vehicle_id":
     if not args.test or args.query or args.gallery:
@@ -211,10 +214,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error("--keep_junk: each --protocol fixes its own junk rule.")
   if args.size and args.protocol not in ("vehicle_id", "veri_wild"):
     parser.error("--size names the rows of --protocol vehicle_id or veri_wild only.")
-  from musp_jax import runtime  # pylint: disable=g-import-not-at-top
-  runtime.setup()
-  try:
-    report = evaluate(
+  from musp_jax.runtime import process
+  process.setup()
+
+  def work():
+    report = evaluate_files(
         query=args.query, gallery=args.gallery, test=args.test, protocol=args.protocol,
         size=args.size, distance=args.distance, rerank=args.rerank,
         rerank_k1=args.rerank_k1, rerank_k2=args.rerank_k2,
@@ -222,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         query_block=args.query_block, trials=args.trials, seed=args.seed,
         aqe=args.aqe, qe_times=args.qe_times, qe_k=args.qe_k, qe_alpha=args.qe_alpha,
         roc=bool(args.roc), target_fpr=args.target_fpr, roc_plot=args.roc)
-    from musp_jax import evaluator  # pylint: disable=g-import-not-at-top
+    from musp_jax.training import evaluator
     files = args.test or f"{args.query} vs {args.gallery}"
     title = (f"Saved features {files}: protocol {args.protocol or 'plain'}, distance "
              f"{args.distance}" + (" + AQE" if args.aqe else "")
@@ -233,10 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_roc_table(report["roc"], report.get("roc_plot")))
     if args.json:
       _write_json(args.json, report)
-  except runtime.USER_ERRORS as e:
-    runtime.print_error(e, verbose=args.verbose)
-    return 2
-  return 0
+
+  return cli.run(work, verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@
 Both take RGB uint8 images of the exported size (any batch size) and do the
 preprocessing themselves: resize to the model's input size (bilinear,
 antialiased when shrinking), then the one feature function `features.embed`,
-which normalises as training and evaluation do (SPEC section 4). Both are built
+which normalises as training and evaluation do (docs/design.md section 4). Both are built
 from one function, `serving_fn`.
 
 jax format: a `jax.export` artefact (StableHLO) lowered for CPU and CUDA;
@@ -24,7 +24,7 @@ signature, source checkpoint, jax version).
 
 onnx format (opset 17, dynamic batch; for onnxruntime, TensorRT, DeepStream):
 the jaxpr of `serving_fn` is written primitive by primitive as ONNX operators
-by `musp_jax.to_onnx`, weights and everything else that does not depend on the
+by `musp_jax.serving.onnx_lowering`, weights and everything else that does not depend on the
 images folded into constants; the same metadata is in the model's
 metadata_props["musp_jax"]. Why our own lowering rather than a converter
 library (both tried with jax 0.10.2):
@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from musp_jax import outputs as safe_outputs
+from musp_jax.runtime import writing
 
 FORMAT = "musp_jax.export/1"
 ONNX_FORMAT = "musp_jax.onnx/1"
@@ -66,7 +66,7 @@ PARITY_TOLERANCE = 1e-4  # ONNX vs JAX, relative per feature vector
 def serving_fn(model, variables: Any, config, *, input_hw: tuple[int, int],
                flip: bool = False) -> Callable[[jax.Array], dict[str, jax.Array]]:
   """uint8 images (N, *input_hw, 3) -> {"feats", "areas"}; weights are closed over."""
-  from musp_jax import features  # pylint: disable=g-import-not-at-top
+  from musp_jax.core import features
   model_hw = tuple(int(v) for v in config.input.image_size)
 
   def fn(images_NxHxWx3: jax.Array) -> dict[str, jax.Array]:
@@ -95,7 +95,7 @@ def _input_hw(loaded, input_hw) -> tuple[int, int]:
 
 def _metadata(loaded, fmt: str, input_hw: tuple[int, int], flip: bool,
               outputs: dict[str, list[str]]) -> dict:
-  from musp_jax import features  # pylint: disable=g-import-not-at-top
+  from musp_jax.core import features
   return {
       "format": fmt,
       "input": {"shape": ["batch", *input_hw, 3], "dtype": "uint8", "channels": "RGB"},
@@ -108,7 +108,7 @@ def _metadata(loaded, fmt: str, input_hw: tuple[int, int], flip: bool,
 
 def export(loaded, *, input_hw: tuple[int, int] | None = None, flip: bool = False,
            platforms: Sequence[str] = ("cpu", "cuda")) -> tuple[bytes, dict]:
-  """A LoadedModel (musp_jax.inference.load) -> (serialized function, metadata)."""
+  """A loaded model (serving.inference.load_model) -> (serialized function, metadata)."""
   input_hw = _input_hw(loaded, input_hw)
   fn = serving_fn(loaded.model, loaded.variables, loaded.config, input_hw=input_hw,
                   flip=flip)
@@ -124,7 +124,7 @@ def export(loaded, *, input_hw: tuple[int, int] | None = None, flip: bool = Fals
 def export_onnx(loaded, *, input_hw: tuple[int, int] | None = None,
                 flip: bool = False) -> tuple[bytes, dict]:
   """A LoadedModel -> (ONNX model bytes, metadata): images -> feats, areas."""
-  from musp_jax import to_onnx  # pylint: disable=g-import-not-at-top
+  from musp_jax.serving import onnx_lowering
   if loaded.config.model.get("dtype", "float32") != "float32":
     raise ValueError(f"ONNX export takes float32 models; this one computes in "
                      f"model.dtype={loaded.config.model.dtype!r}.")
@@ -144,13 +144,13 @@ def export_onnx(loaded, *, input_hw: tuple[int, int] | None = None,
     out = fn(images)
     return out["feats"], out["areas"]
 
-  model = to_onnx.convert(feats_and_areas, spec, input_name="images",
+  model = onnx_lowering.convert(feats_and_areas, spec, input_name="images",
                           output_names=("feats", "areas"),
                           doc="RGB uint8 images -> per-branch L2-normalised features, areas")
   outputs = {o.name: [d.dim_param or str(d.dim_value) for d in o.type.tensor_type.shape.dim]
              for o in model.graph.output}
   metadata = _metadata(loaded, ONNX_FORMAT, input_hw, flip, outputs)
-  metadata["opset"] = to_onnx.OPSET
+  metadata["opset"] = onnx_lowering.OPSET
   entry = model.metadata_props.add()
   entry.key, entry.value = "musp_jax", json.dumps(metadata)
   return model.SerializeToString(), metadata
@@ -164,7 +164,7 @@ def onnx_parity(serialized: bytes, reference: Callable[[np.ndarray], dict],
   Per image and branch: ||onnx - jax|| / ||jax|| for feats, and the same over
   each image's areas.
   """
-  import onnxruntime  # pylint: disable=g-import-not-at-top
+  import onnxruntime
   session = onnxruntime.InferenceSession(serialized, providers=["CPUExecutionProvider"])
   rng = np.random.default_rng(seed)
   worst = {"feats": 0.0, "areas": 0.0}
@@ -181,9 +181,9 @@ def onnx_parity(serialized: bytes, reference: Callable[[np.ndarray], dict],
   return worst
 
 
-def save(path: str, serialized: bytes, metadata: dict) -> None:
+def write_npz(path: str, serialized: bytes, metadata: dict) -> None:
   """Writes the export atomically: a failed or killed write leaves `path` as it was."""
-  with safe_outputs.atomic_file(path) as tmp:
+  with writing.atomic_file(path) as tmp:
     np.savez(tmp, exported=np.frombuffer(serialized, np.uint8),
              metadata=np.array(json.dumps(metadata)))
 
@@ -216,7 +216,7 @@ class ExportedModel:
 
 
 def load(path: str) -> ExportedModel:
-  """Reads a file written by `save` (needs jax and numpy, not the model code)."""
+  """Reads a file written by `write_npz` (needs jax and numpy, not the model code)."""
   with np.load(path, allow_pickle=False) as data:
     if "exported" not in data.files or "metadata" not in data.files:
       raise ValueError(f"{path} is not a musp_jax export (keys {sorted(data.files)}; "
@@ -229,12 +229,13 @@ def load(path: str) -> ExportedModel:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  from musp_jax import embed  # pylint: disable=g-import-not-at-top
-  from musp_jax import runtime  # pylint: disable=g-import-not-at-top
+  from musp_jax.runtime import cli
+  from musp_jax.runtime import process
+  from musp_jax.serving import inference
   parser = argparse.ArgumentParser(
       prog="python -m musp_jax.export", description=__doc__.split("\n\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  embed.add_model_args(parser)
+  inference.add_model_args(parser)
   parser.add_argument("--out", required=True, help="Output file (.npz, or .onnx).")
   parser.add_argument("--format", choices=FORMATS, default="jax",
                       help="jax: a jax.export artefact (.npz); onnx: an ONNX model (.onnx).")
@@ -245,50 +246,52 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="jax format: platforms to lower for (default: cpu cuda).")
   parser.add_argument("--no_verify", action="store_true",
                       help="onnx format: skip the onnxruntime parity check.")
-  runtime.add_verbose_arg(parser)
+  cli.add_verbose_arg(parser)
   args = parser.parse_args(argv)
   suffix = ".onnx" if args.format == "onnx" else ".npz"
   if not args.out.endswith(suffix):
     parser.error(f"--out {args.out}: expected a {suffix} path for --format {args.format}.")
   if args.platforms and args.format == "onnx":
     parser.error("--platforms is for --format jax; an ONNX model runs where its runtime does.")
-  runtime.setup()
+  process.setup()
+  return cli.run(lambda: _export_and_write(args), verbose=args.verbose)
+
+
+def _export_and_write(args) -> None:
+  """The command's work: load, export, check (ONNX), write, say what was written."""
+  from musp_jax.serving import inference
   if args.format == "onnx" and not args.no_verify:
     try:
-      import onnxruntime  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+      import onnxruntime  # noqa: F401
     except ImportError:
-      print("error: --format onnx checks the model with onnxruntime, which is not "
-            "installed: pip install 'musp-jax[export]' (or pass --no_verify).",
-            file=sys.stderr)
-      return 2
-  try:
-    loaded = embed.load_model(args)
-    if args.format == "onnx":
+      raise ImportError("--format onnx checks the model with onnxruntime, which is not "
+                        "installed: pip install 'musp-jax[export]' (or pass "
+                        "--no_verify).") from None
+  loaded = inference.model_from_args(args)
+  if args.format == "onnx":
+    try:
       serialized, metadata = export_onnx(loaded, input_hw=args.input_size, flip=args.flip)
-      if not args.no_verify:
-        hw = _input_hw(loaded, args.input_size)
-        parity = onnx_parity(serialized, jax.jit(serving_fn(
-            loaded.model, loaded.variables, loaded.config, input_hw=hw, flip=args.flip)), hw)
-        print(f"onnxruntime vs JAX on random images: relative difference "
-              f"{parity['feats']:.1e} (feats), {parity['areas']:.1e} (areas)")
-        if max(parity.values()) > PARITY_TOLERANCE:
-          raise ValueError(f"the ONNX model differs from the JAX function by more than "
-                           f"{PARITY_TOLERANCE} ({parity}); not written.")
-      # A failed or killed write leaves an earlier file whole.
-      with safe_outputs.atomic_file(args.out) as tmp:
-        with open(tmp, "wb") as f:
-          f.write(serialized)
-    else:
-      serialized, metadata = export(loaded, input_hw=args.input_size, flip=args.flip,
-                                    platforms=args.platforms or ("cpu", "cuda"))
-      save(args.out, serialized, metadata)
-  except (*runtime.USER_ERRORS, NotImplementedError) as e:
-    runtime.print_error(e, verbose=args.verbose)
-    return 2
+    except NotImplementedError as e:  # a primitive the lowering does not cover, named
+      raise ValueError(f"ONNX export: {e}") from e
+    if not args.no_verify:
+      hw = _input_hw(loaded, args.input_size)
+      parity = onnx_parity(serialized, jax.jit(serving_fn(
+          loaded.model, loaded.variables, loaded.config, input_hw=hw, flip=args.flip)), hw)
+      print(f"onnxruntime vs JAX on random images: relative difference "
+            f"{parity['feats']:.1e} (feats), {parity['areas']:.1e} (areas)")
+      if max(parity.values()) > PARITY_TOLERANCE:
+        raise ValueError(f"the ONNX model differs from the JAX function by more than "
+                         f"{PARITY_TOLERANCE} ({parity}); not written.")
+    # A failed or killed write leaves an earlier file whole.
+    with writing.atomic_file(args.out) as tmp:
+      with open(tmp, "wb") as f:
+        f.write(serialized)
+  else:
+    serialized, metadata = export(loaded, input_hw=args.input_size, flip=args.flip,
+                                  platforms=args.platforms or ("cpu", "cuda"))
+    write_npz(args.out, serialized, metadata)
   print(f"Wrote {args.out} ({len(serialized) / 2**20:.1f} MiB): "
         f"{json.dumps(metadata['input'])} -> {json.dumps(metadata['outputs'])}")
-  return 0
-
 
 if __name__ == "__main__":
   sys.exit(main())

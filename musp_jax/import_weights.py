@@ -22,10 +22,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from configs import common
-from musp_jax import outputs
-from musp_jax import runtime
-from musp_jax.models import build_model
+from musp_jax.runtime import cli
+from musp_jax.runtime import process
+from musp_jax.runtime import writing
+from musp_jax.models import musp
 from musp_jax.models import resnet
 from musp_jax.models import weights
 
@@ -37,7 +37,7 @@ def _log(msg: str) -> None:
   print(f"[import_weights] {msg}", file=sys.stderr, flush=True)
 
 
-def import_torchvision(path: str) -> tuple[dict[str, Any], dict]:
+def convert_torchvision(path: str) -> tuple[dict[str, Any], dict]:
   """torchvision ResNet -> (backbone-only variables, metadata); writes nothing."""
   _log(f"reading {path}")
   state_dict = weights.load_state_dict(path)
@@ -54,16 +54,18 @@ def import_torchvision(path: str) -> tuple[dict[str, Any], dict]:
   return variables, metadata
 
 
-def import_musp(path: str) -> tuple[dict[str, Any], dict]:
+def convert_musp(path: str) -> tuple[dict[str, Any], dict]:
   """Official MUSP checkpoint -> (whole-model variables, metadata); writes nothing."""
   _log(f"reading {path}")
   state_dict = weights.load_state_dict(path)
   shapes = weights.musp_checkpoint_shapes(state_dict, what=path)
   num_classes = shapes.pop("num_classes")
-  model_config = common.get_config().model
-  model_config.update(shapes)
   _log(f"MUSP model: {dict(shapes)}, {num_classes} classes")
-  model = build_model(model_config, num_classes)
+  # The shapes fix every parameter; what they cannot tell (softmax attention, the value
+  # map's mean as the global feature) is the official head's, MUSPHead's defaults.
+  head_fields = {k: v for k, v in shapes.items() if k != "depth"}
+  model = musp.ReIDModel(backbone=resnet.ResNet(shapes["depth"]),
+                         head=musp.MUSPHead(num_classes, **head_fields))
   template = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros(_PROBE_SHAPE)))
   variables = weights.import_musp(state_dict, template, what=path)
@@ -79,14 +81,15 @@ def write(out: str, variables: dict[str, Any], metadata: dict, *,
   An existing `out` is replaced only with `overwrite`, and only if import_weights
   wrote it; a training workdir or any other folder is refused.
   """
-  outputs.replace_folder(out, lambda tmp: weights.save_init(tmp, variables, metadata),
+  writing.replace_folder(out, lambda tmp: weights.save_init(tmp, variables, metadata),
                          owned=weights.is_init_checkpoint, what=_WHAT,
                          overwrite=overwrite)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+      prog="python -m musp_jax.import_weights", description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--torchvision", metavar="PATH",
                       help="torchvision ResNet state dict")
@@ -95,29 +98,29 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--out", required=True, help="output Orbax directory")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace --out if import_weights wrote it")
-  runtime.add_verbose_arg(parser)
+  cli.add_verbose_arg(parser)
   args = parser.parse_args(argv)
+  process.setup()
+  return cli.run(lambda: import_to(args), verbose=args.verbose)
+
+
+def import_to(args: argparse.Namespace) -> None:
+  """The command's work: checks --out, reads and converts the source, writes --out."""
   out = os.path.abspath(args.out)
-  try:
-    # Refused outputs fail before the source is read; the source is read and
-    # converted before anything is written.
-    outputs.check_replaceable(out, owned=weights.is_init_checkpoint, what=_WHAT,
-                              overwrite=args.overwrite)
-    if args.torchvision:
-      variables, metadata = import_torchvision(args.torchvision)
-    else:
-      variables, metadata = import_musp(args.musp)
-    write(out, variables, metadata, overwrite=args.overwrite)
-  except runtime.USER_ERRORS as e:
-    runtime.print_error(e, verbose=args.verbose)
-    return 2
+  # Refused outputs fail before the source is read; the source is read and
+  # converted before anything is written.
+  writing.check_replaceable(out, owned=weights.is_init_checkpoint, what=_WHAT,
+                            overwrite=args.overwrite)
+  if args.torchvision:
+    variables, metadata = convert_torchvision(args.torchvision)
+  else:
+    variables, metadata = convert_musp(args.musp)
+  write(out, variables, metadata, overwrite=args.overwrite)
   _log(f"wrote {out}")
   if metadata["kind"] == "model":
     overrides = " ".join(f"--config.model.{k}={v}" for k, v in metadata["model"].items())
     _log(f"use with: --config.model.init_from={out} {overrides} (and a dataset with "
          f"{metadata['num_classes']} training ids)")
-  return 0
-
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -10,11 +10,11 @@
 
 Queries are image files, folders, or a features .npz. Images are embedded with the
 model that made the gallery (its model_source, or --workdir/--checkpoint); the
-distance is the CAM-weighted one (SPEC section 4). Features of another model are
+distance is the CAM-weighted one (docs/design.md section 4). Features of another model are
 refused, with the differing fields named.
 
 --gallery ranks the whole gallery by brute force in memory: exact, the default,
-right for galleries that fit in memory. --index (musp_jax.index) takes
+right for galleries that fit in memory. --index (musp_jax/retrieval/gallery_index.py) takes
 candidates from an approximate index and re-ranks them with the exact distance;
 with an exhaustive index (the default for galleries under 65,536 images) the
 result equals brute force.
@@ -38,19 +38,21 @@ from typing import Any
 
 import numpy as np
 
-from musp_jax import embed as embed_lib
-from musp_jax import features
-from musp_jax import inference
-from musp_jax import outputs
-from musp_jax import retrieval
-from musp_jax import runtime
+from musp_jax.core import features
+from musp_jax.serving import inference
+from musp_jax.runtime import writing
+from musp_jax.retrieval import ranking
+from musp_jax.retrieval import saved_features
+from musp_jax.retrieval import verification
+from musp_jax.runtime import cli
+from musp_jax.runtime import process
 
 DISTANCES = ("cam_squared", "cam")
 
 
-def load_gallery(path: str) -> tuple[retrieval.Features, str]:
+def load_gallery(path: str) -> tuple[saved_features.Features, str]:
   """(features, model_source) of a saved-features .npz ("" if it has no source)."""
-  features = retrieval.load_features(path)
+  features = saved_features.load_features(path)
   with np.load(path, allow_pickle=False) as data:
     source = str(data["model_source"]) if "model_source" in data.files else ""
   return features, source
@@ -60,10 +62,10 @@ def query_features(queries: Sequence[str], gallery_signature: str, *,
                    gallery_path: str, gallery_source: str,
                    workdir: str | None = None, checkpoint: str | None = None,
                    step: int | None = None, batch_size: int = 32,
-                   progress: bool = True) -> retrieval.Features:
+                   progress: bool = True) -> saved_features.Features:
   """Query features, checked to come from the gallery's model."""
   if len(queries) == 1 and queries[0].endswith(".npz"):
-    query = retrieval.load_features(queries[0])
+    query = saved_features.load_features(queries[0])
     features.check_signature(query.model_signature, gallery_signature,
                              found_where=queries[0], expected_where=gallery_path)
     return query
@@ -79,7 +81,7 @@ def query_features(queries: Sequence[str], gallery_signature: str, *,
           "any more (moved or deleted); pass --workdir or --checkpoint with its new place "
           "(the model is checked against the gallery's signature).")
     model_path = gallery_source
-  loaded = inference.load(model_path, step=step)
+  loaded = inference.load_model(model_path, step=step)
   flip = bool(features.signature_field(gallery_signature, "flip", False))
   features.check_signature(features.with_flip(loaded.signature, flip),
                            gallery_signature, found_where=f"model {loaded.source}",
@@ -88,7 +90,7 @@ def query_features(queries: Sequence[str], gallery_signature: str, *,
                                batch_size=batch_size, flip=flip, progress=progress)
 
 
-def search(query: retrieval.Features, gallery: retrieval.Features, *, topk: int = 10,
+def search(query: saved_features.Features, gallery: saved_features.Features, *, topk: int = 10,
            distance: str = "cam_squared") -> list[dict[str, Any]]:
   """Per query: its top-k gallery items by ascending distance (ties: gallery order)."""
   if distance not in DISTANCES:
@@ -97,7 +99,7 @@ def search(query: retrieval.Features, gallery: retrieval.Features, *, topk: int 
     raise features.SignatureMismatchError(
         f"Query features are {query.feats.shape[1:]} (P, C), gallery features "
         f"{gallery.feats.shape[1:]}: they come from different models.")
-  dist_QxG = retrieval.distance_matrix(query, gallery, distance=distance,
+  dist_QxG = ranking.distance_matrix(query, gallery, distance=distance,
                                        query_block=min(len(query), 256))
   k = min(topk, len(gallery))
   order_QxK = np.argsort(dist_QxG, axis=1, kind="stable")[:, :k]
@@ -107,17 +109,17 @@ def search(query: retrieval.Features, gallery: retrieval.Features, *, topk: int 
                         names=names, ids=gallery.ids, cams=gallery.cams)
 
 
-def search_index(query: retrieval.Features, gallery_index: Any, *, topk: int = 10,
+def search_index(query: saved_features.Features, gallery_index: Any, *, topk: int = 10,
                  nprobe: int | None = None, candidates: int | None = None
                  ) -> list[dict[str, Any]]:
-  """Like `search`, with candidates from a musp_jax.index.GalleryIndex."""
+  """Like `search`, with candidates from a gallery_index.GalleryIndex."""
   dist_QxK, index_QxK = gallery_index.search(query, topk, nprobe=nprobe,
                                              candidates=candidates)
   return ranked_results(query, dist_QxK, index_QxK, names=gallery_index.file_names,
                         ids=gallery_index.ids, cams=gallery_index.cams)
 
 
-def ranked_results(query: retrieval.Features, dist_QxK: np.ndarray, index_QxK: np.ndarray,
+def ranked_results(query: saved_features.Features, dist_QxK: np.ndarray, index_QxK: np.ndarray,
                    *, names: np.ndarray, ids: np.ndarray, cams: np.ndarray
                    ) -> list[dict[str, Any]]:
   """The per-query result records of ranked gallery indices (-1: none found)."""
@@ -142,7 +144,6 @@ def max_distance(value: str, *, at_fpr: float | None, signature: str,
     return float(value)
   except ValueError:
     pass
-  from musp_jax import verification  # pylint: disable=g-import-not-at-top
   threshold, report = verification.read_threshold(value, fpr=at_fpr)
   if report.get("distance") != distance or report.get("rerank") or report.get("aqe"):
     modes = [m for m in ("rerank", "aqe") if report.get(m)]
@@ -212,8 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="Also write the results as JSON here ('-': JSON to stdout "
                            "instead of the table).")
   parser.add_argument("--batch_size", type=int, default=32)
-  embed_lib.add_model_args(parser, required=False)
-  runtime.add_verbose_arg(parser)
+  inference.add_model_args(parser, required=False)
+  cli.add_verbose_arg(parser)
   args = parser.parse_args(argv)
   if args.topk < 1:
     parser.error(f"--topk {args.topk}: expected >= 1.")
@@ -223,44 +224,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error("--at_fpr picks a threshold from a report given as --max_distance.")
   if args.index is not None and args.distance != "cam_squared":
     parser.error("--index ranks by the cam_squared distance only.")
-  runtime.setup()
-  try:
-    if args.index is None:
-      gallery, source = load_gallery(args.gallery)
-      signature = gallery.model_signature
-    else:
-      from musp_jax import index as index_lib  # pylint: disable=g-import-not-at-top
-      gallery = index_lib.GalleryIndex(args.index, verify_features=args.verify_index)
-      signature, source = gallery.model_signature, gallery.model_source
-    query = query_features(args.query, signature, gallery_path=args.gallery or args.index,
-                           gallery_source=source, workdir=args.workdir,
-                           checkpoint=args.checkpoint, step=args.step,
-                           batch_size=args.batch_size)
-    limit = None
-    if args.max_distance is not None:
-      limit = max_distance(args.max_distance, at_fpr=args.at_fpr, signature=signature,
-                           distance=args.distance)
-    if args.index is None:
-      results = search(query, gallery, topk=args.topk, distance=args.distance)
-    else:
-      results = search_index(query, gallery, topk=args.topk, nprobe=args.nprobe,
-                             candidates=args.candidates)
-    if limit is not None:
-      results = within(results, limit)
-    payload = {"gallery": args.gallery or args.index, "distance": args.distance,
-               "topk": args.topk, "queries": results}
-    if limit is not None:
-      payload["max_distance"] = limit
-    if args.json == "-":
-      print(json.dumps(payload, indent=2))
-      return 0
-    print(format_table(results))
-    if args.json:
-      outputs.write_text(args.json, json.dumps(payload, indent=2))
-  except runtime.USER_ERRORS as e:
-    runtime.print_error(e, verbose=args.verbose)
-    return 2
-  return 0
+  process.setup()
+  return cli.run(lambda: _search_and_print(args), verbose=args.verbose)
+
+
+def _search_and_print(args: argparse.Namespace) -> None:
+  """The command's work: open the gallery, embed the queries, rank, filter, print/write."""
+  if args.index is None:
+    gallery, source = load_gallery(args.gallery)
+    signature = gallery.model_signature
+  else:
+    from musp_jax.retrieval import gallery_index as index_lib
+    gallery = index_lib.GalleryIndex(args.index, verify_features=args.verify_index)
+    signature, source = gallery.model_signature, gallery.model_source
+  query = query_features(args.query, signature, gallery_path=args.gallery or args.index,
+                         gallery_source=source, workdir=args.workdir,
+                         checkpoint=args.checkpoint, step=args.step,
+                         batch_size=args.batch_size)
+  limit = None
+  if args.max_distance is not None:
+    limit = max_distance(args.max_distance, at_fpr=args.at_fpr, signature=signature,
+                         distance=args.distance)
+  if args.index is None:
+    results = search(query, gallery, topk=args.topk, distance=args.distance)
+  else:
+    results = search_index(query, gallery, topk=args.topk, nprobe=args.nprobe,
+                           candidates=args.candidates)
+  if limit is not None:
+    results = within(results, limit)
+  payload = {"gallery": args.gallery or args.index, "distance": args.distance,
+             "topk": args.topk, "queries": results}
+  if limit is not None:
+    payload["max_distance"] = limit
+  if args.json == "-":
+    print(json.dumps(payload, indent=2))
+    return
+  print(format_table(results))
+  if args.json:
+    writing.write_text(args.json, json.dumps(payload, indent=2))
 
 
 def build_index_main(argv: Sequence[str]) -> int:
@@ -268,8 +269,9 @@ def build_index_main(argv: Sequence[str]) -> int:
   appends shards to one."""
   parser = argparse.ArgumentParser(
       prog="python -m musp_jax.search index",
-      description="Build an approximate index (musp_jax.index) over saved-features "
-                  ".npz shards, streamed one at a time; or --append shards to one.")
+      description="Build an approximate index (musp_jax.retrieval.gallery_index) over "
+                  "saved-features .npz shards, streamed one at a time; or --append "
+                  "shards to one.")
   parser.add_argument("--gallery", nargs="+", required=True,
                       help="Saved-features .npz shards (embed's --out), in order.")
   parser.add_argument("--out", help="Index folder to write.")
@@ -293,7 +295,7 @@ def build_index_main(argv: Sequence[str]) -> int:
                       help="Feature store dtype for the exact re-ranking.")
   parser.add_argument("--overwrite", action="store_true",
                       help="Replace --out if it is an index folder.")
-  runtime.add_verbose_arg(parser)
+  cli.add_verbose_arg(parser)
   args = parser.parse_args(argv)
   if args.append:
     if not args.index or args.out:
@@ -307,20 +309,20 @@ def build_index_main(argv: Sequence[str]) -> int:
   elif not args.out or args.index:
     parser.error("give --out (the index folder to build), or --append --index FOLDER.")
   logging.basicConfig(level=logging.INFO, format="%(message)s")
-  try:
-    from musp_jax import index as index_lib  # pylint: disable=g-import-not-at-top
-    if args.append:
-      before = len(index_lib.GalleryIndex(args.index))
-      out = index_lib.append(args.index, args.gallery)
-    else:
-      spec = index_lib.Spec(nlist=args.nlist, codec=args.codec, pq_dims=args.pq_dims,
-                            nprobe=args.nprobe, store=args.store)
-      out = index_lib.build(args.gallery, args.out, spec, overwrite=args.overwrite,
-                            quantizer_from=args.quantizer_from)
-    built = index_lib.GalleryIndex(out)
-  except runtime.USER_ERRORS as e:
-    runtime.print_error(e, verbose=args.verbose)
-    return 2
+  return cli.run(lambda: _build_and_print(args), verbose=args.verbose)
+
+
+def _build_and_print(args: argparse.Namespace) -> None:
+  from musp_jax.retrieval import gallery_index as index_lib
+  if args.append:
+    before = len(index_lib.GalleryIndex(args.index))
+    out = index_lib.append(args.index, args.gallery)
+  else:
+    spec = index_lib.Spec(nlist=args.nlist, codec=args.codec, pq_dims=args.pq_dims,
+                          nprobe=args.nprobe, store=args.store)
+    out = index_lib.build_index(args.gallery, args.out, spec, overwrite=args.overwrite,
+                                quantizer_from=args.quantizer_from)
+  built = index_lib.GalleryIndex(out)
   params = built.params
   mode = f"{'exact' if built.exhaustive() else 'approximate'} by default"
   if args.append:
@@ -330,8 +332,6 @@ def build_index_main(argv: Sequence[str]) -> int:
   else:
     print(f"Wrote {out}: {len(built)} images from {len(args.gallery)} shard(s), "
           f"{params['factory']} (nprobe {params['nprobe']}, {mode}).")
-  return 0
-
 
 if __name__ == "__main__":
   sys.exit(main())

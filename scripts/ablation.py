@@ -11,7 +11,7 @@ multiplied by --scale (default 0.5: 5 of the demo's 10 epochs; all 15 runs took 
 on a 2-core CPU) and any config field changed with --set. Each run evaluates once, at its
 end, with the protocol and, for
 MUSP, the attention scores against the ground-truth part masks
-(musp_jax/attention_metrics.py). Prints mean +- standard deviation over seeds (sample
+(musp_jax/attention_scores.py). Prints mean +- standard deviation over seeds (sample
 std, ddof=1) in tables shaped like the paper's Tables 5 (number of attentions) and 6
 (ESE), plus the attention scores, and writes ablation.md, ablation.json and ablation.png
 into --workdir. Runs live in <workdir>/<variant>/seed<k>; a finished run is read back,
@@ -76,7 +76,7 @@ def run_config(variant: str, seed: int, *, scale: float,
                overrides: Sequence[tuple[str, Any]] = ()):
   """The recipe of configs/synthetic.py with the variant's fields, the seed and the
   training length scaled, then `overrides`; one evaluation, at the end."""
-  from configs import synthetic  # pylint: disable=g-import-not-at-top
+  from configs import synthetic
   c = synthetic.get_config()
   for key, value in VARIANTS[variant].items():
     _set(c, key, value)
@@ -97,10 +97,10 @@ def run_config(variant: str, seed: int, *, scale: float,
 
 def read_run(workdir: pathlib.Path) -> dict[str, Any]:
   """The retrieval metrics (first protocol row) and attention summaries of a finished run."""
-  from musp_jax import attention_metrics  # pylint: disable=g-import-not-at-top
+  from musp_jax.training import attention_scores
   results = json.loads((workdir / "results.json").read_text())
   rows = dict(results["results"])
-  attention = rows.pop(attention_metrics.ROW, None)
+  attention = rows.pop(attention_scores.ROW, None)
   first = next(iter(rows.values()))
   out = {k: float(first[k]) for k in RETRIEVAL}
   for k in ATTENTION:
@@ -156,7 +156,7 @@ def tables(stats: dict[str, dict[str, Any]]) -> str:
   lines += rows(["MUSP n=5"], lambda v: "MUSP w ESE", RETRIEVAL)
   lines += rows(["MUSP n=5 ESE off"], lambda v: "MUSP w/o ESE", RETRIEVAL)
   lines += ["", "Attention against the ground-truth part masks (%; "
-            "musp_jax/attention_metrics.py)", "",
+            "musp_jax/attention_scores.py)", "",
             "| variant | " + " | ".join(ATTENTION_TITLES) + " |",
             "|---" * (len(ATTENTION) + 1) + "|"]
   lines += rows([v for v in stats if v != "baseline"], lambda v: v, ATTENTION)
@@ -165,9 +165,9 @@ def tables(stats: dict[str, dict[str, Any]]) -> str:
 
 def figure(stats: dict[str, dict[str, Any]], records: Sequence[dict[str, Any]], path):
   """Bars of mean +- std per variant (retrieval, attention), one dot per seed."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  import numpy as np
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
 
   names = list(stats)
   fig = Figure(figsize=(13, 4.5), dpi=100)
@@ -221,9 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ValueError as e:
     parser.error(str(e))
 
-  from musp_jax import runtime  # pylint: disable=g-import-not-at-top
-  from musp_jax import train  # pylint: disable=g-import-not-at-top
-  runtime.setup()
+  from musp_jax.runtime import process
+  from musp_jax.training import train
+  process.setup()
   root = pathlib.Path(args.workdir).expanduser()
   root.mkdir(parents=True, exist_ok=True)
   records, start = [], time.time()

@@ -38,10 +38,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from musp_jax import metrics
-from musp_jax import neighbours
-from musp_jax import rerank
-from musp_jax import retrieval
+from musp_jax.core import features
+from musp_jax.retrieval import neighbours
+from musp_jax.retrieval import ranking
+from musp_jax.retrieval import reference
+from musp_jax.retrieval import rerank
+from musp_jax.retrieval import saved_features
+from musp_jax.runtime import process
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -80,16 +83,16 @@ def _best(fn, repeats: int, warmup: bool = True) -> float:
 
 
 def _features(rng, n, p, c, num_ids):
-  feats = retrieval.l2_normalize(rng.standard_normal((n, p, c), np.float32))
+  feats = features.l2_normalize(rng.standard_normal((n, p, c), np.float32))
   areas = rng.uniform(0.05, 1.0, (n, p)).astype(np.float32)
   areas[:, -1] = 1.0 / max(p - 1, 1)  # the global branch's pseudo-area
-  return retrieval.Features(feats, areas, rng.integers(0, num_ids, n),
+  return saved_features.Features(feats, areas, rng.integers(0, num_ids, n),
                             rng.integers(0, 174, n))
 
 
 def _identities(rng, num_ids, p, c, *, group_size=50, spread=0.7):
   """Identity centres around vehicle-model centres, and each identity's part profile."""
-  unit = lambda x: retrieval.l2_normalize(x.astype(np.float32, copy=False))
+  unit = lambda x: features.l2_normalize(x.astype(np.float32, copy=False))
   groups = unit(rng.standard_normal((max(1, num_ids // group_size), p, c), np.float32))
   centres = np.empty((num_ids, p, c), np.float32)
   for lo in range(0, num_ids, 4096):
@@ -109,13 +112,13 @@ def _images(rng, identities, ids, *, noise=1.6):
   areas = np.empty((len(ids), p), np.float32)
   for lo in range(0, len(ids), 4096):
     hi = min(lo + 4096, len(ids))
-    feats[lo:hi] = retrieval.l2_normalize(centres[ids[lo:hi]] + noise / np.sqrt(c)
+    feats[lo:hi] = features.l2_normalize(centres[ids[lo:hi]] + noise / np.sqrt(c)
                                           * rng.standard_normal((hi - lo, p, c), np.float32))
     if p > 1:
       part = rng.gamma(20.0 * profiles[ids[lo:hi]] + 0.5).astype(np.float32)
       areas[lo:hi, :-1] = part / part.sum(axis=1, keepdims=True)
     areas[lo:hi, -1] = 1.0 / max(p - 1, 1)
-  return retrieval.Features(feats, areas, ids, rng.integers(0, 174, len(ids)))
+  return saved_features.Features(feats, areas, ids, rng.integers(0, 174, len(ids)))
 
 
 def _query_gallery(rng, num_q, num_g, p, c):
@@ -132,14 +135,14 @@ def _aqe_section(args, rng, mesh):
   query, gallery = _query_gallery(rng, args.aqe_q, args.aqe_g, p, c)
   options = dict(query_block=args.query_block, mesh=mesh)
   warm_q, warm_g = _query_gallery(rng, 64, 2100, p, c)  # compiles the same block shapes
-  retrieval.evaluate(warm_q, warm_g, aqe=True, **options)
-  t_plain = _best(lambda: retrieval.evaluate(query, gallery, **options), 1)
+  ranking.evaluate(warm_q, warm_g, aqe=True, **options)
+  t_plain = _best(lambda: ranking.evaluate(query, gallery, **options), 1)
   base = _rss_reset()
   t0 = time.perf_counter()
-  with_aqe = retrieval.evaluate(query, gallery, aqe=True, **options)
+  with_aqe = ranking.evaluate(query, gallery, aqe=True, **options)
   t_aqe = time.perf_counter() - t0
   mem = _peak_since(base)
-  plain = retrieval.evaluate(query, gallery, **options)
+  plain = ranking.evaluate(query, gallery, **options)
   n = args.aqe_q + args.aqe_g
   print(f"[6] evaluate {args.aqe_q:,} x {args.aqe_g:,} (P={p}, C={c}): {t_plain:.2f} s; "
         f"with AQE (qe_times 1, qe_k 5, alpha 3): {t_aqe:.2f} s, +{t_aqe / t_plain - 1:.0%}"
@@ -166,7 +169,7 @@ def _rerank_section(args, rng):
   if args.rerank_lists_channels:
     # The neighbour lists from the first channels of every branch (a cheaper search);
     # the rest runs on the whole features: its time and memory at the real shape.
-    def nearest(items, k, **kw):  # pylint: disable=function-redefined
+    def nearest(items, k, **kw):
       m = args.rerank_lists_channels
       sliced = neighbours.JointItems([(np.ascontiguousarray(f[:, :, :m]), a)
                                       for f, a in items.parts])
@@ -236,7 +239,7 @@ def _rerank_probe(args, query, gallery, feat_bytes):
 
   items.block = block
   base = _rss_reset()
-  prepare, pair = rerank._SCORES["cam_squared"]  # pylint: disable=protected-access
+  prepare, pair = rerank._SCORES["cam_squared"]
   try:
     neighbours.nearest(items, 21, prepare=prepare, pair=pair, progress=True)
   except _Stop:
@@ -260,8 +263,8 @@ def _rerank_probe(args, query, gallery, feat_bytes):
 
 def _dense_torch(qf, qa, gf, ga):
   """The official code's evaluation-time distance, op for op (on the GPU if there is one)."""
-  import torch  # pylint: disable=g-import-not-at-top
-  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  import torch
+  import torch.nn.functional as F
   device = "cuda" if torch.cuda.is_available() else "cpu"
   qf, qa, gf, ga = (torch.from_numpy(x).to(device) for x in (qf, qa, gf, ga))
   mats = []
@@ -319,7 +322,7 @@ def main():
   sections = set(args.sections.split(","))
   if sections - {"base", "aqe", "rerank"}:
     parser.error(f"--sections {args.sections}: expected base, aqe, rerank")
-  p, c, qb, gb = args.parts, args.channels, args.query_block, args.block_gallery
+  p, c = args.parts, args.channels
   rng = np.random.default_rng(0)
   print(f"jax {jax.__version__} on {jax.device_count()} x "
         f"{jax.devices()[0].device_kind}; P={p}, C={c}")
@@ -327,7 +330,7 @@ def main():
   if "base" in sections:
     figures.update(_base_sections(args, rng))
   if "aqe" in sections:
-    figures.update(_aqe_section(args, rng, retrieval.default_mesh()))
+    figures.update(_aqe_section(args, rng, process.make_mesh()))
   if "rerank" in sections:
     figures.update(_rerank_section(args, rng))
   if args.json:
@@ -349,10 +352,10 @@ def _base_sections(args, rng) -> dict:
   t_gemm = _best(lambda: matmul(a, b).block_until_ready(), args.repeats)
   print(f"\n[1] float32 GEMM ({qb} x {p * c}) @ ({p * c} x {gb}): "
         f"{t_gemm:.3f} s = {flops / t_gemm / 1e9:,.0f} GFLOP/s (machine rate)")
-  mesh = retrieval.default_mesh()
-  g_prep, _ = retrieval._prepare_gallery(g, "cam_squared", mesh)  # pylint: disable=protected-access
+  mesh = process.make_mesh()
+  g_prep, _ = ranking._prepare_gallery(g, "cam_squared", mesh)
   qf, qa = jnp.asarray(q.feats), jnp.asarray(q.areas)
-  dist_fn = lambda kind: retrieval._query_distance(  # pylint: disable=protected-access
+  dist_fn = lambda kind: ranking._query_distance(
       qf, qa, g_prep, distance=kind, precision=HIGHEST)
   base = _rss_reset()
   t_dist = _best(lambda: dist_fn("cam_squared").block_until_ready(), args.repeats)
@@ -360,13 +363,13 @@ def _base_sections(args, rng) -> dict:
   print(f"[2] cam_squared block ({qb} x {gb}): {t_dist:.3f} s = "
         f"{flops / t_dist / 1e9:,.0f} GFLOP/s = {t_gemm / t_dist:.0%} of the "
         f"GEMM rate (goal >= 70%); peak {mem_dist}")
-  g_cam, _ = retrieval._prepare_gallery(g, "cam", mesh)  # pylint: disable=protected-access
-  t_cam = _best(lambda: retrieval._query_distance(  # pylint: disable=protected-access
+  g_cam, _ = ranking._prepare_gallery(g, "cam", mesh)
+  t_cam = _best(lambda: ranking._query_distance(
       qf, qa, g_cam, distance="cam", precision=HIGHEST).block_until_ready(),
                 args.repeats)
   print(f"    cam (paper, non-squared) block: {t_cam:.3f} s = "
         f"{t_gemm / t_cam:.0%} of the GEMM rate")
-  del g_cam
+  g_cam = None  # frees the prepared gallery before the next part
 
   # 3. The dense (Q, G, P) form.
   ours = np.asarray(dist_fn("cam_squared"))
@@ -389,26 +392,25 @@ def _base_sections(args, rng) -> dict:
   ids_q = rng.integers(0, gb // 13, qb)
   ids_g = rng.integers(0, gb // 13, gb)  # about 13 images per id, as VERI-Wild
   cams_q, cams_g = rng.integers(0, 174, qb), rng.integers(0, 174, gb)
-  # pylint: disable=protected-access
-  table = retrieval._SameIdTable(ids_q, ids_g, cams_q, cams_g, True)
-  (queries, width), = retrieval._query_blocks(table, qb)
-  same_id = [jnp.asarray(retrieval._pad_rows(x, qb)) for x in table.table(queries, width)]
+  # The ranking's private parts, timed alone:
+  table = ranking._SameIdTable(ids_q, ids_g, cams_q, cams_g, True)
+  (queries, width), = ranking._query_blocks(table, qb)
+  same_id = [jnp.asarray(ranking._pad_rows(x, qb)) for x in table.table(queries, width)]
   dist_dev, g_valid = dist_fn("cam_squared"), jnp.ones(gb, bool)
-  t_rank = _best(lambda: jax.block_until_ready(retrieval._distmat_block(
+  t_rank = _best(lambda: jax.block_until_ready(ranking._distmat_block(
       dist_dev, g_valid, *same_id)), args.repeats)
-  # pylint: enable=protected-access
   print(f"[4] exact ranking of the block on the device ({width} same-id slots per query):"
         f" {t_rank:.3f} s = {t_rank / t_dist:.0%} of the block's distance time [2]"
         " (goal <= 15%)")
-  t_rank_dev = _best(lambda: retrieval.rank_distmat(
+  t_rank_dev = _best(lambda: ranking.rank_distmat(
       ours, ids_q, ids_g, cams_q, cams_g, query_block=qb, mesh=mesh), 1)
-  t_rank_np = _best(lambda: metrics.rank_metrics(
+  t_rank_np = _best(lambda: reference.rank_metrics(
       ours, ids_q, ids_g, cams_q, cams_g), 1, warmup=False)
   print(f"    from the host (rank_distmat, with the copy of D and the same-id table): "
         f"{t_rank_dev:.3f} s; numpy reference {t_rank_np:.3f} s")
-  q_ids = retrieval.Features(q.feats, q.areas, ids_q, cams_q)
-  g_ids = retrieval.Features(g.feats, g.areas, ids_g, cams_g)
-  t_fused = _best(lambda: jax.block_until_ready(retrieval.evaluate(
+  q_ids = saved_features.Features(q.feats, q.areas, ids_q, cams_q)
+  g_ids = saved_features.Features(g.feats, g.areas, ids_g, cams_g)
+  t_fused = _best(lambda: jax.block_until_ready(ranking.evaluate(
       q_ids, g_ids, query_block=qb, mesh=mesh)), 1)
   print(f"    distance + exact ranking of the block (evaluate): {t_fused:.3f} s;"
         f" official pipeline (torch dense + numpy ranking): "
@@ -420,11 +422,11 @@ def _base_sections(args, rng) -> dict:
   query = _features(rng, nq, p, c, num_ids)
   gallery = _features(rng, ng, p, c, num_ids)
   t0 = time.perf_counter()
-  retrieval.evaluate(query, gallery, query_block=qb, mesh=mesh)
+  ranking.evaluate(query, gallery, query_block=qb, mesh=mesh)
   t_cold = time.perf_counter() - t0
   base = _rss_reset()
   t0 = time.perf_counter()
-  result = retrieval.evaluate(query, gallery, query_block=qb, mesh=mesh)
+  result = ranking.evaluate(query, gallery, query_block=qb, mesh=mesh)
   t_eval = time.perf_counter() - t0
   mem_eval = _peak_since(base)
   factor = (args.q * args.g) / (nq * ng)

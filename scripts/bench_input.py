@@ -36,9 +36,9 @@ import numpy as np
 from PIL import Image
 
 from configs import common
-from musp_jax import augment
-from musp_jax import input_pipeline
-from musp_jax import runtime
+from musp_jax.data import augment
+from musp_jax.data import input_pipeline
+from musp_jax.runtime import process
 
 
 def write_jpegs(folder: str, n: int, seed: int = 0) -> list[str]:
@@ -176,9 +176,9 @@ class Pipeline:
 
 def tiny_model_step_ms(batch_shape) -> float:
   """Step time of a small jitted CNN (forward + backward + SGD)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  from flax import linen as nn
 
   class Tiny(nn.Module):
 
@@ -221,7 +221,7 @@ def main():
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--step_time_ms", type=float, default=None)
   args = parser.parse_args()
-  runtime.setup()  # absl flags parsed (grain reads them), quiet library logs
+  process.setup()  # absl flags parsed (grain reads them), quiet library logs
 
   cores = os.cpu_count() or 1
   workers = ([int(w) for w in args.workers.split(",")] if args.workers

@@ -25,8 +25,8 @@ import onnxruntime
 
 from configs import common
 from musp_jax import export
-from musp_jax import inference
-from musp_jax import state
+from musp_jax.serving import inference
+from musp_jax.core import state
 from musp_jax.models import build_model
 
 

@@ -1,4 +1,5 @@
-"""City-scale search: the approximate index (musp_jax.index) against exact brute force.
+"""City-scale search: the approximate index (retrieval/gallery_index.py) against exact
+brute force.
 
     flock /work/bench.lock .venv/bin/python scripts/bench_search.py     # 1,000,000 images
     .venv/bin/python scripts/bench_search.py --num_items 100000         # a quick look
@@ -20,7 +21,7 @@ Prints, all measured in this run:
   1. shard generation (not timed against anything);
   2. index build time, index size in memory (ann.faiss) and on disk (feature
      store + labels), peak memory of the build;
-  3. exact CAM search (retrieval.distance_matrix over each shard, all queries,
+  3. exact CAM search (ranking.distance_matrix over each shard, all queries,
      top k merged): seconds per query, amortised over the batch;
   4. for each (nprobe, candidates): recall@k against 3, seconds per query
      batched, single-query latency p50/p95, the speed-up over 3, and whether
@@ -47,8 +48,10 @@ import time
 import numpy as np
 
 import bench_eval  # scripts/ is on sys.path when this file runs as a script
-from musp_jax import index as index_lib
-from musp_jax import retrieval
+from musp_jax.retrieval import gallery_index as index_lib
+from musp_jax.retrieval import ranking
+from musp_jax.retrieval import saved_features
+from musp_jax.core import features
 
 SIGNATURE = json.dumps({"synthetic": "bench_search"})
 
@@ -67,13 +70,13 @@ class Synthetic:
     counts[-1] -= int(counts.sum()) - args.num_items
     self.ids = np.repeat(np.arange(num_ids), counts)
     num_groups = max(1, num_ids // args.group_size)
-    groups = retrieval.l2_normalize(
+    groups = features.l2_normalize(
         rng.standard_normal((num_groups, p, c), np.float32))
     group_of = rng.integers(0, num_groups, num_ids)
     self.centres = np.empty((num_ids, p, c), np.float32)
     for lo in range(0, num_ids, 65536):  # bounded temporaries
       hi = min(lo + 65536, num_ids)
-      self.centres[lo:hi] = retrieval.l2_normalize(
+      self.centres[lo:hi] = features.l2_normalize(
           groups[group_of[lo:hi]] + args.identity_spread / np.sqrt(c)
           * rng.standard_normal((hi - lo, p, c), np.float32))
     self.profiles = rng.dirichlet(np.full(p - 1, 4.0), num_ids).astype(np.float32)
@@ -82,7 +85,7 @@ class Synthetic:
              ) -> tuple[np.ndarray, np.ndarray]:
     c = self.args.channels
     noise = rng.standard_normal((len(ids), *self.centres.shape[1:]), np.float32)
-    feats = retrieval.l2_normalize(self.centres[ids] + self.args.noise / np.sqrt(c) * noise)
+    feats = features.l2_normalize(self.centres[ids] + self.args.noise / np.sqrt(c) * noise)
     parts = rng.gamma(20.0 * self.profiles[ids] + 0.5).astype(np.float32)
     areas = np.empty((len(ids), self.args.parts), np.float32)
     areas[:, :-1] = parts / parts.sum(axis=1, keepdims=True)
@@ -95,29 +98,29 @@ class Synthetic:
       hi = min(lo + self.args.shard_items, self.args.num_items)
       feats, areas = self.images(self.ids[lo:hi], np.random.default_rng([self.args.seed, s]))
       paths.append(folder / f"gallery_{s:03d}.npz")
-      retrieval.save_features(paths[-1], retrieval.Features(
+      saved_features.save_features(paths[-1], saved_features.Features(
           feats, areas, self.ids[lo:hi], np.arange(lo, hi) % 174,
           np.array([f"cam{i % 174:03d}/{i:08d}.jpg" for i in range(lo, hi)]), SIGNATURE))
     return paths
 
-  def queries(self) -> retrieval.Features:
+  def queries(self) -> saved_features.Features:
     rng = np.random.default_rng([self.args.seed, 10**6])
     ids = rng.choice(self.ids, self.args.num_queries)
     feats, areas = self.images(ids, rng)
-    return retrieval.Features(feats, areas, ids, np.full(len(ids), -1),
+    return saved_features.Features(feats, areas, ids, np.full(len(ids), -1),
                               np.array([f"q{i}" for i in range(len(ids))]), SIGNATURE)
 
 
-def exact_search(query: retrieval.Features, shards: list[pathlib.Path], k: int
+def exact_search(query: saved_features.Features, shards: list[pathlib.Path], k: int
                  ) -> tuple[np.ndarray, np.ndarray, float]:
   """Brute-force top k over the shards, one in memory at a time; compute seconds."""
   best_d = np.full((len(query), 0), np.inf, np.float32)
   best_i = np.zeros((len(query), 0), np.int64)
   offset, seconds = 0, 0.0
   for path in shards:
-    gallery = retrieval.load_features(path)  # reading is not counted
+    gallery = saved_features.load_features(path)  # reading is not counted
     t = time.perf_counter()
-    dist = retrieval.distance_matrix(query, gallery, query_block=len(query))
+    dist = ranking.distance_matrix(query, gallery, query_block=len(query))
     top = np.argpartition(dist, k - 1, axis=1)[:, :k]
     cand_d = np.concatenate([best_d, np.take_along_axis(dist, top, 1)], 1)
     cand_i = np.concatenate([best_i, top + offset], 1)
@@ -194,21 +197,21 @@ def _recall(idx: np.ndarray, exact_i: np.ndarray, k: int) -> float:
 
 
 def _append_section(args, work: pathlib.Path, shards: list[pathlib.Path],
-                    query: retrieval.Features) -> None:
+                    query: saved_features.Features) -> None:
   """[6] Trained on one shard, grown by appends, against a build on all shards."""
   k = args.k
   _, exact_i, _ = exact_search(query, shards, k)
-  first = retrieval.load_features(shards[0])
-  auto = index_lib._resolve(index_lib.Spec(codec=args.codec), len(first),  # pylint: disable=protected-access
+  first = saved_features.load_features(shards[0])
+  auto = index_lib._resolve(index_lib.Spec(codec=args.codec), len(first),
                             args.parts, args.channels)
   del first
   codec = "sq8" if args.codec == "auto" else args.codec
   spec = index_lib.Spec(codec=codec, nlist=args.nlist or auto["nlist"])
   t = time.perf_counter()
-  full = index_lib.build(shards, work / "full.index", spec)
+  full = index_lib.build_index(shards, work / "full.index", spec)
   t_full = time.perf_counter() - t
   t = time.perf_counter()
-  grown = index_lib.build(shards[:1], work / "grown.index", spec)
+  grown = index_lib.build_index(shards[:1], work / "grown.index", spec)
   t_first = time.perf_counter() - t
   t_appends = []
   for shard in shards[1:]:
@@ -232,15 +235,15 @@ def _append_section(args, work: pathlib.Path, shards: list[pathlib.Path],
 
 
 def _search_sections(args, work: pathlib.Path, shards: list[pathlib.Path],
-                     query: retrieval.Features) -> None:
+                     query: saved_features.Features) -> None:
   """[2]-[5]: the build, exact search and the index's search."""
   k = args.k
-  base = bench_eval._rss_reset()  # pylint: disable=protected-access
+  base = bench_eval._rss_reset()
   t = time.perf_counter()
-  out = index_lib.build(shards, work / "gallery.index",
-                        index_lib.Spec(codec=args.codec, nlist=args.nlist))
+  out = index_lib.build_index(shards, work / "gallery.index",
+                              index_lib.Spec(codec=args.codec, nlist=args.nlist))
   t_build = time.perf_counter() - t
-  peak_build = bench_eval._status("VmHWM") - base  # pylint: disable=protected-access
+  peak_build = bench_eval._status("VmHWM") - base
   files = json.loads((out / index_lib.META).read_text())["files"]
   ann_bytes = files[index_lib.ANN]["bytes"]
   disk = sum(f["bytes"] for f in files.values())
@@ -265,7 +268,7 @@ def _search_sections(args, work: pathlib.Path, shards: list[pathlib.Path],
   print(f"    {'nprobe':>6} {'cand':>5} {'recall@' + str(k):>9} {'ms/query':>9} "
         f"{'speed-up':>9} {'p50 ms':>7} {'p95 ms':>7} {'dist ok':>7}")
   lat_n = min(args.latency_queries or len(query), len(query))
-  rss_open = bench_eval._status("VmRSS")  # pylint: disable=protected-access
+  rss_open = bench_eval._status("VmRSS")
   for setting in args.settings.split(","):
     nprobe, cand = (int(v) for v in setting.split(":"))
     nprobe = min(nprobe, params["nlist"])
@@ -291,7 +294,7 @@ def _search_sections(args, work: pathlib.Path, shards: list[pathlib.Path],
     print(f"    {nprobe:>6} {cand:>5} {recall:>9.4f} {per * 1e3:>9.3f} "
           f"{per_exact / per:>8.0f}x {p50:>7.2f} {p95:>7.2f} {str(dist_ok):>7}")
   print(f"[5] memory: resident {_mib(rss_open)} after opening the index, "
-        f"{_mib(bench_eval._status('VmRSS'))} after searching "  # pylint: disable=protected-access
+        f"{_mib(bench_eval._status('VmRSS'))} after searching "
         f"(feature store pages read through the page cache)")
   print("Goal: recall@10 >= 0.99 at >= 50x the exact search's per-query speed.")
 

@@ -51,10 +51,10 @@ def _jax_worker(conn, args, conv_impl: str, dtype: str) -> None:
   from jax.sharding import PartitionSpec as P
 
   from configs import common
-  from musp_jax import optim
-  from musp_jax import runtime
-  from musp_jax import state as state_lib
-  from musp_jax import step as step_lib
+  from musp_jax.core import optim
+  from musp_jax.runtime import process
+  from musp_jax.core import state as state_lib
+  from musp_jax.core import step as step_lib
   from musp_jax.models import build_model
   from musp_jax.models import fast_conv
 
@@ -64,7 +64,7 @@ def _jax_worker(conn, args, conv_impl: str, dtype: str) -> None:
   c.model.dtype = dtype
   c.model.conv_impl = conv_impl
   size = (args.image_size, args.image_size)
-  mesh = runtime.make_mesh()
+  mesh = process.make_mesh()
   model = build_model(c.model, args.num_classes)
   tx = optim.make_optimizer(c.optim, 100)
   state, state_sharding = state_lib.create_train_state(model, tx, size, seed=0, mesh=mesh)

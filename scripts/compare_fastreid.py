@@ -33,7 +33,7 @@ import numpy as np
 
 import bench_eval  # scripts/ is on sys.path when this file runs as a script
 from musp_jax import compat
-from musp_jax import retrieval
+from musp_jax.retrieval import ranking
 
 
 def _row(name, result):
@@ -52,13 +52,12 @@ def main():
   parser.add_argument("--lambda_value", type=float, default=0.3)
   args = parser.parse_args()
   sys.path.insert(0, str(pathlib.Path(args.fastreid).resolve()))
-  # pylint: disable=g-import-not-at-top
   import torch
   from fastreid.evaluation import query_expansion as fastreid_qe
   from fastreid.utils import compute_dist
 
   rng = np.random.default_rng(0)
-  query, gallery = bench_eval._query_gallery(rng, args.q, args.g, 1, args.dim)  # pylint: disable=protected-access
+  query, gallery = bench_eval._query_gallery(rng, args.q, args.g, 1, args.dim)
   labels = (query.ids, gallery.ids, query.cams, gallery.cams)
   qf, gf = query.feats[:, 0], gallery.feats[:, 0]
   print(f"{args.q:,} queries x {args.g:,} gallery, (N, {args.dim}) features, cosine "
@@ -72,15 +71,15 @@ def main():
   theirs = jaccard * (1 - args.lambda_value) + cosine * args.lambda_value
   t_theirs = time.perf_counter() - t
   t = time.perf_counter()
-  ours = retrieval.evaluate(query, gallery, distance="cosine", rerank=True,
+  ours = ranking.evaluate(query, gallery, distance="cosine", rerank=True,
                             rerank_k1=args.k1, rerank_k2=args.k2,
                             rerank_lambda=args.lambda_value, return_distmat=True)
   t_ours = time.perf_counter() - t
-  fewer = retrieval.evaluate(query, gallery, distance="cosine", rerank=True,
+  fewer = ranking.evaluate(query, gallery, distance="cosine", rerank=True,
                              rerank_k1=args.k1 - 1, rerank_k2=args.k2,
                              rerank_lambda=args.lambda_value, return_distmat=True)
-  plain = retrieval.rank_distmat(cosine, *labels)
-  ranked = retrieval.rank_distmat(theirs, *labels)
+  plain = ranking.rank_distmat(cosine, *labels)
+  ranked = ranking.rank_distmat(theirs, *labels)
   print(f"[1] final distances, ours (sparse) - fast-reid (jaccard path): max "
         f"|diff| {np.abs(ours['distmat'] - theirs).max():.4f}, mean "
         f"{np.abs(ours['distmat'] - theirs).mean():.4f}; first result differs for "

@@ -8,7 +8,7 @@ ml-collections; never TensorFlow, tensorflow-datasets, grain or clu, and no down
 Parts, each a subprocess with its own time limit (a failure is reported, the next part
 still runs, except after `platform`):
   platform  versions, devices; model.conv_impl="auto" resolves to XLA convolutions,
-            lowered to cuDNN (SPEC: GEMM convolutions are for the CPU only)
+            lowered to cuDNN (GEMM convolutions, models/fast_conv.py, are for the CPU only)
   parity    MUSP ResNet-50 on the same weights and uint8 images on the GPU and on the
             CPU, float32 and bfloat16: features, areas and the train-mode loss
   train     scripts/bench_train.py: MUSP ResNet-50, 256 px, batch 64, the JAX step in
@@ -71,12 +71,12 @@ SHAPES = {
 
 def part_platform(args) -> dict:
   """Versions, devices, and what conv_impl="auto" becomes here."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  import torch
 
-  from musp_jax.models import fast_conv  # pylint: disable=g-import-not-at-top
-  from musp_jax.models import resnet  # pylint: disable=g-import-not-at-top
+  from musp_jax.models import fast_conv
+  from musp_jax.models import resnet
 
   backend = jax.default_backend()
   if backend == "cpu" and not args.dry_run:
@@ -100,16 +100,16 @@ def part_platform(args) -> dict:
 
 def part_parity(args) -> dict:
   """Features, areas and the train-mode loss of one model on the GPU and on the CPU."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import jax
+  import numpy as np
 
-  from configs import common  # pylint: disable=g-import-not-at-top
-  from musp_jax import features  # pylint: disable=g-import-not-at-top
-  from musp_jax import losses  # pylint: disable=g-import-not-at-top
-  from musp_jax import preprocess  # pylint: disable=g-import-not-at-top
-  from musp_jax import state  # pylint: disable=g-import-not-at-top
-  from musp_jax import step  # pylint: disable=g-import-not-at-top
-  from musp_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  from configs import common
+  from musp_jax.core import features
+  from musp_jax.core import losses
+  from musp_jax.core import preprocess
+  from musp_jax.core import state
+  from musp_jax.core import step
+  from musp_jax.models import build_model
 
   shape = SHAPES[args.dry_run]
   size = (shape["image_size"],) * 2

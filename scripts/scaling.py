@@ -32,11 +32,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import common
-from musp_jax import distributed
-from musp_jax import optim
-from musp_jax import state as state_lib
-from musp_jax import step as step_lib
+from musp_jax.core import optim
+from musp_jax.core import state as state_lib
+from musp_jax.core import step as step_lib
 from musp_jax.models import build_model
+from musp_jax.runtime import process
 
 
 def _mesh(n: int) -> jax.sharding.Mesh:
@@ -119,12 +119,12 @@ def main() -> None:
   parser.add_argument("--reps", type=int, default=5)
   parser.add_argument("--steps", type=int, default=2, help="steps per timed turn")
   parser.add_argument("--distributed", action="store_true",
-                      help="multi-process: jax.distributed via musp_jax.distributed")
+                      help="multi-process: jax.distributed via musp_jax.runtime.process")
   parser.add_argument("--out_dir", default="workdirs/scaling")
   args = parser.parse_args()
 
   if args.distributed:
-    distributed.initialize()
+    process.initialize_distributed()
   cpu = jax.default_backend() == "cpu"
   per_device = args.per_device_batch or (4 if cpu else 64)
   global_batch = args.global_batch or (32 if cpu else 256)

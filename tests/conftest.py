@@ -16,7 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # torch (through torchvision -> triton) segfaults when its native libraries load after
 # those of the jax/TensorFlow stack; loading it first, where installed, avoids that.
 try:
-  import torchvision  # noqa: E402,F401  pylint: disable=unused-import
+  import torchvision  # noqa: E402,F401
 except ImportError:
   pass
 

@@ -1,8 +1,8 @@
 """A subprocess environment without the I/O stack, as on a bare GPU image.
 
-The numerical core (models, losses, optim, state, step, preprocess, retrieval, metrics,
-features) and scripts/gpu_check.py must run where TensorFlow, tensorflow-datasets, grain
-and clu are not installed. `blocked_env` returns an environment whose Python refuses to
+The numerical core (everything under musp_jax/runtime, models, core and retrieval) and
+scripts/gpu_check.py must run where TensorFlow, tensorflow-datasets, grain and clu are
+not installed. `blocked_env` returns an environment whose Python refuses to
 import them (a sitecustomize module marks them absent), so a test sees any import of
 them, however indirect.
 """

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from musp_jax import augment
+from musp_jax.data import augment
 
 
 def _config(**overrides) -> ml_collections.ConfigDict:
@@ -68,7 +68,7 @@ def test_decode_grayscale_gives_rgb_and_garbage_fails():
   assert rgb.shape == (20, 30, 3)
   np.testing.assert_array_equal(rgb[..., 0], gray)
   np.testing.assert_array_equal(rgb[..., 2], gray)
-  with pytest.raises(ValueError, match="Could not decode"):
+  with pytest.raises(ValueError, match="image is not a readable image \\(12 bytes"):
     augment.decode(b"not an image")
 
 

@@ -3,14 +3,13 @@
 import io
 import os
 
-from absl import app
 from absl.testing import flagsaver
 import numpy as np
 from PIL import Image
 import pytest
 
 from musp_jax import build_dataset
-from musp_jax import datasets
+from musp_jax.data import datasets
 
 
 def write_vehicle_id(root, *, bad=None):
@@ -94,9 +93,11 @@ def test_strict_fails_on_the_first_unreadable_image(tmp_path, capsys):
   assert not datasets.is_built("vehicle_id", data_dir=str(data_dir), builder_config="")
 
 
-def test_unknown_dataset_is_a_usage_error():
-  with pytest.raises(app.UsageError, match="Give one dataset name"):
+def test_unknown_dataset_is_a_usage_error(capsys):
+  with pytest.raises(SystemExit) as e:
     run("veri")
+  assert e.value.code == 2
+  assert "error: give one dataset name: veri776 | vehicle_id" in capsys.readouterr().err
 
 
 def test_a_changed_manual_folder_is_rebuilt(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""musp_jax.datasets: reading built splits, the split index, errors, atomic builds."""
+"""data/datasets.py: reading built splits, the split index, errors, atomic builds."""
 
 import json
 import os
@@ -12,7 +12,7 @@ import pytest
 
 from configs import synthetic
 from configs import veriwild
-from musp_jax import datasets
+from musp_jax.data import datasets
 from tfds_builders.synthetic_vehicles import render
 
 NAME = "synthetic_vehicles"
@@ -164,9 +164,16 @@ def test_failed_build_leaves_nothing_complete(tmp_path, monkeypatch):
 def test_reading_needs_no_tensorflow(data_dir):
   code = (
       "import sys\n"
-      "from musp_jax import datasets\n"
+      "from musp_jax.data import datasets\n"
       f"s = datasets.load_split({NAME!r}, 'train', data_dir={data_dir!r}, builder_config='tiny')\n"
       "s[0]\n"
       f"datasets.split_index({NAME!r}, 'gallery', data_dir={data_dir!r}, builder_config='tiny')\n"
       "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'\n")
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_part_classes_come_from_the_builder():
+  from tfds_builders.synthetic_vehicles import render
+  assert datasets.part_classes("synthetic_vehicles") == render.PART_CLASSES
+  assert datasets.part_classes("synthetic_vehicles")[0] == "background"
+  assert datasets.part_classes("veri776") == ()

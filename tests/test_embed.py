@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 import tools_fixtures
-from musp_jax import augment
+from musp_jax.data import augment
 from musp_jax import embed
-from musp_jax import inference
+from musp_jax.serving import inference
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +66,11 @@ def test_embed_folder_end_to_end(tmp_path, loaded, capsys):
 
 def test_checkpoint_flag_and_batch_size_give_the_same_features(tmp_path, loaded):
   paths = tools_fixtures.write_images(tmp_path, 3, seed=1, suffix=".jpg")
-  a = embed.embed(loaded, [str(p) for p in paths], str(tmp_path / "a.npz"),
+  a = embed.write_features(loaded, [str(p) for p in paths], str(tmp_path / "a.npz"),
                   batch_size=4, progress=False)
-  by_checkpoint = inference.load(loaded.source)
+  by_checkpoint = inference.load_model(loaded.source)
   assert by_checkpoint.signature == loaded.signature
-  b = embed.embed(by_checkpoint, [str(p) for p in paths], str(tmp_path / "b.npz"),
+  b = embed.write_features(by_checkpoint, [str(p) for p in paths], str(tmp_path / "b.npz"),
                   batch_size=1, progress=False)
   np.testing.assert_allclose(a.feats, b.feats, atol=1e-5)
   np.testing.assert_allclose(a.areas, b.areas, atol=1e-6)
@@ -97,7 +97,7 @@ def test_folder_without_images_is_a_clear_error(tmp_path, capsys):
     inference.list_images([str(tmp_path / "empty")])
   rc = embed.main(["--workdir", str(tools_fixtures.shared_workdir()),
                    "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "x.npz")])
-  assert rc == 2
+  assert rc == 1
   assert "No images in folder" in capsys.readouterr().err
   assert not (tmp_path / "x.npz").exists()
 
@@ -107,17 +107,17 @@ def test_non_image_file_is_a_clear_error(tmp_path, loaded):
   bad.write_bytes(b"this is text, not a JPEG")
   good = tools_fixtures.write_images(tmp_path, 1)[0]
   with pytest.raises(ValueError, match="broken.jpg is not a readable image"):
-    embed.embed(loaded, [str(good), str(bad)], str(tmp_path / "x.npz"), progress=False)
+    embed.write_features(loaded, [str(good), str(bad)], str(tmp_path / "x.npz"), progress=False)
   with pytest.raises(FileNotFoundError, match="neither an image file nor a folder"):
     inference.list_images([str(tmp_path / "missing.jpg")])
 
 
 def test_bad_model_locations_are_clear_errors(tmp_path, capsys):
   with pytest.raises(FileNotFoundError, match="holds no checkpoint: expected a training workdir"):
-    inference.load(str(tmp_path))
+    inference.load_model(str(tmp_path))
   rc = embed.main(["--checkpoint", str(tmp_path / "nowhere"), "--images", str(tmp_path),
                    "--out", str(tmp_path / "x.npz")])
-  assert rc == 2 and "holds no checkpoint" in capsys.readouterr().err
+  assert rc == 1 and "holds no checkpoint" in capsys.readouterr().err
 
 
 def test_class_count_and_config_come_from_the_checkpoint(loaded, tmp_path):
@@ -129,7 +129,7 @@ def test_class_count_and_config_come_from_the_checkpoint(loaded, tmp_path):
   step_dir = pathlib.Path(loaded.source)
   copy = tmp_path / "moved" / "checkpoints" / step_dir.name
   shutil.copytree(step_dir, copy)
-  moved = inference.load(copy)
+  moved = inference.load_model(copy)
   assert moved.signature == loaded.signature
   assert moved.config.to_dict() == loaded.config.to_dict()
 
@@ -139,7 +139,7 @@ def test_output_is_written_whole_or_not_at_all(tmp_path, capsys):
   (tmp_path / "taken.npz").mkdir()  # a folder where the file would go
   rc = embed.main(["--workdir", str(tools_fixtures.shared_workdir()),
                    "--images", str(images[0]), "--out", str(tmp_path / "taken.npz")])
-  assert rc == 2
+  assert rc == 1
   assert (f"error: {tmp_path / 'taken.npz'} is a folder; expected a file path to write."
           in capsys.readouterr().err)
   out = tmp_path / "feats.npz"

@@ -10,25 +10,26 @@ import numpy as np
 import pytest
 
 from musp_jax import evaluate
-from musp_jax import metrics
-from musp_jax import protocols
-from musp_jax import retrieval
+from musp_jax.retrieval import reference
+from musp_jax.retrieval import protocols
+from musp_jax.retrieval import saved_features
+from musp_jax.core import features
 
 ROOT = pathlib.Path(__file__).parents[1]
 
 
 def _features(rng, n, num_ids=6, p=3, c=8, signature=""):
-  feats = retrieval.l2_normalize(rng.normal(size=(n, p, c)).astype(np.float32))
-  return retrieval.Features(feats, rng.uniform(0.1, 1, (n, p)).astype(np.float32),
+  feats = features.l2_normalize(rng.normal(size=(n, p, c)).astype(np.float32))
+  return saved_features.Features(feats, rng.uniform(0.1, 1, (n, p)).astype(np.float32),
                             rng.integers(0, num_ids, n), rng.integers(0, 3, n),
                             model_signature=signature)
 
 
 def _reference_row(q, g, remove_junk=True):
-  """cam_squared written out in float64, ranked by metrics.rank_metrics."""
+  """cam_squared written out in float64, ranked by reference.rank_metrics."""
   w = q.areas[:, None].astype(np.float64) * g.areas[None]
   d = np.sum((q.feats[:, None].astype(np.float64) - g.feats[None]) ** 2, -1)
-  r = metrics.rank_metrics(np.sum(w * d, -1) / w.sum(-1), q.ids, g.ids, q.cams, g.cams,
+  r = reference.rank_metrics(np.sum(w * d, -1) / w.sum(-1), q.ids, g.ids, q.cams, g.cams,
                            remove_junk=remove_junk)
   return {"mAP": r["mAP"], "CMC@1": r["cmc"][0], "CMC@5": r["cmc"][4],
           "CMC@10": r["cmc"][9], "mINP": r["mINP"], "num_queries": r["num_valid_queries"]}
@@ -44,8 +45,8 @@ def _assert_row(got, want):
 def saved(tmp_path):
   rng = np.random.default_rng(0)
   q, g = _features(rng, 15, signature='{"m": 1}'), _features(rng, 40, signature='{"m": 1}')
-  retrieval.save_features(tmp_path / "q.npz", q)
-  retrieval.save_features(tmp_path / "g.npz", g)
+  saved_features.save_features(tmp_path / "q.npz", q)
+  saved_features.save_features(tmp_path / "g.npz", g)
   return tmp_path, q, g
 
 
@@ -85,13 +86,13 @@ def test_plain_files_without_protocol(tmp_path, capsys):
 def test_vehicle_id_takes_one_test_file(tmp_path, capsys):
   rng = np.random.default_rng(2)
   test = _features(rng, 40, num_ids=10)
-  test = retrieval.Features(test.feats, test.areas, test.ids, np.full(40, -1))
-  retrieval.save_features(tmp_path / "t.npz", test)
+  test = saved_features.Features(test.feats, test.areas, test.ids, np.full(40, -1))
+  saved_features.save_features(tmp_path / "t.npz", test)
   assert evaluate.main(["--test", str(tmp_path / "t.npz"), "--protocol", "vehicle_id",
                         "--size", "small", "--trials", "2"]) == 0
   out = capsys.readouterr().out
   assert "| vehicle_id_small/random2 |" in out and "| vehicle_id_small/first |" in out
-  report = evaluate.evaluate(test=str(tmp_path / "t.npz"), protocol="vehicle_id",
+  report = evaluate.evaluate_files(test=str(tmp_path / "t.npz"), protocol="vehicle_id",
                              size="small", trials=2)
   q, g = protocols.vehicleid_first_split(test.ids)
   _assert_row(report["results"]["vehicle_id_small/first"],
@@ -125,7 +126,7 @@ def test_bad_files_fail_naming_file_and_key(saved, capsys):
     rc = evaluate.main(["--query", str(path), "--gallery", str(tmp_path / "g.npz"),
                         "--json", str(tmp_path / "out.json")])
     err = capsys.readouterr().err
-    assert rc == 2
+    assert rc == 1
     assert f"error: {path}: {message}" in err
     assert "pickle" not in err
   assert (tmp_path / "out.json").read_text() == "earlier results\n"  # not overwritten
@@ -133,15 +134,15 @@ def test_bad_files_fail_naming_file_and_key(saved, capsys):
 
 def test_refusals(saved, capsys):
   tmp_path, q, _ = saved
-  other = retrieval.Features(q.feats, q.areas, q.ids, q.cams, model_signature='{"m": 2}')
-  retrieval.save_features(tmp_path / "other.npz", other)
+  other = saved_features.Features(q.feats, q.areas, q.ids, q.cams, model_signature='{"m": 2}')
+  saved_features.save_features(tmp_path / "other.npz", other)
   rc = evaluate.main(["--query", str(tmp_path / "other.npz"),
                       "--gallery", str(tmp_path / "g.npz")])
-  assert rc == 2 and "made by another model" in capsys.readouterr().err
-  no_cams = retrieval.Features(q.feats, q.areas, q.ids, np.full(len(q), -1))
-  retrieval.save_features(tmp_path / "nc.npz", no_cams)
+  assert rc == 1 and "made by another model" in capsys.readouterr().err
+  no_cams = saved_features.Features(q.feats, q.areas, q.ids, np.full(len(q), -1))
+  saved_features.save_features(tmp_path / "nc.npz", no_cams)
   rc = evaluate.main(["--query", str(tmp_path / "nc.npz"), "--gallery", str(tmp_path / "nc.npz")])
-  assert rc == 2 and "pass --keep_junk" in capsys.readouterr().err
+  assert rc == 1 and "pass --keep_junk" in capsys.readouterr().err
   for args in (["--test", "t.npz"],
                ["--protocol", "vehicle_id", "--query", "q.npz", "--gallery", "g.npz"],
                ["--query", "q.npz", "--gallery", "g.npz", "--protocol", "veri776",

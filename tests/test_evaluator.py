@@ -7,11 +7,11 @@ import ml_collections
 import numpy as np
 
 import tools_fixtures
-from musp_jax import augment
-from musp_jax import datasets
-from musp_jax import evaluator
-from musp_jax import features
-from musp_jax import runtime
+from musp_jax.data import augment
+from musp_jax.data import datasets
+from musp_jax.training import evaluator
+from musp_jax.core import features
+from musp_jax.runtime import process
 
 ROWS = {"veri776": {"mAP": 0.5, "CMC@1": 0.75, "CMC@5": 0.875, "CMC@10": 1.0,
                     "mINP": 0.125, "num_queries": 3}}
@@ -26,7 +26,7 @@ def test_extract_features_matches_one_image_at_a_time():
                                data_dir=config.dataset.data_dir, builder_config="tiny")
   assert len(source) % config.eval.batch_size and jax.device_count() == 8
   got = evaluator.extract_features(loaded.model, loaded.variables, source, config,
-                                   runtime.make_mesh())
+                                   process.make_mesh())
   transform = augment.TestTransform.from_config(config.input)
   for i in range(len(source)):
     x = transform(source[i]["image"])[None]
@@ -53,6 +53,6 @@ def test_results_files_round_trip(tmp_path):
 def test_scalars_and_the_checkpoint_metric():
   rows = {**ROWS, "other": {"mAP": 0.9}}
   assert evaluator.primary_map(rows) == 0.5  # the protocol's first row
-  assert evaluator.flat_scalars(rows) == {
+  assert evaluator.tensorboard_scalars(rows) == {
       "eval/veri776/mAP": 0.5, "eval/veri776/CMC@1": 0.75, "eval/veri776/CMC@5": 0.875,
       "eval/veri776/CMC@10": 1.0, "eval/veri776/mINP": 0.125, "eval/other/mAP": 0.9}

@@ -13,7 +13,7 @@ import pytest
 import tools_fixtures
 from musp_jax import embed
 from musp_jax import export
-from musp_jax import inference
+from musp_jax.serving import inference
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +55,16 @@ def test_round_trip_gives_identical_outputs(exported_file, loaded):
 def test_export_at_model_size_matches_embed(tmp_path, loaded):
   """At the model's input size there is no resize: the export equals the embed tool."""
   serialized, metadata = export.export(loaded, platforms=("cpu",))
-  export.save(str(tmp_path / "m.npz"), serialized, metadata)
+  export.write_npz(str(tmp_path / "m.npz"), serialized, metadata)
   model = export.load(str(tmp_path / "m.npz"))
   paths = tools_fixtures.write_images(tmp_path / "imgs", 2, seed=5)
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image
   resized = []
   for i, p in enumerate(paths):  # already at the model's size, so embed does not resize
     img = Image.open(p).convert("RGB").resize(loaded.image_size[::-1])
     img.save(tmp_path / f"r{i}.png")
     resized.append(np.asarray(img))
-  feats = embed.embed(loaded, [str(tmp_path / "r0.png"), str(tmp_path / "r1.png")],
+  feats = embed.write_features(loaded, [str(tmp_path / "r0.png"), str(tmp_path / "r1.png")],
                       str(tmp_path / "f.npz"), progress=False)
   out = model(np.stack(resized))
   np.testing.assert_allclose(out["feats"], feats.feats, atol=2e-5)
@@ -78,7 +78,8 @@ import numpy as np
 from musp_jax import export
 model = export.load({str(exported_file)!r})
 out = model(np.zeros((2, 48, 80, 3), np.uint8))
-loaded = sorted(m for m in sys.modules if m.startswith(("musp_jax.models", "flax", "musp_jax.inference")))
+loaded = sorted(m for m in sys.modules
+                if m.startswith(("musp_jax.models", "flax", "musp_jax.serving.inference")))
 print(json.dumps({{"shape": list(out["feats"].shape), "modules": loaded}}))
 """
   env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
@@ -149,7 +150,7 @@ def test_onnx_export_command_on_the_baseline(baseline_workdir, tmp_path, capsys)
   assert rc == 0
   assert "onnxruntime vs JAX on random images: relative difference" in (
       capsys.readouterr().out)
-  loaded = inference.load(baseline_workdir)
+  loaded = inference.load_model(baseline_workdir)
   direct = jax.jit(export.serving_fn(loaded.model, loaded.variables, loaded.config,
                                      input_hw=loaded.image_size))
   _check_onnx_model(out, loaded, loaded.image_size, direct)

@@ -9,8 +9,8 @@ import pytest
 
 import tools_fixtures
 from configs import common
-from musp_jax import features
-from musp_jax import state
+from musp_jax.core import features
+from musp_jax.core import state
 from musp_jax.models import build_model
 
 

@@ -17,8 +17,8 @@ from PIL import Image
 import pytest
 
 from configs import common
-from musp_jax import augment
-from musp_jax import input_pipeline
+from musp_jax.data import augment
+from musp_jax.data import input_pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 P, K = 4, 2
@@ -263,7 +263,7 @@ import numpy as np
 from PIL import Image
 from absl import flags
 from configs import common
-from musp_jax import input_pipeline
+from musp_jax.data import input_pipeline
 
 def main():
   flags.FLAGS.mark_as_parsed()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from musp_jax import losses
+from musp_jax.core import losses
 from musp_jax.models import musp
 
 
@@ -173,7 +173,7 @@ def test_pairwise_distance_is_precise_for_large_norms():
   # The expanded form |x|^2+|y|^2-2xy cancels; the diagonal must still be the clamp.
   rng = np.random.default_rng(3)
   feats = (rng.normal(size=(6, 64)) * 30 + 50).astype(np.float32)
-  dist = np.asarray(jax.jit(losses.pairwise_distance)(jnp.asarray(feats)))
+  dist = np.asarray(jax.jit(losses.euclidean_distances)(jnp.asarray(feats)))
   np.testing.assert_allclose(np.diag(dist), 1e-6, rtol=1e-6)
   ref = np.sqrt(((feats[:, None].astype(np.float64) - feats[None]) ** 2).sum(-1))
   off = ~np.eye(6, dtype=bool)

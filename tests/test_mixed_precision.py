@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import common
-from musp_jax import losses
-from musp_jax import optim
-from musp_jax import preprocess
-from musp_jax import state as state_lib
-from musp_jax import step as step_lib
+from musp_jax.core import losses
+from musp_jax.core import optim
+from musp_jax.core import preprocess
+from musp_jax.core import state as state_lib
+from musp_jax.core import step as step_lib
 from musp_jax.models import build_model
 
 NUM_IDS, PER_ID, SIZE = 4, 4, 32

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from musp_jax import distributed
+from musp_jax.runtime import process
 
 GLOBAL_BATCH = 8
 STEPS = 3
@@ -40,13 +41,13 @@ def worker(out_path: str, use_distributed: bool) -> None:
   from jax.sharding import PartitionSpec as P
 
   from configs import common
-  from musp_jax import optim
-  from musp_jax import runtime
-  from musp_jax import state as state_lib
-  from musp_jax import step as step_lib
+  from musp_jax.core import optim
+  from musp_jax.runtime import process
+  from musp_jax.core import state as state_lib
+  from musp_jax.core import step as step_lib
 
   if use_distributed:
-    distributed.initialize()  # From the JAX_* variables set by launch_local.
+    process.initialize_distributed()  # From the JAX_* variables set by launch_local.
 
   class TinyReID(nn.Module):
     """Conv + BatchNorm + two branches: the output dict total_loss expects."""
@@ -63,7 +64,7 @@ def worker(out_path: str, use_distributed: bool) -> None:
   c.optim.lr = 1e-2
   model = TinyReID()
   tx = optim.make_optimizer(c.optim, steps_per_epoch=10)
-  mesh = runtime.make_mesh()
+  mesh = process.make_mesh()
   state, state_sharding = state_lib.create_train_state(model, tx, (8, 8), seed=0, mesh=mesh)
   batch_sharding = NamedSharding(mesh, P("data"))
   step = step_lib.jit_step(model=model, tx=tx, loss_config=c.loss, input_config=c.input,
@@ -128,8 +129,8 @@ def test_two_processes_match_one_process(tmp_path):
 
 
 def test_initialize_rejects_partial_settings(monkeypatch):
-  monkeypatch.setenv(distributed.ENV_ADDRESS, "127.0.0.1:1234")
-  monkeypatch.delenv(distributed.ENV_NUM_PROCESSES, raising=False)
-  monkeypatch.delenv(distributed.ENV_PROCESS_ID, raising=False)
-  with pytest.raises(ValueError, match=distributed.ENV_NUM_PROCESSES):
-    distributed.initialize()
+  monkeypatch.setenv(process.ENV_ADDRESS, "127.0.0.1:1234")
+  monkeypatch.delenv(process.ENV_NUM_PROCESSES, raising=False)
+  monkeypatch.delenv(process.ENV_PROCESS_ID, raising=False)
+  with pytest.raises(ValueError, match=process.ENV_NUM_PROCESSES):
+    process.initialize_distributed()

@@ -1,6 +1,6 @@
 """MUSP / baseline heads and ReIDModel against a PyTorch restatement.
 
-`TorchMUSPHead` restates the head from SPEC section 1 in PyTorch with the
+`TorchMUSPHead` restates the head from docs/design.md section 1 in PyTorch with the
 official code's parameter names (key, value, c_.fc, neck.i, classifier.i); its
 weights are imported into the Flax head and every output is compared.
 """
@@ -47,7 +47,7 @@ def paper(n: int) -> dict:
 
 
 class TorchMUSPHead(torch.nn.Module):
-  """SPEC section 1's MUSP head, in PyTorch (NCHW)."""
+  """The MUSP head of docs/design.md section 1, in PyTorch (NCHW)."""
 
   def __init__(self, in_channels, num_classes, n, *, value_conv,
                value_channels, pooling, ese, attention, global_feature,

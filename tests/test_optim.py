@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from configs import common
-from musp_jax import optim
+from musp_jax.core import optim
 
 
 def _optim_config(**overrides):

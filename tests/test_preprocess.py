@@ -11,12 +11,12 @@ from PIL import Image
 import pytest
 
 from configs import common
-from musp_jax import augment
-from musp_jax import losses
-from musp_jax import optim
-from musp_jax import preprocess
-from musp_jax import state as state_lib
-from musp_jax import step as step_lib
+from musp_jax.data import augment
+from musp_jax.core import losses
+from musp_jax.core import optim
+from musp_jax.core import preprocess
+from musp_jax.core import state as state_lib
+from musp_jax.core import step as step_lib
 
 FILL = (0.4914, 0.4822, 0.4465)
 

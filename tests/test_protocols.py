@@ -4,21 +4,23 @@ import numpy as np
 import pytest
 
 from configs import common
-from musp_jax import metrics
-from musp_jax import protocols
-from musp_jax import retrieval
+from musp_jax.retrieval import reference
+from musp_jax.retrieval import protocols
+from musp_jax.retrieval import ranking
+from musp_jax.retrieval import saved_features
+from musp_jax.core import features
 
 
 def _features(rng, ids, cams, p=2, c=6):
   n = len(ids)
-  feats = retrieval.l2_normalize(rng.normal(size=(n, p, c)).astype(np.float32))
+  feats = features.l2_normalize(rng.normal(size=(n, p, c)).astype(np.float32))
   areas = rng.uniform(0.1, 1.0, size=(n, p)).astype(np.float32)
-  return retrieval.Features(feats, areas, np.asarray(ids), np.asarray(cams))
+  return saved_features.Features(feats, areas, np.asarray(ids), np.asarray(cams))
 
 
 def _reference_row(q, g, remove_junk):
-  distmat = np.asarray(retrieval.pairwise_distance(q.feats, q.areas, g.feats, g.areas))
-  r = metrics.rank_metrics(distmat, q.ids, g.ids, q.cams, g.cams,
+  distmat = np.asarray(ranking.pairwise_distance(q.feats, q.areas, g.feats, g.areas))
+  r = reference.rank_metrics(distmat, q.ids, g.ids, q.cams, g.cams,
                            remove_junk=remove_junk)
   return {"mAP": r["mAP"], "CMC@1": r["cmc"][0], "CMC@5": r["cmc"][4],
           "CMC@10": r["cmc"][9], "mINP": r["mINP"],
@@ -80,10 +82,7 @@ def test_veri_wild_reports_both_rows_and_veri776_removes_junk():
   rng = np.random.default_rng(1)
   query = _features(rng, rng.integers(0, 6, 15), rng.integers(0, 3, 15))
   gallery = _features(rng, rng.integers(0, 6, 40), rng.integers(0, 3, 40))
-  # Splits as the evaluator hands them over: dicts of arrays.
-  splits = {name: {"feats": f.feats, "areas": f.areas, "vehicle_id": f.ids,
-                   "camera_id": f.cams}
-            for name, f in (("query", query), ("gallery", gallery))}
+  splits = {"query": query, "gallery": gallery}
   rows = protocols.veri_wild(splits, name="veri_wild_small")
   assert set(rows) == {"veri_wild_small/junk_removed", "veri_wild_small/all"}
   _assert_row(rows["veri_wild_small/junk_removed"],
@@ -101,6 +100,14 @@ def test_errors_name_the_problem():
     protocols.query_gallery({"query": {}}, name="veri776")
   with pytest.raises(ValueError, match="remove_junk is fixed"):
     protocols.veri_wild({"query": {}, "gallery": {}}, name="w", remove_junk=False)
-  with pytest.raises(ValueError, match="lacks \\['areas'"):
-    protocols.as_features({"feats": np.zeros((1, 1, 1)), "vehicle_id": [1],
-                           "camera_id": [1]}, "query")
+  with pytest.raises(TypeError, match="splits \\['query', 'gallery'\\] must be "
+                     "saved_features.Features, got \\['dict', 'dict'\\]"):
+    protocols.query_gallery({"query": {"feats": np.zeros((1, 1, 1))}, "gallery": {}},
+                            name="veri776")
+
+
+def test_every_dataset_names_a_protocol_that_exists():
+  from musp_jax.data import datasets
+  assert {d.protocol for d in datasets.DATASETS.values()} == set(protocols.PROTOCOLS)
+  with pytest.raises(ValueError, match="Unknown protocol 'market'"):
+    protocols.run_protocol("market", {}, name="m")

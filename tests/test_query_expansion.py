@@ -6,8 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from musp_jax import compat
-from musp_jax import query_expansion
-from musp_jax import retrieval
+from musp_jax.retrieval import ranking
+from musp_jax.retrieval import saved_features
+from musp_jax.core import features
+from musp_jax.retrieval import query_expansion
 
 # float32 both ways: one similarity differs by ~1 ulp between the two GEMMs; alpha
 # multiplies that relative error and each round compounds it. Measured: <= 4e-7
@@ -68,8 +70,8 @@ def _cam_aqe_by_definition(feats, areas, qe_k, alpha):
 
 def test_cam_expansion_by_definition():
   rng = np.random.default_rng(7)
-  make = lambda n: retrieval.Features(
-      retrieval.l2_normalize(rng.standard_normal((n, 3, 5)).astype(np.float32) + 0.5),
+  make = lambda n: saved_features.Features(
+      features.l2_normalize(rng.standard_normal((n, 3, 5)).astype(np.float32) + 0.5),
       rng.uniform(0.1, 1.0, (n, 3)).astype(np.float32), rng.integers(0, 5, n),
       rng.integers(0, 2, n))
   q, g = make(7), make(25)
@@ -79,6 +81,6 @@ def test_cam_expansion_by_definition():
   np.testing.assert_allclose(np.concatenate([eq.feats, eg.feats]), want, atol=1e-5)
   np.testing.assert_array_equal(eg.areas, g.areas)  # areas are kept
   # evaluate(aqe=True) is evaluate on the expanded features.
-  a = retrieval.evaluate(q, g, aqe=True, qe_k=4, max_rank=5, remove_junk=False)
-  b = retrieval.evaluate(eq, eg, max_rank=5, remove_junk=False)
+  a = ranking.evaluate(q, g, aqe=True, qe_k=4, max_rank=5, remove_junk=False)
+  b = ranking.evaluate(eq, eg, max_rank=5, remove_junk=False)
   assert a["mAP"] == b["mAP"] and np.array_equal(a["cmc"], b["cmc"])

@@ -2,12 +2,14 @@
 
 import numpy as np
 import pytest
+from musp_jax.retrieval import reference
+from musp_jax.retrieval import neighbours
+from musp_jax.retrieval import rerank
+from musp_jax.retrieval import ranking
+from musp_jax.retrieval import saved_features
+from musp_jax.core import features
+from musp_jax.training import validate
 
-from musp_jax import metrics
-from musp_jax import neighbours
-from musp_jax import rerank
-from musp_jax import retrieval
-from musp_jax import validate
 
 # The two forms differ only by float32 rounding: distances from GEMMs of other
 # shapes (a few ulps of values <= 1 after normalisation), V's row sums, the k2-row
@@ -21,9 +23,9 @@ def _clustered(rng, n, num_ids, p=3, c=8):
   """Images around identity centres: real k-reciprocal sets, not random ones."""
   centres = rng.standard_normal((num_ids, p, c)).astype(np.float32)
   ids = rng.integers(0, num_ids, n)
-  feats = retrieval.l2_normalize(centres[ids] + 0.6 * rng.standard_normal((n, p, c)))
+  feats = features.l2_normalize(centres[ids] + 0.6 * rng.standard_normal((n, p, c)))
   areas = rng.uniform(0.1, 1.0, (n, p)).astype(np.float32)
-  return retrieval.Features(feats.astype(np.float32), areas, ids, rng.integers(0, 3, n))
+  return saved_features.Features(feats.astype(np.float32), areas, ids, rng.integers(0, 3, n))
 
 
 def _lattice(rng, n, num_ids, p=2, c=6):
@@ -33,15 +35,15 @@ def _lattice(rng, n, num_ids, p=2, c=6):
   areas = rng.choice([0.25, 0.5, 1.0], (n, p)).astype(np.float32)
   dup = rng.integers(0, n - n // 3, n // 3)
   feats[-len(dup):], areas[-len(dup):] = feats[dup], areas[dup]
-  return retrieval.Features(feats, areas, rng.integers(0, num_ids, n), rng.integers(0, 3, n))
+  return saved_features.Features(feats, areas, rng.integers(0, num_ids, n), rng.integers(0, 3, n))
 
 
 def _oracle(q, g, distance, k1, k2, lam=0.3):
   """The dense oracle on retrieval's own distances (the squared member)."""
   plain = {"cam_squared": "cam_squared", "squared_euclidean": "euclidean"}[distance]
-  dm = lambda a, b: retrieval.distance_matrix(a, b, distance=plain, query_block=64)
+  dm = lambda a, b: ranking.distance_matrix(a, b, distance=plain, query_block=64)
   power = 2 if distance == "squared_euclidean" else 1
-  return rerank.k_reciprocal_rerank_oracle(dm(q, g) ** power, dm(q, q) ** power,
+  return reference.k_reciprocal_rerank(dm(q, g) ** power, dm(q, q) ** power,
                                            dm(g, g) ** power, k1=k1, k2=k2,
                                            lambda_value=lam)
 
@@ -66,13 +68,13 @@ def test_sparse_equals_dense_oracle(make, distance, sizes, k1, k2, block):
 
 @pytest.mark.parametrize("remove_junk", [True, False])
 def test_evaluate_ranks_the_reranked_blocks(remove_junk):
-  """retrieval.evaluate(rerank=True) streams blocks; the ranking of the oracle's
+  """ranking.evaluate(rerank=True) streams blocks; the ranking of the oracle's
   matrix gives the same metrics, junk removed or kept, ties included."""
   rng = np.random.default_rng(3)
   q, g = _lattice(rng, 24, 8), _lattice(rng, 90, 8)
-  want = metrics.rank_metrics(_oracle(q, g, "cam_squared", 20, 6), q.ids, g.ids, q.cams,
+  want = reference.rank_metrics(_oracle(q, g, "cam_squared", 20, 6), q.ids, g.ids, q.cams,
                               g.cams, max_rank=10, remove_junk=remove_junk)
-  got = retrieval.evaluate(q, g, rerank=True, remove_junk=remove_junk, max_rank=10,
+  got = ranking.evaluate(q, g, rerank=True, remove_junk=remove_junk, max_rank=10,
                            query_block=8, per_query=True)
   assert got["rerank_input"] == "cam_squared"
   assert got["num_valid_queries"] == want["num_valid_queries"]
@@ -86,9 +88,9 @@ def test_neighbours_equal_a_stable_sort():
   rng = np.random.default_rng(4)
   x = _lattice(rng, 70, 5)
   items = neighbours.JointItems([(x.feats[:20], x.areas[:20]), (x.feats[20:], x.areas[20:])])
-  prepare, pair = rerank._SCORES["cam_squared"]  # pylint: disable=protected-access
+  prepare, pair = rerank._SCORES["cam_squared"]
   found = neighbours.nearest(items, 9, prepare=prepare, pair=pair, block=16)
-  dist = retrieval.distance_matrix(x, x, distance="cam_squared")
+  dist = ranking.distance_matrix(x, x, distance="cam_squared")
   np.testing.assert_array_equal(found.index, np.argsort(dist.T, axis=1, kind="stable")[:, :9])
   np.testing.assert_array_equal(found.column_max, dist.max(axis=0))
 

@@ -5,7 +5,7 @@ import pickle
 import numpy as np
 import pytest
 
-from musp_jax import sampling
+from musp_jax.data import sampling
 
 
 def _labels(counts, seed=0) -> np.ndarray:

@@ -8,8 +8,8 @@ import pytest
 
 import tools_fixtures
 from musp_jax import embed
-from musp_jax import features
-from musp_jax import retrieval
+from musp_jax.core import features
+from musp_jax.retrieval import saved_features
 from musp_jax import search
 
 
@@ -23,7 +23,7 @@ def gallery(tmp_path_factory, loaded):
   root = tmp_path_factory.mktemp("search")
   paths = tools_fixtures.write_images(root / "gallery", 6, seed=3)
   out = root / "gallery.npz"
-  embed.embed(loaded, [str(root / "gallery")], str(out), progress=False)
+  embed.write_features(loaded, [str(root / "gallery")], str(out), progress=False)
   return root, paths, out
 
 
@@ -52,7 +52,7 @@ def test_search_gallery_images_find_themselves_first(gallery, tmp_path, capsys):
   assert f"query: {paths[1].name}" in table and "distance" in table
   result = json.loads(hits.read_text())
   assert [q["query"] for q in result["queries"]] == [paths[1].name, paths[4].name]
-  g = retrieval.load_features(gallery_npz)
+  g = saved_features.load_features(gallery_npz)
   for q in result["queries"]:
     ranked = q["results"]
     assert len(ranked) == 4
@@ -82,29 +82,29 @@ def test_json_to_stdout_and_npz_query(gallery, capsys):
 def _save_with_signature(path, features, **changes):
   sig = json.loads(features.model_signature)
   sig.update(changes)
-  retrieval.save_features(path, retrieval.Features(
+  saved_features.save_features(path, saved_features.Features(
       features.feats, features.areas, features.ids, features.cams, features.file_names,
       json.dumps(sig, sort_keys=True)))
 
 
 def test_features_of_another_model_are_refused(gallery, tmp_path, capsys):
   root, paths, gallery_npz = gallery
-  g = retrieval.load_features(gallery_npz)
+  g = saved_features.load_features(gallery_npz)
   other = tmp_path / "other.npz"
   _save_with_signature(other, g, weights="0123456789abcdef", num_prototypes=5)
   # Image queries embedded with this workdir's model against a gallery of another.
   with pytest.raises(features.SignatureMismatchError,
                      match=r"(?s)another model.*num_prototypes.*weights"):
-    search.query_features([str(paths[0])], retrieval.load_features(other).model_signature,
+    search.query_features([str(paths[0])], saved_features.load_features(other).model_signature,
                           gallery_path=str(other), gallery_source="",
                           workdir=str(tools_fixtures.shared_workdir()), progress=False)
   # A features file as query against it: same check, through the CLI.
   rc = search.main(["--gallery", str(other), "--query", str(gallery_npz)])
-  assert rc == 2
+  assert rc == 1
   err = capsys.readouterr().err
   assert "another model" in err and "weights" in err
   # Different (P, C) is refused even without signatures.
-  baseline_like = retrieval.Features(g.feats[:, -1:], g.areas[:, -1:], g.ids, g.cams)
+  baseline_like = saved_features.Features(g.feats[:, -1:], g.areas[:, -1:], g.ids, g.cams)
   with pytest.raises(ValueError, match=r"\(P, C\)"):
     search.search(g, baseline_like)
 
@@ -112,7 +112,7 @@ def test_features_of_another_model_are_refused(gallery, tmp_path, capsys):
 def test_gallery_without_model_source_needs_a_model(gallery, tmp_path):
   _, paths, gallery_npz = gallery
   bare = tmp_path / "bare.npz"
-  retrieval.save_features(bare, retrieval.load_features(gallery_npz))
+  saved_features.save_features(bare, saved_features.load_features(gallery_npz))
   g, source = search.load_gallery(str(bare))
   assert source == ""
   with pytest.raises(ValueError, match="pass --workdir or --checkpoint"):
@@ -131,12 +131,12 @@ def test_foreign_or_orphaned_galleries_are_one_line_errors(gallery, tmp_path, ca
   _, paths, gallery_npz = gallery
   for name, data in (("pickled.npz", b"\x80\x04K\x01."), ("text.npz", b"not numpy")):
     (tmp_path / name).write_bytes(data)
-    assert search.main(["--gallery", str(tmp_path / name), "--query", str(paths[0])]) == 2
+    assert search.main(["--gallery", str(tmp_path / name), "--query", str(paths[0])]) == 1
     assert _error(capsys) == (f"error: {tmp_path / name}: not a readable .npz archive of "
                               "arrays (written by numpy.savez)")
   np.save(tmp_path / "array.npy", np.zeros(3))
   assert search.main(["--gallery", str(tmp_path / "array.npy"), "--query",
-                      str(paths[0])]) == 2
+                      str(paths[0])]) == 1
   assert _error(capsys) == (f"error: {tmp_path / 'array.npy'}: holds a single .npy array; "
                             "expected an .npz archive (numpy.savez) with named arrays")
   # The model behind a gallery was moved: the gallery and the old place are named.
@@ -148,7 +148,7 @@ def test_foreign_or_orphaned_galleries_are_one_line_errors(gallery, tmp_path, ca
   source = str(np.load(moved_npz)["model_source"])
   shutil.move(workdir, tmp_path / "elsewhere")
   capsys.readouterr()
-  assert search.main(["--gallery", str(moved_npz), "--query", str(paths[0])]) == 2
+  assert search.main(["--gallery", str(moved_npz), "--query", str(paths[0])]) == 1
   assert _error(capsys) == (
       f"error: {moved_npz} was made by the model in {source}, which is not there any "
       "more (moved or deleted); pass --workdir or --checkpoint with its new place (the "
@@ -157,6 +157,6 @@ def test_foreign_or_orphaned_galleries_are_one_line_errors(gallery, tmp_path, ca
                       "--workdir", str(tmp_path / "elsewhere")]) == 0
   # --verbose: the traceback too.
   assert search.main(["--gallery", str(tmp_path / "text.npz"), "--query", str(paths[0]),
-                      "--verbose"]) == 2
+                      "--verbose"]) == 1
   err = capsys.readouterr().err
   assert "Traceback (most recent call last)" in err and "error: " in err

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from musp_jax import datasets
+from musp_jax.data import datasets
 from tfds_builders.synthetic_vehicles import render
 from tfds_builders.synthetic_vehicles import synthetic_vehicles_dataset_builder as sv
 

@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from musp_jax import datasets
+from musp_jax.data import datasets
 from tfds_builders import reid_base
 
 TRAIN = [("0005", 30), ("0001", 7), ("0002", 30), ("0009", 12)]

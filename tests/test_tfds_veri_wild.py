@@ -9,7 +9,7 @@ from PIL import Image
 import pytest
 
 from configs import veriwild
-from musp_jax import datasets
+from musp_jax.data import datasets
 from tfds_builders import reid_base
 
 # (vid, imgid, camera, model, type, colour)

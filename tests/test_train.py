@@ -29,19 +29,19 @@ from jax.sharding import PartitionSpec as P
 from tensorboard.util import tensor_util
 
 from configs import synthetic
-from musp_jax import attention_metrics
-from musp_jax import checkpointing
-from musp_jax import datasets
-from musp_jax import evaluator
-from musp_jax import inference
-from musp_jax import input_pipeline
-from musp_jax import metrics
-from musp_jax import optim
-from musp_jax import outputs
-from musp_jax import retrieval
-from musp_jax import state as state_lib
-from musp_jax import step as step_lib
-from musp_jax import train
+from musp_jax.training import attention_scores
+from musp_jax.training import checkpointing
+from musp_jax.data import datasets
+from musp_jax.training import evaluator
+from musp_jax.serving import inference
+from musp_jax.data import input_pipeline
+from musp_jax.retrieval import reference
+from musp_jax.core import optim
+from musp_jax.runtime import writing
+from musp_jax.retrieval import ranking
+from musp_jax.core import state as state_lib
+from musp_jax.core import step as step_lib
+from musp_jax.training import train
 from musp_jax.models import build_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -101,7 +101,7 @@ def reference_run(tmp_path_factory, data_dir):
 
 def _events(workdir):
   """{tag: [(step, value or image shape)]} of the run's TensorBoard files."""
-  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  from tensorboard.backend.event_processing import event_accumulator
   acc = event_accumulator.EventAccumulator(str(workdir), size_guidance={"tensors": 0})
   acc.Reload()
   return {tag: [(e.step, tensor_util.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)]
@@ -113,9 +113,9 @@ def test_run_writes_results_and_checkpoints(reference_run, data_dir):
   results = json.loads((reference_run / "results.json").read_text())
   assert (results["step"], results["epoch"]) == (32, 2.0)
   # The protocol's row, and the attention scores against the synthetic part masks.
-  assert list(results["results"]) == ["synthetic_vehicles", attention_metrics.ROW]
+  assert list(results["results"]) == ["synthetic_vehicles", attention_scores.ROW]
   name, row = "synthetic_vehicles", results["results"]["synthetic_vehicles"]
-  assert results["results"][attention_metrics.ROW]["num_images"] == 22 + 74  # query + gallery
+  assert results["results"][attention_scores.ROW]["num_images"] == 22 + 74  # query + gallery
   # Every query of the tiny set has a gallery match under another camera.
   query = datasets.split_index("synthetic_vehicles", "query", data_dir=str(data_dir),
                                builder_config="tiny")
@@ -253,9 +253,9 @@ def test_eval_mode_reproduces_logged_metrics(reference_run, data_dir):
   assert code == 0, out
   again = json.loads((reference_run / f"eval_step_{logged['step']}.json").read_text())
   # Every logged scalar: each protocol row's metrics and the attention scores.
-  expected = evaluator.flat_scalars(logged["results"])
+  expected = evaluator.tensorboard_scalars(logged["results"])
   assert any(k.startswith("attention/") for k in expected)
-  assert evaluator.flat_scalars(again["results"]) == pytest.approx(expected, abs=1e-6)
+  assert evaluator.tensorboard_scalars(again["results"]) == pytest.approx(expected, abs=1e-6)
   assert evaluator.markdown_table(again) in out  # the table is printed too
 
 
@@ -266,11 +266,11 @@ def _read_only(path):
   mode = path.stat().st_mode
   path.chmod(0o555)
   immutable = False
-  if outputs.check_writable(path) is None:  # root ignores the mode bits
+  if writing.check_writable(path) is None:  # root ignores the mode bits
     immutable = subprocess.run(["chattr", "+i", str(path)], capture_output=True,
                                check=False).returncode == 0
   try:
-    if outputs.check_writable(path) is None:
+    if writing.check_writable(path) is None:
       pytest.skip("cannot make a folder read-only here")
     yield
   finally:
@@ -298,9 +298,9 @@ def test_eval_on_another_dataset_needs_only_that_dataset(reference_run, tmp_path
   """Cross-domain: the checkpoint describes itself, so the training data is not read.
 
   The evaluation data_dir holds only a tiny VeRi-776 build; the figures must equal
-  those of the tools' single-device path (inference.embed_files + metrics.rank_metrics).
+  those of the tools' single-device path (inference.embed_files + reference.rank_metrics).
   """
-  import test_tfds_veri776  # pylint: disable=g-import-not-at-top
+  import test_tfds_veri776
   expected = test_tfds_veri776.write_veri(tmp_path / "VeRi")
   other = tmp_path / "tfds"
   datasets.build("veri776", data_dir=str(other), builder_config="",
@@ -308,7 +308,7 @@ def test_eval_on_another_dataset_needs_only_that_dataset(reference_run, tmp_path
   code, out = _main(reference_run, other, "--mode=eval", "--config.eval.dataset=veri776")
   assert code == 0, out
   got = json.loads((reference_run / "eval_step_32.json").read_text())["results"]["veri776"]
-  loaded = inference.load(reference_run)
+  loaded = inference.load_model(reference_run)
   feats = {}
   for folder in ("image_query", "image_test"):
     names = sorted(n for n in expected if n.startswith(folder))
@@ -317,8 +317,8 @@ def test_eval_on_another_dataset_needs_only_that_dataset(reference_run, tmp_path
                      np.array([expected[n][1] for n in names]),
                      np.array([expected[n][2] for n in names]))
   (q, q_ids, q_cams), (g, g_ids, g_cams) = feats["image_query"], feats["image_test"]
-  distmat = np.asarray(retrieval.pairwise_distance(q.feats, q.areas, g.feats, g.areas))
-  want = metrics.rank_metrics(distmat, q_ids, g_ids, q_cams, g_cams)
+  distmat = np.asarray(ranking.pairwise_distance(q.feats, q.areas, g.feats, g.areas))
+  want = reference.rank_metrics(distmat, q_ids, g_ids, q_cams, g_cams)
   assert got["num_queries"] == want["num_valid_queries"] == 2
   assert got["mAP"] == pytest.approx(want["mAP"], abs=1e-6)
   assert got["mINP"] == pytest.approx(want["mINP"], abs=1e-6)
@@ -393,7 +393,7 @@ def test_missing_dataset_names_the_build_command(tmp_path):
 def test_nan_loss_stops_with_step_and_checkpoint_named(tmp_path, data_dir):
   code, out = _main(tmp_path, data_dir, "--config.optim.lr=1e30",
                     "--config.optim.warmup_epochs=0", "--config.loss.triplet_weight=0.0")
-  assert code == 1
+  assert code == 3  # a non-finite loss (runtime/cli.py)
   # lr 1e30: the first update blows the weights up, the second step's loss is not finite.
   assert re.fullmatch(
       r"error: Loss became (nan|inf) at step 2; training stopped \(no good checkpoint was "

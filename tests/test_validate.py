@@ -7,7 +7,7 @@ from configs import synthetic
 from configs import vehicleid
 from configs import veri776
 from configs import veriwild
-from musp_jax import validate
+from musp_jax.training import validate
 
 
 def _check(config, **kw):

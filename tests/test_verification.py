@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 from musp_jax import evaluate as evaluate_cli
-from musp_jax import retrieval
 from musp_jax import search
-from musp_jax import verification
+from musp_jax.retrieval import ranking
+from musp_jax.retrieval import saved_features
+from musp_jax.core import features
+from musp_jax.retrieval import verification
 
 
 def _brute_force(dist, q_ids, g_ids, q_cams, g_cams, remove_junk, fprs):
@@ -59,15 +61,15 @@ def test_roc_from_features_and_cli(tmp_path):
   centres = rng.standard_normal((8, 2, 6))
   def make(n, name):
     ids = rng.integers(0, 8, n)
-    feats = retrieval.l2_normalize((centres[ids] + 0.7 * rng.standard_normal((n, 2, 6)))
+    feats = features.l2_normalize((centres[ids] + 0.7 * rng.standard_normal((n, 2, 6)))
                                    .astype(np.float32))
-    features = retrieval.Features(feats, rng.uniform(0.2, 1, (n, 2)).astype(np.float32),
-                                  ids, rng.integers(0, 3, n),
-                                  np.array([f"{name}{i}" for i in range(n)]), "model A")
-    retrieval.save_features(tmp_path / f"{name}.npz", features)
-    return features
+    made = saved_features.Features(feats, rng.uniform(0.2, 1, (n, 2)).astype(np.float32),
+                                   ids, rng.integers(0, 3, n),
+                                   np.array([f"{name}{i}" for i in range(n)]), "model A")
+    saved_features.save_features(tmp_path / f"{name}.npz", made)
+    return made
   q, g = make(30, "q"), make(120, "g")
-  dist = retrieval.distance_matrix(q, g)
+  dist = ranking.distance_matrix(q, g)
   want, eer, _ = _brute_force(dist, q.ids, g.ids, q.cams, g.cams, True, (1, 2, 3))
   report_path, plot_path = tmp_path / "report.json", tmp_path / "roc.png"
   assert evaluate_cli.main(["--query", str(tmp_path / "q.npz"), "--gallery",

@@ -218,18 +218,18 @@ def test_cli_never_loses_what_is_already_there(tmp_path, resnet18_state_dict, ca
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
 
-  assert run(source, "--out", out_dir) == 2
+  assert run(source, "--out", out_dir) == 1
   assert error() == f"error: {out_dir} exists; pass --overwrite to replace it."
   # A truncated source, a non-ResNet one: named, and the old weights stay.
   truncated = tmp_path / "truncated.pth"
   truncated.write_bytes(source.read_bytes()[:100_000])
-  assert run(truncated, "--out", out_dir, "--overwrite") == 2
+  assert run(truncated, "--out", out_dir, "--overwrite") == 1
   assert error().startswith(
       f"error: {truncated} is not a readable PyTorch file (truncated or another "
       "format?): ")
   other = tmp_path / "other.pth"
   torch.save({"encoder.weight": torch.zeros(3, 3)}, other)
-  assert run(other, "--out", out_dir, "--overwrite") == 2
+  assert run(other, "--out", out_dir, "--overwrite") == 1
   assert error() == (
       f"error: {other} has basic blocks per stage [0, 0, 0, 0]; no torchvision ResNet "
       "has that layout (expected a ResNet-18/34/50/101/152 state dict)")
@@ -238,7 +238,7 @@ def test_cli_never_loses_what_is_already_there(tmp_path, resnet18_state_dict, ca
   workdir = tmp_path / "workdir"
   (workdir / "checkpoints" / "4").mkdir(parents=True)
   (workdir / "config.json").write_text("{}")
-  assert run(source, "--out", workdir, "--overwrite") == 2
+  assert run(source, "--out", workdir, "--overwrite") == 1
   assert error() == (
       f"error: {workdir} exists and is not a folder written by import_weights; refusing "
       "to replace it, even with --overwrite. Choose another output path.")

@@ -20,9 +20,9 @@ import numpy as np
 from PIL import Image
 
 from configs import synthetic
-from musp_jax import checkpointing
-from musp_jax import optim
-from musp_jax import state as state_lib
+from musp_jax.training import checkpointing
+from musp_jax.core import optim
+from musp_jax.core import state as state_lib
 from musp_jax.models import build_model
 
 IMAGE_SIZE = (64, 64)
@@ -120,14 +120,14 @@ def shared_workdir() -> pathlib.Path:
 @functools.cache
 def shared_model():
   """The shared workdir's model, loaded once so its jitted functions compile once."""
-  from musp_jax import inference  # pylint: disable=g-import-not-at-top
-  return inference.load(shared_workdir())
+  from musp_jax.serving import inference
+  return inference.load_model(shared_workdir())
 
 
 @functools.cache
 def shared_data_dir() -> str:
   """The tiny synthetic dataset, built once per session in a temporary folder."""
-  from musp_jax import datasets  # pylint: disable=g-import-not-at-top
+  from musp_jax.data import datasets
   root = tempfile.mkdtemp(prefix="musp_tools_data_")
   atexit.register(shutil.rmtree, root, ignore_errors=True)
   config = tiny_config()

@@ -1,10 +1,10 @@
 """The MUSP head, the baseline head and ReIDModel (backbone + head).
 
-MUSP (SPEC section 1): n soft attention maps ("prototypes", the last one is
+MUSP (docs/design.md section 1): n soft attention maps ("prototypes", the last one is
 background) pool a value map into n part features; the background part is
 dropped, a global feature is added (unless global_branch=False), and every
-branch gets a BNNeck and a bias-free classifier. Both variants of SPEC's table
-are switches on MUSPHead; the defaults are the official code's.
+branch gets a BNNeck and a bias-free classifier. Both variants of the table in
+docs/design.md section 1 are switches on MUSPHead; the defaults are the official code's.
 
 Output of both heads and of ReIDModel (P branches: the n-1 parts, then the
 global one LAST when there is one; the baseline has only the global one):

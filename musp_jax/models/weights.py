@@ -65,14 +65,14 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
         with np.load(path, allow_pickle=False) as f:
           sd = {k: f[k] for k in f.files}
       else:
-        from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+        from safetensors.numpy import load_file
         sd = load_file(path)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
       raise WeightImportError(f"{path} is not a readable {os.path.splitext(path)[1]} "
                               f"file of tensors: {_first_line(e)}") from e
   else:
     try:
-      import torch  # pylint: disable=g-import-not-at-top
+      import torch
     except ImportError as e:
       raise ImportError(
           f"reading {path} needs torch (pip install 'musp-jax[torch]'); or "
@@ -354,7 +354,7 @@ def is_init_checkpoint(path: str | os.PathLike) -> bool:
   """Whether `path` is a folder `save_init` wrote (what import_weights may replace)."""
   try:
     return init_metadata(path).get("kind") in ("backbone", "model")
-  except Exception:  # pylint: disable=broad-except  # anything else is not one
+  except Exception:  # anything else is not one
     return False
 
 

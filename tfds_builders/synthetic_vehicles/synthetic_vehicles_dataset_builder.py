@@ -70,6 +70,8 @@ class Builder(reid_base.ReIdBuilder):
       # Stored as the PNG bytes render.encode_mask writes; read undecoded like the image.
       "part_mask": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
   }
+  # What the values of part_mask mean (musp_jax.data.datasets.part_classes).
+  PART_CLASSES = render.PART_CLASSES
   DESCRIPTION = (
       "Rendered vehicles seen from the front, rear or side: identities share body shape "
       "and colour in groups and differ in part details; images vary view, pose, scale, "
