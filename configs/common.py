@@ -47,6 +47,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.depth = 50
   c.model.last_stride = 1
+  # Stride of the third stage: 2 (official); 1 doubles the map's side (64 px -> 8 x 8).
+  c.model.layer3_stride = 2
   c.model.head = "musp"  # musp | baseline
   c.model.num_prototypes = 5  # n, the last one is background
   c.model.value_conv = "depthwise"  # depthwise (official) | full (paper)
@@ -57,6 +59,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # recipe's square 256x256 "sum" equals "official" exactly; "sum" stays the default
   # because a feature's scale should not depend on the aspect ratio (imports of
   # official checkpoints get "official", which reproduces them at any size).
+  # normalized: the sum divided by the map's area (a departure for studying the
+  # attention, README "Synthetic vehicles").
   c.model.pooling = "sum"
   c.model.ese = "all"  # all: on n parts (official) | kept: on n-1 parts (paper) | none
   c.model.ese_reduction = 16
@@ -64,8 +68,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.global_feature = "value_mean"  # value_mean (official) | backbone_gap (paper)
   c.model.diversity = "all"  # product over all n maps (official) | kept: n-1 maps (paper)
   c.model.global_branch = True  # the official --has-global; False: n-1 part branches only
+  # Departures for studying the attention (README, "Synthetic vehicles"); 1.0 = official.
+  c.model.attention_init_scale = 1.0  # x the attention conv's kaiming init std
+  c.model.attention_temperature = 1.0  # attention logits / T before the softmax
+  c.model.attention_kernel = 3  # the attention conv's kernel: 3 (official) | 1 (own cell only)
   c.model.dtype = "float32"  # compute dtype; bfloat16 keeps fp32 params and BN stats
-  c.model.init_from = ""  # Orbax dir written by `python -m musp_jax.import_weights`
+  # Initial weights: a folder written by `python -m musp_jax.import_weights`, or a
+  # training workdir, its checkpoints/ folder or a step folder (its latest/that step):
+  # the backbone, and the head when it is the same architecture (classifiers fresh
+  # when the class count differs).
+  c.model.init_from = ""
   # Backbone convolutions: xla (nn.Conv; cuDNN on GPU) | gemm (matrix products,
   # models/fast_conv.py, faster on XLA's CPU backend) | auto (gemm on CPU only).
   c.model.conv_impl = "auto"

@@ -70,6 +70,23 @@ def reference_rows(config, mesh) -> tuple[dict, dict | None]:
           random_rows.get(attention_scores.ROW))
 
 
+# Below this mean image dependence the maps are a fixed grid, the same for every image.
+POSITIONAL = 0.05
+
+
+def attention_verdict(attention: dict) -> str:
+  """One line: whether the maps move with the image, and where the conditions are."""
+  dependence = attention["image_dependence"]
+  if dependence < POSITIONAL:
+    return (f"These maps do not follow the vehicle: image dependence {100 * dependence:.1f}%,"
+            " a fixed grid the same for every image. The conditions under which MUSP's "
+            "maps follow the vehicle and its parts are the soft-partition study: README, "
+            "\"Synthetic vehicles\" (scripts/ablation.py --runner core).")
+  return (f"These maps move with the image (image dependence {100 * dependence:.1f}%); how "
+          "far they follow the vehicle and its parts, and under which conditions, is the "
+          "soft-partition study: README, \"Synthetic vehicles\".")
+
+
 def main(argv) -> int:
   if len(argv) > 1:
     cli.usage_error(f"unexpected arguments: {argv[1:]}")
@@ -102,7 +119,8 @@ def run_demo(config, workdir: str) -> None:
                 "musp_jax/training/attention_scores.py):\n\n"
                 + attention_scores.summary_table({"MUSP trained (this run)": attention,
                                                    "random weights": random_attention})
-                + "\n" + attention_scores.markdown(attention))
+                + "\n" + attention_scores.markdown(attention)
+                + "\n" + attention_verdict(attention) + "\n")
   workdir = os.path.abspath(os.path.expanduser(workdir))
   writing.write_text(os.path.join(workdir, "demo_summary.md"), summary)
   pictures = model_pictures.demo_pictures(inference.load_model(workdir),

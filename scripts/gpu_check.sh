@@ -3,6 +3,9 @@
 #
 #   bash scripts/gpu_check.sh             # on a GPU machine, about 6 minutes on one H200
 #   bash scripts/gpu_check.sh --dry-run   # on a CPU: tiny shapes, JAX_PLATFORMS=cpu
+#   bash scripts/gpu_check.sh study       # the soft-partition study at 256 px (16 x 16
+#                                         # maps), within 10 minutes: $OUT/study
+#   bash scripts/gpu_check.sh study --dry-run
 #
 # It needs Python with jax (CUDA), flax, optax, orbax-checkpoint, numpy, torch and
 # torchvision, and no network. Pure-Python packages the image lacks (ml-collections on
@@ -36,4 +39,14 @@ if [ -n "$missing" ]; then
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [ "${1:-}" = "study" ]; then
+  shift
+  # scripts/ablation.py on the numerical core (README, "Synthetic vehicles": the study):
+  # pretraining, then the baseline and MUSP n = 5 seed by seed, then n = 3, 2 and ESE
+  # off; no run starts after --deadline minutes, the tables are written after each run.
+  exec "$PYTHON" scripts/ablation.py --runner core --workdir "$OUT/study" \
+    --config parts,study --set 'input.image_size=(256,256)' \
+    --pretrain_set 'input.image_size=(256,256)' --scale 1 --pretrain_scale 1 \
+    --seeds 3 --deadline 6 "$@"
+fi
 exec "$PYTHON" scripts/gpu_check.py --out "$OUT" "$@"

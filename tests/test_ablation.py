@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+import io_stack
 import tools_fixtures
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -92,3 +93,48 @@ def test_tiny_ablation_end_to_end(tmp_path):
   assert "| 2 | " in table and "| MUSP n=2 | " in table
   assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert "2 runs (scale 0.01)" in out.stdout
+
+
+def test_welch_t_by_hand():
+  # means 2 and 16/3, variances 1 and 7/3: se^2 = 1/3 + 7/9 = 10/9, t = -(10/3)/sqrt(10/9)
+  # = -sqrt(10); df = (10/9)^2 / ((1/3)^2/2 + (7/9)^2/2) = 200/58.
+  diff, t, df = ablation.welch([1.0, 2.0, 3.0], [4.0, 5.0, 7.0])
+  assert diff == pytest.approx(-10 / 3)
+  assert t == pytest.approx(-10**0.5)
+  assert df == pytest.approx(200 / 58)
+  records = [_record("baseline", k, m, 0.5) for k, m in enumerate((0.01, 0.02, 0.03))]
+  records += [_record("MUSP n=5", k, m, 0.5) for k, m in enumerate((0.04, 0.05, 0.07))]
+  assert "MUSP n=5 vs baseline, mAP: +3.3 points (Welch's t = 3.16, df = 3.4; 3 and 3 " \
+      "seeds)" in ablation.tables(ablation.aggregate(records), records)
+
+
+def test_core_dry_run_needs_no_io_stack(tmp_path):
+  """The study's prepared GPU command (`bash scripts/gpu_check.sh study`) at tiny
+  shapes: pretraining, then runs from it with the study's config words, with
+  TensorFlow, tfds, grain and clu refused as on a bare GPU image."""
+  cache = f"compilation_cache_dir={tmp_path / 'xla'}"
+  # --deadline 0: the command's 6-minute deadline is for a GPU; a loaded CPU must not
+  # decide which runs happen.
+  cmd = ["bash", str(ROOT / "scripts" / "gpu_check.sh"), "study", "--dry-run",
+         "--variants", "baseline,MUSP n=5", "--seeds", "1", "--deadline", "0",
+         "--set", cache, "--pretrain_set", cache]
+  env = io_stack.blocked_env(tmp_path, OUT=str(tmp_path), PYTHON=sys.executable)
+  out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  saved = json.loads((tmp_path / "study" / "ablation.json").read_text())
+  assert saved["runner"] == "core" and saved["config"] == "parts,study"
+  assert saved["pretrain"]["step"] == 16  # 128 images / 8
+  assert [(r["variant"], r["seed"]) for r in saved["runs"]] == [("baseline", 0),
+                                                                 ("MUSP n=5", 0)]
+  musp = saved["runs"][1]
+  assert all(musp[k] is not None for k in ("parts_on_vehicle", "image_dependence",
+                                           "part_iou", "distinct_parts"))
+  for r in saved["runs"]:  # each run started from the pretraining run's step
+    run = tmp_path / "study" / r["variant"].replace(" ", "").replace("=", "") / "seed0"
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["init_from"] == str(tmp_path / "study" / "pretrain")
+    # The study's optimiser (configs/synthetic.py:study) reached the run.
+    assert (config["optim"]["lr"], config["optim"]["head_lr_mult"]) == (3.5e-4, 10.0)
+  assert (tmp_path / "study" / "pretrain" / "checkpoints" / "16").is_dir()
+  assert "baseline, seed 0: mAP" in out.stdout and "image_dependence" in out.stdout

@@ -309,3 +309,106 @@ def test_every_step_corrupt_is_one_error(tmp_path):
                      match=rf"Every checkpoint in {directory} is corrupt \(steps \[1, 2\]"):
     checkpointing.restore(checkpointing.make_manager(directory, read_only=True),
                           _abstract(), model_config=MODEL)
+
+
+# --------------------------------------------------------------------------
+# model.init_from with a training workdir: the merge rule (merge_init).
+
+
+def _variables(config, num_classes, seed):
+  import tools_fixtures
+  state = tools_fixtures.random_state(config, num_classes, seed)
+  return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def _leaves(tree, prefix):
+  return {checkpointing.path_str(k): np.asarray(v)
+          for k, v in jax.tree_util.tree_leaves_with_path(tree)
+          if checkpointing.path_str(k).startswith(prefix)}
+
+
+def _config(**model):
+  import tools_fixtures
+  config = tools_fixtures.tiny_config()
+  config.model.update(model)
+  return config
+
+
+def test_init_from_workdir_takes_backbone_and_head_and_renews_classifiers(tmp_path, caplog):
+  import tools_fixtures
+  source = tools_fixtures.make_workdir(tmp_path / "src", num_classes=6, seed=1)
+  saved = checkpointing.load_variables(source).variables
+  config = _config()  # the same MUSP architecture, a dataset of 9 identities
+  fresh = _variables(config, 9, seed=2)
+  with caplog.at_level("INFO"):
+    merged = checkpointing.initial_variables(fresh, source, model_config=config.model)
+  for col in ("params", "batch_stats"):
+    got, want, new = (_leaves(t[col], "") for t in (merged, saved, fresh))
+    assert got.keys() == new.keys()
+    for path, value in got.items():
+      if path.endswith("classifier/kernel"):  # 6 classes saved, 9 wanted: fresh
+        assert want[path].shape[-1] == 6 and value.shape[-1] == 9
+        np.testing.assert_array_equal(value, new[path])
+      else:  # backbone and the rest of the head: the checkpoint's
+        np.testing.assert_array_equal(value, want[path])
+  assert "classifiers start fresh" in caplog.text and "6 classes -> 9" in caplog.text
+  # Every way of naming the step gives the same weights.
+  step_dir = source / "checkpoints" / "1"
+  for path in (source / "checkpoints", step_dir):
+    again = checkpointing.initial_variables(fresh, path, model_config=config.model)
+    np.testing.assert_array_equal(again["params"]["backbone"]["conv1"]["kernel"],
+                                  saved["params"]["backbone"]["conv1"]["kernel"])
+
+
+def test_init_from_workdir_with_another_head_takes_the_backbone_only(tmp_path, caplog):
+  import tools_fixtures
+  source = tools_fixtures.make_workdir(tmp_path / "src", head="baseline", num_classes=6)
+  saved = checkpointing.load_variables(source).variables
+  config = _config()  # MUSP from a baseline run (the pretraining case)
+  fresh = _variables(config, 4, seed=3)
+  with caplog.at_level("INFO"):
+    merged = checkpointing.initial_variables(fresh, source, model_config=config.model)
+  for col in ("params", "batch_stats"):
+    for path, value in _leaves(merged[col], "backbone/").items():
+      np.testing.assert_array_equal(value, _leaves(saved[col], "backbone/")[path])
+    for path, value in _leaves(merged[col], "head/").items():
+      np.testing.assert_array_equal(value, _leaves(fresh[col], "head/")[path])
+  assert "head starts fresh (the checkpoint's head is a baseline head" in caplog.text
+
+
+def test_init_from_workdir_that_does_not_fit_is_a_named_error(tmp_path):
+  import tools_fixtures
+  source = tools_fixtures.make_workdir(tmp_path / "src", num_prototypes=3)
+  deeper = _config(depth=34)
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match=r"does not fit the model as initial weights \(model.depth: "
+                           r"checkpoint has 18, config asks 34\)"):
+    checkpointing.initial_variables(_variables(deeper, 6, 0), source,
+                                    model_config=deeper.model)
+  more = _config(num_prototypes=5)  # the same head kind, other shapes
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match=r"(?s)model.num_prototypes: checkpoint has 3, config asks 5\).*"
+                           r"shape of params/head/attention_conv/kernel: checkpoint "
+                           r"\(3, 3, 512, 3\), model \(3, 3, 512, 5\)"):
+    checkpointing.initial_variables(_variables(more, 6, 0), source,
+                                    model_config=more.model)
+
+
+def test_train_state_starts_from_a_workdir(tmp_path):
+  import tools_fixtures
+  from musp_jax.core import optim
+  from musp_jax.core import state as state_lib
+  from musp_jax.models import build_model
+  from musp_jax.runtime import process
+  source = tools_fixtures.make_workdir(tmp_path / "src", num_classes=6, seed=4)
+  saved = checkpointing.load_variables(source).variables
+  config = _config()
+  config.model.init_from = str(source)
+  model = build_model(config.model, 5)
+  tx = optim.make_optimizer(config.optim, 1)
+  state, _ = state_lib.create_train_state(
+      model, tx, tuple(config.input.image_size), seed=0, mesh=process.make_mesh(),
+      init_variables=checkpointing.init_function(config.model))
+  np.testing.assert_array_equal(state.params["head"]["attention_conv"]["kernel"],
+                                saved["params"]["head"]["attention_conv"]["kernel"])
+  assert state.params["head"]["global_branch"]["classifier"]["kernel"].shape[-1] == 5

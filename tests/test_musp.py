@@ -252,6 +252,52 @@ def test_official_pooling_is_exactly_sum_on_square_maps():
     np.testing.assert_array_equal(out[k], summed[k], err_msg=k)
 
 
+def test_attention_departures_against_the_official_head():
+  """The study's options (default off), each from the official head's own outputs:
+  temperature T gives softmax(log A / T), normalized pooling divides each part by its
+  map's area, and the init scale multiplies the attention conv's initial kernel."""
+  n = 4
+  _, head, variables = head_pair(n, official(n), seed=6, ese="none")
+  maps = feature_maps(6)
+  out = jax.jit(head.apply)(variables, maps)
+  a = np.asarray(out["attention"], np.float64)
+  hot = jax.jit(flax_head(n, official(n), ese="none", attention_temperature=3.0).apply)(
+      variables, maps)
+  logits = np.log(a) / 3.0
+  want = np.exp(logits - logits.max(-1, keepdims=True))
+  # Both heads compute the same float32 logits; they differ by the roundings of one
+  # softmax, log and exp, a few ulps (u = 6e-8): measured 1.6e-7 relative on AVX2 and AVX.
+  np.testing.assert_allclose(hot["attention"], want / want.sum(-1, keepdims=True),
+                             rtol=1e-5)
+  averaged = jax.jit(flax_head(n, official(n), ese="none", pooling="normalized").apply)(
+      variables, maps)
+  area = a.sum(axis=(1, 2))[:, :n - 1, None]  # the kept maps' areas, in cells
+  # One float32 sum over the H x W cells and a division: (H W + 1) u = 1e-6; measured
+  # 1.5e-7 on AVX2 and AVX.
+  np.testing.assert_allclose(averaged["feats"][:, :n - 1],
+                             np.asarray(out["feats"][:, :n - 1]) / area, rtol=1e-5)
+  np.testing.assert_array_equal(averaged["feats"][:, -1], out["feats"][:, -1])  # global
+  key, x = jax.random.key(0), jnp.asarray(maps)
+  kernel = [flax_head(n, official(n), attention_init_scale=s).init(key, x)["params"]
+            ["attention_conv"]["kernel"] for s in (1.0, 0.1)]
+  # One float32 product each side (measured 1.2e-7).
+  np.testing.assert_allclose(kernel[1], 0.1 * np.asarray(kernel[0]), rtol=1e-5)
+  # A 1 x 1 attention conv: each cell's maps are the softmax of its own features times
+  # the kernel plus the bias, computed here in float64.
+  head_1x1 = flax_head(n, official(n), ese="none", attention_kernel=1)
+  params = head_1x1.init(key, x)
+  k = np.asarray(params["params"]["attention_conv"]["kernel"], np.float64)
+  assert k.shape == (1, 1, IN_CHANNELS, n)
+  logits = maps.astype(np.float64) @ k[0, 0] + np.asarray(
+      params["params"]["attention_conv"]["bias"], np.float64)
+  want = np.exp(logits - logits.max(-1, keepdims=True))
+  # float32 logits over K = IN_CHANNELS = 60 products: K u = 3.6e-6 of their magnitude
+  # (std 3.5), so the softmax is off by about |logit| K u = 1e-5 relative; measured
+  # 2.7e-6 relative, 3.7e-7 absolute on AVX2 and AVX.
+  np.testing.assert_allclose(jax.jit(head_1x1.apply)(params, x)["attention"],
+                             want / want.sum(-1, keepdims=True), rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.numerics
 def test_train_mode_matches_torch_batch_statistics():
   n = 4

@@ -2,6 +2,7 @@
 is hard for raw pixels."""
 
 import collections
+import dataclasses
 import io
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 from musp_jax.data import datasets
 from tfds_builders.synthetic_vehicles import render
+from tfds_builders.synthetic_vehicles import scenes
 from tfds_builders.synthetic_vehicles import synthetic_vehicles_dataset_builder as sv
 
 NAME = "synthetic_vehicles"
@@ -205,3 +207,72 @@ def test_raw_pixels_do_not_solve_it_but_clean_views_do(tiny):
     d = ((clean[:, None] - clean[None]) ** 2).sum(-1)
     np.fill_diagonal(d, np.inf)
     assert d.min() > 0
+
+
+def test_identity_codes_round_trip():
+  idents = render.make_identities(3, 200)
+  codes = [render.identity_code(i) for i in idents]
+  assert len(set(codes)) == len(idents)  # make_identities draws distinct codes
+  for ident, code in zip(idents, codes):
+    assert tuple(render._digits(code)) == ident.attributes  # pylint: disable=protected-access
+
+
+def test_parts_set_groups_share_body_and_paint_and_differ_only_in_parts():
+  spec = scenes.SETS["parts"][1]
+  idents = scenes.identities(spec)
+  assert len(idents) == spec.num_train_ids + spec.num_test_ids
+  assert spec.num_train_ids % spec.group_size == 0  # no group is split by train/test
+  groups = [idents[i:i + spec.group_size] for i in range(0, len(idents), spec.group_size)]
+  for group in groups:
+    assert len({(i.body, i.color, i.paint) for i in group}) == 1  # the whole look shared
+    assert len({scenes.part_code(i) for i in group}) == len(group)  # parts all differ
+  assert len({(g[0].body, g[0].color) for g in groups}) == len(groups)  # a model each
+  # The stored metadata says the same: one colour and type per group of vehicle ids.
+  first = list(scenes.scenes(spec, range(1, spec.group_size + 1), lambda j, cams: j == 0))
+  assert len({(r.metadata["color"], r.metadata["type"]) for r in first}) == 1
+  assert len({r.metadata["parts"] for r in first}) == spec.group_size
+
+
+def test_pretraining_identities_are_in_no_other_set():
+  spec = scenes.SETS["pretrain"][1]
+  pretrain = scenes.identities(spec)
+  looks = {i.attributes for i in pretrain}
+  assert len(looks) == len(pretrain) == spec.num_train_ids + spec.num_test_ids
+  for name, (_, other) in scenes.SETS.items():
+    if name == "pretrain":
+      continue
+    others = scenes.identities(other)
+    test_ids = others[other.num_train_ids:]  # the query / gallery identities
+    assert len(test_ids) == other.num_test_ids
+    assert not looks & {i.attributes for i in others}, name  # train and test alike
+  # Seen by other cameras too (another seed).
+  assert spec.seed != scenes.SETS["parts"][1].seed
+
+
+def test_builder_configs_are_the_named_sets():
+  configs = {c.name: c for c in sv.Builder.BUILDER_CONFIGS}
+  assert list(configs) == list(scenes.SETS)
+  for name, (_, spec) in scenes.SETS.items():
+    assert all(getattr(configs[name], f.name) == getattr(spec, f.name)
+               for f in dataclasses.fields(scenes.SetSpec))
+
+
+def test_loose_parts_set_moves_and_scales_the_same_vehicles():
+  tight, loose = scenes.SETS["parts"][1], scenes.SETS["parts_loose"][1]
+  assert scenes.identities(loose) == scenes.identities(tight)
+  keep = lambda j, cams: j < 4  # noqa: E731
+  a = list(scenes.scenes(tight, range(1, 11), keep))
+  b = list(scenes.scenes(loose, range(1, 11), keep))
+  assert [(r.file_name, r.metadata) for r in a] == [(r.file_name, r.metadata) for r in b]
+
+  def vehicle(r):  # the vehicle's share of the frame and its centre (fractions)
+    mask = np.asarray(Image.open(io.BytesIO(r.part_mask))) != render.BACKGROUND
+    ys, xs = np.nonzero(mask)
+    return mask.mean(), xs.mean() / mask.shape[1], ys.mean() / mask.shape[0]
+
+  va, vb = np.array([vehicle(r) for r in a]), np.array([vehicle(r) for r in b])
+  # The area goes with the square of the fill: E[f^2] is 0.75 for U(0.78, 0.95) and
+  # 0.48 for U(0.4, 0.95), a ratio of 0.64 (40 images, occluders and poses: +- 0.1).
+  assert vb[:, 0].mean() / va[:, 0].mean() == pytest.approx(0.64, abs=0.1)
+  # And the vehicle's centre moves over a wider range of the frame.
+  assert (vb[:, 1:].std(0) > 1.5 * va[:, 1:].std(0)).all()

@@ -33,9 +33,17 @@ BAD = [
      "input.image_size=(64,): expected (height, width), two positive integers"),
     ({"input.image_size": (8, 64)},
      "input.image_size=(8, 64): expected each side >= 16 pixels: the backbone reduces "
-     "its input 16x (model.last_stride=1)"),
+     "its input 16x (model.last_stride=1, model.layer3_stride=2)"),
     ({"input.image_size": (24, 24), "model.last_stride": 2},
      "expected each side >= 32 pixels"),
+    ({"input.image_size": (12, 12), "model.last_stride": 2, "model.layer3_stride": 1},
+     "input.image_size=(12, 12): expected each side >= 16 pixels"),
+    ({"model.layer3_stride": 3}, "model.layer3_stride=3: expected one of 1, 2"),
+    ({"model.attention_init_scale": 0.0},
+     "model.attention_init_scale=0.0; expected a number > 0"),
+    ({"model.attention_temperature": -1.0},
+     "model.attention_temperature=-1.0; expected a number > 0"),
+    ({"model.attention_kernel": 2}, "model.attention_kernel=2; expected 3 (official) or 1"),
     ({"input.num_ids": 0}, "input.num_ids=0: expected an integer >= 1"),
     ({"input.num_instances": -2}, "input.num_instances=-2: expected an integer >= 1"),
     ({"keep_checkpoints": 0}, "keep_checkpoints=0: expected an integer >= 1"),
@@ -54,12 +62,14 @@ BAD = [
      "eval.test_size='huge': expected one of 'small', 'medium', 'large' (vehicle_id's "
      "test sets)"),
     ({"dataset.builder_config": "giant"},
-     "dataset.builder_config='giant': expected one of 'tiny', 'small', 'large'"),
+     "dataset.builder_config='giant': expected one of 'tiny', 'small', 'large', "
+     "'parts', 'pretrain'"),
     ({"model.head": "musq"}, "model.head='musq'; expected 'musp' or 'baseline'"),
     ({"model.depth": 20}, "model.depth=20: expected one of 18, 34, 50, 101, 152"),
     ({"model.init_from": "/nonexistent/weights"},
      "model.init_from='/nonexistent/weights': expected a folder written by "
-     "`python -m musp_jax.import_weights`"),
+     "`python -m musp_jax.import_weights`, or a training workdir, its checkpoints/ "
+     "folder or a step folder"),
 ]
 
 

@@ -7,6 +7,7 @@ can use `TrainState` without importing the driver's I/O stack.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -15,7 +16,6 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from musp_jax.models import weights
 
 
 @flax.struct.dataclass
@@ -58,12 +58,15 @@ def abstract_train_state(model, tx, image_size, sharding) -> TrainState:
 
 
 def create_train_state(model, tx, image_size, *, seed: int, mesh,
-                       init_from: str = "") -> tuple[TrainState, NamedSharding]:
-  """Initialises (or imports) the state directly into replicated device memory."""
+                       init_variables: Callable[[Any], Any] | None = None
+                       ) -> tuple[TrainState, NamedSharding]:
+  """Initialises the state directly into replicated device memory. `init_variables`
+  maps the fresh variables to the initial ones (model.init_from: the training layer's
+  checkpointing.initial_variables merges the weights it names in)."""
   replicated = NamedSharding(mesh, P())
   init = functools.partial(_init_state, model, tx, image_size, seed)
-  if not init_from:
+  if init_variables is None:
     return jax.jit(init, out_shardings=replicated)(), replicated
   variables = jax.jit(lambda: init().variables, out_shardings=replicated)()
-  variables = jax.device_put(weights.load_init(variables, init_from), replicated)
+  variables = jax.device_put(init_variables(variables), replicated)
   return jax.jit(init, out_shardings=replicated)(variables), replicated

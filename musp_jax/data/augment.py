@@ -27,6 +27,16 @@ import cv2
 import numpy as np
 
 ERASE_ATTEMPTS = 100  # as the reference RandomErasing
+# Separate random streams from the one run seed (the PK sampler uses 0).
+_AUGMENT_STREAM = 1
+
+
+def train_rng(seed: int, step: int, slot: int) -> np.random.Generator:
+  """The generator of the training image at `slot` of the global batch at `step`.
+
+  Seeded by position in the global batch: independent of workers and processes.
+  """
+  return np.random.default_rng([seed, _AUGMENT_STREAM, step, slot])
 
 
 def decode(data: bytes, *, where: str = "image") -> np.ndarray:

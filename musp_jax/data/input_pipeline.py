@@ -32,8 +32,6 @@ from musp_jax.data import workers
 
 steps_per_epoch = sampling.steps_per_epoch
 
-# Separate random streams from the one run seed (the sampler uses 0).
-_AUGMENT_STREAM = 1
 # Length of the (conceptually endless) training dataset, in steps.
 _MAX_STEPS = 2**40
 
@@ -81,8 +79,7 @@ class _TrainBatch:
     images = _batch_images(len(slots), self.transform.size_hw, self.shared_memory)
     boxes = np.empty((len(slots), 4), np.int32)
     for i, (slot, record) in enumerate(zip(slots, records)):
-      # Seeded by position in the global batch: independent of workers and processes.
-      rng = np.random.default_rng([self.seed, _AUGMENT_STREAM, step, slot])
+      rng = augment.train_rng(self.seed, step, slot)
       images[i], boxes[i] = self.transform(self.source[int(record)]["image"], rng)
     return {"image": images, "erase": boxes,
             "label": np.asarray(self.labels[records], np.int32)}

@@ -14,12 +14,15 @@ from musp_jax.models import resnet
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # Fields of config.model that change parameter shapes or what the features mean;
-# dtype, conv_impl, init_from and the loss-side `diversity` do not.
+# dtype, conv_impl, init_from, attention_init_scale (initialisation only) and the
+# loss-side `diversity` do not.
 ARCH_FIELDS = ("depth", "last_stride", "head", "num_prototypes", "value_conv",
                "value_channels", "ese", "ese_reduction", "attention",
-               "global_feature", "pooling", "global_branch")
+               "global_feature", "pooling", "global_branch", "layer3_stride",
+               "attention_temperature", "attention_kernel")
 # What a field added after the first release meant before it existed.
-_ARCH_DEFAULTS = {"global_branch": True}
+_ARCH_DEFAULTS = {"global_branch": True, "layer3_stride": 2, "attention_temperature": 1.0,
+                  "attention_kernel": 3}
 
 
 def compute_dtype(name: str):
@@ -64,6 +67,9 @@ def build_head(model_config: ml_collections.ConfigDict, num_classes: int):
       global_feature=c.global_feature,
       diversity=c.diversity,
       global_branch=c.global_branch,
+      attention_init_scale=c.get("attention_init_scale", 1.0),
+      attention_temperature=c.get("attention_temperature", 1.0),
+      attention_kernel=c.get("attention_kernel", 3),
       dtype=compute_dtype(c.dtype),
       conv_impl=c.get("conv_impl", "auto"))
   head.check_settings()  # fail at build time, not after a backbone init
@@ -77,6 +83,7 @@ def build_model(model_config: ml_collections.ConfigDict,
     raise ValueError(f"num_classes must be >= 1, got {num_classes}")
   backbone = resnet.ResNet(
       depth=model_config.depth, last_stride=model_config.last_stride,
+      layer3_stride=model_config.get("layer3_stride", 2),
       dtype=compute_dtype(model_config.dtype),
       conv_impl=model_config.get("conv_impl", "auto"))
   return musp.ReIDModel(backbone=backbone,

@@ -31,7 +31,7 @@ linear_init = nn.initializers.normal(stddev=0.01)
 
 _CHOICES = {
     "value_conv": ("depthwise", "full"),
-    "pooling": ("sum", "official", "mean"),
+    "pooling": ("sum", "official", "mean", "normalized"),
     "ese": ("all", "kept", "none"),
     "attention": ("softmax", "sigmoid"),
     "global_feature": ("value_mean", "backbone_gap"),
@@ -136,6 +136,9 @@ class MUSPHead(nn.Module):
     pooling: "sum" over pixels / "mean". "official" is the official line
       `bmm(...) / h*w`, which Python reads as (sum / h) * w: "sum" on square
       maps, sum * w/h otherwise (what the authors' checkpoints see there).
+      "normalized" (a departure, for studying the attention): the sum divided
+      by the map's area, a weighted average whose scale does not grow with
+      the area the map takes.
     ese: "all" n parts before dropping the background / "kept" n-1 parts /
       "none".
     ese_reduction: hidden width = ESE input width // ese_reduction.
@@ -145,6 +148,16 @@ class MUSPHead(nn.Module):
     global_branch: adds the global branch (the official `--has-global`);
       without it the outputs hold the n-1 parts only and global_feature is
       unused.
+  Departures from both, for studying the attention (README, "Synthetic vehicles";
+  default off):
+    attention_init_scale: multiplies the standard deviation of the attention
+      conv's kaiming initialisation (1 = official). At the official scale the
+      initial logits are large and the softmax starts saturated.
+    attention_temperature: the attention logits are divided by it before the
+      softmax or sigmoid (1 = official).
+    attention_kernel: the attention conv's kernel size, 3 (official) or 1: with
+      1 each cell's logits come from its own features only, not from its
+      neighbours' (nor from the zero padding at the map's border).
   """
   num_classes: int
   num_prototypes: int = 5
@@ -157,6 +170,9 @@ class MUSPHead(nn.Module):
   global_feature: str = "value_mean"
   diversity: str = "all"
   global_branch: bool = True
+  attention_init_scale: float = 1.0
+  attention_temperature: float = 1.0
+  attention_kernel: int = 3
   dtype: Any = jnp.float32
   conv_impl: str = "xla"  # for the depthwise value conv: xla | gemm | auto (fast_conv)
 
@@ -169,6 +185,13 @@ class MUSPHead(nn.Module):
     if self.num_prototypes < 2:
       raise ValueError(f"model.num_prototypes={self.num_prototypes}; need >= 2"
                        " (the last prototype is background)")
+    for field in ("attention_init_scale", "attention_temperature"):
+      value = getattr(self, field)
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"model.{field}={value!r}; expected a number > 0")
+    if self.attention_kernel not in (1, 3):
+      raise ValueError(f"model.attention_kernel={self.attention_kernel!r}; expected 3 "
+                       "(official) or 1")
 
   def _value_channels(self, in_channels: int) -> int:
     self.check_settings()
@@ -189,8 +212,9 @@ class MUSPHead(nn.Module):
     b, h, w, d = maps_BxHxWxD.shape
     n, c = self.num_prototypes, self._value_channels(d)
     groups = c if self.value_conv == "depthwise" else 1
-    att_logits = resnet.conv(n, 3, 1, self.dtype, "attention_conv",
-                             use_bias=True)(maps_BxHxWxD)
+    att_logits = resnet.conv(n, self.attention_kernel, 1, self.dtype, "attention_conv",
+                             use_bias=True,
+                             init_scale=self.attention_init_scale)(maps_BxHxWxD)
     # The attention conv (D -> n) stays XLA's on every backend: its kernel gradient as
     # matrix products (n = 5 columns) is 3-4x slower on a CPU than XLA's.
     value_BxHxWxC = resnet.conv(c, 3, 1, self.dtype, "value_conv", groups=groups,
@@ -198,6 +222,8 @@ class MUSPHead(nn.Module):
                                 impl=fast_conv.resolve_conv_impl(self.conv_impl))(maps_BxHxWxD)
     # Pooling and areas in float32: they sum over every pixel.
     att_logits = att_logits.astype(jnp.float32)
+    if self.attention_temperature != 1.0:
+      att_logits = att_logits / self.attention_temperature
     value_BxHxWxC = value_BxHxWxC.astype(jnp.float32)
     if self.attention == "softmax":
       attention_BxHxWxN = jax.nn.softmax(att_logits, axis=-1)
@@ -210,6 +236,9 @@ class MUSPHead(nn.Module):
     elif self.pooling == "official":
       # (sum / h) * w as one factor: exactly 1.0, hence exactly "sum", when h == w.
       parts_BxNxC = parts_BxNxC * (w / h)
+    elif self.pooling == "normalized":
+      area_BxNx1 = jnp.sum(attention_BxHxWxN, axis=(1, 2))[..., None]
+      parts_BxNxC = parts_BxNxC / jnp.maximum(area_BxNx1, 1e-6)
     if self.ese == "all":
       parts_BxNxC = ESE(self.ese_reduction, name="ese")(parts_BxNxC)
     parts_BxKxC = parts_BxNxC[:, :-1]  # drop the background prototype

@@ -43,10 +43,10 @@ def output_channels(depth: int) -> int:
   return _WIDTHS[-1] * _EXPANSION[STAGE_SIZES[depth][0]]
 
 
-def output_stride(last_stride: int) -> int:
+def output_stride(last_stride: int, layer3_stride: int = 2) -> int:
   """Input pixels per pixel of the last stage's map: the stem (conv and max-pool)
-  reduces 4x, stages 2 and 3 2x each, the last stage `last_stride`x."""
-  return 4 * 2 * 2 * last_stride
+  reduces 4x, stage 2 2x, stage 3 `layer3_stride`x, the last stage `last_stride`x."""
+  return 4 * 2 * layer3_stride * last_stride
 
 
 # torchvision initialises convs with kaiming_normal_(mode="fan_out"), a plain
@@ -56,17 +56,20 @@ conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 def conv(features: int, kernel_size: int, strides: int, dtype: Any,
          name: str, *, groups: int = 1, use_bias: bool = False,
-         impl: str = "xla") -> nn.Module:
+         impl: str = "xla", init_scale: float = 1.0) -> nn.Module:
   """A PyTorch-padded conv: symmetric `kernel_size // 2` on each side.
 
   impl: "xla" (nn.Conv) or "gemm" (fast_conv.GemmConv, same parameters).
+  init_scale multiplies the standard deviation of the kaiming initialisation.
   """
   p = kernel_size // 2
   conv_cls = fast_conv.GemmConv if impl == "gemm" else nn.Conv
+  kernel_init = conv_kernel_init if init_scale == 1.0 else nn.initializers.variance_scaling(
+      2.0 * init_scale**2, "fan_out", "normal")
   return conv_cls(
       features, (kernel_size, kernel_size), strides=(strides, strides),
       padding=((p, p), (p, p)), feature_group_count=groups, use_bias=use_bias,
-      dtype=dtype, param_dtype=jnp.float32, kernel_init=conv_kernel_init,
+      dtype=dtype, param_dtype=jnp.float32, kernel_init=kernel_init,
       name=name)
 
 
@@ -169,6 +172,8 @@ class ResNet(nn.Module):
   Attributes:
     depth: 18, 34, 50, 101 or 152.
     last_stride: stride of the last stage (1 for re-ID: 256x256 -> 16x16).
+    layer3_stride: stride of the third stage (2 as torchvision; 1 halves the output
+      stride again, 64x64 -> 8x8 maps, with the same parameters).
     num_classes: adds torchvision's `fc` classifier when set (ImageNet: 1000).
     dtype: compute dtype; parameters and BatchNorm statistics stay float32.
     conv_impl: "xla", "gemm" or "auto" (gemm on CPU, xla elsewhere); see
@@ -176,6 +181,7 @@ class ResNet(nn.Module):
   """
   depth: int = 50
   last_stride: int = 1
+  layer3_stride: int = 2
   num_classes: int | None = None
   dtype: Any = jnp.float32
   conv_impl: str = "xla"
@@ -187,8 +193,9 @@ class ResNet(nn.Module):
     if self.depth not in STAGE_SIZES:
       raise ValueError(f"ResNet depth {self.depth} is not one of "
                        f"{sorted(STAGE_SIZES)}")
-    if self.last_stride not in (1, 2):
-      raise ValueError(f"last_stride must be 1 or 2, got {self.last_stride}")
+    for name in ("last_stride", "layer3_stride"):
+      if getattr(self, name) not in (1, 2):
+        raise ValueError(f"{name} must be 1 or 2, got {getattr(self, name)}")
     kind, sizes = STAGE_SIZES[self.depth]
     impl = fast_conv.resolve_conv_impl(self.conv_impl)
     out = {}
@@ -199,8 +206,7 @@ class ResNet(nn.Module):
     out["stem"] = x
     in_features = 64
     for stage, (planes, num_blocks) in enumerate(zip(_WIDTHS, sizes), start=1):
-      stage_stride = 1 if stage == 1 else (self.last_stride if stage == 4
-                                           else 2)
+      stage_stride = {1: 1, 3: self.layer3_stride, 4: self.last_stride}.get(stage, 2)
       for b in range(num_blocks):
         strides = stage_stride if b == 0 else 1
         out_features = planes * _EXPANSION[kind]

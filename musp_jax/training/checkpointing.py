@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import logging
@@ -46,6 +47,7 @@ from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from musp_jax import models
+from musp_jax.models import weights
 from musp_jax.core.state import path_str
 
 METRIC = "mAP"
@@ -487,6 +489,142 @@ def _run_info(manager: ocp.CheckpointManager, step: int, where: epath.Path) -> R
   with _reading(step, str(where)):
     return RunInfo.from_json(manager.restore(
         step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"])
+
+
+# --------------------------------------------------------------------------
+# Initial weights (model.init_from): the merge rule.
+
+# Architecture fields that do not change the backbone's arrays, only how it is used.
+_BACKBONE_FIELDS = ("depth",)
+_CLASSIFIER = "classifier/kernel"
+
+
+def _head_kind(head: Any) -> str:
+  return "musp" if "attention_conv" in head else "baseline"
+
+
+def merge_init(fresh: Any, saved: Any, *, where: str, saved_model: Any = None,
+               wanted_model: Any = None) -> tuple[dict, list[str]]:
+  """Fresh model variables with saved weights merged in; returns (variables, notes).
+
+  The one rule for starting from another model's weights ({"params", "batch_stats"}
+  trees holding "backbone" and "head"):
+    backbone     always taken: every array the model has must be saved with its shape;
+    head         taken when the saved head is the same kind (MUSP or baseline); then
+                 every head array must fit, except the classifiers, which keep their
+                 fresh initialisation when the class count differs (a new dataset);
+                 a head of the other kind is not used (the head starts fresh).
+  Anything that does not fit raises CheckpointMismatchError naming the arrays, and the
+  differing model fields when both model configs are given (saved_model, wanted_model).
+  `notes` say what was taken and what starts fresh, for the log.
+  """
+  flat_fresh = {col: _flat(fresh.get(col, {})) for col in ("params", "batch_stats")}
+  flat_saved = {col: _flat(saved.get(col, {})) for col in ("params", "batch_stats")}
+  if not any(k.startswith("backbone/") for k in flat_saved["params"]):
+    raise CheckpointMismatchError(f"{where} holds no backbone weights to start from.")
+  fresh_head = _tree_get(fresh, "params", "head")
+  saved_head = _tree_get(saved, "params", "head")
+  use_head = saved_head is not None and _head_kind(saved_head) == _head_kind(fresh_head)
+  taken = ("backbone/", "head/") if use_head else ("backbone/",)
+  problems, kept_fresh = [], []
+  merged = {}
+  for col, leaves in flat_fresh.items():
+    out = {}
+    for path, value in leaves.items():
+      if not path.startswith(taken):
+        out[path] = value
+        continue
+      got = flat_saved[col].get(path)
+      if got is None:
+        problems.append(f"missing in checkpoint: {col}/{path} {tuple(value.shape)}")
+      elif tuple(got.shape) == tuple(value.shape):
+        out[path] = jax.numpy.asarray(got, value.dtype)
+      elif path.endswith(_CLASSIFIER) and tuple(got.shape[:-1]) == tuple(value.shape[:-1]):
+        out[path] = value  # another class count: a new classifier
+        kept_fresh.append(f"{path} ({got.shape[-1]} classes -> {value.shape[-1]})")
+      else:
+        problems.append(f"shape of {col}/{path}: checkpoint {tuple(got.shape)}, model "
+                        f"{tuple(value.shape)}")
+    problems += [f"not in model: {col}/{k} {tuple(v.shape)}"
+                 for k, v in flat_saved[col].items()
+                 if k.startswith(taken) and k not in leaves]
+    merged[col] = out
+  if problems:
+    fields = ""
+    if saved_model is not None and wanted_model is not None:
+      a, b = models.architecture(saved_model), models.architecture(wanted_model)
+      diffs = [f"model.{k}: checkpoint has {a[k]!r}, config asks {b[k]!r}"
+               for k in models.ARCH_FIELDS if a[k] != b[k]
+               and (use_head or k in _BACKBONE_FIELDS)]
+      fields = (" (" + "; ".join(diffs) + ")") if diffs else ""
+    shown = problems[:20] + ([f"... and {len(problems) - 20} more"]
+                             if len(problems) > 20 else [])
+    raise CheckpointMismatchError(
+        f"{where} does not fit the model as initial weights{fields}:\n  "
+        + "\n  ".join(shown))
+  notes = [f"backbone from {where}"]
+  if use_head:
+    notes.append("head from the checkpoint" + (
+        "; classifiers start fresh: " + ", ".join(kept_fresh) if kept_fresh else ""))
+  elif saved_head is not None:
+    notes.append(f"head starts fresh (the checkpoint's head is a {_head_kind(saved_head)} "
+                 f"head, the model's a {_head_kind(fresh_head)} head)")
+  else:
+    notes.append("head starts fresh (the checkpoint has none)")
+  return {col: _unflat(tree) for col, tree in merged.items()}, notes
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+  return {path_str(k): v for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _unflat(flat: dict[str, Any]) -> dict:
+  out: dict = {}
+  for path, value in flat.items():
+    *parents, leaf = path.split("/")
+    node = out
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return out
+
+
+def _tree_get(tree: Any, *keys: str) -> Any:
+  for k in keys:
+    if not hasattr(tree, "get"):
+      return None
+    tree = tree.get(k)
+  return tree
+
+
+def initial_variables(fresh: Any, init_from: str | os.PathLike, *,
+                      model_config: Any = None) -> dict:
+  """`fresh` variables with the weights of model.init_from merged in.
+
+  init_from is a folder written by `python -m musp_jax.import_weights` (merged by
+  weights.load_init), or a training workdir, its checkpoints/ folder or a step folder
+  (its latest intact step, or that step), read by `load_variables` and merged by
+  `merge_init`, which says in the log what it took and what starts fresh.
+  """
+  try:
+    locate(init_from)
+  except FileNotFoundError:  # not a training checkpoint: an import_weights folder
+    return weights.load_init(fresh, init_from)
+  restored = load_variables(init_from)
+  variables, notes = merge_init(fresh, restored.variables, where=restored.source,
+                                saved_model=restored.run.config.get("model"),
+                                wanted_model=model_config)
+  logging.info("model.init_from: %s.", "; ".join(notes))
+  return variables
+
+
+def init_function(model_config: Any) -> Callable[[Any], dict] | None:
+  """create_train_state's `init_variables` for config.model: None (fresh weights) when
+  model.init_from is empty, else `initial_variables` from it."""
+  if not model_config.init_from:
+    return None
+  return functools.partial(initial_variables, init_from=model_config.init_from,
+                           model_config=model_config)
 
 
 def jsonable(config: Any) -> dict:

@@ -219,7 +219,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
   tx = optim.make_optimizer(config.optim, steps_per_epoch)
   state, state_sharding = state_lib.create_train_state(
       model, tx, config.input.image_size, seed=config.seed, mesh=mesh,
-      init_from=config.model.init_from)
+      init_variables=checkpointing.init_function(config.model))
 
   # The step a run resumes from is kept until a newer one is trusted (_FiniteLossGuard).
   protected = checkpointing.ProtectedSteps()

@@ -134,10 +134,12 @@ def _check_dataset(c: _Checker) -> None:
 def _check_model(c: _Checker) -> None:
   depth_ok = c.choice("model.depth", sorted(resnet.STAGE_SIZES))
   c.choice("model.last_stride", (1, 2))
+  c.choice("model.layer3_stride", (1, 2))
   c.choice("model.conv_impl", fast_conv.CONV_IMPLS)
   if c.string("model.init_from") and c.get("model.init_from"):
     c.expect("model.init_from", lambda v: os.path.isdir(os.path.expanduser(v)),
-             "a folder written by `python -m musp_jax.import_weights`")
+             "a folder written by `python -m musp_jax.import_weights`, or a training "
+             "workdir, its checkpoints/ folder or a step folder")
   if depth_ok:
     try:  # the head's own checks (choices, n, dtype), without building any weights
       models.build_model(c.config.model, 1)
@@ -151,11 +153,12 @@ def _check_input(c: _Checker, *, train: bool, num_devices: int,
       "input.image_size",
       lambda v: len(v) == 2 and all(_is_int(s) and s > 0 for s in v),
       "(height, width), two positive integers, e.g. (256, 256)")
-  if size_ok and c.get("model.last_stride") in (1, 2):
-    stride = resnet.output_stride(c.get("model.last_stride"))
+  strides = (c.get("model.last_stride"), c.get("model.layer3_stride"))
+  if size_ok and all(s in (1, 2) for s in strides):
+    stride = resnet.output_stride(*strides)
     c.expect("input.image_size", lambda v: min(v) >= stride,
              f"each side >= {stride} pixels: the backbone reduces its input {stride}x "
-             f"(model.last_stride={c.get('model.last_stride')})")
+             f"(model.last_stride={strides[0]}, model.layer3_stride={strides[1]})")
   c.choice("input.normalize", list(preprocess.NORMALIZE_CONSTANTS))
   c.int_at_least("input.num_workers", 0)
   c.int_at_least("input.prefetch_buffer", 1)

@@ -114,6 +114,12 @@ class Identity:
     return self.body, self.color
 
   @property
+  def attributes(self) -> tuple[int, ...]:
+    """(body, colour, roof, lamp, wheel, sticker, stripe): everything but the shade."""
+    return (self.body, self.color, self.roof, self.lamp, self.wheel, self.sticker,
+            self.stripe)
+
+  @property
   def mark_colors(self) -> tuple[tuple[int, int, int], ...]:
     """The colours of its sticker and stripe (the MARKS class), if it has them."""
     out = []
@@ -133,13 +139,73 @@ def make_identities(seed: int, count: int) -> list[Identity]:
   codes = rng.choice(space, size=count, replace=False)
   ids = []
   for code in codes:
-    digits = []
-    for r in _RADIX:
-      code, d = divmod(int(code), r)
-      digits.append(d)
-    shade = rng.uniform(-12, 12, 3)
-    paint = tuple(float(v) for v in np.clip(COLORS[digits[1]] + shade, 0, 255))
-    ids.append(Identity(*digits, paint=paint))
+    digits = _digits(int(code))
+    ids.append(Identity(*digits, paint=_paint(digits[1], rng)))
+  return ids
+
+
+def _paint(color: int, rng: np.random.Generator) -> tuple[float, float, float]:
+  """The colour with a small random shade (one draw of `rng`)."""
+  shade = rng.uniform(-12, 12, 3)
+  return tuple(float(v) for v in np.clip(COLORS[color] + shade, 0, 255))
+
+
+def _digits(code: int) -> list[int]:
+  """An identity code -> its attributes (body, colour, roof, lamp, wheel, sticker,
+  stripe), mixed radix with the body as the lowest digit."""
+  digits = []
+  for r in _RADIX:
+    code, d = divmod(code, r)
+    digits.append(d)
+  return digits
+
+
+def identity_code(ident: Identity) -> int:
+  """The attributes of an identity as one integer (the inverse of `_digits`); two
+  identities with the same code look the same up to their paint's small shade."""
+  code = 0
+  for digit, radix in zip(reversed(ident.attributes), reversed(_RADIX)):
+    code = code * radix + digit
+  return code
+
+
+def make_part_groups(seed: int, count: int, group_size: int) -> list[Identity]:
+  """`count` identities in groups of `group_size` consecutive ones that share body
+  shape and paint exactly (the shade too) and differ only in their parts.
+
+  Groups take distinct (body, colour) models while there are enough of them; within
+  a group no two identities share every part (roof item, lamps, wheels, sticker,
+  stripe), so only the parts tell them apart.
+  """
+  part_space = int(np.prod(_RADIX[2:]))
+  if not 1 <= group_size <= part_space:
+    raise ValueError(f"group_size={group_size}: expected 1..{part_space}.")
+  rng = np.random.default_rng([seed, 19])
+  num_groups = -(-count // group_size)
+  num_models = NUM_BODIES * len(COLORS)
+  models = rng.choice(num_models, size=num_groups, replace=num_groups > num_models)
+  ids = []
+  for model in models:
+    body, color = divmod(int(model), len(COLORS))
+    paint = _paint(color, rng)
+    for parts in rng.choice(part_space, size=group_size, replace=False):
+      digits = _digits(int(parts) * NUM_BODIES * len(COLORS))[2:]
+      ids.append(Identity(body, color, *digits, paint=paint))
+  return ids[:count]
+
+
+def make_identities_except(seed: int, count: int, exclude: Sequence[int]) -> list[Identity]:
+  """`count` distinct random identities (as make_identities) whose codes
+  (`identity_code`) are none of `exclude`."""
+  rng = np.random.default_rng([seed, 23])
+  pool = np.setdiff1d(np.arange(int(np.prod(_RADIX))), np.asarray(exclude, np.int64))
+  if count > len(pool):
+    raise ValueError(f"At most {len(pool)} identities outside the excluded ones, asked "
+                     f"for {count}.")
+  ids = []
+  for code in rng.choice(pool, size=count, replace=False):
+    digits = _digits(int(code))
+    ids.append(Identity(*digits, paint=_paint(digits[1], rng)))
   return ids
 
 
@@ -352,11 +418,20 @@ def _clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, w: int, h: int
       shape((x0, y0, x0 + bw, y0 + bh), fill=_fill(col))
 
 
+# Share of the limiting crop side the vehicle spans, drawn uniformly in this range:
+# tight, detector-like crops (every named set but parts_loose, scenes.SETS).
+TIGHT_FILL = (0.78, 0.95)
+
+
 def render(ident: Identity, camera: Camera, rng: np.random.Generator, *,
-           height: int = 144, view: int | None = None, nuisance: bool = True) -> Rendered:
+           height: int = 144, view: int | None = None, nuisance: bool = True,
+           fill_range: tuple[float, float] = TIGHT_FILL) -> Rendered:
   """Renders one image and its label map.
 
   The crop's width follows the view (side views are wider). `view` None draws it.
+  `fill_range`: the share of the limiting crop side the vehicle spans is drawn in it
+  (the vehicle is placed anywhere in the margin left); a wider range than TIGHT_FILL
+  draws the same random numbers, so only the vehicle's size and place change.
   `nuisance=False` leaves out clutter, occluder, blur, lighting, noise and colour cast
   but draws every random number the same, so the geometry and the label map are those
   of the image with nuisances (except where the occluder covers the vehicle).
@@ -377,7 +452,7 @@ def render(ident: Identity, camera: Camera, rng: np.random.Generator, *,
   aspect = min(MAX_ASPECT, 1.0 / (top * y_scale) * rng.uniform(0.85, 1.15))
   h = int(height)
   w = max(8, int(round(h * aspect)))
-  fill = rng.uniform(0.78, 0.95)  # share of the limiting crop side the vehicle spans
+  fill = rng.uniform(*fill_range)  # share of the limiting crop side the vehicle spans
   veh_w = min(fill * w, fill * h / (top * y_scale))
   veh_h = veh_w * top * y_scale
   # Place the box anywhere in the remaining margin.
