@@ -1,7 +1,12 @@
-"""Converts PyTorch weights into an Orbax checkpoint for config.model.init_from.
+"""Converts PyTorch weights into a workdir for config.model.init_from and the tools.
 
     python -m musp_jax.import_weights --torchvision resnet50.pth --out weights/resnet50
     python -m musp_jax.import_weights --musp model.pth.tar --out weights/musp_veri
+
+The output folder is written as a training run's step 0 (--out/checkpoints/0), read
+by the one weights loader: `--config.model.init_from=OUT` starts training from it, and
+`python -m musp_jax.main --mode=eval --workdir OUT --config ...` evaluates it (the
+config gives what weights cannot: image size, dataset, evaluation settings).
 
 --torchvision: an ImageNet ResNet state dict (.pth, or .npz / .safetensors
 without torch); the depth is read from its layout, `fc.*` is dropped. The
@@ -25,6 +30,7 @@ import jax.numpy as jnp
 from musp_jax.runtime import cli
 from musp_jax.runtime import process
 from musp_jax.runtime import writing
+from musp_jax.training import checkpointing
 from musp_jax.models import musp
 from musp_jax.models import resnet
 from musp_jax.models import weights
@@ -50,7 +56,7 @@ def convert_torchvision(path: str) -> tuple[dict[str, Any], dict]:
                                    what=path)
   variables = {col: {"backbone": tree} for col, tree in backbone.items()}
   metadata = {"kind": "backbone", "source": os.path.abspath(path),
-              "depth": depth}
+              "model": {"depth": depth}, "num_classes": 0}
   return variables, metadata
 
 
@@ -70,7 +76,7 @@ def convert_musp(path: str) -> tuple[dict[str, Any], dict]:
       lambda: model.init(jax.random.key(0), jnp.zeros(_PROBE_SHAPE)))
   variables = weights.import_musp(state_dict, template, what=path)
   metadata = {"kind": "model", "source": os.path.abspath(path),
-              "num_classes": num_classes, "model": shapes}
+              "num_classes": num_classes, "model": {"head": "musp", **shapes}}
   return variables, metadata
 
 
@@ -81,9 +87,16 @@ def write(out: str, variables: dict[str, Any], metadata: dict, *,
   An existing `out` is replaced only with `overwrite`, and only if import_weights
   wrote it; a training workdir or any other folder is refused.
   """
-  writing.replace_folder(out, lambda tmp: weights.save_init(tmp, variables, metadata),
-                         owned=weights.is_init_checkpoint, what=_WHAT,
-                         overwrite=overwrite)
+  source = {"kind": metadata["kind"], "source": metadata["source"]}
+  writing.replace_folder(
+      out, lambda tmp: checkpointing.save_imported(
+          tmp, variables, model=metadata["model"], num_classes=metadata["num_classes"],
+          source=source),
+      owned=_written_here, what=_WHAT, overwrite=overwrite)
+
+
+def _written_here(path: str) -> bool:
+  return checkpointing.imported_from(path) is not None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -95,7 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="torchvision ResNet state dict")
   source.add_argument("--musp", metavar="PATH",
                       help="official MUSP checkpoint (backbone + head)")
-  parser.add_argument("--out", required=True, help="output Orbax directory")
+  parser.add_argument("--out", required=True,
+                      help="output folder (a workdir holding the weights as step 0)")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace --out if import_weights wrote it")
   cli.add_verbose_arg(parser)
@@ -109,7 +123,7 @@ def import_to(args: argparse.Namespace) -> None:
   out = os.path.abspath(args.out)
   # Refused outputs fail before the source is read; the source is read and
   # converted before anything is written.
-  writing.check_replaceable(out, owned=weights.is_init_checkpoint, what=_WHAT,
+  writing.check_replaceable(out, owned=_written_here, what=_WHAT,
                             overwrite=args.overwrite)
   if args.torchvision:
     variables, metadata = convert_torchvision(args.torchvision)
@@ -118,7 +132,8 @@ def import_to(args: argparse.Namespace) -> None:
   write(out, variables, metadata, overwrite=args.overwrite)
   _log(f"wrote {out}")
   if metadata["kind"] == "model":
-    overrides = " ".join(f"--config.model.{k}={v}" for k, v in metadata["model"].items())
+    overrides = " ".join(f"--config.model.{k}={v}" for k, v in metadata["model"].items()
+                         if k != "head")
     _log(f"use with: --config.model.init_from={out} {overrides} (and a dataset with "
          f"{metadata['num_classes']} training ids)")
 

@@ -48,6 +48,19 @@ def architecture(model_config: Any) -> dict[str, Any]:
   return arch
 
 
+def architecture_diffs(saved: Any, wanted: Any,
+                       fields: tuple[str, ...] = ARCH_FIELDS) -> list[str]:
+  """"model.<field>: checkpoint has .., config asks .." for each of `fields` that differs.
+
+  A field the saved config does not name and that has no meaning from before it
+  existed is not compared: weights converted from another framework fix only some
+  fields (an imported backbone, its depth).
+  """
+  a, b = architecture(saved), architecture(wanted)
+  return [f"model.{k}: checkpoint has {a[k]!r}, config asks {b[k]!r}" for k in fields
+          if (k in saved or k in _ARCH_DEFAULTS) and a[k] != b[k]]
+
+
 def build_head(model_config: ml_collections.ConfigDict, num_classes: int):
   """The head named by model_config.head ("musp" or "baseline")."""
   c = model_config

@@ -51,7 +51,6 @@ from musp_jax.core import state as state_lib
 from musp_jax.core import step as step_lib
 from musp_jax.training import validate
 from musp_jax.models import build_model
-from musp_jax.models import weights
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -334,9 +333,6 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   workdir = epath.Path(workdir).expanduser()
   process.configure_jax(config)
   validate.check_config(config, mode="eval")
-  if not (workdir / "checkpoints").is_dir() and config.model.init_from and step is not None:
-    raise ValueError("--step needs a workdir with checkpoints; --config.model.init_from "
-                     "names imported weights, which have no steps.")
   unwritable = None
   if jax.process_index() == 0 and "://" not in str(workdir) and workdir.is_dir():
     unwritable = writing.check_writable(workdir)
@@ -345,19 +341,18 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
                       workdir, unwritable)
   mesh = process.make_mesh()
   replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
-  if (workdir / "checkpoints").is_dir() or not config.model.init_from:
-    restored = checkpointing.load_variables(workdir, step=step, sharding=replicated)
-    checkpointing.check_model_config(restored.run.config.model, config.model,
-                                     where=restored.source)
-    model = build_model(config.model, restored.run.num_classes)
-    variables, done = restored.variables, restored.step
-  else:  # imported weights: a whole official model (its head included)
-    # A backbone-only import has no classifier; features do not depend on its size.
-    num_classes = weights.init_metadata(config.model.init_from).get("num_classes", 1)
-    model = build_model(config.model, num_classes)
-    variables = jax.device_put(weights.load_init(state_lib.init_variables(
-        model, config.input.image_size, config.seed), config.model.init_from), replicated)
-    done = 0
+  # The weights: workdir's own, or model.init_from's when workdir has none yet.
+  source = (workdir if (workdir / "checkpoints").is_dir() or not config.model.init_from
+            else config.model.init_from)
+  restored = checkpointing.load_variables(source, step=step, sharding=replicated)
+  checkpointing.check_model_config(restored.run.config.model, config.model,
+                                   where=restored.source)
+  # Imported backbone weights have no classifier; features do not depend on its size.
+  model = build_model(config.model, max(restored.run.num_classes, 1))
+  variables, _ = checkpointing.merge_init(
+      state_lib.init_variables(model, config.input.image_size, config.seed),
+      restored.variables, where=restored.source)
+  variables, done = jax.device_put(variables, replicated), restored.step
   rows = evaluator.evaluate_model(model, variables, config, mesh)
   results = {"step": done, "results": rows}
   if unwritable:
