@@ -63,7 +63,7 @@ BAD = [
      "test sets)"),
     ({"dataset.builder_config": "giant"},
      "dataset.builder_config='giant': expected one of 'tiny', 'small', 'large', "
-     "'parts', 'pretrain'"),
+     "'parts', 'parts_loose', 'pretrain'"),
     ({"model.head": "musq"}, "model.head='musq'; expected 'musp' or 'baseline'"),
     ({"model.depth": 20}, "model.depth=20: expected one of 18, 34, 50, 101, 152"),
     ({"model.init_from": "/nonexistent/weights"},
