@@ -45,6 +45,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # --- model (models/) ---
   c.model = ml_collections.ConfigDict()
+  # resnet (torchvision) | resnet_ibn_a (IBN-Net / fast-reid's ResNet-IBN-a: half of the
+  # first norm of each block of layers 1-3 instance-normalised)
+  c.model.backbone = "resnet"
   c.model.depth = 50
   c.model.last_stride = 1
   c.model.head = "musp"  # musp | baseline

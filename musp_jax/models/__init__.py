@@ -15,11 +15,11 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # Fields of config.model that change parameter shapes or what the features mean;
 # dtype, conv_impl, init_from and the loss-side `diversity` do not.
-ARCH_FIELDS = ("depth", "last_stride", "head", "num_prototypes", "value_conv",
+ARCH_FIELDS = ("backbone", "depth", "last_stride", "head", "num_prototypes", "value_conv",
                "value_channels", "ese", "ese_reduction", "attention",
                "global_feature", "pooling", "global_branch")
 # What a field added after the first release meant before it existed.
-_ARCH_DEFAULTS = {"global_branch": True}
+_ARCH_DEFAULTS = {"global_branch": True, "backbone": "resnet"}
 
 
 def compute_dtype(name: str):
@@ -78,6 +78,7 @@ def build_model(model_config: ml_collections.ConfigDict,
   backbone = resnet.ResNet(
       depth=model_config.depth, last_stride=model_config.last_stride,
       dtype=compute_dtype(model_config.dtype),
-      conv_impl=model_config.get("conv_impl", "auto"))
+      conv_impl=model_config.get("conv_impl", "auto"),
+      backbone=model_config.get("backbone", "resnet"))
   return musp.ReIDModel(backbone=backbone,
                         head=build_head(model_config, num_classes))

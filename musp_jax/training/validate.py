@@ -131,6 +131,7 @@ def _check_dataset(c: _Checker) -> None:
 
 
 def _check_model(c: _Checker) -> None:
+  c.choice("model.backbone", resnet.BACKBONES)
   depth_ok = c.choice("model.depth", sorted(resnet.STAGE_SIZES))
   c.choice("model.last_stride", (1, 2))
   c.choice("model.conv_impl", fast_conv.CONV_IMPLS)
