@@ -49,7 +49,24 @@ BAD = [
     ({"input.flip_prob": 1.5}, "input.flip_prob=1.5: expected a probability in [0, 1]"),
     ({"loss.label_smoothing": 1.0}, "loss.label_smoothing=1.0: expected a number in [0, 1)"),
     ({"eval.every_epochs": 0}, "eval.every_epochs=0: expected an integer >= 1"),
-    ({"eval.dataset": "veri"}, "eval.dataset='veri': expected '' (the training dataset)"),
+    ({"eval.dataset": "veri"}, "eval.dataset='veri': expected '' (the training datasets) "
+     "or datasets among 'veri776', 'vehicle_id', 'veri_wild', 'synthetic_vehicles' or of "
+     "your own images (`python -m musp_jax.build_dataset folder --manual_dir DIR --name "
+     "NAME`; none is built in ~/tensorflow_datasets); 'veri' is neither"),
+    ({"dataset.name": "veri776,veri776"},
+     "dataset.name='veri776,veri776': expected each dataset once ('veri776' is listed 2 "
+     "times)"),
+    ({"dataset.name": ""}, "dataset.name='': expected a dataset, or several "
+     "comma-separated, e.g. 'veri776,vehicle_id'"),
+    ({"dataset.name": "folder"}, "'folder' is neither"),
+    ({"dataset.name": "veri776,synthetic_vehicles", "dataset.combine_all": True},
+     "eval.dataset='': expected datasets not trained on: dataset.combine_all=True trains "
+     "on the test identities of synthetic_vehicles, veri776, whose protocols would rank "
+     "vehicles the model has learnt"),
+    ({"dataset.combine_all": True, "eval.dataset": "veri776,synthetic_vehicles"},
+     "eval.dataset='veri776,synthetic_vehicles': expected datasets not trained on"),
+    ({"model.backbone": "resnet_ibn_b"},
+     "model.backbone='resnet_ibn_b': expected one of 'resnet', 'resnet_ibn_a'"),
     ({"eval.dataset": "vehicle_id", "eval.test_size": "huge"},
      "eval.test_size='huge': expected one of 'small', 'medium', 'large' (vehicle_id's "
      "test sets)"),
@@ -112,11 +129,24 @@ def test_eval_mode_checks_only_what_evaluation_reads():
 
 
 def test_identities_and_resume_against_the_data():
-  config = synthetic.get_config("runlocal")
-  validate.check_identities(config, 4)
+  config = synthetic.get_config("runlocal")  # P = 4
+  validate.check_identities(config, {"synthetic_vehicles": 4})
   with pytest.raises(validate.ConfigError,
-                     match=r"input.num_ids=4: expected at most the 3 identities"):
-    validate.check_identities(config, 3)
+                     match=r"input.num_ids=4: expected at most the 3 identities of the "
+                           r"training data \(a 1, b 2\)"):
+    validate.check_identities(config, {"a": 1, "b": 2})
+  # Dataset-balanced batches: 4 identities from 3 datasets are 2 + 1 + 1.
+  validate.check_identities(config, {"a": 1, "b": 9, "c": 9})
+  config.input.balance_datasets = True
+  validate.check_identities(config, {"a": 2, "b": 1, "c": 1})
+  with pytest.raises(validate.ConfigError,
+                     match=r"input.num_ids=4 with input.balance_datasets takes 2 "
+                           r"identities from a per batch; it has 1 \(a 1, b 9, c 9\)"):
+    validate.check_identities(config, {"a": 1, "b": 9, "c": 9})
+  with pytest.raises(validate.ConfigError,
+                     match=r"input.num_ids=4 identities per batch cannot take one from "
+                           r"each of the 5 datasets"):
+    validate.check_identities(config, dict.fromkeys("abcde", 9))
   validate.check_resume(32, total_steps=32, steps_per_epoch=16, config=config, where="w")
   with pytest.raises(validate.ConfigError,
                      match=r"w: checkpoint step 33 is past the end of this config's "

@@ -20,6 +20,7 @@ from typing import Any
 import jax
 
 from musp_jax.data import datasets
+from musp_jax.data import sampling
 from musp_jax import models
 from musp_jax.core import preprocess
 from musp_jax.retrieval import ranking
@@ -98,7 +99,7 @@ def check_config(config: Any, *, mode: str = "train", num_devices: int | None = 
   num_processes = jax.process_count() if num_processes is None else num_processes
   c = _Checker(config)
   c.int_at_least("seed", 0)
-  _check_dataset(c)
+  _check_dataset(c, train=mode == "train")
   _check_model(c)
   _check_input(c, train=mode == "train", num_devices=num_devices,
                num_processes=num_processes)
@@ -117,17 +118,63 @@ def check_config(config: Any, *, mode: str = "train", num_devices: int | None = 
     raise ConfigError(head + "; ".join(c.problems) + ".")
 
 
-def _check_dataset(c: _Checker) -> None:
-  if c.choice("dataset.name", list(datasets.DATASETS)):
-    name = c.get("dataset.name")
-    names = datasets.config_names(name)
-    if names:
-      c.choice("dataset.builder_config", names)
-    else:
-      c.expect("dataset.builder_config", lambda v: v in ("", None),
-               f"'' ({name} has no builder configs)")
-  c.string("dataset.data_dir", empty=False)
+def _check_dataset(c: _Checker, *, train: bool) -> None:
+  data_ok = c.string("dataset.data_dir", empty=False)
   c.string("dataset.manual_dir")
+  c.boolean("dataset.combine_all")
+  # Training reads every training dataset; evaluation only names them.
+  entries = _check_entries(c, "dataset.name", built=train and data_ok)
+  if entries is None:
+    return
+  with_configs = [e for e in entries if datasets.config_names(e.table)]
+  if with_configs:
+    c.choice("dataset.builder_config", datasets.config_names(with_configs[0].table))
+  else:
+    names = ", ".join(e.name for e in entries)
+    c.expect("dataset.builder_config", lambda v: v in ("", None),
+             f"'' ({names} {'has' if len(entries) == 1 else 'have'} no builder configs)")
+
+
+def _check_entries(c: _Checker, key: str, *, built: bool,
+                   empty: str = "") -> list[datasets.Entry] | None:
+  """The entries of a comma-separated dataset list, or None (a problem recorded).
+
+  `built`: a user dataset must be built in dataset.data_dir (the licensed ones are
+  reported with their build command when read). `empty`: what an empty list means, if
+  it may be empty.
+  """
+  value = c.get(key)
+  if not isinstance(value, str):
+    c.fail(key, "a string: a dataset, or several comma-separated")
+    return None
+  names = datasets.split_names(value)
+  if not names:
+    if not empty:
+      c.fail(key, "a dataset, or several comma-separated, e.g. 'veri776,vehicle_id'")
+    return [] if empty else None
+  known = [n for n, row in datasets.DATASETS.items() if not row.named_builds]
+  data_dir = c.get("dataset.data_dir")
+  for name in names:
+    if names.count(name) > 1:
+      c.fail(key, f"each dataset once ({name!r} is listed {names.count(name)} times)")
+      return None
+    if name in known:
+      continue
+    own = datasets.user_datasets(data_dir) if isinstance(data_dir, str) and data_dir else []
+    try:
+      datasets.check_user_dataset_name(name)
+      usable = name in own or not built
+    except ValueError:
+      usable = False
+    if not usable:
+      where = (f"built in {data_dir}: {', '.join(own)}" if own else
+               f"none is built in {data_dir}")
+      c.fail(key, f"{empty + ' or ' if empty else ''}datasets among "
+             f"{', '.join(map(repr, known))} or of your own images (`python -m "
+             f"musp_jax.build_dataset folder --manual_dir DIR --name NAME`; {where}); "
+             f"{name!r} is neither")
+      return None
+  return [datasets.entry(n, c.get("dataset.builder_config")) for n in names]
 
 
 def _check_model(c: _Checker) -> None:
@@ -163,6 +210,7 @@ def _check_input(c: _Checker, *, train: bool, num_devices: int,
     return
   p_ok = c.int_at_least("input.num_ids", 1)
   k_ok = c.int_at_least("input.num_instances", 1)
+  c.boolean("input.balance_datasets")
   if p_ok and k_ok:
     batch = c.get("input.num_ids") * c.get("input.num_instances")
     for count, what in ((num_devices, "devices"), (num_processes, "processes")):
@@ -183,14 +231,20 @@ def _check_input(c: _Checker, *, train: bool, num_devices: int,
 
 
 def _check_eval(c: _Checker, *, num_devices: int, num_processes: int) -> None:
-  if c.expect("eval.dataset", lambda v: v == "" or v in datasets.DATASETS,
-              "'' (the training dataset) or one of "
-              + ", ".join(repr(d) for d in datasets.DATASETS)):
-    name = c.get("eval.dataset") or c.get("dataset.name")
-    sizes = datasets.test_sizes(name) if name in datasets.DATASETS else {}
-    if sizes:
-      c.expect("eval.test_size", lambda v: v in sizes,
-               f"one of {', '.join(map(repr, sizes))} ({name}'s test sets)")
+  targets = _check_entries(c, "eval.dataset", built=True, empty="'' (the training datasets)")
+  if targets is not None:
+    names = [e.name for e in targets] or datasets.split_names(c.get("dataset.name"))
+    for name in names:
+      sizes = datasets.test_sizes(name) if name in datasets.DATASETS else {}
+      if sizes and not c.expect("eval.test_size", lambda v, sizes=sizes: v in sizes,
+                                f"one of {', '.join(map(repr, sizes))} ({name}'s test sets)"):
+        break
+    if c.get("dataset.combine_all") is True:
+      trained = set(datasets.split_names(c.get("dataset.name")))
+      if not targets or trained & set(names):
+        c.fail("eval.dataset", "datasets not trained on: dataset.combine_all=True trains "
+               f"on the test identities of {', '.join(sorted(trained))}, whose protocols "
+               "would rank vehicles the model has learnt")
   if c.int_at_least("eval.batch_size", 1):
     for count, what in ((num_devices, "devices"), (num_processes, "processes")):
       if c.get("eval.batch_size") % count:
@@ -234,13 +288,26 @@ def _check_optim(c: _Checker) -> None:
   c.number("optim.gamma", lambda v: v > 0, "a number > 0")
 
 
-def check_identities(config: Any, num_identities: int) -> None:
-  """PK batches draw input.num_ids distinct identities from the training split."""
-  if config.input.num_ids > num_identities:
+def check_identities(config: Any, identities: dict[str, int]) -> None:
+  """PK batches draw input.num_ids distinct identities from the training data
+  (`identities`: per training dataset), and with input.balance_datasets a fixed share
+  of them from each dataset."""
+  total, p = sum(identities.values()), config.input.num_ids
+  what = ", ".join(f"{name} {n}" for name, n in identities.items())
+  if p > total:
     raise ConfigError(
-        f"config: input.num_ids={config.input.num_ids}: expected at most the "
-        f"{num_identities} identities of the training split "
-        f"({config.dataset.name}/{config.dataset.builder_config or '-'}).")
+        f"config: input.num_ids={p}: expected at most the {total} identities of the "
+        f"training data ({what}).")
+  if config.input.balance_datasets and len(identities) > 1:
+    try:
+      shares = sampling.balanced_shares(p, len(identities))
+    except ValueError as e:
+      raise ConfigError(f"config: {str(e).removeprefix('PKSampler: ')}") from None
+    for (name, n), share in zip(identities.items(), shares):
+      if share > n:
+        raise ConfigError(
+            f"config: input.num_ids={p} with input.balance_datasets takes {share} "
+            f"identities from {name} per batch; it has {n} ({what}).")
 
 
 def check_resume(restored_step: int, *, total_steps: int, steps_per_epoch: int,
