@@ -1,5 +1,5 @@
-"""Several training datasets at once, and the user's own: labels, combine_all, and
-training runs that evaluate on each dataset and resume exactly."""
+"""Several training datasets at once, and the user's own: labels, combine_all, and a
+training run that evaluates on each dataset and resumes exactly."""
 
 import json
 import logging
@@ -107,53 +107,50 @@ def _final_state(workdir):
 
 def test_joint_training_evaluates_each_dataset_and_resumes_exactly(data_dir, tmp_path,
                                                                    caplog):
-  """VeRi-776 + VehicleID for 4 steps straight, and as 2 + 2 steps resumed."""
-  config = _config(data_dir, "veri776,vehicle_id")
+  """VeRi-776, VehicleID and the folder- and CSV-built datasets of the user's own images
+  trained together (dataset-balanced batches: one identity of each per batch) for 6
+  steps straight, and as 4 + 2 steps resumed mid-epoch; each dataset evaluated by its protocol."""
+  config = _config(data_dir, "veri776,vehicle_id,own_folder,own_csv",
+                   **{"input.balance_datasets": True})
   results = train.train_and_evaluate(config, str(tmp_path / "a"))
-  # 9 images in batches of 8: 2 steps an epoch. Each dataset's protocol has its rows.
-  assert results["step"] == 4
+  # 9 + 5 + 5 images in batches of 8: 3 steps an epoch.
+  assert results["step"] == 6
   rows = results["results"]
-  assert list(rows) == ["veri776", "vehicle_id_small/random2", "vehicle_id_small/first"]
+  # A block of rows per dataset, in the order eval.dataset (here: dataset.name) lists them.
+  assert list(rows) == ["veri776", "vehicle_id_small/random2", "vehicle_id_small/first",
+                        "own_folder", "own_csv"]
   assert rows["veri776"]["num_queries"] == 2
   assert rows["vehicle_id_small/first"]["num_queries"] == 1  # id 40's second image
+  # Own queries 101, 102, 103: 103 has no gallery image; 102 only a same-camera one,
+  # junk for the folder build, a match for the CSV build (--keep_junk).
+  assert rows["own_folder"]["num_queries"] == 1
+  assert rows["own_csv"]["num_queries"] == 2
+  assert evaluator.primary_map(rows) == pytest.approx(np.mean(
+      [rows[n]["mAP"] for n in ("veri776", "vehicle_id_small/random2", "own_folder",
+                                "own_csv")]))
+  assert json.loads((tmp_path / "a" / "results.json").read_text())["results"] == rows
   table = (tmp_path / "a" / "results.md").read_text()
   assert "\nveri776:\n" in table and "\nvehicle_id_small:\n" in table
   scalars = test_train._events(tmp_path / "a")
   assert "eval/veri776/mAP" in scalars and "eval/vehicle_id_small/first/mAP" in scalars
+  # Labels in dataset-name order, 3 per dataset: the classifier has their sum.
   restored = checkpointing.load_variables(tmp_path / "a")
-  assert restored.run.num_classes == 6
-  assert restored.run.label_identities[:1] == (("vehicle_id", 7),)
+  assert restored.run.num_classes == 12
+  assert restored.run.label_identities == (
+      *(("own_csv", v) for v in (3, 8, 20)), *(("own_folder", v) for v in (3, 8, 20)),
+      ("vehicle_id", 7), ("vehicle_id", 12), ("vehicle_id", 30),
+      ("veri776", 2), ("veri776", 5), ("veri776", 9))
   kernels = [v for path, v in jax.tree_util.tree_leaves_with_path(
       restored.variables["params"]["head"]) if "classifier" in jax.tree_util.keystr(path)]
-  assert [k.shape[-1] for k in kernels] == [6]
-  # A run stopped after step 2 leaves that step's checkpoint; resumed from it, it ends
-  # with the same weights and results.
-  shutil.copytree(tmp_path / "a" / "checkpoints" / "2", tmp_path / "b" / "checkpoints" / "2")
+  assert [k.shape[-1] for k in kernels] == [12]
+  # A run stopped after step 4 (mid-epoch) leaves that step's checkpoint; resumed from
+  # it, it ends with the same weights and results.
+  shutil.copytree(tmp_path / "a" / "checkpoints" / "4", tmp_path / "b" / "checkpoints" / "4")
   with caplog.at_level(logging.INFO):
     again = train.train_and_evaluate(config, str(tmp_path / "b"))
-  assert f"Resumed from step 2 in {tmp_path / 'b' / 'checkpoints'}" in caplog.text
+  assert f"Resumed from step 4 in {tmp_path / 'b' / 'checkpoints'}" in caplog.text
   (step_a, a), (step_b, b) = _final_state(tmp_path / "a"), _final_state(tmp_path / "b")
-  assert step_a == step_b == 4
+  assert step_a == step_b == 6
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x, y)
   assert again["results"] == results["results"]
-
-
-def test_training_and_evaluating_on_own_data(data_dir, tmp_path):
-  """The folder-built and the CSV-built datasets trained together (dataset-balanced
-  batches), each evaluated by the protocol it was built with."""
-  config = _config(data_dir, "own_folder,own_csv",
-                   **{"input.balance_datasets": True})
-  results = train.train_and_evaluate(config, str(tmp_path / "w"))
-  rows = results["results"]
-  assert list(rows) == ["own_folder", "own_csv"]
-  # Queries 101, 102, 103: 103 has no gallery image; 102 only a same-camera one, junk
-  # for the folder build, a match for the CSV build (--keep_junk).
-  assert rows["own_folder"]["num_queries"] == 1
-  assert rows["own_csv"]["num_queries"] == 2
-  restored = checkpointing.load_variables(tmp_path / "w")
-  assert restored.run.label_identities == tuple(
-      (name, v) for name in ("own_csv", "own_folder") for v in (3, 8, 20))
-  assert evaluator.primary_map(rows) == pytest.approx(
-      (rows["own_folder"]["mAP"] + rows["own_csv"]["mAP"]) / 2)
-  assert json.loads((tmp_path / "w" / "results.json").read_text())["results"] == rows
