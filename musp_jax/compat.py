@@ -26,8 +26,9 @@ are widened to float32.
 
 The one difference in results: equal distances are ordered by gallery index (a
 stable sort), where fast-reid's `np.argsort` (quicksort) leaves their order to
-the sort algorithm, so results on tied distances can differ; without ties they
-agree to float rounding. Beyond that, where fast-reid fails we answer: a query
+the sort algorithm, so results on tied distances can differ; without ties the
+CMC is equal and AP and INP agree to float64 rounding (both are float64 sums of
+ratios of integer ranks). Beyond that, where fast-reid fails we answer: a query
 with fewer kept gallery items than max_rank gets a CMC that keeps its last value
 (fast-reid's Python path raises on the ragged rows), no valid query raises
 ValueError (fast-reid: AssertionError), and `use_metric_cuhk03=True` (CUHK03's

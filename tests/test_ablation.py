@@ -31,10 +31,13 @@ def test_mean_and_sample_std_over_seeds():
   stats = ablation.aggregate(records)
   assert list(stats) == ["baseline", "MUSP n=2"]
   base = stats["baseline"]["mAP"]
+  # numpy float64 statistics of three numbers: approx's default rel=1e-6 is far above
+  # their rounding (1e-16); no XLA code enters.
   assert base["mean"] == pytest.approx(0.4) and base["n"] == 3
   assert base["std"] == pytest.approx(0.2)  # sqrt(((-.2)^2 + 0 + .2^2) / (3 - 1))
   assert stats["baseline"]["part_iou"] is None  # no attention maps
   musp = stats["MUSP n=2"]
+  # sqrt(0.02) = 0.141421...: the literal has 4 decimals, hence abs=1e-4.
   assert musp["CMC@1"]["std"] == 0.0 and musp["mAP"]["std"] == pytest.approx(0.1414, abs=1e-4)
   # A dead background map (None) is left out, and the count says so.
   assert musp["background_on_background"] == {"mean": 0.8, "std": 0.0, "n": 1}

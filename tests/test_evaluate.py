@@ -36,9 +36,12 @@ def _reference_row(q, g, remove_junk=True):
 
 
 def _assert_row(got, want):
+  # The float32 device distance and the float64 reference rank random features the
+  # same (no near-ties), and both compute the metrics in float64 from integer ranks:
+  # equal up to float64 sums in another order.
   assert set(want) <= set(got)
   for k, v in want.items():
-    assert got[k] == pytest.approx(v, rel=1e-6), k
+    assert got[k] == pytest.approx(v, rel=1e-12), k
 
 
 @pytest.fixture
@@ -107,6 +110,8 @@ def test_rerank_is_recorded_and_changes_the_ranking(saved, capsys):
   report = json.loads(capsys.readouterr().out)
   assert report["rerank"] is True
   row = report["results"]["q vs g"]
+  # Re-ranking moves mAP by far more than 1e-3 on these features (and float64 metrics
+  # of the same ranking would agree to 1e-12).
   assert row["mAP"] != pytest.approx(_reference_row(q, g)["mAP"], rel=1e-3)
 
 

@@ -49,9 +49,11 @@ def test_round_trip_gives_identical_outputs(exported_file, loaded):
     ref = direct(x)
     np.testing.assert_array_equal(out["feats"], np.asarray(ref["feats"]))
     np.testing.assert_array_equal(out["areas"], np.asarray(ref["areas"]))
+    # float32 norms of 512 values: sqrt(512) u = 1.4e-6 random walk; measured 6e-8.
     np.testing.assert_allclose(np.linalg.norm(out["feats"], axis=-1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.numerics
 def test_export_at_model_size_matches_embed(tmp_path, loaded):
   """At the model's input size there is no resize: the export equals the embed tool."""
   serialized, metadata = export.export(loaded, platforms=("cpu",))
@@ -67,8 +69,10 @@ def test_export_at_model_size_matches_embed(tmp_path, loaded):
   feats = embed.write_features(loaded, [str(tmp_path / "r0.png"), str(tmp_path / "r1.png")],
                       str(tmp_path / "f.npz"), progress=False)
   out = model(np.stack(resized))
-  np.testing.assert_allclose(out["feats"], feats.feats, atol=2e-5)
-  np.testing.assert_allclose(out["areas"], feats.areas, atol=1e-6)
+  # Another program (jax.export) of the same model: tools_fixtures.NET_OUTPUT_RTOL (the
+  # former element-wise atol 2e-5 / 1e-6 was 40% used on AVX).
+  tools_fixtures.assert_net_outputs_close(out["feats"], feats.feats)
+  tools_fixtures.assert_net_outputs_close(out["areas"], feats.areas)
 
 
 def test_loading_needs_no_model_code(exported_file):
@@ -123,14 +127,19 @@ def _check_onnx_model(path, loaded, hw, direct):
   feats, areas = session.run(["feats", "areas"], {"images": x})
   ref = {k: np.asarray(v) for k, v in direct(x).items()}
   assert feats.shape == (3, n, 512) and areas.shape == (3, n)
-  # 1e-4 relative: the difference of each feature vector against its length.
+  # 1e-4 relative, the bound the export itself enforces before it writes a model
+  # (export.py): the difference of each feature vector against its length. Measured
+  # here 9.5e-6 (features) and 6.6e-7 (areas), inside NET_OUTPUT_RTOL too.
   rel = np.linalg.norm(feats - ref["feats"], axis=-1) / np.linalg.norm(ref["feats"], axis=-1)
   assert rel.max() < 1e-4, rel.max()
   np.testing.assert_allclose(areas, ref["areas"], rtol=1e-4, atol=0)
   # The batch is dynamic: one image alone gives its row of the batch of three.
   one_feats, one_areas = session.run(["feats", "areas"], {"images": x[1:2]})
-  np.testing.assert_allclose(one_feats[0], feats[1], atol=1e-6)
-  np.testing.assert_allclose(one_areas[0], areas[1], atol=1e-7)
+  # onnxruntime's own kernels, batch 1 against 3, picked by the CPU's instruction set
+  # at run time: tools_fixtures.NET_OUTPUT_RTOL (the former element-wise atol=1e-6 was
+  # 91% used on this AVX2 CPU).
+  tools_fixtures.assert_net_outputs_close(one_feats[0], feats[1])
+  tools_fixtures.assert_net_outputs_close(one_areas[0], areas[1])
 
 
 def test_onnx_export_of_musp_through_the_resize_path(loaded, tmp_path):

@@ -16,10 +16,13 @@ def test_attention_map_is_resized_to_the_image_geometry():
   assert 10 <= row < 20 and 50 <= col < 60
   # Half-pixel-centred bilinear: output pixel 14 (centre 14.5) samples the map at
   # (14.5 / 10) - 0.5 = 0.95 rows, 0.05 from the hot cell's centre in each axis.
+  # OpenCV interpolates float32 maps in float32 (a few roundings, ~3e-7; no XLA):
+  # rtol=1e-5.
   np.testing.assert_allclose(up[14:16, 54:56], 0.95 * 0.95, rtol=1e-5)
   assert up[:5].max() == 0.0 and up[:, :40].max() == 0.0  # far from the cell: nothing
   # Symmetric about the cell's centre (pixel centres aligned, no half-pixel shift).
-  np.testing.assert_allclose(up[10:20, 45:65], up[10:20, 45:65][::-1, ::-1], atol=1e-6)
+  np.testing.assert_allclose(up[10:20, 45:65], up[10:20, 45:65][::-1, ::-1],
+                             atol=1e-6)  # the same float32 roundings, mirrored
 
 
 def test_overlay_blends_the_colour_map_at_the_image_size():
@@ -30,6 +33,7 @@ def test_overlay_blends_the_colour_map_at_the_image_size():
   assert out.shape == image.shape and out.dtype == np.uint8
   cold = np.asarray(colormaps["jet"](0.0)[:3]) * 255
   hot = np.asarray(colormaps["jet"](1.0)[:3]) * 255
+  # uint8 pixels: the blend is rounded to an integer (atol=1 grey level).
   np.testing.assert_allclose(out[-1, -1], np.round(0.5 * 200 + 0.5 * cold), atol=1)
   np.testing.assert_allclose(out[4, 4], np.round(0.5 * 200 + 0.5 * hot), atol=1)
 

@@ -32,6 +32,7 @@ def test_dry_run_writes_every_figure(tmp_path):
   assert set(contenders) == {"jax:auto", "torch:eager_cl"}
   for row in contenders.values():
     assert row["img_s"] > 0
+    # The same Python-float ratio, as rounded into the summary (approx's default rel).
     assert row["vs_torch_eager"] == pytest.approx(
         row["img_s"] / contenders["torch:eager_cl"]["img_s"])
   ev = summary["eval"]

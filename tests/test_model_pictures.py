@@ -35,7 +35,7 @@ def test_per_query_ap_and_choice_of_queries():
   ])
   aps = ranking.rank_distmat(dist, query.ids, gallery.ids, query.cams, gallery.cams,
                                per_query=True)["per_query"]["AP"]  # what ranks_picture uses
-  np.testing.assert_allclose(aps[:3], [0.5, 1.0, 0.2])
+  np.testing.assert_allclose(aps[:3], [0.5, 1.0, 0.2])  # float64 from integer ranks
   assert np.isnan(aps[3])
   assert list(model_pictures.choose_queries(aps, "worst", 2)) == [2, 0]
   assert list(model_pictures.choose_queries(aps, "best", 2)) == [1, 0]

@@ -5,6 +5,10 @@ import pytest
 
 from musp_jax.retrieval import reference
 
+# Tolerances: rank_metrics is float64 numpy. The hand tables are exact rationals
+# (pytest.approx's default rel=1e-6 is far above their float64 rounding); against the
+# brute-force loop both sides sum the same ratios of integer ranks, in another order
+# (a 2^-53 rounding per term): rel=1e-12.
 
 def _one(dists, g_ids, g_cams, q_id=1, q_cam=0, **kwargs):
   return reference.rank_metrics(np.array([dists], np.float32), np.array([q_id]),

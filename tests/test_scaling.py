@@ -20,6 +20,7 @@ def test_efficiency_is_throughput_over_linear():
           {"mode": "strong", "devices": 2, "img_s": 80.0},
           {"mode": "other", "devices": 2, "img_s": 50.0}]
   out = tools_fixtures.load_script("scaling").add_efficiency(rows)
+  # Ratios of Python floats: approx's default rel=1e-6 is far above their rounding.
   assert [r["efficiency"] for r in out[:4]] == pytest.approx([1.0, 0.9, 1.0, 0.5])
   assert np.isnan(out[4]["efficiency"])  # No 1-device baseline to compare with.
 

@@ -65,8 +65,15 @@ def relative_error(actual, expected) -> float:
   return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
 
 
+# torchvision (its own float32 kernels) against the imported Flax ResNet: K u for the
+# longest dot product, 9 x 2048 (ResNet-50's layer4) x 2^-24 = 1.1e-3 worst case, a
+# random walk far below: 1e-4 of the largest value. Measured at most 7.9e-7 on AVX2 and
+# AVX; a transposed kernel or a wrong padding errs by O(1).
+TORCH_RTOL = 1e-4
+
+
 @pytest.mark.parametrize("depth,last_stride,batch", [
-    (50, 1, 2), (50, 2, 1), (18, 1, 2)])
+    pytest.param(50, 1, 2, marks=pytest.mark.numerics), (50, 2, 1), (18, 1, 2)])
 def test_pooled_features_match_torchvision(depth, last_stride, batch):
   torch_model = torchvision_resnet(depth, last_stride, seed=depth + last_stride)
   model = resnet.ResNet(depth, last_stride=last_stride)
@@ -78,7 +85,7 @@ def test_pooled_features_match_torchvision(depth, last_stride, batch):
   expected, _ = torch_forward(torch_model, images)
   size = 16 if last_stride == 1 else 8
   assert out["layer4"].shape == (batch, size, size, 512 if depth == 18 else 2048)
-  assert relative_error(out["pooled"], expected) <= 1e-4
+  assert relative_error(out["pooled"], expected) <= TORCH_RTOL
 
 
 def test_classifier_logits_match_torchvision_on_odd_input_size():
@@ -90,8 +97,8 @@ def test_classifier_logits_match_torchvision_on_odd_input_size():
   images = np.random.RandomState(1).randn(2, 67, 45, 3).astype(np.float32)
   out = jax.jit(model.apply)(variables, images)
   pooled, logits = torch_forward(torch_model, images)
-  assert relative_error(out["pooled"], pooled) <= 1e-4
-  assert relative_error(out["logits"], logits) <= 1e-4
+  assert relative_error(out["pooled"], pooled) <= TORCH_RTOL
+  assert relative_error(out["logits"], logits) <= TORCH_RTOL
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +201,7 @@ def test_cli_torchvision_roundtrip_then_load_init(tmp_path):
   images = np.random.RandomState(2).randn(2, 64, 64, 3).astype(np.float32)
   out = jax.jit(resnet.ResNet(18, last_stride=1).apply)(backbone, images)
   expected, _ = torch_forward(torch_model, images)
-  assert relative_error(out["pooled"], expected) <= 1e-4
+  assert relative_error(out["pooled"], expected) <= TORCH_RTOL
 
 
 

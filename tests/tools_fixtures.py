@@ -28,6 +28,26 @@ from musp_jax.models import build_model
 IMAGE_SIZE = (64, 64)
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
+# How far two computations of the shared model's float32 outputs (features, areas) may
+# differ: another batch size, another program (export, onnxruntime) or another
+# instruction set rounds the same sums in another order (GEMM blocking, vector width,
+# fused multiply-add). Bound: K u for the model's longest dot product, layer4's 3x3
+# conv, K = 9 x 512 = 4608, u = 2^-24: 2.7e-4, relative to each output vector. The
+# measured differences (beside each use) are 1e-7 to 2e-5; an image out of place or a
+# bfloat16 round trip errs by 1e-3 or more.
+NET_OUTPUT_RTOL = 9 * 512 * 2.0**-24
+
+
+def assert_net_outputs_close(got, want) -> float:
+  """Each vector along the last axis within NET_OUTPUT_RTOL of its length; returns the
+  largest relative error (||got - want|| / ||want||)."""
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  assert got.shape == want.shape, (got.shape, want.shape)
+  error = float(np.max(np.linalg.norm(got - want, axis=-1)
+                       / np.maximum(np.linalg.norm(want, axis=-1), 1e-30)))
+  assert error < NET_OUTPUT_RTOL, (error, NET_OUTPUT_RTOL)
+  return error
+
 
 def load_script(name: str):
   """scripts/<name>.py as a module (scripts/ is not a package)."""

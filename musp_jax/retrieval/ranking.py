@@ -38,8 +38,11 @@ gallery items sharing its id are needed (an index table built on the host);
 the first count is one compare-and-sum over the gallery row per same-id item
 (M passes over the (query_block, G) block, a fraction of the distance GEMM's
 time: scripts/bench_eval.py), the rest is M x M.
-The results equal `reference.rank_metrics` exactly on the same distances, ties
-included. Queries are processed in order of M so each block pads M little.
+The device returns these integer ranks; AP, INP and CMC are ratios of integers,
+finished on the host in float64 (`_finish_ranks`), so they equal
+`reference.rank_metrics` (and fast-reid's float64 sums) on the same distances, ties
+included, to float64 rounding on any machine. Queries are processed in order of M so
+each block pads M little.
 
 Memory: the gallery (prepared features) lives on the device, sharded over the
 mesh along the gallery axis; per query block only a (query_block, G) distance
@@ -139,10 +142,11 @@ def pairwise_distance(q_feats, q_areas, g_feats, g_areas, *,
 
 
 def _block_stats(dist_QxG, g_valid_G, idx_QxM, pos_QxM, junk_QxM):
-  """Per-query AP, first/last true-match rank, INP from the same-id table.
+  """Per query, the 0-based rank of each true match among kept items (int32).
 
-  idx_QxM: gallery indices of the items sharing the query's id (padding
-  slots have pos = junk = False). Ranks are 0-based among kept items.
+  idx_QxM: gallery indices of the items sharing the query's id (padding slots have
+  pos = junk = False). Slots that are not true matches hold -1. AP, INP and CMC
+  follow from these integers on the host (`_finish_ranks`).
   """
   num_g = dist_QxG.shape[1]
   dist_QxG = jnp.where(g_valid_G[None, :], dist_QxG, jnp.inf)
@@ -162,20 +166,31 @@ def _block_stats(dist_QxG, g_valid_G, idx_QxM, pos_QxM, junk_QxM):
 
   ahead_QxM = jax.lax.fori_loop(0, idx_QxM.shape[1], count_ahead,
                                 jnp.zeros(idx_QxM.shape, jnp.int32))
-  # Among the same-id items: s' ahead of s.
+  # Junk among the same-id items ahead of each: s' ahead of s.
   d_s, d_t = d_QxM[:, None, :], d_QxM[:, :, None]
   i_s, i_t = idx_QxM[:, None, :], idx_QxM[:, :, None]
   ahead_QxMxM = (d_s < d_t) | ((d_s == d_t) & (i_s < i_t))
   junk_ahead = jnp.sum(ahead_QxMxM & junk_QxM[:, None, :], -1, dtype=jnp.int32)
-  pos_ahead = jnp.sum(ahead_QxMxM & pos_QxM[:, None, :], -1, dtype=jnp.int32)
-  rank_QxM = ahead_QxM - junk_ahead
-  num_pos = jnp.sum(pos_QxM, -1, dtype=jnp.int32)
-  precision_QxM = (pos_ahead + 1).astype(jnp.float32) / (rank_QxM + 1)
-  ap = jnp.sum(jnp.where(pos_QxM, precision_QxM, 0.0), -1) / jnp.maximum(num_pos, 1)
-  first = jnp.min(jnp.where(pos_QxM, rank_QxM, num_g), -1)
-  last = jnp.max(jnp.where(pos_QxM, rank_QxM, -1), -1)
-  inp = num_pos / jnp.maximum(last + 1, 1).astype(jnp.float32)
-  return ap, first, inp
+  return jnp.where(pos_QxM, ahead_QxM - junk_ahead, -1)
+
+
+def _finish_ranks(rank_QxM: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(AP, first-hit rank, INP) per query from its true matches' ranks, in float64.
+
+  With r_0 < r_1 < ... the true matches' 0-based ranks, the k-th of them sits where
+  k + 1 true matches are within the top r_k + 1, so AP = mean_k (k + 1) / (r_k + 1)
+  and INP = (number of true matches) / (r_last + 1): ratios of integers, summed in
+  float64 as fast-reid's eval_market1501 sums them. Every row has a true match.
+  """
+  rank_QxM = np.asarray(rank_QxM, np.int64)
+  num_pos = np.sum(rank_QxM >= 0, axis=1)
+  # Sorted ascending with the empty (-1) slots last: the k-th column is r_k.
+  ranks = np.sort(np.where(rank_QxM >= 0, rank_QxM, np.iinfo(np.int64).max), axis=1)
+  k = np.arange(ranks.shape[1])
+  precision = np.where(k[None, :] < num_pos[:, None], (k + 1.0) / (ranks + 1.0), 0.0)
+  ap = np.sum(precision, axis=1) / num_pos
+  last = ranks[np.arange(len(ranks)), num_pos - 1]
+  return ap, ranks[:, 0], num_pos / (last + 1.0)
 
 
 @functools.partial(jax.jit, static_argnames=("distance", "precision"))
@@ -275,10 +290,10 @@ class _Accumulator:
     self.all_inp = np.full(num_queries, np.nan)
     self.first_hit = np.full(num_queries, -1, np.int64)
 
-  def add(self, queries: np.ndarray, ap, first, inp):
+  def add(self, queries: np.ndarray, rank_QxM: jax.Array):
+    """Adds a block's queries from `_block_stats`' ranks (padding rows after them)."""
     n = len(queries)
-    ap, first, inp = (np.asarray(x.addressable_shards[0].data)[:n]
-                      for x in (ap, first, inp))
+    ap, first, inp = _finish_ranks(np.asarray(rank_QxM.addressable_shards[0].data)[:n])
     self.all_ap[queries], self.all_inp[queries] = ap, inp
     self.first_hit[queries] = first
     self.ap += float(np.sum(ap, dtype=np.float64))
@@ -316,8 +331,9 @@ def _rank_in_blocks(labels, block_stats, *, max_rank: int, remove_junk: bool,
   """The one loop over query blocks, for distances given or computed on the device.
 
   labels: (q_ids, g_ids, q_cams, g_cams). `block_stats(queries, block_rows, idx, pos,
-  junk)` returns the per-query (AP, first-hit rank, INP) of the `queries` (padded to
-  `block_rows`) from their same-id tables (`_SameIdTable.table`, on the device).
+  junk)` returns the ranks of the true matches of the `queries` (padded to
+  `block_rows`; `_block_stats`) from their same-id tables (`_SameIdTable.table`, on
+  the device).
   """
   _check_block(query_block)
   _, _, repl = _shardings(mesh)
@@ -327,7 +343,7 @@ def _rank_in_blocks(labels, block_stats, *, max_rank: int, remove_junk: bool,
   for queries, width in _query_blocks(table, query_block):
     idx, pos, junk = (_put(_pad_rows(x, query_block), repl)
                       for x in table.table(queries, width))
-    acc.add(queries, *block_stats(queries, query_block, idx, pos, junk))
+    acc.add(queries, block_stats(queries, query_block, idx, pos, junk))
   return acc.result(per_query)
 
 

@@ -13,21 +13,29 @@ The latest `keep` steps are kept, and the best step by mAP is kept as well.
 `load_variables` is the one way to get a model's weights out of a checkpoint: it
 restores params and batch_stats only (no optimizer state).
 
-A step whose files are missing or unreadable (a truncated array file, a deleted
-`_METADATA`, a lost item) is corrupt, which is not the same as a step of another
+A step whose files are missing or unreadable (a truncated array file, bad metadata, a
+deleted `_METADATA`, a lost item) is corrupt, which is not the same as a step of another
 architecture: restoring the latest step falls back to the newest intact one, naming the
-corrupt step and why, and training moves the corrupt step aside (to
-<workdir>/corrupt_checkpoints/) so that it can save that step again.
+corrupt step, the file and why in one line, and training moves the corrupt step aside
+(to <workdir>/corrupt_checkpoints/) so that it can save that step again.
+
+`ProtectedSteps` keeps named steps whatever the latest-N policy says: training keeps
+the step it resumed from until a newer one has proved itself (train.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import logging
 import os
-from collections.abc import Iterator
+import pathlib
+import re
+import sys
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -51,11 +59,14 @@ class CheckpointCorruptError(ValueError):
   """A saved step's files are missing or unreadable."""
 
 
-# Errors of reading a step's files (tensorstore reports a truncated file as a
-# ValueError, a missing item is a KeyError); anything else, e.g. running out of device
-# memory, is not the step's fault and is raised as it is.
+# Errors of reading a step's files: tensorstore reports a short or unreadable file as a
+# ValueError (which Orbax may raise as the cause of a plain Exception), bad JSON
+# metadata is a ValueError, a missing item a KeyError. A failure with none of these
+# among its causes, e.g. running out of device memory, is not the step's fault and is
+# raised as it is.
 _READ_ERRORS = (ValueError, OSError, KeyError)
 CORRUPT_FOLDER = "corrupt_checkpoints"  # next to checkpoints/
+DIVERGED_FOLDER = "diverged_checkpoints"  # steps whose weights gave a non-finite loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,13 +102,27 @@ class Restored:
   source: str  # the step folder, <workdir>/checkpoints/<step>
 
 
+@dataclasses.dataclass
+class ProtectedSteps(pp.PreservationPolicy):
+  """Preserves the steps in `steps` (a set the owner changes as it goes)."""
+  steps: set[int] = dataclasses.field(default_factory=set)
+
+  def should_preserve(self, checkpoints: Sequence[Any], *,
+                      context: pp.PreservationContext) -> Sequence[bool]:
+    del context
+    return [info.step in self.steps for info in checkpoints]
+
+
 def make_manager(directory: str | epath.Path, *, keep: int = 2,
-                 read_only: bool = False) -> ocp.CheckpointManager:
-  """A manager that keeps the `keep` latest steps and the best step by mAP."""
+                 read_only: bool = False,
+                 protected: ProtectedSteps | None = None) -> ocp.CheckpointManager:
+  """A manager that keeps the `keep` latest steps, the best step by mAP and the
+  `protected` steps."""
   policy = pp.AnyPreservationPolicy([
       pp.LatestN(n=keep),
       pp.BestN(get_metric_fn=lambda m: m[METRIC], reverse=False, n=1,
                keep_checkpoints_without_metrics=False),
+      *([protected] if protected is not None else []),
   ])
   options = ocp.CheckpointManagerOptions(
       preservation_policy=policy,
@@ -168,22 +193,34 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, *,
   if step is not None:
     step = resolve_step(manager, step)
     return _restore_step(manager, step, abstract_state, model_config)
-  resolve_step(manager, None)  # no checkpoint at all: FileNotFoundError
+  return _newest_intact(
+      manager, lambda s: _restore_step(manager, s, abstract_state, model_config),
+      set_aside_corrupt=set_aside_corrupt)
+
+
+def _newest_intact(manager: ocp.CheckpointManager, read_step: Callable[[int], Any], *,
+                   set_aside_corrupt: bool) -> Any:
+  """read_step(step) of the newest step that is not corrupt, from the latest down.
+
+  Each corrupt step is logged in one line (and, with `set_aside_corrupt`, moved to
+  <checkpoints>/../corrupt_checkpoints/). No step at all: FileNotFoundError.
+  """
+  resolve_step(manager, None)
   corrupt = []
   for candidate in sorted(manager.all_steps(), reverse=True):
     try:
-      restored = _restore_step(manager, candidate, abstract_state, model_config)
+      result = read_step(candidate)
     except CheckpointCorruptError as e:
       corrupt.append(candidate)
-      moved = f"; moved it to {_set_aside(manager, candidate)}" if set_aside_corrupt else ""
+      moved = f"; moved it to {set_aside(manager, candidate)}" if set_aside_corrupt else ""
       logging.warning("%s%s. Falling back to the step before it.", e, moved)
       continue
     if set_aside_corrupt and corrupt:
       manager.reload()
-    return restored
+    return result
   raise CheckpointCorruptError(
       f"Every checkpoint in {manager.directory} is corrupt (steps {sorted(corrupt)}; "
-      "the reasons are logged above); train in a new --workdir.")
+      "the reasons are logged above).")
 
 
 def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
@@ -224,22 +261,103 @@ def _check_intact(step_dir: epath.Path, items: tuple[str, ...]) -> None:
 
 @contextlib.contextmanager
 def _reading(step: int, where: str) -> Iterator[None]:
-  """Turns a failure to read a step's files into CheckpointCorruptError."""
+  """Turns a failure to read a step's files (folder `where`) into
+  CheckpointCorruptError, one line naming the step, the file and why."""
+  _quiet_abandoned_reads()
   try:
     yield
   except CheckpointMismatchError:
     raise
-  except _READ_ERRORS as e:
-    text = str(e).split(" [tensorstore_spec=")[0].strip().strip("'\"")
-    text = text.splitlines()[0] if text else type(e).__name__
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    cause = _read_error(e)
+    if cause is None:
+      raise
     raise CheckpointCorruptError(
         f"Checkpoint step {step} in {os.path.dirname(where)} is corrupt: "
-        f"{text[:1000]}") from e
+        f"{_describe(cause, where)}") from e
 
 
-def _set_aside(manager: ocp.CheckpointManager, step: int) -> str:
-  """Moves a corrupt step out of the manager's folder (kept for inspection)."""
-  target = epath.Path(manager.directory).parent / CORRUPT_FOLDER / str(step)
+def _read_error(e: BaseException | None) -> BaseException | None:
+  """The first of `e` and its causes that is a read error (_READ_ERRORS), or None."""
+  for _ in range(16):  # a chain of causes is short; never loop on a cyclic one
+    if e is None:
+      return None
+    if isinstance(e, _READ_ERRORS):
+      return e
+    e = e.__cause__
+  return None
+
+
+_SHORT_VALUE = re.compile(r"is not valid for value of size (\d+)")
+
+
+def _describe(error: BaseException, where: str) -> str:
+  """A read error as one line; a short array file is named by its path.
+
+  Tensorstore names the OCDBT database folder and the bytes it could not read ("...
+  is not valid for value of size N"); the file cut short is the one of N bytes.
+  """
+  text = str(error).split(" [tensorstore_spec=")[0].strip().strip("'\"")
+  text = (text.splitlines()[0] if text else type(error).__name__)[:1000]
+  size = _SHORT_VALUE.search(text)
+  if size and "://" not in where:
+    short = [f for f in sorted(pathlib.Path(where).rglob("*"))
+             if f.is_file() and f.stat().st_size == int(size.group(1))]
+    if len(short) == 1:
+      text = f"{short[0]} is cut short ({int(size.group(1)):,} bytes): {text}"
+  return text
+
+
+def _quiet_abandoned_reads() -> None:
+  """Drops what the reads that a failed restore abandoned report later.
+
+  Orbax runs a restore's reads in an event loop of its own and closes it when one read
+  fails; the other reads go on in tensorstore. When each one ends, its callback
+  schedules on the closed loop, whose RuntimeError("Event loop is closed") tensorstore
+  hands to sys.unraisablehook; the reading coroutines left behind are finalised later,
+  each raising its own tensorstore error, or Orbax's "error while reading" made of the
+  GeneratorExit that closes it. A page of tracebacks for each, after the failure has
+  been reported once (`_reading`). Those reports alone are dropped; every other one
+  goes to the hook that was in place.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_abandoned_reads", False):
+    return
+
+  def hook(unraisable):
+    if not _is_abandoned_read_report(unraisable):
+      previous(unraisable)
+
+  hook.drops_abandoned_reads = True
+  sys.unraisablehook = hook
+
+
+# A tensorstore error's text starts with its status code ("OUT_OF_RANGE: ...").
+_TENSORSTORE_STATUS = re.compile(r"[A-Z_]+: ")
+
+
+def _is_abandoned_read_report(unraisable: Any) -> bool:
+  error = unraisable.exc_value
+  if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+    return any(frame.name == "call_soon_threadsafe"
+               for frame in traceback.extract_tb(unraisable.exc_traceback))
+  if not inspect.iscoroutine(unraisable.object):
+    return False
+  for _ in range(16):  # the error and its causes
+    if error is None:
+      return False
+    if isinstance(error, GeneratorExit) or (
+        isinstance(error, ValueError) and _TENSORSTORE_STATUS.match(str(error))):
+      return True
+    error = error.__cause__
+  return False
+
+
+def set_aside(manager: ocp.CheckpointManager, step: int,
+              folder: str = CORRUPT_FOLDER) -> str:
+  """Moves a step out of the manager's folder to <checkpoints>/../<folder>/<step>
+  (kept for inspection); returns where it went."""
+  target = epath.Path(manager.directory).parent / folder / str(step)
   if jax.process_index() == 0:
     target.parent.mkdir(parents=True, exist_ok=True)
     suffix = 1
@@ -329,17 +447,8 @@ def load_variables(path: str | os.PathLike, *, step: int | None = None,
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   if step is not None:
     return _load_step(manager, resolve_step(manager, step), sharding)
-  resolve_step(manager, None)  # no checkpoint at all: FileNotFoundError
-  corrupt = []
-  for candidate in sorted(manager.all_steps(), reverse=True):
-    try:
-      return _load_step(manager, candidate, sharding)
-    except CheckpointCorruptError as e:
-      corrupt.append(candidate)
-      logging.warning("%s. Using the step before it.", e)
-  raise CheckpointCorruptError(
-      f"Every checkpoint in {directory} is corrupt (steps {sorted(corrupt)}; the "
-      "reasons are logged above).")
+  return _newest_intact(manager, lambda s: _load_step(manager, s, sharding),
+                        set_aside_corrupt=False)
 
 
 def _load_step(manager: ocp.CheckpointManager, step: int,

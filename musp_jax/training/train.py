@@ -11,6 +11,13 @@ which names the step to resume from; a second one ends the process at once (the
 save in flight, if any, is abandoned and cleaned up by the next run). Any other
 exception leaving the loop first waits for the saves in flight, so a checkpoint it
 names is complete.
+
+A non-finite loss stops the run (`_FiniteLossGuard`) and moves the checkpoint whose
+weights gave it to <workdir>/diverged_checkpoints/; a resumed run keeps the step it
+resumed from until a newer step's weights have given finite losses for a whole
+checkpoint interval. So a run that diverges (a learning rate too high for the
+resumed weights, say) never leaves its workdir without the step it started from,
+and the same command resumes from a step whose loss was finite.
 """
 
 from __future__ import annotations
@@ -65,12 +72,25 @@ class _FiniteLossGuard:
   """Checks every step's loss, one step late so the device is never waited on.
 
   `push` checks the previous step's loss and keeps this one in flight; `flush`
-  checks the one in flight (before a save, and at the end).
+  checks the one in flight (before a save, and at the end). The loss of step `i` is
+  that of checkpoint `i`'s weights. A saved step is trusted once the losses of its
+  weights and of the `trust_steps - 1` steps after it were finite; then the steps in
+  `protected` (the one the run resumed from) are released to the manager's policy.
+  A non-finite loss moves the saved steps from the one that gave it on to
+  diverged_checkpoints/ and raises NonFiniteLossError naming the last good step.
   """
 
-  def __init__(self, manager):
+  def __init__(self, manager, *, protected: checkpointing.ProtectedSteps | None = None,
+               trust_steps: int = 1):
     self.manager = manager
+    self.protected = protected
+    self.trust_steps = trust_steps
     self.pending = None
+    self.untrusted: list[int] = []  # saved steps not yet trusted
+
+  def saved(self, step: int) -> None:
+    """Records that checkpoint `step` was saved (its weights are not checked yet)."""
+    self.untrusted.append(step)
 
   def push(self, step: int, metrics: dict) -> None:
     self.flush()
@@ -86,20 +106,30 @@ class _FiniteLossGuard:
           f"Loss became {loss} at step {step + 1}; training stopped ("
           f"{self._last_good(step)}). Lower optim.lr, enable optim.grad_clip, or "
           "check the input data.")
+    trusted = [s for s in self.untrusted if s + self.trust_steps - 1 <= step]
+    if trusted:
+      self.untrusted = [s for s in self.untrusted if s not in trusted]
+      if self.protected is not None:
+        self.protected.steps.clear()  # all older than the trusted step
 
   def _last_good(self, step: int) -> str:
-    """The newest finished checkpoint whose weights gave a finite loss.
+    """The newest finished checkpoint whose weights gave a finite loss; checkpoints
+    from `step` on (step's weights gave the non-finite loss) are set aside.
 
-    The loss of step `step + 1` is that of checkpoint `step`'s weights, so only the
-    steps before it are known to be good; saves still in flight are waited for.
+    Saves still in flight are waited for.
     """
     self.manager.wait_until_finished()
     saved = checkpointing.finished_steps(self.manager.directory)
     good = [s for s in saved if s < step]
     where = (f"the last good checkpoint is step {good[-1]} in {self.manager.directory}"
              if good else "no good checkpoint was saved")
-    if step in saved:
-      where += f"; checkpoint {step} holds the weights that gave this loss"
+    bad = [s for s in saved if s >= step]
+    for s in bad:
+      target = checkpointing.set_aside(self.manager, s, checkpointing.DIVERGED_FOLDER)
+      where += (f"; checkpoint {s}, whose weights gave this loss, is moved to {target}"
+                if s == step else f"; checkpoint {s}, saved after it, is moved to {target}")
+    if bad:
+      self.manager.reload()
     return where
 
 
@@ -169,9 +199,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
       model, tx, config.input.image_size, seed=config.seed, mesh=mesh,
       init_from=config.model.init_from)
 
-  manager = checkpointing.make_manager(workdir / "checkpoints", keep=config.keep_checkpoints)
+  # The step a run resumes from is kept until a newer one is trusted (_FiniteLossGuard).
+  protected = checkpointing.ProtectedSteps()
+  manager = checkpointing.make_manager(workdir / "checkpoints", keep=config.keep_checkpoints,
+                                       protected=protected)
   state, start_step = _resume(manager, state, config, model, tx, state_sharding,
                               total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+  if start_step > 0:
+    protected.steps.add(manager.latest_step())
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   run = checkpointing.RunInfo(config, data.num_classes, data.label_identities)
@@ -192,7 +227,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
                                  state_sharding=state_sharding)
   batch_sharding = NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
-  guard = _FiniteLossGuard(manager)
+  guard = _FiniteLossGuard(manager, protected=protected,
+                           trust_steps=config.checkpoint_every_steps)
   history: list[dict] = []
   try:
     with process.StopRequests() as stop:
@@ -215,6 +251,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
                                 workdir)
             tracked = {checkpointing.METRIC: evaluator.primary_map(results["results"])}
           checkpointing.save(manager, done, state, next_step=done, run=run, metrics=tracked)
+          guard.saved(done)
         if stop.signum is not None and done < total_steps:
           manager.wait_until_finished()
           raise TrainingInterrupted(stop.signum, done, str(manager.directory))
