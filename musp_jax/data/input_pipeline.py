@@ -143,7 +143,9 @@ def train_dataset(
         f"input.num_instances = {p} * {k} = {p * k}; PK batches need them equal."
     )
   local = _local_batch_size(global_batch_size, process_index, process_count)
-  balanced = domains is not None and input_config.balance_datasets
+  # One dataset is balanced as it is: its batches stay those of the plain sampler.
+  balanced = (domains is not None and input_config.balance_datasets
+              and len(np.unique(domains)) > 1)
   sampler = sampling.PKSampler(labels, num_ids=p, num_instances=k, seed=seed,
                                domains=domains if balanced else None)
   transform = augment.TrainTransform.from_config(input_config)
