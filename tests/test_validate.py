@@ -3,6 +3,8 @@
 import pytest
 
 from configs import common
+from configs import joint
+from configs import own
 from configs import synthetic
 from configs import vehicleid
 from configs import veri776
@@ -16,11 +18,26 @@ def _check(config, **kw):
   validate.check_config(config, **kw)
 
 
-@pytest.mark.parametrize("module", [common, synthetic, veri776, vehicleid, veriwild])
-@pytest.mark.parametrize("arg", [None, "runlocal", "paper,n=3"])
+@pytest.mark.parametrize("module", [common, synthetic, veri776, vehicleid, veriwild, joint])
+@pytest.mark.parametrize("arg", [None, "runlocal", "paper,n=3", "ibn_a"])
 def test_shipped_configs_pass(module, arg):
   for mode in validate.MODES:
     _check(module.get_config(arg), mode=mode)
+
+
+def test_own_data_config_needs_the_datasets_name():
+  with pytest.raises(validate.ConfigError, match=r"dataset.name='': expected a dataset"):
+    _check(own.get_config())
+  config = own.get_config()
+  config.dataset.name = "my_city"  # not built in data_dir: named with the build command
+  with pytest.raises(validate.ConfigError,
+                     match=r"dataset.name='my_city': expected datasets among .*"
+                           r"build_dataset folder --manual_dir DIR --name NAME`; none is "
+                           r"built in "):
+    _check(config)
+  # Evaluation checks no training dataset's build (a checkpoint's may live elsewhere);
+  # reading an unbuilt one names its build command (test_tfds_folder).
+  _check(config, mode="eval")
 
 
 # (override, the message's text): each problem names the key, the value and what
