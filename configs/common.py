@@ -116,7 +116,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.every_epochs = 10
   c.eval.distance = "cam_squared"  # cam_squared (official) | cam (paper) | cosine | euclidean
   c.eval.flip = False
-  c.eval.rerank = False
+  c.eval.rerank = False  # k-reciprocal re-ranking, sparse and streamed (retrieval/rerank.py)
+  c.eval.rerank_k1 = 20
+  c.eval.rerank_k2 = 6
+  c.eval.rerank_lambda = 0.3
+  # Alpha query expansion of query and gallery (retrieval/query_expansion.py); the
+  # defaults are fast-reid's TEST.AQE (QE_TIME, QE_K, ALPHA).
+  c.eval.aqe = False
+  c.eval.qe_times = 1
+  c.eval.qe_k = 5
+  c.eval.qe_alpha = 3.0
   c.eval.query_block = 1024  # queries per device step: one (query_block, G) block
   c.eval.vehicleid_trials = 10  # seeded random one-per-id galleries, averaged
   c.eval.vehicleid_seed = 0

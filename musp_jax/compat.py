@@ -8,6 +8,9 @@
     cmc, all_AP, all_INP = evaluate_features(q_feats, g_feats, q_pids, g_pids,
                                              q_camids, g_camids, metric="cosine")
 
+    from musp_jax.compat import aqe                         # fast-reid's TEST.AQE
+    query_feat, gallery_feat = aqe(query_feat, gallery_feat, qe_times=1, qe_k=10, alpha=3.0)
+
 `evaluate_rank` has the signature and return types of fast-reid's
 `fastreid.evaluation.rank.evaluate_rank` (its Python path, `eval_market1501`):
 
@@ -15,8 +18,12 @@
   all_AP   list of numpy float64, one per query that has a true match, in query order
   all_INP  the same for INP (true matches / rank of the last one)
 
-Both are computed by `musp_jax.retrieval.ranking`'s exact on-device ranking, one
-(query_block, G) block at a time, so memory stays bounded for any Q x G.
+`aqe` has the signature and results of fast-reid's
+`fastreid.evaluation.query_expansion.aqe` (alpha query expansion of the joint
+query + gallery set, musp_jax/retrieval/query_expansion.py), streamed: no (N, N)
+similarity matrix. The rankings are computed by `musp_jax.retrieval.ranking`'s exact
+on-device ranking, one (query_block, G) block at a time, so memory stays bounded for
+any Q x G.
 Junk (same id and same camera as the query) is removed, as in fast-reid.
 
 Inputs may be numpy arrays, torch tensors or anything `np.asarray` takes. A CPU
@@ -206,3 +213,43 @@ def evaluate_features(q_feats: Any, g_feats: Any, q_pids: Any, g_pids: Any,
                               rerank_k2=k2, rerank_lambda=lambda_value, mesh=mesh,
                               per_query=True)
   return _fastreid_tuple(result, len(gallery), max_rank)
+
+
+def aqe(query_feat: Any, gallery_feat: Any, qe_times: int = 1, qe_k: int = 10,
+        alpha: float = 3.0) -> tuple[Any, Any]:
+  """fast-reid's `aqe`: (query_feat, gallery_feat) after alpha query expansion.
+
+  Args:
+    query_feat, gallery_feat: (Nq, D) and (Ng, D) features, numpy arrays or torch
+      tensors (the results are of the same kind, on the same device).
+    qe_times, qe_k, alpha: rounds, neighbours averaged (the item included) and
+      the exponent of their similarity weights, as fast-reid.
+
+  The results are not normalised, as fast-reid's; computed in float32 (returned
+  in the input's floating dtype).
+  """
+  from musp_jax.retrieval import query_expansion
+  arrays = []
+  for name, x in (("query_feat", query_feat), ("gallery_feat", gallery_feat)):
+    a = _features(x, name)
+    if a.shape[1] != 1:
+      raise ValueError(f"{name} has shape {as_array(x, name).shape}; expected (N, D)")
+    arrays.append(a)
+  if arrays[0].shape[2] != arrays[1].shape[2]:
+    raise ValueError(f"query_feat has {arrays[0].shape[2]} dimensions, gallery_feat "
+                     f"{arrays[1].shape[2]}")
+  out = query_expansion.expand_arrays(
+      [(a, np.ones(a.shape[:2], np.float32)) for a in arrays], kind="plain",
+      qe_times=qe_times, qe_k=qe_k, alpha=alpha)
+  return tuple(_like(o[:, 0, :], x) for o, x in zip(out, (query_feat, gallery_feat)))
+
+
+def _like(result: np.ndarray, original: Any) -> Any:
+  """`result` as the kind of array `original` is (torch tensor: same device)."""
+  if _is_torch_tensor(original):
+    import torch
+    dtype = original.dtype if original.dtype.is_floating_point else torch.float32
+    return torch.from_numpy(result).to(device=original.device, dtype=dtype)
+  original = np.asarray(original)
+  return result.astype(original.dtype if original.dtype.kind == "f" else np.float32,
+                       copy=False)

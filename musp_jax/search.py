@@ -6,6 +6,7 @@
     # millions of images: build an index once (shards streamed), then query it
     python -m musp_jax.search index --gallery day1.npz day2.npz --out city.index
     python -m musp_jax.search --index city.index --query photo.jpg --topk 10
+    python -m musp_jax.search index --append --gallery day3.npz --index city.index
 
 Queries are image files, folders, or a features .npz. Images are embedded with the
 model that made the gallery (its model_source, or --workdir/--checkpoint); the
@@ -17,6 +18,12 @@ right for galleries that fit in memory. --index (musp_jax/retrieval/gallery_inde
 candidates from an approximate index and re-ranks them with the exact distance;
 with an exhaustive index (the default for galleries under 65,536 images) the
 result equals brute force.
+
+--max_distance keeps only the matches closer than a threshold: a number, or the
+JSON report of `python -m musp_jax.evaluate ... --roc --json report.json`
+(the threshold of its target false-positive rate, calibrated on labelled
+pairs of the same model; --at_fpr picks another of its FPRs).
+`search index --append` adds shards to an index without training it again.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from musp_jax.serving import inference
 from musp_jax.runtime import writing
 from musp_jax.retrieval import ranking
 from musp_jax.retrieval import saved_features
+from musp_jax.retrieval import verification
 from musp_jax.runtime import cli
 from musp_jax.runtime import process
 
@@ -128,6 +136,35 @@ def ranked_results(query: saved_features.Features, dist_QxK: np.ndarray, index_Q
   return results
 
 
+def max_distance(value: str, *, at_fpr: float | None, signature: str,
+                 distance: str) -> float:
+  """--max_distance: a number, or a verification report's threshold, calibrated on
+  the same model and distance without re-ranking or query expansion."""
+  try:
+    return float(value)
+  except ValueError:
+    pass
+  threshold, report = verification.read_threshold(value, fpr=at_fpr)
+  if report.get("distance") != distance or report.get("rerank") or report.get("aqe"):
+    modes = [m for m in ("rerank", "aqe") if report.get(m)]
+    raise ValueError(
+        f"{value}: its threshold is for distance {report.get('distance')!r}"
+        + (f" with {' and '.join(modes)}" if modes else "") + f"; this search ranks by "
+        f"{distance!r} alone: calibrate with `evaluate --distance {distance} --roc` "
+        "(no --rerank, no --aqe)")
+  found = str(report.get("model_signature") or "")
+  if found and signature:
+    features.check_signature(found, signature, found_where=value,
+                             expected_where="the gallery")
+  return threshold
+
+
+def within(results: list[dict[str, Any]], limit: float) -> list[dict[str, Any]]:
+  """The results with only the matches closer than `limit` (distance < limit)."""
+  return [{**res, "results": [r for r in res["results"] if r["distance"] < limit]}
+          for res in results]
+
+
 def format_table(results: list[dict[str, Any]]) -> str:
   """A plain-text table per query: rank, distance, file name (and id if known)."""
   lines = []
@@ -164,6 +201,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--candidates", type=int, default=None,
                       help="With --index: candidates re-ranked per pass (default: 2 x "
                            "--topk).")
+  parser.add_argument("--max_distance", default=None, metavar="NUMBER|REPORT.json",
+                      help="Keep only matches closer than this: a distance, or the "
+                           "threshold in `evaluate --roc --json` output.")
+  parser.add_argument("--at_fpr", type=float, default=None,
+                      help="With a report as --max_distance: the FPR whose threshold to "
+                           "use (default: the report's target).")
   parser.add_argument("--verify_index", action="store_true",
                       help="With --index: also check the feature store's SHA-256.")
   parser.add_argument("--json", default=None,
@@ -177,6 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error(f"--topk {args.topk}: expected >= 1.")
   if args.index is None and (args.nprobe or args.candidates or args.verify_index):
     parser.error("--nprobe, --candidates and --verify_index need --index.")
+  if args.at_fpr is not None and args.max_distance is None:
+    parser.error("--at_fpr picks a threshold from a report given as --max_distance.")
   if args.index is not None and args.distance != "cam_squared":
     parser.error("--index ranks by the cam_squared distance only.")
   process.setup()
@@ -184,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _search_and_print(args: argparse.Namespace) -> None:
-  """The command's work: open the gallery, embed the queries, rank, print/write."""
+  """The command's work: open the gallery, embed the queries, rank, filter, print/write."""
   if args.index is None:
     gallery, source = load_gallery(args.gallery)
     signature = gallery.model_signature
@@ -196,13 +241,21 @@ def _search_and_print(args: argparse.Namespace) -> None:
                          gallery_source=source, workdir=args.workdir,
                          checkpoint=args.checkpoint, step=args.step,
                          batch_size=args.batch_size)
+  limit = None
+  if args.max_distance is not None:
+    limit = max_distance(args.max_distance, at_fpr=args.at_fpr, signature=signature,
+                         distance=args.distance)
   if args.index is None:
     results = search(query, gallery, topk=args.topk, distance=args.distance)
   else:
     results = search_index(query, gallery, topk=args.topk, nprobe=args.nprobe,
                            candidates=args.candidates)
+  if limit is not None:
+    results = within(results, limit)
   payload = {"gallery": args.gallery or args.index, "distance": args.distance,
              "topk": args.topk, "queries": results}
+  if limit is not None:
+    payload["max_distance"] = limit
   if args.json == "-":
     print(json.dumps(payload, indent=2))
     return
@@ -212,15 +265,23 @@ def _search_and_print(args: argparse.Namespace) -> None:
 
 
 def build_index_main(argv: Sequence[str]) -> int:
-  """`python -m musp_jax.search index`: builds an index folder from .npz shards."""
+  """`python -m musp_jax.search index`: builds an index folder from .npz shards, or
+  appends shards to one."""
   parser = argparse.ArgumentParser(
       prog="python -m musp_jax.search index",
       description="Build an approximate index (musp_jax.retrieval.gallery_index) over "
-                  "saved-features "
-                  ".npz shards, streamed one at a time.")
+                  "saved-features .npz shards, streamed one at a time; or --append "
+                  "shards to one.")
   parser.add_argument("--gallery", nargs="+", required=True,
                       help="Saved-features .npz shards (embed's --out), in order.")
-  parser.add_argument("--out", required=True, help="Index folder to write.")
+  parser.add_argument("--out", help="Index folder to write.")
+  parser.add_argument("--append", action="store_true",
+                      help="Add the shards to the existing --index without training it "
+                           "again (atomic: a killed append leaves it as it was).")
+  parser.add_argument("--index", help="With --append: the index folder to grow.")
+  parser.add_argument("--quantizer_from", default=None, metavar="INDEX",
+                      help="Build with the trained quantizer of this index (same model) "
+                           "instead of training one.")
   parser.add_argument("--codec", choices=("auto", "flat", "sq8", "pq"), default="auto",
                       help="Codes in memory: flat (exact scores, 4 B a dimension), sq8 "
                            "(1 B), pq (1 B per --pq_dims); auto: sq8 from 65,536 "
@@ -236,20 +297,41 @@ def build_index_main(argv: Sequence[str]) -> int:
                       help="Replace --out if it is an index folder.")
   cli.add_verbose_arg(parser)
   args = parser.parse_args(argv)
+  if args.append:
+    if not args.index or args.out:
+      parser.error("--append grows --index (the existing folder); --out is for a build.")
+    building_only = [f"--{name}" for name in ("codec", "nlist", "pq_dims", "nprobe",
+                                              "store", "quantizer_from", "overwrite")
+                     if getattr(args, name) != parser.get_default(name)]
+    if building_only:
+      parser.error(f"{', '.join(building_only)}: the index keeps its own parameters "
+                   "when shards are appended.")
+  elif not args.out or args.index:
+    parser.error("give --out (the index folder to build), or --append --index FOLDER.")
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   return cli.run(lambda: _build_and_print(args), verbose=args.verbose)
 
 
 def _build_and_print(args: argparse.Namespace) -> None:
   from musp_jax.retrieval import gallery_index as index_lib
-  spec = index_lib.Spec(nlist=args.nlist, codec=args.codec, pq_dims=args.pq_dims,
-                        nprobe=args.nprobe, store=args.store)
-  out = index_lib.build_index(args.gallery, args.out, spec, overwrite=args.overwrite)
+  if args.append:
+    before = len(index_lib.GalleryIndex(args.index))
+    out = index_lib.append(args.index, args.gallery)
+  else:
+    spec = index_lib.Spec(nlist=args.nlist, codec=args.codec, pq_dims=args.pq_dims,
+                          nprobe=args.nprobe, store=args.store)
+    out = index_lib.build_index(args.gallery, args.out, spec, overwrite=args.overwrite,
+                                quantizer_from=args.quantizer_from)
   built = index_lib.GalleryIndex(out)
   params = built.params
-  print(f"Wrote {out}: {len(built)} images from {len(args.gallery)} shard(s), "
-        f"{params['factory']} (nprobe {params['nprobe']}, "
-        f"{'exact' if built.exhaustive() else 'approximate'} by default).")
+  mode = f"{'exact' if built.exhaustive() else 'approximate'} by default"
+  if args.append:
+    print(f"Appended {len(built) - before} images from {len(args.gallery)} shard(s) to "
+          f"{out}: {len(built)} images, {params['factory']} trained on "
+          f"{params['train_size']} (nprobe {params['nprobe']}, {mode}).")
+  else:
+    print(f"Wrote {out}: {len(built)} images from {len(args.gallery)} shard(s), "
+          f"{params['factory']} (nprobe {params['nprobe']}, {mode}).")
 
 if __name__ == "__main__":
   sys.exit(main())

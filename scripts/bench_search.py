@@ -26,7 +26,14 @@ Prints, all measured in this run:
   4. for each (nprobe, candidates): recall@k against 3, seconds per query
      batched, single-query latency p50/p95, the speed-up over 3, and whether
      the returned distances equal the exact ones;
-  5. memory: resident set after opening the index and after searching.
+  5. memory: resident set after opening the index and after searching;
+  6. with --sections append: a growing index, trained on the first shard and appended the
+     others one at a time (`search index --append`), against a build on all the
+     shards with the same parameters (the lists and codec of one shard's auto
+     choice): build and append times, recall@k at each setting of 4.
+
+    .venv/bin/python scripts/bench_search.py --num_items 200000 --shard_items 20000 \
+        --sections append        # the figures in README (10 shards)
 """
 
 import argparse
@@ -150,6 +157,8 @@ def main():
   parser.add_argument("--latency_queries", type=int, default=None,
                       help="queries timed one at a time (default: all)")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--sections", default="search",
+                      help="search (1-5), append (1, 3, 6), or both: search,append")
   parser.add_argument("--workdir", default=None,
                       help="where shards and the index go (default: a temporary folder, "
                            "removed at the end)")
@@ -164,7 +173,6 @@ def main():
 
 
 def run(args, work: pathlib.Path) -> None:
-  k = args.k
   print(f"{args.num_items:,} gallery images, {args.num_queries:,} queries, "
         f"P={args.parts}, C={args.channels}, ~{args.per_id} images per identity, "
         f"{os.cpu_count()} CPUs; faiss {index_lib.faiss.__version__}")
@@ -178,10 +186,62 @@ def run(args, work: pathlib.Path) -> None:
   print(f"\n[1] generated {len(shards)} shards of <= {args.shard_items:,} "
         f"({same_id:,} identities) in {time.perf_counter() - t:.0f} s")
 
+  if "search" in args.sections.split(","):
+    _search_sections(args, work, shards, query)
+  if "append" in args.sections.split(","):
+    _append_section(args, work, shards, query)
+
+
+def _recall(idx: np.ndarray, exact_i: np.ndarray, k: int) -> float:
+  return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(idx, exact_i)]))
+
+
+def _append_section(args, work: pathlib.Path, shards: list[pathlib.Path],
+                    query: saved_features.Features) -> None:
+  """[6] Trained on one shard, grown by appends, against a build on all shards."""
+  k = args.k
+  _, exact_i, _ = exact_search(query, shards, k)
+  first = saved_features.load_features(shards[0])
+  auto = index_lib._resolve(index_lib.Spec(codec=args.codec), len(first),
+                            args.parts, args.channels)
+  del first
+  codec = "sq8" if args.codec == "auto" else args.codec
+  spec = index_lib.Spec(codec=codec, nlist=args.nlist or auto["nlist"])
+  t = time.perf_counter()
+  full = index_lib.build_index(shards, work / "full.index", spec)
+  t_full = time.perf_counter() - t
+  t = time.perf_counter()
+  grown = index_lib.build_index(shards[:1], work / "grown.index", spec)
+  t_first = time.perf_counter() - t
+  t_appends = []
+  for shard in shards[1:]:
+    t = time.perf_counter()
+    index_lib.append(grown, [shard])
+    t_appends.append(time.perf_counter() - t)
+  a, b = index_lib.GalleryIndex(full), index_lib.GalleryIndex(grown)
+  print(f"[6] growing index ({a.params['factory']}): build on all {len(shards)} shards "
+        f"{t_full:.0f} s (trained on {a.params['train_size']:,}); build on shard 1 "
+        f"{t_first:.0f} s (trained on {b.params['train_size']:,}) + {len(t_appends)} "
+        f"appends of {args.shard_items:,} images, {np.mean(t_appends):.1f} s each "
+        f"(max {max(t_appends, default=0):.1f} s)")
+  print(f"    {'nprobe':>6} {'cand':>5} {'recall@' + str(k) + ' all':>13} "
+        f"{'1 + appends':>12}")
+  for setting in args.settings.split(","):
+    nprobe, cand = (int(v) for v in setting.split(":"))
+    nprobe = min(nprobe, spec.nlist)
+    r = [_recall(ix.search(query, k, nprobe=nprobe, candidates=cand)[1], exact_i, k)
+         for ix in (a, b)]
+    print(f"    {nprobe:>6} {cand:>5} {r[0]:>13.4f} {r[1]:>12.4f}")
+
+
+def _search_sections(args, work: pathlib.Path, shards: list[pathlib.Path],
+                     query: saved_features.Features) -> None:
+  """[2]-[5]: the build, exact search and the index's search."""
+  k = args.k
   base = bench_eval._rss_reset()
   t = time.perf_counter()
   out = index_lib.build_index(shards, work / "gallery.index",
-                        index_lib.Spec(codec=args.codec, nlist=args.nlist))
+                              index_lib.Spec(codec=args.codec, nlist=args.nlist))
   t_build = time.perf_counter() - t
   peak_build = bench_eval._status("VmHWM") - base
   files = json.loads((out / index_lib.META).read_text())["files"]

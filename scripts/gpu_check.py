@@ -49,7 +49,7 @@ SHAPES = {
                           "torch:compile_cl,torch:compile_cl:bfloat16",
             "train_reps": 5, "train_steps": 5, "train_warmup": 3,
             "eval": ["--q", "10000", "--g", "128517", "--scale", "1", "--parts", "5",
-                     "--channels", "2048", "--query_block", "1024"],
+                     "--channels", "2048", "--query_block", "1024", "--sections", "base"],
             # Worst cases, together under 10 minutes (a run takes about 6).
             "timeouts": {"platform": 45, "parity": 100, "train": 300, "eval": 120}},
     True: {"depth": 18, "image_size": 32, "batch": 8, "num_classes": 8,
@@ -61,7 +61,7 @@ SHAPES = {
            "train_reps": 1, "train_steps": 1, "train_warmup": 1,
            "eval": ["--q", "200", "--g", "1500", "--scale", "1", "--parts", "5",
                     "--channels", "64", "--query_block", "64", "--block_gallery", "512",
-                    "--repeats", "1"],
+                    "--repeats", "1", "--sections", "base"],
            "timeouts": {"platform": 120, "parity": 240, "train": 300, "eval": 240}},
 }
 

@@ -3,6 +3,7 @@ one weights loader (self-describing steps, partial restore)."""
 
 import asyncio
 import gc
+import logging
 import re
 import shutil
 import sys
@@ -277,6 +278,25 @@ def test_reports_of_abandoned_reads_are_dropped_and_others_kept(monkeypatch):
   for report in reports:
     sys.unraisablehook(report)
   assert seen == [reports[1]] + reports[4:]  # reports 0, 2 and 3 are dropped
+
+
+def test_asyncio_reports_of_abandoned_read_tasks_are_dropped(caplog):
+  """asyncio logs "Task exception was never retrieved" for each reading task a failed
+  restore left behind: dropped when a read error caused it, kept otherwise."""
+  checkpointing._quiet_abandoned_reads()  # pylint: disable=protected-access
+  log = logging.getLogger("asyncio")
+  causes = [ValueError('OUT_OF_RANGE: Error reading "params.w/0.0" in OCDBT database'),
+            ValueError("some other value error"), TypeError("a bug")]
+  with caplog.at_level(logging.ERROR, logger="asyncio"):
+    for cause in causes:
+      try:
+        raise Exception("Encountered error while reading array index") from cause  # pylint: disable=broad-exception-raised
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        log.error("Task exception was never retrieved\nfuture: <Task finished>",
+                  exc_info=(type(e), e, e.__traceback__))
+    log.error("Task exception was never retrieved", exc_info=None)  # nothing to judge
+  assert [r.exc_info[1].__cause__ if r.exc_info else None
+          for r in caplog.records] == causes[1:] + [None]
 
 
 def test_every_step_corrupt_is_one_error(tmp_path):

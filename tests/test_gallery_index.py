@@ -298,3 +298,82 @@ def test_killed_build_leaves_no_usable_looking_index(data, tmp_path):
   assert len(left) == 1 and (left[0] / "feats.npy").exists()
   with pytest.raises(index_lib.IndexFileError, match="not a finished index"):
     index_lib.GalleryIndex(left[0])
+
+
+# --------------------------------------------------------------------------
+# Growing an index.
+
+
+def _shards(data, root: pathlib.Path) -> list[pathlib.Path]:
+  """The gallery of `data` as three shards (days)."""
+  gallery = saved_features.load_features(data[3])
+  paths = []
+  for day, index in enumerate(np.array_split(np.arange(len(gallery)), 3)):
+    paths.append(root / f"day{day}.npz")
+    saved_features.save_features(paths[-1], gallery.take(index))
+  return paths
+
+
+def test_append_equals_a_build_with_the_same_quantizer(data, tmp_path, capsys):
+  query = data[2]
+  days = _shards(data, tmp_path)
+  spec = index_lib.Spec(nlist=4, codec="sq8", nprobe=2)
+  grown = index_lib.build_index(days[:1], tmp_path / "grown.index", spec)
+  shutil.copytree(grown, tmp_path / "day0.index")
+  assert search.main(["index", "--append", "--gallery", str(days[1]), "--index",
+                      str(grown)]) == 0
+  assert "Appended 101 images" in capsys.readouterr().out
+  for bad in (["--out", str(tmp_path / "x.index")], ["--codec", "pq"]):
+    with pytest.raises(SystemExit):  # a build's options, refused with --append
+      search.main(["index", "--append", "--gallery", str(days[2]), "--index", str(grown),
+                   *bad])
+  index_lib.append(grown, days[2:])
+  full = index_lib.build_index(days, tmp_path / "full.index", spec,
+                         quantizer_from=tmp_path / "day0.index")
+  a, b = index_lib.GalleryIndex(grown, verify_features=True), index_lib.GalleryIndex(full)
+  assert len(a) == len(b) == 304 and len(a.meta["segments"]) == 3
+  assert bytes(index_lib.faiss.serialize_index(a.ann)) == bytes(
+      index_lib.faiss.serialize_index(b.ann))
+  for x, y in zip((a.areas, a.ids, a.cams, a.file_names), (b.areas, b.ids, b.cams,
+                                                           b.file_names)):
+    np.testing.assert_array_equal(x, y)
+  for x, y in zip(a.search(query, 10, nprobe=4), b.search(query, 10, nprobe=4)):
+    np.testing.assert_array_equal(x, y)
+  # Another model's day is refused by name, before anything is written.
+  other = saved_features.load_features(days[0])
+  sig = json.dumps({**json.loads(SIGNATURE), "weights": "1234"}, sort_keys=True)
+  saved_features.save_features(tmp_path / "other.npz", saved_features.Features(
+      other.feats, other.areas, other.ids, other.cams, other.file_names, sig))
+  with pytest.raises(features.SignatureMismatchError, match="weights"):
+    index_lib.append(grown, [tmp_path / "other.npz"])
+  assert len(index_lib.GalleryIndex(grown)) == 304
+
+
+@pytest.mark.parametrize("kill_at", ["faiss.write_index", "commit"])
+def test_killed_append_leaves_the_old_index(data, tmp_path, kill_at):
+  """SIGKILL while appending (writing the codes, or with everything written just
+  before meta.json is replaced): the old index opens, verifies and searches as
+  before; the next append removes what was left and succeeds."""
+  query = data[2]
+  days = _shards(data, tmp_path)
+  out = index_lib.build_index(days[:2], tmp_path / "city.index", index_lib.Spec(nlist=4))
+  before = index_lib.GalleryIndex(out).search(query, 5)
+  target = ("faiss.write_index" if kill_at != "commit" else "index._sync_folder")
+  code = ("import os, signal, sys\n"
+          "from musp_jax.retrieval import gallery_index as index\n"
+          "faiss = index.faiss\n"
+          f"{target} = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+          "index.append(sys.argv[1], sys.argv[2:])\n")
+  env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).parents[1]))
+  proc = subprocess.run([sys.executable, "-c", code, str(out), str(days[2])], env=env,
+                        capture_output=True, timeout=300, check=False)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+  left = index_lib.GalleryIndex(out, verify_features=True)
+  assert len(left) == 203
+  for x, y in zip(before, left.search(query, 5)):
+    np.testing.assert_array_equal(x, y)
+  index_lib.append(out, days[2:])
+  assert len(index_lib.GalleryIndex(out, verify_features=True)) == 304
+  expected = {"meta.json", ".append.lock", "ann-0001.faiss", "seg-0001", "feats.npy",
+              "areas.npy", "vehicle_id.npy", "camera_id.npy", "file_name.npy"}
+  assert {p.name for p in out.iterdir()} == expected

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from musp_jax.retrieval import reference
-from musp_jax.retrieval import rerank
 from musp_jax.retrieval import ranking
 from musp_jax.retrieval import saved_features
 from musp_jax.core import features
@@ -201,7 +200,7 @@ def test_rerank_matches_definition():
   q_g, q_q, g_g = dm(q, g), dm(q, q), dm(g, g)
   # Symmetrise q_q, g_g exactly so both row- and column-normalisation agree.
   q_q, g_g = (q_q + q_q.T) / 2, (g_g + g_g.T) / 2
-  got = rerank.k_reciprocal_rerank(q_g, q_q, g_g, k1=4, k2=3, lambda_value=0.3)
+  got = reference.k_reciprocal_rerank(q_g, q_q, g_g, k1=4, k2=3, lambda_value=0.3)
   want = _rerank_by_definition(q_g, q_q, g_g, 4, 3, 0.3)
   # The same float32 inputs; re-ranking's own sums (Jaccard over 20 items) in another
   # order, on values <= 1: a few ulps; measured 9.4e-8 (AVX2 and AVX).
@@ -232,7 +231,7 @@ def test_rerank_takes_squared_distances(distance):
   q, g = _features(rng, 6, num_ids=3), _features(rng, 14, num_ids=3)
   ref = [_squared_reference(a, b, distance).astype(np.float32)
          for a, b in ((q, g), (q, q), (g, g))]
-  want = rerank.k_reciprocal_rerank(*ref, k1=4, k2=3, lambda_value=0.3)
+  want = reference.k_reciprocal_rerank(*ref, k1=4, k2=3, lambda_value=0.3)
   result = ranking.evaluate(q, g, distance=distance, rerank=True, rerank_k1=4,
                               rerank_k2=3, return_distmat=True, max_rank=5)
   assert result["rerank_input"] == ranking.RERANK_INPUT[distance]
@@ -240,7 +239,7 @@ def test_rerank_takes_squared_distances(distance):
   # cam_distance_atol(3, 8) = 7.2e-6 apart), through re-ranking: measured 1.2e-7.
   np.testing.assert_allclose(result["distmat"], want, atol=1e-5)
   if distance == "euclidean":  # not the plain distance: that re-ranks differently
-    plain = rerank.k_reciprocal_rerank(*(np.sqrt(r) for r in ref), k1=4, k2=3,
+    plain = reference.k_reciprocal_rerank(*(np.sqrt(r) for r in ref), k1=4, k2=3,
                                        lambda_value=0.3)
     assert np.max(np.abs(plain - want)) > 1e-2
 

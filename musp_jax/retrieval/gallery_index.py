@@ -82,8 +82,22 @@ Building streams over the shards (one shard in memory at a time), writes into a
 hidden temporary folder next to `out` and renames it to `out` only when every
 file and meta.json are written and synced, so an interrupted build leaves no
 folder that looks like an index. Opening checks meta.json, every file's size and
-every file's SHA-256 except the feature store's (too large to hash per query;
-`verify_features=True` hashes it too), before faiss reads anything.
+every file's SHA-256 except the feature stores' (too large to hash per query;
+`verify_features=True` hashes them too), before faiss reads anything.
+
+Growing (`append`): a day's shards are added without training again. Their
+features and labels go into a new segment folder (`seg-0001/`, with the same
+five .npy files), their codes into a copy of the faiss index with the new
+vectors added (`ann-0001.faiss`, the trained quantizer and codebooks
+unchanged), and a new meta.json that lists every segment and every file's size
+and SHA-256 replaces the old one by an atomic rename, the commit point. Files
+the old meta.json names are never modified, so an append killed at any moment
+leaves the previous index as it was (it opens and verifies); the next append
+removes what a killed one left. An appended index equals one built from all
+its shards with the same trained quantizer (`build_index(..., quantizer_from=)`,
+tested); the quantizer only knows the data it was trained on, so recall can
+drift as the gallery grows away from it (scripts/bench_search.py measures it):
+rebuild from all shards now and then.
 """
 
 from __future__ import annotations
@@ -114,7 +128,8 @@ except ImportError as e:  # the optional `index` extra
   raise ImportError("musp_jax.retrieval.gallery_index needs faiss: pip install 'musp-jax[index]' "
                     "(faiss-cpu).") from e
 
-FORMAT = "musp_jax.index/1"
+FORMAT = "musp_jax.index/2"  # /2: segments (appends); /1 (one segment) is read too
+FORMATS = ("musp_jax.index/1", FORMAT)
 META = "meta.json"
 ANN = "ann.faiss"
 FEATS = "feats.npy"
@@ -233,11 +248,17 @@ def _npy_header(data: Any, path: str, key: str) -> tuple[tuple[int, ...], np.dty
   return shape, dtype
 
 
-def _scan(shards: Sequence[str]) -> _Layout:
-  """Counts, layout and model of every shard, reading only the small arrays."""
+def _scan(shards: Sequence[str], expected: tuple[str, tuple[int, int], str] | None = None
+          ) -> _Layout:
+  """Counts, layout and model of every shard, reading only the small arrays.
+
+  expected: (where, (P, C), model signature) the shards must match (an index).
+  """
   if not shards:
     raise ValueError("No gallery shards given.")
   found, first, name_width = [], None, 1
+  if expected is not None:
+    first = (expected[0], expected[1], expected[2], "")
   for path in shards:
     if not os.path.isfile(path):
       raise FileNotFoundError(f"Gallery shard {path} does not exist.")
@@ -257,7 +278,7 @@ def _scan(shards: Sequence[str]) -> _Layout:
     else:
       features.check_signature(signature, first[2], found_where=path,
                                 expected_where=first[0])
-      if shape[1:] != first[1]:
+      if tuple(shape[1:]) != tuple(first[1]):
         raise ValueError(f"{path}: features are {shape[1:]} (P, C), {first[0]}'s "
                          f"are {first[1]}; all shards must come from one model.")
     if len(names) != shape[0]:
@@ -359,24 +380,42 @@ def _resolve(spec: Spec, num_items: int, parts: int, channels: int) -> dict[str,
 
 
 def build_index(shards: Sequence[str | os.PathLike], out: str | os.PathLike,
-                spec: Spec = Spec(), *, overwrite: bool = False) -> pathlib.Path:
+                spec: Spec = Spec(), *, overwrite: bool = False,
+                quantizer_from: str | os.PathLike | None = None) -> pathlib.Path:
   """Builds the index folder `out` from saved-features .npz shards, in order.
 
   Gallery index i is the i-th item of the shards concatenated. Only one shard
   is in memory at a time. Atomic: `out` appears complete or not at all.
+  quantizer_from: an index of the same model whose trained quantizer (and
+  codebooks, and parameters) to reuse instead of training; `spec` then only
+  chooses the store dtype.
   """
   shards = [os.fspath(s) for s in shards]
   out = pathlib.Path(out)
   # Only an index folder is replaced: never a training workdir or any other folder.
   writing.check_replaceable(out, owned=_is_index_folder, what="an index folder",
                             overwrite=overwrite)
-  layout = _scan(shards)
-  params = _resolve(spec, layout.num_items, layout.parts, layout.channels)
+  trained = None
+  if quantizer_from is None:
+    layout = _scan(shards)
+    params = _resolve(spec, layout.num_items, layout.parts, layout.channels)
+  else:
+    source = GalleryIndex(quantizer_from)
+    layout = _scan(shards, (str(quantizer_from), (source.meta["parts"],
+                                                   source.meta["channels"]),
+                            source.model_signature))
+    params = dict(source.params, store=spec.store)
+    trained = faiss.clone_index(source.ann)
+    trained.reset()  # the vectors go; the trained quantizer and codebooks stay
+    del source
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
   try:
     _write_store(tmp, layout, params["store"])
-    ann, z_max = _build_ann(tmp, layout.num_items, params)
+    if trained is None:
+      ann, z_max = _build_ann(tmp, layout.num_items, params)
+    else:
+      ann, z_max = trained, _add_items(trained, tmp, params)
     faiss.write_index(ann, str(tmp / ANN))
     meta = {
         "format": FORMAT,
@@ -390,13 +429,12 @@ def build_index(shards: Sequence[str | os.PathLike], out: str | os.PathLike,
         "z_max_norm": z_max,
         "shards": [{"path": os.path.abspath(s.path), "items": s.count}
                    for s in layout.shards],
-        "arrays": _array_layout(layout),
+        "ann": ANN,
+        "segments": [{"dir": "", "items": layout.num_items,
+                      "arrays": _array_layout(layout)}],
         "files": {name: _file_record(tmp / name) for name in FILES},
     }
-    with open(tmp / META, "w") as f:
-      json.dump(meta, f, indent=1)
-      f.flush()
-      os.fsync(f.fileno())
+    _write_meta(tmp / META, meta)
     _move_into_place(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -438,6 +476,27 @@ def _write_store(tmp: pathlib.Path, layout: _Layout, store: str) -> None:
   del feats, arrays
 
 
+def _write_meta(path: pathlib.Path, meta: dict[str, Any]) -> None:
+  with open(path, "w") as f:
+    json.dump(meta, f, indent=1)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _add_items(ann, folder: pathlib.Path, params: dict[str, Any]) -> float:
+  """Adds the z of a written store (folder) to `ann`, in order; the largest |z|."""
+  feats = np.load(folder / FEATS, mmap_mode="r")
+  areas = np.load(folder / "areas.npy")
+  num_items, z_max = len(areas), 0.0
+  for lo in range(0, num_items, ADD_CHUNK):
+    hi = min(lo + ADD_CHUNK, num_items)
+    z = _place(gallery_vectors(feats[lo:hi], areas[lo:hi]), params)
+    z_max = max(z_max, float(np.sqrt(np.max(np.einsum("nd,nd->n", z, z)))))
+    ann.add(z)
+    logging.info("Index: added %d/%d", hi, num_items)
+  return z_max
+
+
 def _build_ann(tmp: pathlib.Path, num_items: int, params: dict[str, Any]):
   """Trains the faiss index on a seeded sample of z, then adds every item in order."""
   feats = np.load(tmp / FEATS, mmap_mode="r")
@@ -452,14 +511,107 @@ def _build_ann(tmp: pathlib.Path, num_items: int, params: dict[str, Any]):
     # filter this search does not use.
     faiss.downcast_index(ann).do_polysemous_training = False
   ann.train(_place(gallery_vectors(feats[sample], areas[sample]), params))
-  z_max = 0.0
-  for lo in range(0, num_items, ADD_CHUNK):
-    hi = min(lo + ADD_CHUNK, num_items)
-    z = _place(gallery_vectors(feats[lo:hi], areas[lo:hi]), params)
-    z_max = max(z_max, float(np.sqrt(np.max(np.einsum("nd,nd->n", z, z)))))
-    ann.add(z)
-    logging.info("Index: added %d/%d", hi, num_items)
-  return ann, z_max
+  return ann, _add_items(ann, tmp, params)
+
+
+# --------------------------------------------------------------------------
+# Growing.
+
+APPEND_LOCK = ".append.lock"
+
+
+def _segments(meta: dict[str, Any]) -> list[dict[str, Any]]:
+  """Each segment's folder ("": the index folder), item count and array layout."""
+  if "segments" in meta:
+    return meta["segments"]
+  return [{"dir": "", "items": meta["num_items"], "arrays": meta["arrays"]}]  # format /1
+
+
+def _in_segment(segment: dict[str, Any], name: str) -> str:
+  return f"{segment['dir']}/{name}" if segment["dir"] else name
+
+
+def _remove_leftovers(path: pathlib.Path, meta: dict[str, Any]) -> None:
+  """What a killed append left: segment folders, faiss files and temporaries that
+  meta.json does not name."""
+  named = {name.split("/")[0] for name in meta["files"]}
+  for entry in path.iterdir():
+    ours = (entry.name.startswith(("seg-", ".seg-", ".ann-", f".{META}."))
+            or (entry.name.startswith("ann-") and entry.name.endswith(".faiss")))
+    if ours and entry.name not in named:
+      logging.info("Index: removing %s, left by an interrupted append", entry)
+      if entry.is_dir():
+        shutil.rmtree(entry)
+      else:
+        entry.unlink()
+
+
+def append(index: str | os.PathLike, shards: Sequence[str | os.PathLike]) -> pathlib.Path:
+  """Adds saved-features .npz shards to an index folder without training it again.
+
+  The new items follow the old ones (gallery index len(index) + i). Shards of
+  another model (signature) or feature layout are refused. Atomic: a new
+  meta.json replaces the old one by a rename once every new file is written
+  and synced; the old files are not modified (module docstring).
+  """
+  path = pathlib.Path(index)
+  shards = [os.fspath(s) for s in shards]
+  _read_meta(path)  # a clear error for a missing or unfinished folder
+  lock = writing.WorkdirLock(path, APPEND_LOCK)
+  try:
+    lock.acquire()
+  except writing.WorkdirLockedError:
+    raise writing.WorkdirLockedError(
+        f"{path}: another append to this index is running "
+        f"({writing.read_holder(lock.path) or 'holder unknown'}); wait for it.") from None
+  try:
+    base = GalleryIndex(path)  # checks every file the current meta.json names
+    meta, params = base.meta, base.params
+    layout = _scan(shards, (str(path), (meta["parts"], meta["channels"]),
+                            meta["model_signature"]))
+    _remove_leftovers(path, meta)
+    segments = _segments(meta)
+    number = len(segments)
+    seg_name, ann_name = f"seg-{number:04d}", f"ann-{number:04d}.faiss"
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{seg_name}.writing-", dir=path))
+    _write_store(tmp, layout, params["store"])
+    z_max = _add_items(base.ann, tmp, params)
+    faiss.write_index(base.ann, str(tmp / ANN))
+    records = {name: _file_record(tmp / name) for name in FILES}
+    os.rename(tmp / ANN, path / f".{ann_name}")
+    os.rename(tmp, path / seg_name)
+    os.rename(path / f".{ann_name}", path / ann_name)
+    old_ann = meta.get("ann", ANN)
+    files = {name: record for name, record in meta["files"].items() if name != old_ann}
+    files[ann_name] = records.pop(ANN)
+    files.update({f"{seg_name}/{name}": record for name, record in records.items()})
+    new = {key: value for key, value in meta.items() if key != "arrays"}
+    new.update(
+        format=FORMAT, num_items=meta["num_items"] + layout.num_items,
+        faiss_version=faiss.__version__, z_max_norm=max(meta["z_max_norm"], z_max),
+        shards=meta["shards"] + [{"path": os.path.abspath(s.path), "items": s.count}
+                                 for s in layout.shards],
+        ann=ann_name, segments=segments + [{"dir": seg_name, "items": layout.num_items,
+                                            "arrays": _array_layout(layout)}],
+        files=files)
+    staged = path / f".{META}.{os.getpid()}"
+    _write_meta(staged, new)
+    _sync_folder(path)
+    os.replace(staged, path / META)  # the commit
+    _sync_folder(path)
+    if old_ann != ann_name:
+      (path / old_ann).unlink(missing_ok=True)
+  finally:
+    lock.release()
+  return path
+
+
+def _sync_folder(path: pathlib.Path) -> None:
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
 
 
 def _file_record(path: pathlib.Path) -> dict[str, Any]:
@@ -478,7 +630,7 @@ def _is_index_folder(path: str | os.PathLike) -> bool:
     meta = json.loads((pathlib.Path(path) / META).read_text())
   except (OSError, ValueError):
     return False
-  return isinstance(meta, dict) and meta.get("format") == FORMAT
+  return isinstance(meta, dict) and meta.get("format") in FORMATS
 
 
 def _move_into_place(tmp: pathlib.Path, out: pathlib.Path) -> None:
@@ -514,10 +666,10 @@ def _read_meta(path: pathlib.Path) -> dict[str, Any]:
     meta = json.loads(meta_path.read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise IndexFileError(f"{meta_path} is corrupt (not valid JSON: {e}).") from e
-  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+  if not isinstance(meta, dict) or meta.get("format") not in FORMATS:
     found = meta.get("format") if isinstance(meta, dict) else None
     raise IndexFileError(f"{meta_path}: format {found!r}, this version reads "
-                         f"{FORMAT!r}.")
+                         f"{' and '.join(map(repr, FORMATS))}.")
   return meta
 
 
@@ -550,6 +702,29 @@ def _load_npy(path: pathlib.Path, shape: Sequence[int], dtype: Any, *,
   return x
 
 
+class _SegmentRows:
+  """The feature stores of several segments, read as one (N, P, C) array by rows."""
+
+  def __init__(self, stores: Sequence[np.ndarray]):
+    self.stores = list(stores)
+    self.starts = np.cumsum([0] + [len(x) for x in self.stores])
+    self.shape = (int(self.starts[-1]),) + self.stores[0].shape[1:]
+    self.dtype = self.stores[0].dtype
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def __getitem__(self, index: np.ndarray) -> np.ndarray:
+    index = np.asarray(index)
+    out = np.empty(index.shape + self.shape[1:], self.dtype)
+    segment = np.searchsorted(self.starts, index, side="right") - 1
+    for s, store in enumerate(self.stores):
+      hit = segment == s
+      if hit.any():
+        out[hit] = store[index[hit] - self.starts[s]]
+    return out
+
+
 class GalleryIndex:
   """An opened index folder: the faiss index, the memory-mapped feature store."""
 
@@ -559,10 +734,15 @@ class GalleryIndex:
     try:
       files, params = meta["files"], meta["params"]
       n, p, c = meta["num_items"], meta["parts"], meta["channels"]
-      arrays = meta["arrays"]
-      for name in FILES:
+      segments, ann_name = _segments(meta), meta.get("ann", ANN)
+      names = [ann_name] + [_in_segment(seg, name) for seg in segments
+                            for name in FILES if name != ANN]
+      for name in names:
         _check_file(self.path / name, files[name],
-                    hash_it=verify_features or name != FEATS)
+                    hash_it=verify_features or os.path.basename(name) != FEATS)
+      if sum(seg["items"] for seg in segments) != n:
+        raise IndexFileError(f"{self.path / META}: its segments hold "
+                             f"{sum(seg['items'] for seg in segments)} items, not {n}.")
     except (KeyError, TypeError) as e:
       raise IndexFileError(f"{self.path / META} is incomplete: no {e}.") from e
     if params.get("area_scale") != AREA_SCALE:
@@ -571,20 +751,29 @@ class GalleryIndex:
                            "build the index again.")
     self.meta = meta
     self.params = params
-    self.feats = _load_npy(self.path / FEATS, (n, p, c), params["store"], mmap=True)
-    self.areas = _load_npy(self.path / "areas.npy", arrays["areas"]["shape"],
-                           arrays["areas"]["dtype"], mmap=False)
-    self.ids, self.cams, self.file_names = (
-        _load_npy(self.path / name, arrays[key]["shape"], arrays[key]["dtype"], mmap=True)
-        for name, key in ARRAYS[1:])
+    stores, columns = [], {key: [] for _, key in ARRAYS}
+    for seg in segments:
+      stores.append(_load_npy(self.path / _in_segment(seg, FEATS), (seg["items"], p, c),
+                              params["store"], mmap=True))
+      for name, key in ARRAYS:
+        layout = seg["arrays"][key]
+        columns[key].append(_load_npy(self.path / _in_segment(seg, name),
+                                      layout["shape"], layout["dtype"],
+                                      mmap=key != "areas"))
+    # One segment: the memory maps themselves; several: rows gathered across them.
+    self.feats = stores[0] if len(stores) == 1 else _SegmentRows(stores)
+    self.areas, self.ids, self.cams, self.file_names = (
+        parts[0] if len(parts) == 1 else np.concatenate(parts)
+        for parts in (columns[key] for _, key in ARRAYS))
+    ann_path = self.path / ann_name
     try:
-      self.ann = faiss.read_index(str(self.path / ANN))
+      self.ann = faiss.read_index(str(ann_path))
     except RuntimeError as e:
       raise IndexFileError(
-          f"{self.path / ANN}: faiss {faiss.__version__} cannot read it (written by "
+          f"{ann_path}: faiss {faiss.__version__} cannot read it (written by "
           f"faiss {meta['faiss_version']}): {e}") from e
     if self.ann.ntotal != n or self.ann.d != params["dim"]:
-      raise IndexFileError(f"{self.path / ANN} holds {self.ann.ntotal} vectors of "
+      raise IndexFileError(f"{ann_path} holds {self.ann.ntotal} vectors of "
                            f"dimension {self.ann.d}, the index recorded {n} of "
                            f"{params['dim']}.")
     self._ivf = ivf = faiss.extract_index_ivf(self.ann)

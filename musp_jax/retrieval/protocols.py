@@ -38,6 +38,10 @@ def _options(eval_config: ml_collections.ConfigDict | None,
   if eval_config is not None:
     options = dict(distance=eval_config.distance, rerank=eval_config.rerank,
                    query_block=eval_config.query_block)
+    options.update({f"rerank_{k}": eval_config[f"rerank_{k}"]
+                    for k in ("k1", "k2", "lambda") if f"rerank_{k}" in eval_config})
+    options.update({k: eval_config[k] for k in ("aqe", "qe_times", "qe_k", "qe_alpha")
+                    if k in eval_config})
   if "remove_junk" in overrides:
     raise ValueError("protocols: remove_junk is fixed by each dataset's protocol; "
                      "call ranking.evaluate directly to choose it")

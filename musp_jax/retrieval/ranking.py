@@ -8,9 +8,10 @@ Distances (docs/design.md section 4), for features f (N, P, C) and areas a (N, P
   euclidean    D = ||x_q - x_g||       on the concatenated feature
   with w_p = a_q^p a_g^p / sum_j a_q^j a_g^j.
 
-k-reciprocal re-ranking (`rerank=True`) is defined on squared Euclidean
-distances: Zhong et al. square the Euclidean distance before re-ranking, and
-fast-reid and torchreid hand it squared distances. So re-ranking always takes
+k-reciprocal re-ranking (`rerank=True`, rerank.py) is defined on squared
+Euclidean distances: Zhong et al. square the Euclidean distance before
+re-ranking (what torchreid and fast-reid pass it: README "Re-ranking, query
+expansion, verification, and what the peers compute"). So re-ranking always takes
 the squared-Euclidean member of the chosen distance (RERANK_INPUT), and the
 lambda-weighted original distance in its result is that one too:
 
@@ -58,8 +59,8 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
-from musp_jax.retrieval import rerank as rerank_lib
 from musp_jax.retrieval import saved_features
 from musp_jax.retrieval.saved_features import Features
 from musp_jax.runtime import process
@@ -327,20 +328,25 @@ def _check_block(query_block: int) -> None:
 
 
 def _rank_in_blocks(labels, block_stats, *, max_rank: int, remove_junk: bool,
-                    query_block: int, mesh: Mesh, per_query: bool) -> dict[str, Any]:
+                    query_block: int, mesh: Mesh, per_query: bool,
+                    progress: str | None = None) -> dict[str, Any]:
   """The one loop over query blocks, for distances given or computed on the device.
 
   labels: (q_ids, g_ids, q_cams, g_cams). `block_stats(queries, block_rows, idx, pos,
   junk)` returns the ranks of the true matches of the `queries` (padded to
   `block_rows`; `_block_stats`) from their same-id tables (`_SameIdTable.table`, on
   the device).
+  progress: a progress bar over the blocks, with this description.
   """
   _check_block(query_block)
   _, _, repl = _shardings(mesh)
   table = _SameIdTable(*labels, remove_junk)
   query_block = _effective_block(query_block, table)
   acc = _Accumulator(max_rank, len(table.q_ids))
-  for queries, width in _query_blocks(table, query_block):
+  blocks = _query_blocks(table, query_block)
+  if progress:
+    blocks = tqdm.tqdm(list(blocks), desc=progress, unit="block", mininterval=5.0)
+  for queries, width in blocks:
     idx, pos, junk = (_put(_pad_rows(x, query_block), repl)
                       for x in table.table(queries, width))
     acc.add(queries, block_stats(queries, query_block, idx, pos, junk))
@@ -428,7 +434,9 @@ def evaluate(query: "Features | str | os.PathLike",
              distance: str = "cam_squared", remove_junk: bool = True,
              max_rank: int = 50, query_block: int = 1024,
              rerank: bool = False, rerank_k1: int = 20, rerank_k2: int = 6,
-             rerank_lambda: float = 0.3, mesh: Mesh | None = None,
+             rerank_lambda: float = 0.3, aqe: bool = False, qe_times: int = 1,
+             qe_k: int = 5, qe_alpha: float = 3.0, roc: bool = False,
+             roc_target_fpr: float = 1e-3, mesh: Mesh | None = None,
              precision: Precision = Precision.HIGHEST,
              return_distmat: bool = False,
              per_query: bool = False) -> dict[str, Any]:
@@ -441,9 +449,13 @@ def evaluate(query: "Features | str | os.PathLike",
     max_rank: CMC length.
     query_block: queries per device step; the device holds one
       (query_block, G) distance block.
-    rerank: k-reciprocal re-ranking (needs the (Q+G)^2 matrix on the host),
+    rerank: k-reciprocal re-ranking (rerank.py, sparse and streamed),
       computed from RERANK_INPUT[distance], the squared-Euclidean member of
       `distance` (module docstring); the result names it "rerank_input".
+    aqe, qe_times, qe_k, qe_alpha: alpha query expansion of both sets first
+      (query_expansion.py).
+    roc: also return "roc", the verification figures over all query-gallery
+      pairs (verification.py), with the threshold for roc_target_fpr.
     mesh: devices to shard the gallery over (default: all devices).
     precision: matmul precision of the distance.
     return_distmat: also return the full (Q, G) matrix as "distmat" (after
@@ -455,7 +467,7 @@ def evaluate(query: "Features | str | os.PathLike",
 
   Returns:
     {"mAP", "cmc" (max_rank,), "mINP", "num_valid_queries"} (+ "distmat",
-    "per_query", "rerank_input").
+    "per_query", "rerank_input", "roc").
   """
   _check_distance(distance)
   query = saved_features.as_features(query, "query")
@@ -470,22 +482,30 @@ def evaluate(query: "Features | str | os.PathLike",
                  query_block=query_block, mesh=mesh, per_query=per_query)
   dm = functools.partial(_distance_matrix, query_block=query_block, mesh=mesh,
                          precision=precision)
+  # These build on this module, so they are imported here, not at the top.
+  from musp_jax.retrieval import verification
+  if aqe:
+    from musp_jax.retrieval import query_expansion
+    query, gallery = query_expansion.expand(query, gallery, distance=distance,
+                                            qe_times=qe_times, qe_k=qe_k,
+                                            alpha=qe_alpha)
   if rerank:
-    rerank_input = RERANK_INPUT[distance]
-    dm = functools.partial(dm, distance=rerank_input)
-    distmat = rerank_lib.k_reciprocal_rerank(
-        dm(query, gallery), dm(query, query), dm(gallery, gallery),
-        k1=rerank_k1, k2=rerank_k2, lambda_value=rerank_lambda)
-  elif return_distmat:
+    from musp_jax.retrieval import rerank as rerank_lib
+    result = rerank_lib.evaluate(
+        query, gallery, distance=RERANK_INPUT[distance], k1=rerank_k1, k2=rerank_k2,
+        lambda_value=rerank_lambda, return_distmat=return_distmat, roc=roc,
+        roc_target_fpr=roc_target_fpr, **{k: v for k, v in options.items()
+                                          if k != "mesh"})
+    result["rerank_input"] = RERANK_INPUT[distance]
+    return result
+  if return_distmat:
     distmat = dm(query, gallery, distance=distance)
-  else:
-    distmat = None
-  if distmat is not None:
     result = rank_distmat(distmat, *labels, **options)
-    if return_distmat:
-      result["distmat"] = distmat
-    if rerank:
-      result["rerank_input"] = rerank_input
+    result["distmat"] = distmat
+    if roc:
+      result["roc"] = verification.roc(verification.matrix_blocks(distmat), *labels,
+                                       remove_junk=remove_junk,
+                                       target_fpr=roc_target_fpr)
     return result
 
   _, _, repl = _shardings(mesh)
@@ -500,7 +520,13 @@ def evaluate(query: "Features | str | os.PathLike",
     return _features_block(qf, qa, g_prep, g_valid, idx, pos, junk, distance=distance,
                            precision=precision)
 
-  return _rank_in_blocks(labels, block_stats, **options)
+  result = _rank_in_blocks(labels, block_stats, **options)
+  if roc:
+    result["roc"] = verification.roc(
+        verification.feature_blocks(query, g_prep, g_valid, distance=distance,
+                                    precision=precision, mesh=mesh),
+        *labels, remove_junk=remove_junk, target_fpr=roc_target_fpr)
+  return result
 
 
 def result_row(result: dict[str, Any], ranks: Sequence[int] = (1, 5, 10)

@@ -1,7 +1,8 @@
 """Pure-numpy reference of the retrieval metrics (docs/design.md section 5).
 
 This is the slow, obviously-correct definition that the on-device ranking in
-`ranking.py` is tested against. Per query:
+`ranking.py` is tested against (and, at the end, the dense k-reciprocal re-ranking
+that rerank.py's sparse form is tested against). Per query:
 
   1. order the gallery by ascending distance; ties keep gallery index order
      (a stable sort), so the result never depends on the sort algorithm;
@@ -106,3 +107,61 @@ def rank_metrics(distmat: np.ndarray,
   if per_query:
     result["per_query"] = {"AP": all_ap, "INP": all_inp, "first_hit": first_hit}
   return result
+
+
+# --------------------------------------------------------------------------
+# k-reciprocal re-ranking, dense.
+
+
+def _reciprocal(initial_rank: np.ndarray, i: int, k: int) -> np.ndarray:
+  forward = initial_rank[i, :k + 1]
+  backward = initial_rank[forward, :k + 1]
+  return forward[np.any(backward == i, axis=1)]
+
+
+def k_reciprocal_rerank(q_g: np.ndarray, q_q: np.ndarray, g_g: np.ndarray, *,
+                        k1: int = 20, k2: int = 6,
+                        lambda_value: float = 0.3) -> np.ndarray:
+  """Re-ranked (Q, G) distances from the q-g, q-q and g-g squared distances: the
+  dense form, step by step as retrieval/rerank.py's docstring states them (the
+  oracle of `rerank.KReciprocal`)."""
+  num_q, num_g = q_g.shape
+  if q_q.shape != (num_q, num_q) or g_g.shape != (num_g, num_g):
+    raise ValueError(f"k_reciprocal_rerank: shapes q_g {q_g.shape}, q_q "
+                     f"{q_q.shape}, g_g {g_g.shape} do not fit together")
+  dist = np.block([[q_q, q_g], [q_g.T, g_g]]).astype(np.float32)
+  # Normalise so exp(-d) in step 3 does not depend on the distance's scale.
+  dist = (dist / np.max(dist, axis=0)).T
+  n = dist.shape[0]
+  initial_rank = np.argsort(dist, axis=1, kind="stable")
+  half = int(np.around(k1 / 2.0))
+
+  v = np.zeros((n, n), np.float32)
+  for i in range(n):
+    members = _reciprocal(initial_rank, i, k1)
+    expansion = [members]
+    for c in members:
+      candidate = _reciprocal(initial_rank, c, half)
+      if len(np.intersect1d(candidate, members)) > 2.0 / 3.0 * len(candidate):
+        expansion.append(candidate)
+    expanded = np.unique(np.concatenate(expansion))
+    weight = np.exp(-dist[i, expanded])
+    v[i, expanded] = weight / np.sum(weight)
+
+  if k2 > 1:
+    v_qe = np.empty_like(v)
+    for lo in range(0, n, 256):  # bounded temporary (rows x k2 x n)
+      v_qe[lo:lo + 256] = v[initial_rank[lo:lo + 256, :k2]].mean(axis=1)
+    v = v_qe
+  del initial_rank
+
+  # Columns of V restricted to gallery rows, transposed so that the rows we
+  # gather (a query's non-zero columns) are contiguous.
+  v_gallery_T = np.ascontiguousarray(v[num_q:].T)  # (n, G)
+  jaccard = np.empty((num_q, num_g), np.float32)
+  for i in range(num_q):
+    nonzero = np.flatnonzero(v[i])
+    overlap = np.sum(np.minimum(v[i, nonzero, None], v_gallery_T[nonzero]), axis=0)
+    # Rows sum to 1, so sum max = 2 - sum min.
+    jaccard[i] = 1.0 - overlap / (2.0 - overlap)
+  return jaccard * (1.0 - lambda_value) + dist[:num_q, num_q:] * lambda_value

@@ -320,6 +320,9 @@ def _quiet_abandoned_reads() -> None:
   been reported once (`_reading`). Those reports alone are dropped; every other one
   goes to the hook that was in place.
   """
+  asyncio_log = logging.getLogger("asyncio")
+  if not any(isinstance(f, _AbandonedReadTasks) for f in asyncio_log.filters):
+    asyncio_log.addFilter(_AbandonedReadTasks())
   previous = sys.unraisablehook
   if getattr(previous, "drops_abandoned_reads", False):
     return
@@ -330,6 +333,16 @@ def _quiet_abandoned_reads() -> None:
 
   hook.drops_abandoned_reads = True
   sys.unraisablehook = hook
+
+
+class _AbandonedReadTasks(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" for the reading tasks a failed
+  restore left behind (collected later, each with its own page of traceback)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return not (str(record.msg).startswith("Task exception was never retrieved")
+                and _is_read_failure(error))
 
 
 # A tensorstore error's text starts with its status code ("OUT_OF_RANGE: ...").
@@ -343,6 +356,12 @@ def _is_abandoned_read_report(unraisable: Any) -> bool:
                for frame in traceback.extract_tb(unraisable.exc_traceback))
   if not inspect.iscoroutine(unraisable.object):
     return False
+  return _is_read_failure(error)
+
+
+def _is_read_failure(error: BaseException | None) -> bool:
+  """Whether `error` or one of its causes is a tensorstore read error, or the
+  GeneratorExit that closed a reading coroutine."""
   for _ in range(16):  # the error and its causes
     if error is None:
       return False

@@ -8,6 +8,8 @@ and draws with these):
                           titled with the share of its mass on the vehicle
   ranks_figure            query images and their top-k gallery images, framed green
                           (same vehicle) or red (another one), distances printed
+  roc_figure              a verification ROC curve (log FPR) beside the same-id and
+                          different-id distance distributions
 Pictures are written atomically (`save_figure`).
 """
 
@@ -229,5 +231,56 @@ def ranks_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure:
       _frame(ax, color, width=5.0)
   fig.suptitle(title + "\nframe: green = same vehicle, red = another vehicle, "
                "blue = query; d = distance", fontsize=11)
+  fig.tight_layout()
+  return fig
+
+
+# --------------------------------------------------------------------------
+# Verification.
+
+
+def roc_figure(result: dict[str, Any], *, title: str = "") -> Figure:
+  """The ROC curve (log FPR) and the two distance distributions, from
+  `verification.roc`'s result (its curve at bin resolution, the positives' distances
+  and the negatives' histogram)."""
+  fig = Figure(figsize=(11, 4.5))
+  FigureCanvasAgg(fig)
+  ax_roc, ax_hist = fig.subplots(1, 2)
+  curve = result["curve"]
+  ax_roc.step(np.maximum(curve["fpr"], 1e-9), curve["tpr"], where="post", lw=1.5)
+  for f, tpr in result["tpr_at_fpr"].items():
+    ax_roc.plot(float(f), tpr, "o", color="C3")
+    ax_roc.annotate(f"{tpr:.3f}", (float(f), tpr), textcoords="offset points",
+                    xytext=(4, -12), fontsize=8)
+  ax_roc.plot(result["eer"], 1 - result["eer"], "s", color="C2",
+              label=f"EER {result['eer']:.4f}")
+  ax_roc.set_xscale("log")
+  ax_roc.set_xlim(max(1.0 / result["num_negative"], 1e-7), 1.0)
+  ax_roc.set_ylim(0.0, 1.01)
+  ax_roc.set_xlabel("false positive rate (negative pairs accepted)")
+  ax_roc.set_ylabel("true positive rate (positive pairs accepted)")
+  ax_roc.grid(True, which="both", alpha=0.3)
+  ax_roc.legend(loc="lower right")
+  neg = result["negative_histogram"]
+  pos = result["positive_distances"]
+  finite = np.isfinite(neg["distance"])
+  top = float(max(np.max(pos), np.max(neg["distance"][finite], initial=0.0)))
+  bottom = float(min(np.min(pos), np.min(neg["distance"][finite], initial=top)))
+  edges = np.linspace(bottom, top, 81)
+  neg_counts, _ = np.histogram(neg["distance"][finite], edges,
+                               weights=neg["count"][finite])
+  pos_counts, _ = np.histogram(pos, edges)
+  width = np.diff(edges)
+  ax_hist.bar(edges[:-1], neg_counts / neg_counts.sum() / width, width, align="edge",
+              alpha=0.5, label=f"different id ({result['num_negative']:,} pairs)")
+  ax_hist.bar(edges[:-1], pos_counts / pos_counts.sum() / width, width, align="edge",
+              alpha=0.5, label=f"same id ({result['num_positive']:,} pairs)")
+  ax_hist.axvline(result["threshold"], color="C3", ls="--",
+                  label=f"threshold @ FPR {result['target_fpr']:.0e}")
+  ax_hist.set_xlabel("distance")
+  ax_hist.set_ylabel("density")
+  ax_hist.legend(fontsize=8)
+  if title:
+    fig.suptitle(title)
   fig.tight_layout()
   return fig

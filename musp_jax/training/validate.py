@@ -24,6 +24,7 @@ from musp_jax.data import sampling
 from musp_jax import models
 from musp_jax.core import preprocess
 from musp_jax.retrieval import ranking
+from musp_jax.retrieval import rerank
 from musp_jax.models import fast_conv
 from musp_jax.models import resnet
 
@@ -255,8 +256,71 @@ def _check_eval(c: _Checker, *, num_devices: int, num_processes: int) -> None:
   c.boolean("eval.flip")
   c.boolean("eval.rerank")
   c.int_at_least("eval.query_block", 1)
+  rerank_ok = c.int_at_least("eval.rerank_k1", 1)
+  if rerank_ok:
+    top = c.get("eval.rerank_k1") + 1
+    rerank_ok = c.expect("eval.rerank_k2", lambda v: _is_int(v) and 1 <= v <= top,
+                         f"an integer in 1..eval.rerank_k1 + 1 = {top} (the mean is over "
+                         "the k2 nearest of the k1 + 1 kept)")
+  rerank_ok &= c.number("eval.rerank_lambda", lambda v: 0 <= v <= 1, "a number in [0, 1]")
+  c.boolean("eval.aqe")
+  c.int_at_least("eval.qe_times", 1)
+  c.int_at_least("eval.qe_k", 1)
+  c.number("eval.qe_alpha", lambda v: True, "a finite number")
+  if rerank_ok and c.get("eval.rerank") is True and not c.problems:
+    _check_rerank_memory(c)
   c.int_at_least("eval.vehicleid_trials", 1)
   c.int_at_least("eval.vehicleid_seed", 0)
+
+
+def rerank_memory_problem(num_query: int, num_gallery: int, *, feature_values: int,
+                          k1: int, k2: int, query_block: int, aqe: bool,
+                          available: int) -> str | None:
+  """Why sparse re-ranking of this set would not fit in `available` bytes, or None.
+
+  feature_values: P * C (an upper bound is fine); AQE keeps a second copy.
+  """
+  n = num_query + num_gallery
+  features = n * feature_values * 4 * (2 if aqe else 1)
+  parts = max(1, feature_values // 2048)
+  state = rerank.memory_estimate(num_query, num_gallery, parts=parts,
+                                 channels=feature_values // parts, k1=k1, k2=k2,
+                                 query_block=query_block)["typical"]
+  if features + state <= available:
+    return None
+  gib = 2.0**30
+  return (f"eval.rerank=True: k-reciprocal re-ranking of {num_query:,} queries and "
+          f"{num_gallery:,} gallery images needs about {(features + state) / gib:.1f} GiB "
+          f"(features {features / gib:.1f} GiB{' with AQE' if aqe else ''}, re-ranking "
+          f"{state / gib:.1f} GiB with k1={k1}, k2={k2}) and this machine has "
+          f"{available / gib:.1f} GiB: expected a smaller test set, eval.rerank=False, or "
+          "a larger machine")
+
+
+def _check_rerank_memory(c: _Checker) -> None:
+  """Refuses re-ranking a built evaluation set that would not fit in host memory."""
+  config = c.config
+  try:
+    target = datasets.eval_set(config)
+    kw = dict(data_dir=config.dataset.data_dir, builder_config=target.builder_config)
+    if not datasets.is_built(target.name, **kw):
+      return  # its sizes are known once it is built
+    splits = datasets.get_builder(target.name, **kw).info.splits
+    sizes = {role: splits[split].num_examples for role, split in target.splits.items()}
+  except (ValueError, KeyError):
+    return  # reported by the dataset checks
+  total = sum(sizes.values())
+  num_query = sizes.get("query", total // 2)
+  arch = models.architecture(config.model)
+  width = resnet.output_channels(arch["depth"])
+  values = width * (arch["num_prototypes"] if arch["head"] == "musp" else 1)
+  problem = rerank_memory_problem(
+      num_query, total - num_query, feature_values=values, k1=c.get("eval.rerank_k1"),
+      k2=c.get("eval.rerank_k2"), query_block=c.get("eval.query_block"),
+      aqe=c.get("eval.aqe") is True,
+      available=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+  if problem:
+    c.problems.append(problem)
 
 
 def _check_loss(c: _Checker) -> None:
