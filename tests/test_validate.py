@@ -170,3 +170,23 @@ def test_identities_and_resume_against_the_data():
                      r"schedule, 32 steps \(optim.num_epochs=1 x 16 steps per epoch"):
     validate.check_resume(33, total_steps=32, steps_per_epoch=16, config=config,
                           where="w")
+
+
+def test_rerank_memory_is_checked_for_each_evaluation_dataset(monkeypatch):
+  """Each built evaluation set must fit when re-ranked; with several, the message says
+  which. A 1 MiB machine (sysconf patched) cannot hold the tiny synthetic set's."""
+  import tools_fixtures
+  config = tools_fixtures.tiny_config()
+  config.dataset.data_dir = tools_fixtures.shared_data_dir()
+  config.eval.rerank = True
+  _check(config, mode="eval")  # this machine holds it
+  pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 256}
+  monkeypatch.setattr(validate.os, "sysconf", pages.__getitem__)
+  with pytest.raises(validate.ConfigError,
+                     match=r"eval.rerank=True: k-reciprocal re-ranking of 22 queries and "
+                           r"74 gallery images needs about .* and this machine has 0.0 GiB"):
+    _check(config, mode="eval")
+  config.eval.dataset = "synthetic_vehicles,veri776"  # veri776 is not built there
+  with pytest.raises(validate.ConfigError,
+                     match=r"74 gallery images of synthetic_vehicles needs about"):
+    _check(config, mode="eval")

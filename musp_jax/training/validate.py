@@ -275,10 +275,11 @@ def _check_eval(c: _Checker, *, num_devices: int, num_processes: int) -> None:
 
 def rerank_memory_problem(num_query: int, num_gallery: int, *, feature_values: int,
                           k1: int, k2: int, query_block: int, aqe: bool,
-                          available: int) -> str | None:
+                          available: int, dataset: str = "") -> str | None:
   """Why sparse re-ranking of this set would not fit in `available` bytes, or None.
 
-  feature_values: P * C (an upper bound is fine); AQE keeps a second copy.
+  feature_values: P * C (an upper bound is fine); AQE keeps a second copy. dataset:
+  the set's name, when the message must say which of several.
   """
   n = num_query + num_gallery
   features = n * feature_values * 4 * (2 if aqe else 1)
@@ -289,38 +290,47 @@ def rerank_memory_problem(num_query: int, num_gallery: int, *, feature_values: i
   if features + state <= available:
     return None
   gib = 2.0**30
+  of = f" of {dataset}" if dataset else ""
   return (f"eval.rerank=True: k-reciprocal re-ranking of {num_query:,} queries and "
-          f"{num_gallery:,} gallery images needs about {(features + state) / gib:.1f} GiB "
-          f"(features {features / gib:.1f} GiB{' with AQE' if aqe else ''}, re-ranking "
+          f"{num_gallery:,} gallery images{of} needs about "
+          f"{(features + state) / gib:.1f} GiB (features {features / gib:.1f} GiB"
+          f"{' with AQE' if aqe else ''}, re-ranking "
           f"{state / gib:.1f} GiB with k1={k1}, k2={k2}) and this machine has "
           f"{available / gib:.1f} GiB: expected a smaller test set, eval.rerank=False, or "
           "a larger machine")
 
 
 def _check_rerank_memory(c: _Checker) -> None:
-  """Refuses re-ranking a built evaluation set that would not fit in host memory."""
+  """Refuses re-ranking a built evaluation set that would not fit in host memory (the
+  evaluation datasets are ranked one after another: each must fit)."""
   config = c.config
   try:
-    target = datasets.eval_set(config)
-    kw = dict(data_dir=config.dataset.data_dir, builder_config=target.builder_config)
-    if not datasets.is_built(target.name, **kw):
-      return  # its sizes are known once it is built
-    splits = datasets.get_builder(target.name, **kw).info.splits
-    sizes = {role: splits[split].num_examples for role, split in target.splits.items()}
-  except (ValueError, KeyError):
-    return  # reported by the dataset checks
-  total = sum(sizes.values())
-  num_query = sizes.get("query", total // 2)
+    targets = datasets.eval_sets(config)
+  except (ValueError, KeyError, OSError):
+    return  # reported by the dataset checks, or when the data is read
   arch = models.architecture(config.model)
   width = resnet.output_channels(arch["depth"])
   values = width * (arch["num_prototypes"] if arch["head"] == "musp" else 1)
-  problem = rerank_memory_problem(
-      num_query, total - num_query, feature_values=values, k1=c.get("eval.rerank_k1"),
-      k2=c.get("eval.rerank_k2"), query_block=c.get("eval.query_block"),
-      aqe=c.get("eval.aqe") is True,
-      available=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-  if problem:
-    c.problems.append(problem)
+  for target in targets:
+    e = target.entry
+    kw = dict(data_dir=config.dataset.data_dir, builder_config=e.builder_config)
+    try:
+      if not datasets.is_built(e.table, **kw):
+        continue  # its sizes are known once it is built
+      splits = datasets.get_builder(e.table, **kw).info.splits
+      sizes = {role: splits[split].num_examples for role, split in target.splits.items()}
+    except (ValueError, KeyError):
+      continue  # reported by the dataset checks
+    total = sum(sizes.values())
+    num_query = sizes.get("query", total // 2)
+    problem = rerank_memory_problem(
+        num_query, total - num_query, feature_values=values, k1=c.get("eval.rerank_k1"),
+        k2=c.get("eval.rerank_k2"), query_block=c.get("eval.query_block"),
+        aqe=c.get("eval.aqe") is True,
+        available=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        dataset=target.row_name if len(targets) > 1 else "")
+    if problem:
+      c.problems.append(problem)
 
 
 def _check_loss(c: _Checker) -> None:
