@@ -16,13 +16,13 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Fields of config.model that change parameter shapes or what the features mean;
 # dtype, conv_impl, init_from, attention_init_scale (initialisation only) and the
 # loss-side `diversity` do not.
-ARCH_FIELDS = ("depth", "last_stride", "head", "num_prototypes", "value_conv",
+ARCH_FIELDS = ("backbone", "depth", "last_stride", "head", "num_prototypes", "value_conv",
                "value_channels", "ese", "ese_reduction", "attention",
                "global_feature", "pooling", "global_branch", "layer3_stride",
                "attention_temperature", "attention_kernel")
 # What a field added after the first release meant before it existed.
-_ARCH_DEFAULTS = {"global_branch": True, "layer3_stride": 2, "attention_temperature": 1.0,
-                  "attention_kernel": 3}
+_ARCH_DEFAULTS = {"global_branch": True, "backbone": "resnet", "layer3_stride": 2,
+                  "attention_temperature": 1.0, "attention_kernel": 3}
 
 
 def compute_dtype(name: str):
@@ -98,6 +98,7 @@ def build_model(model_config: ml_collections.ConfigDict,
       depth=model_config.depth, last_stride=model_config.last_stride,
       layer3_stride=model_config.get("layer3_stride", 2),
       dtype=compute_dtype(model_config.dtype),
-      conv_impl=model_config.get("conv_impl", "auto"))
+      conv_impl=model_config.get("conv_impl", "auto"),
+      backbone=model_config.get("backbone", "resnet"))
   return musp.ReIDModel(backbone=backbone,
                         head=build_head(model_config, num_classes))

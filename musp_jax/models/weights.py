@@ -1,8 +1,9 @@
 """PyTorch weight import.
 
 Two jobs:
-  * `import_resnet`: a torchvision `resnet{18,34,50,101,152}` state_dict into
-    ResNet variables (names in models/resnet.py's docstring).
+  * `import_resnet`: a torchvision `resnet{18,34,50,101,152}` state_dict, or a
+    ResNet-IBN-a one (the IBN-Net release's, or a fast-reid model's backbone:
+    `ibn_backbone`), into ResNet variables (names in models/resnet.py's docstring).
   * `import_musp`: a whole official-MUSP checkpoint (backbone + head) into
     ReIDModel variables. Official head names:
         key.{weight,bias}            head/attention_conv
@@ -47,8 +48,8 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
   """Reads a PyTorch state dict as {name: numpy array}.
 
   Accepts a bare state dict or a training checkpoint holding one under
-  "state_dict" (the official MUSP format), and strips DataParallel's "module."
-  prefix.
+  "state_dict" (the official MUSP format) or "model" (fast-reid's), and strips
+  DataParallel's "module." prefix.
   """
   path = os.fspath(path)
   if not os.path.exists(path):
@@ -85,6 +86,8 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
           f"{_first_line(e)}") from e
     if isinstance(obj, Mapping) and "state_dict" in obj:
       obj = obj["state_dict"]
+    elif isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+      obj = obj["model"]
     if not isinstance(obj, Mapping):
       raise WeightImportError(f"{path} holds a {type(obj).__name__}, not a "
                               "state dict")
@@ -326,3 +329,32 @@ def resnet_depth(state_dict: StateDict, *, what: str = "state dict") -> int:
   raise WeightImportError(f"{what} has {kind} blocks per stage {counts}; no "
                           "torchvision ResNet has that layout (expected a ResNet-"
                           f"{'/'.join(map(str, resnet.STAGE_SIZES))} state dict)")
+
+
+IBN_MARKER = "layer1.0.bn1.IN.weight"  # the first instance norm of an IBN-a ResNet
+# Running statistics an InstanceNorm saved by older PyTorch versions may carry; IBN-a's
+# instance norms use each image's own statistics (no running ones), so none is read.
+_INSTANCE_STATS = re.compile(r"\.IN\.(running_mean|running_var|num_batches_tracked)$")
+
+
+def is_ibn_a(state_dict: StateDict) -> bool:
+  """Whether a ResNet state dict (or a fast-reid model's) has IBN-a's split norms."""
+  return IBN_MARKER in state_dict or f"backbone.{IBN_MARKER}" in state_dict
+
+
+def ibn_backbone(state_dict: StateDict, *, what: str = "state dict") -> StateDict:
+  """The ResNet-IBN-a backbone of an IBN-Net or fast-reid state dict, in IBN-Net's
+  names (layer1.0.bn1.IN.weight, layer1.0.bn1.BN.running_mean, ...).
+
+  A fast-reid model keeps its backbone under "backbone." beside its heads and pixel
+  statistics, which are left out; IBN-Net's ImageNet classifier (fc.*) is left to the
+  caller's `ignore`. Instance-norm running statistics, if any, are dropped.
+  """
+  if f"backbone.{IBN_MARKER}" in state_dict:
+    state_dict = {k.removeprefix("backbone."): v for k, v in state_dict.items()
+                  if k.startswith("backbone.")}
+  if IBN_MARKER not in state_dict:
+    raise WeightImportError(
+        f"{what} has no {IBN_MARKER!r} (nor 'backbone.{IBN_MARKER}'): it is not a "
+        "ResNet-IBN-a state dict; a torchvision ResNet imports with --torchvision")
+  return {k: v for k, v in state_dict.items() if not _INSTANCE_STATS.search(k)}

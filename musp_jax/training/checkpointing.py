@@ -5,7 +5,7 @@ Each saved step holds three items:
   data    {"next_step": ...}: the PK sampler is a pure function of (seed, step), so the
           step at which to rebuild the input pipeline is the whole data position,
   run     the run's description (`RunInfo`): the resolved config, the class count and
-          the vehicle id of each training label. A step folder alone rebuilds its
+          the dataset and vehicle id of each training label. A step folder alone rebuilds its
           model: evaluation on another dataset, the tools and the demo need neither the
           training data nor the workdir's config.json.
 The latest `keep` steps are kept, and the best step by mAP is kept as well.
@@ -75,17 +75,23 @@ class RunInfo:
   """What a checkpoint was trained as; saved with every step."""
   config: ml_collections.ConfigDict  # the resolved run config
   num_classes: int
-  label_vehicle_ids: tuple[int, ...] = ()  # vehicle id of each label 0..K-1
+  # (dataset, vehicle id) of each label 0..K-1 (musp_jax/data/training_set.py)
+  label_identities: tuple[tuple[str, int], ...] = ()
 
   def to_json(self) -> dict:
     return {"config": jsonable(self.config), "num_classes": int(self.num_classes),
-            "label_vehicle_ids": [int(v) for v in self.label_vehicle_ids]}
+            "label_identities": [[str(d), int(v)] for d, v in self.label_identities]}
 
   @classmethod
   def from_json(cls, data: dict) -> RunInfo:
-    return cls(config=ml_collections.ConfigDict(data["config"]),
-               num_classes=int(data["num_classes"]),
-               label_vehicle_ids=tuple(data.get("label_vehicle_ids", ())))
+    config = ml_collections.ConfigDict(data["config"])
+    if "label_identities" in data:
+      identities = tuple((str(d), int(v)) for d, v in data["label_identities"])
+    else:  # written before several training datasets: one dataset's vehicle ids
+      identities = tuple((config.dataset.name, int(v))
+                         for v in data.get("label_vehicle_ids", ()))
+    return cls(config=config, num_classes=int(data["num_classes"]),
+               label_identities=identities)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,6 @@ and the same command resumes from a step whose loss was finite.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import signal
 from typing import Any
@@ -39,7 +38,7 @@ from etils import epath
 from jax.sharding import NamedSharding
 
 from musp_jax.training import checkpointing
-from musp_jax.data import datasets
+from musp_jax.data import training_set
 from musp_jax.training import evaluator
 from musp_jax.training import model_pictures
 from musp_jax.data import input_pipeline
@@ -146,27 +145,6 @@ def _mean_scalars(history: list[dict]) -> dict[str, float]:
   return out
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainingData:
-  source: datasets.ReIdSource
-  labels: np.ndarray  # label of each record
-  num_classes: int
-  label_vehicle_ids: tuple[int, ...]  # vehicle id of each label
-
-
-def training_data(config: ml_collections.ConfigDict) -> TrainingData:
-  """Builds (synthetic) or finds the training split, its labels and class count."""
-  ds = config.dataset
-  kw = dict(data_dir=ds.data_dir, builder_config=ds.builder_config)
-  datasets.ensure_built(ds.name, manual_dir=ds.manual_dir, **kw)
-  index = datasets.split_index(ds.name, "train", **kw)
-  num_classes = datasets.num_classes(ds.name, **kw)
-  vehicle_ids = np.zeros(num_classes, np.int64)
-  vehicle_ids[index["label"]] = index["vehicle_id"]
-  return TrainingData(datasets.load_split(ds.name, "train", **kw), index["label"],
-                      num_classes, tuple(int(v) for v in vehicle_ids))
-
-
 def _schedule(config, num_images: int) -> tuple[int, int, int]:
   """(global batch, steps per epoch, total steps) of the recipe."""
   global_batch = config.input.num_ids * config.input.num_instances
@@ -206,8 +184,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
   mesh = process.make_mesh()
 
   # Data.
-  data = training_data(config)
-  validate.check_identities(config, data.num_classes)
+  data = training_set.load(config)
+  validate.check_identities(config, data.identities())
   global_batch, steps_per_epoch, total_steps = _schedule(config, len(data.source))
   eval_every = max(1, config.eval.every_epochs * steps_per_epoch)
   logging.info("%d training images, %d ids; %d steps/epoch, %d steps.",
@@ -230,7 +208,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
     protected.steps.add(manager.latest_step())
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  run = checkpointing.RunInfo(config, data.num_classes, data.label_vehicle_ids)
+  run = checkpointing.RunInfo(config, data.num_classes, data.label_identities)
   results: dict = evaluator.read_results(workdir)
   if start_step >= total_steps:
     logging.info("Training in %s is complete (step %d of %d): nothing to train. "
@@ -242,7 +220,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
   batches = input_pipeline.train_batches(
       data.source, data.labels, config.input, seed=config.seed, start_step=start_step,
       global_batch_size=global_batch, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count(), domains=data.domains)
   train_step = step_lib.jit_step(model=model, tx=tx, loss_config=config.loss,
                                  input_config=config.input, mesh=mesh,
                                  state_sharding=state_sharding)
