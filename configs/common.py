@@ -20,18 +20,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # --- data (tfds_builders/, musp_jax/data/datasets.py) ---
   c.dataset = ml_collections.ConfigDict()
-  c.dataset.name = "synthetic_vehicles"  # veri776 | vehicle_id | veri_wild | synthetic_vehicles
+  # veri776 | vehicle_id | veri_wild | synthetic_vehicles | the name of a dataset built
+  # from your own images (`build_dataset folder --name NAME`); several, comma-separated,
+  # train together (e.g. "veri776,vehicle_id,veri_wild": labels offset per dataset).
+  c.dataset.name = "synthetic_vehicles"
   # TFDS builder config: the synthetic dataset's size (tiny | small | large); the
-  # licensed datasets have none ("").
+  # licensed datasets and your own have none ("").
   c.dataset.builder_config = "small"
   c.dataset.data_dir = "~/tensorflow_datasets"
   c.dataset.manual_dir = ""  # only needed to build a licensed dataset
+  # fast-reid's COMBINEALL: each training dataset's largest test set trains too (its
+  # test identities become classes), so its own protocols mean nothing: evaluate on
+  # another dataset (eval.dataset).
+  c.dataset.combine_all = False
 
   # --- input pipeline (sampling.py, augment.py, input_pipeline.py) ---
   c.input = ml_collections.ConfigDict()
   c.input.image_size = (256, 256)
   c.input.num_ids = 16  # P identities per batch
   c.input.num_instances = 4  # K images per identity
+  # Several training datasets: False draws the P identities from their union (in
+  # proportion to each one's size); True takes a fixed share of P from every dataset.
+  c.input.balance_datasets = False
   c.input.num_workers = 4  # grain worker processes; 0 = in-process
   c.input.prefetch_buffer = 2
   c.input.normalize = "half"  # half: mean=std=0.5 (official) | imagenet
@@ -45,6 +55,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # --- model (models/) ---
   c.model = ml_collections.ConfigDict()
+  # resnet (torchvision) | resnet_ibn_a (IBN-Net / fast-reid's ResNet-IBN-a: half of the
+  # first norm of each block of layers 1-3 instance-normalised)
+  c.model.backbone = "resnet"
   c.model.depth = 50
   c.model.last_stride = 1
   # Stride of the third stage: 2 (official); 1 doubles the map's side (64 px -> 8 x 8).
@@ -108,7 +121,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # --- evaluation (retrieval/ranking.py, retrieval/protocols.py) ---
   c.eval = ml_collections.ConfigDict()
-  c.eval.dataset = ""  # empty: the training dataset; else another (cross-domain)
+  # empty: the training datasets; else others (cross-domain), comma-separated
+  c.eval.dataset = ""
   c.eval.test_size = "small"  # VehicleID / VERI-Wild test set: small | medium | large
   c.eval.batch_size = 128
   c.eval.every_epochs = 10
@@ -154,6 +168,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ese_off": {"model.ese": "none"},
     "sigmoid": {"model.attention": "sigmoid"},
     "bf16": {"model.dtype": "bfloat16"},
+    # fast-reid's vehicle backbone, ResNet-IBN-a (import its weights with
+    # `import_weights --ibn`); depth 50 unless model.depth says 101.
+    "ibn_a": {"model.backbone": "resnet_ibn_a"},
 }
 # The test-set sizes of VehicleID and VERI-Wild (eval.test_size).
 TEST_SIZE_VARIANTS = {size: {"eval.test_size": size} for size in ("small", "medium", "large")}

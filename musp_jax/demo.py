@@ -46,21 +46,22 @@ def reference_rows(config, mesh) -> tuple[dict, dict | None]:
   and the random model's attention scores (None without part masks)."""
   from musp_jax.training import attention_scores
   from musp_jax.data import datasets
+  from musp_jax.data import training_set
   from musp_jax.training import evaluator
   from musp_jax.retrieval import protocols
   from musp_jax.retrieval import saved_features
   from musp_jax.core import state
   from musp_jax.models import build_model
 
-  target = datasets.eval_set(config)
-  kw = dict(data_dir=config.dataset.data_dir, builder_config=target.builder_config)
-  model = build_model(config.model, datasets.num_classes(config.dataset.name, **kw))
+  target = datasets.eval_sets(config)[0]
+  model = build_model(config.model, training_set.load(config).num_classes)
   random_variables = state.init_variables(model, config.input.image_size, config.seed)
   random_rows = evaluator.evaluate_model(model, random_variables, config, mesh)
   pixels = {}
+  data_dir = config.dataset.data_dir
   for role, split in target.splits.items():
-    raw = raw_pixel_features(datasets.load_split(target.name, split, **kw))
-    index = datasets.split_index(target.name, split, **kw)
+    raw = raw_pixel_features(target.entry.load_split(split, data_dir))
+    index = target.entry.split_index(split, data_dir)
     pixels[role] = saved_features.Features(raw["feats"], raw["areas"], index["vehicle_id"],
                                       index["camera_id"])
   pixel_rows = protocols.run_protocol(target.protocol, pixels, name=target.row_name,

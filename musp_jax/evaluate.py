@@ -167,7 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--query", help="Query features (.npz).")
   parser.add_argument("--gallery", help="Gallery features (.npz).")
   parser.add_argument("--test", help="VehicleID: the whole test list's features (.npz).")
-  parser.add_argument("--protocol", choices=list(datasets.DATASETS),
+  parser.add_argument("--protocol",
+                      choices=[n for n, d in datasets.DATASETS.items() if d.protocol],
                       help="A dataset's evaluation protocol (default: plain query vs "
                       "gallery, junk removed).")
   parser.add_argument("--size", default="", help="Test size named in the rows "

@@ -48,7 +48,9 @@ MODEL = {"depth": 18, "head": "musp", "num_prototypes": 5, "value_conv": "depthw
          "value_channels": 0}
 RUN = checkpointing.RunInfo(
     config=ml_collections.ConfigDict({"model": MODEL, "input": {"image_size": [64, 64]}}),
-    num_classes=7, label_vehicle_ids=(3, 5, 8, 13, 21, 34, 55))
+    num_classes=7, label_identities=(("veri776", 3), ("veri776", 5), ("veri776", 8),
+                                     ("vehicle_id", 13), ("vehicle_id", 21),
+                                     ("vehicle_id", 34), ("vehicle_id", 55)))
 
 
 def _save(manager, step, *, state=None, **kw):
@@ -145,7 +147,7 @@ def test_load_variables_restores_weights_and_run_only(tmp_path):
     np.testing.assert_array_equal(a, b)
   assert restored.step == 2 and restored.source == str(workdir / "checkpoints" / "2")
   assert restored.run.num_classes == 7
-  assert restored.run.label_vehicle_ids == RUN.label_vehicle_ids
+  assert restored.run.label_identities == RUN.label_identities
   assert restored.run.config.model.to_dict() == MODEL
 
 

@@ -107,24 +107,47 @@ def test_bad_names_are_rejected(data_dir):
     datasets.load_split("veri", "train", data_dir=data_dir, builder_config="")
 
 
-def test_eval_set_follows_the_dataset_table():
+def test_eval_sets_follow_the_dataset_table():
   c = synthetic.get_config("runlocal")
-  target = datasets.eval_set(c)
-  assert (target.name, target.builder_config, target.splits, target.row_name) == (
-      NAME, "tiny", {"query": "query", "gallery": "gallery"}, NAME)
+  (target,) = datasets.eval_sets(c)
+  assert (target.entry, target.splits, target.row_name, target.protocol) == (
+      datasets.Entry(NAME, NAME, "tiny"), {"query": "query", "gallery": "gallery"}, NAME,
+      "query_gallery")
   c = veriwild.get_config("medium")
-  target = datasets.eval_set(c)
+  (target,) = datasets.eval_sets(c)
   assert target.splits == {"query": "query_5000", "gallery": "gallery_5000"}
-  assert (target.row_name, target.builder_config) == ("veri_wild_medium", "")
+  assert (target.row_name, target.entry.builder_config) == ("veri_wild_medium", "")
   c.eval.dataset, c.eval.test_size = "vehicle_id", "large"  # cross-domain
-  target = datasets.eval_set(c)
+  (target,) = datasets.eval_sets(c)
   assert (target.splits, target.row_name) == ({"test": "test_2400"}, "vehicle_id_large")
   c.eval.dataset = "synthetic_vehicles"  # another build than the training one: the default
-  assert datasets.eval_set(c).builder_config == "small"
+  assert datasets.eval_sets(c)[0].entry.builder_config == "small"
+  # Several, in the order listed; the training build of a training dataset.
+  c.dataset.name, c.dataset.builder_config = "veri_wild,synthetic_vehicles", "tiny"
+  c.eval.dataset = "synthetic_vehicles, veri_wild"
+  assert [(t.row_name, t.entry.builder_config) for t in datasets.eval_sets(c)] == [
+      (NAME, "tiny"), ("veri_wild_large", "")]
+  c.eval.dataset = ""  # the training datasets, as dataset.name lists them
+  assert [t.name for t in datasets.eval_sets(c)] == ["veri_wild", NAME]
   c.eval.dataset, c.eval.test_size = "veri_wild", "huge"
   with pytest.raises(ValueError, match=r"eval.test_size='huge'; veri_wild has test sizes "
                      r"\['small', 'medium', 'large'\]"):
-    datasets.eval_set(c)
+    datasets.eval_sets(c)
+
+
+def test_entries_name_table_rows_and_users_datasets():
+  assert datasets.split_names(" veri776, vehicle_id ") == ["veri776", "vehicle_id"]
+  assert datasets.split_names("") == []
+  assert datasets.entry("veri776", "tiny") == datasets.Entry("veri776", "veri776", "")
+  assert datasets.entry(NAME) == datasets.Entry(NAME, NAME, "small")  # the default build
+  assert datasets.entry("my_city") == datasets.Entry("my_city", "folder", "my_city")
+  c = synthetic.get_config("runlocal")
+  c.dataset.name = "veri776,my_city,synthetic_vehicles"
+  assert [e.name for e in datasets.training_entries(c)] == [
+      "my_city", NAME, "veri776"]  # label order: by name
+  for bad in ("My City", "veri776", "folder"):
+    with pytest.raises(ValueError, match="Dataset name"):
+      datasets.check_user_dataset_name(bad)
 
 
 def test_ensure_built_is_idempotent(data_dir):

@@ -121,7 +121,7 @@ def test_non_image_file_is_a_clear_error(tmp_path, loaded):
 
 
 def test_bad_model_locations_are_clear_errors(tmp_path, capsys):
-  with pytest.raises(FileNotFoundError, match="holds no checkpoint: expected a training workdir"):
+  with pytest.raises(FileNotFoundError, match="holds no checkpoint: expected a workdir"):
     inference.load_model(str(tmp_path))
   rc = embed.main(["--checkpoint", str(tmp_path / "nowhere"), "--images", str(tmp_path),
                    "--out", str(tmp_path / "x.npz")])

@@ -56,8 +56,18 @@ def test_results_files_round_trip(tmp_path):
 
 
 def test_scalars_and_the_checkpoint_metric():
-  rows = {**ROWS, "other": {"mAP": 0.9}}
-  assert evaluator.primary_map(rows) == 0.5  # the protocol's first row
+  rows = {**ROWS, "other/first": {"mAP": 0.9}, "other/second": {"mAP": 0.2}}
+  # The mean over the datasets of each one's first row: (0.5 + 0.9) / 2.
+  assert evaluator.primary_map(rows) == pytest.approx(0.7)
+  assert evaluator.primary_map(ROWS) == 0.5
+  assert evaluator.dataset_blocks(rows) == {"veri776": ["veri776"],
+                                            "other": ["other/first", "other/second"]}
   assert evaluator.tensorboard_scalars(rows) == {
       "eval/veri776/mAP": 0.5, "eval/veri776/CMC@1": 0.75, "eval/veri776/CMC@5": 0.875,
-      "eval/veri776/CMC@10": 1.0, "eval/veri776/mINP": 0.125, "eval/other/mAP": 0.9}
+      "eval/veri776/CMC@10": 1.0, "eval/veri776/mINP": 0.125, "eval/other/first/mAP": 0.9,
+      "eval/other/second/mAP": 0.2}
+  # Several datasets: a table each, under its name.
+  table = evaluator.markdown_table({"step": 3, "results": rows})
+  assert table.startswith("Results at step 3\n\nveri776:\n\n| test set |")
+  assert "\n\nother:\n\n| test set |" in table
+  assert "| other/second | 20.00 | - |" in table

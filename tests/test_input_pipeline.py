@@ -124,6 +124,28 @@ def test_labels_come_from_the_label_array(data):
     np.testing.assert_array_equal(x["image"], y["image"])
 
 
+def test_dataset_balanced_batches_only_with_several_datasets(data):
+  """input.balance_datasets with each record's dataset: identities 0-5 and 6-10 as two
+  datasets give every batch P/2 of each, the first dataset's rows first; with the flag
+  off, or with one dataset, the batches are the plain sampler's."""
+  source, labels = data
+  domains = (labels >= 6).astype(np.int64)
+
+  def take(balance, domains):
+    config = _config()
+    config.balance_datasets = balance
+    return _take(input_pipeline.train_batches(
+        source, labels, config, seed=0, start_step=0, global_batch_size=GLOBAL_BATCH,
+        domains=domains), 4)
+
+  plain = _take(_train(data), 4)
+  half = P // 2 * K
+  for b in take(True, domains):
+    np.testing.assert_array_equal(b["label"] >= 6, [False] * half + [True] * half)
+  _assert_same(take(False, domains), plain)
+  _assert_same(take(True, np.zeros_like(labels)), plain)
+
+
 def test_seed_changes_batches(data):
   a, b = _take(_train(data, seed=0), 2), _take(_train(data, seed=1), 2)
   assert not np.array_equal(a[0]["image"], b[0]["image"])

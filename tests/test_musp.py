@@ -8,7 +8,6 @@ weights are imported into the Flax head and every output is compared.
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +18,7 @@ from musp_jax import import_weights
 from musp_jax.models import build_model
 from musp_jax.models import musp
 from musp_jax.models import weights
+from musp_jax.training import checkpointing
 
 IN_CHANNELS, H, W, NUM_CLASSES = 60, 8, 6, 11  # 60: divisible by n-1 = 1..5
 
@@ -518,8 +518,9 @@ def test_official_checkpoint_through_cli_matches_torch(tmp_path, capsys,
   printed = capsys.readouterr().err
   assert "--config.model.pooling=official " in printed
   assert f"--config.model.global_branch={global_branch} " in printed
-  recorded = ocp.StandardCheckpointer().metadata(
-      tmp_path / "musp").custom_metadata["model"]
+  restored = checkpointing.load_variables(tmp_path / "musp")
+  assert restored.step == 0 and restored.run.num_classes == NUM_CLASSES
+  recorded = restored.run.config.model.to_dict()
   assert recorded["pooling"] == "official"
   assert recorded["global_branch"] == global_branch
 
@@ -527,7 +528,7 @@ def test_official_checkpoint_through_cli_matches_torch(tmp_path, capsys,
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0),
                                                jnp.zeros((1, *size, 3))))
   fresh = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract)
-  variables = weights.load_init(fresh, tmp_path / "musp")
+  variables = checkpointing.initial_variables(fresh, tmp_path / "musp")
   images = np.random.RandomState(4).randn(2, *size, 3).astype(np.float32)
   out = jax.jit(model.apply)(variables, images)
   with torch.no_grad():

@@ -119,3 +119,30 @@ def test_errors_name_the_problem():
   s = sampling.PKSampler(_labels([4, 4]), num_ids=2, num_instances=2, seed=0)
   with pytest.raises(IndexError, match="step=-1"):
     s[-1]
+
+
+def test_dataset_balanced_batches_take_a_fixed_share_of_each_dataset():
+  # Dataset 0: 30 identities x 4 images; dataset 1: 3 x 4. P = 5 over 2 datasets:
+  # 3 identities from dataset 0, 2 from dataset 1, in every batch, whatever their sizes.
+  labels = np.concatenate([_labels([4] * 30), 30 + _labels([4] * 3, seed=1)])
+  domains = (labels >= 30).astype(int)
+  s = sampling.PKSampler(labels, num_ids=5, num_instances=2, seed=4, domains=domains)
+  assert sampling.balanced_shares(5, 2) == [3, 2]
+  assert s.steps_per_epoch == int(np.ceil(len(labels) / 10))  # the union's epoch
+  for step in range(3 * s.steps_per_epoch):
+    batch = s[step]
+    _check_pk(batch, labels, 5, 2)
+    np.testing.assert_array_equal(domains[batch], [0] * 6 + [1] * 4)
+  # Without domains the small dataset gets its share of the union: ~1 in 11 identities.
+  union = sampling.PKSampler(labels, num_ids=5, num_instances=2, seed=4)
+  drawn = domains[np.concatenate([union.epoch_batches(e) for e in range(5)])]
+  assert drawn.mean() < 0.2
+  # Still a pure function of (seed, step), sent to workers or not.
+  again = pickle.loads(pickle.dumps(sampling.PKSampler(
+      labels, num_ids=5, num_instances=2, seed=4, domains=domains)))
+  np.testing.assert_array_equal(again[7], s[7])
+  with pytest.raises(ValueError, match=r"2 of the input.num_ids identities per batch come "
+                                       r"from dataset 1 of the training data \(input."
+                                       r"balance_datasets\), but it has only 1 identities"):
+    sampling.PKSampler(labels, num_ids=5, num_instances=2, seed=0,
+                       domains=np.where(labels < 32, 0, 1))

@@ -151,7 +151,7 @@ def test_all_test_sizes_share_one_build_and_training_images_are_written_once(
   for size, (query, gallery) in {"small": (QUERY, GALLERY), "medium": LARGER[5000],
                                  "large": LARGER[10000]}.items():
     config.eval.test_size = size
-    target = datasets.eval_set(config)
+    (target,) = datasets.eval_sets(config)
     for role, rows in (("query", query), ("gallery", gallery)):
       index = datasets.split_index("veri_wild", target.splits[role], data_dir=str(data_dir),
                                    builder_config="")

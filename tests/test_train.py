@@ -33,6 +33,7 @@ from configs import synthetic
 from musp_jax.training import attention_scores
 from musp_jax.training import checkpointing
 from musp_jax.data import datasets
+from musp_jax.data import training_set
 from musp_jax.training import evaluator
 from musp_jax.serving import inference
 from musp_jax.data import input_pipeline
@@ -130,7 +131,8 @@ def test_run_writes_results_and_checkpoints(reference_run, data_dir):
   assert set(manager.all_steps()) == {30, 32, manager.best_step()}
   restored = checkpointing.load_variables(reference_run / "checkpoints" / "32")
   assert restored.run.num_classes == 16
-  assert restored.run.label_vehicle_ids == tuple(range(1, 17))  # synthetic ids 1..16
+  # synthetic ids 1..16
+  assert restored.run.label_identities == tuple(("synthetic_vehicles", v) for v in range(1, 17))
   assert restored.run.config.model.depth == 18
   assert json.loads((reference_run / "config.json").read_text())["model"]["depth"] == 18
   # TensorBoard: the training loss falls (at lr 1e-4 for 32 steps the triplet term
@@ -341,7 +343,7 @@ def test_unknown_config_key_is_rejected(tmp_path, data_dir):
   assert code == 2
   assert _error_line(out).startswith(
       "error: --config.model.nmu=3: unknown config key; model has no field 'nmu' (its "
-      "fields are attention, conv_impl, depth,")
+      "fields are attention, backbone, conv_impl, depth,")
 
 
 def test_bad_config_is_refused_before_anything_runs(tmp_path, data_dir):
@@ -546,7 +548,7 @@ def test_sharded_step_equals_single_device_step(data_dir):
   config.input.image_size = (64, 64)
   config.input.num_ids, config.input.num_instances = 4, 2
   config.dataset.data_dir = str(data_dir)
-  data = train.training_data(config)
+  data = training_set.load(config)
   model = build_model(config.model, data.num_classes)
   tx = optim.make_optimizer(config.optim, 10)
   batches = list(_take(input_pipeline.train_batches(

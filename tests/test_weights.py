@@ -13,6 +13,7 @@ from musp_jax import import_weights
 from musp_jax.models import build_model
 from musp_jax.models import resnet
 from musp_jax.models import weights
+from musp_jax.training import checkpointing
 
 
 def torchvision_resnet(depth: int, last_stride: int = 2, *, seed: int = 0,
@@ -183,7 +184,7 @@ def _reid_config(depth: int):
   return config
 
 
-def test_cli_torchvision_roundtrip_then_load_init(tmp_path):
+def test_cli_torchvision_roundtrip_then_init_from(tmp_path):
   torch_model = torchvision_resnet(18, last_stride=1, seed=11)
   torch.save(torch_model.state_dict(), tmp_path / "resnet18.pth")
   out_dir = tmp_path / "init"
@@ -192,7 +193,13 @@ def test_cli_torchvision_roundtrip_then_load_init(tmp_path):
 
   model = build_model(_reid_config(18), num_classes=7)
   fresh = _zeros_like(abstract_variables(model))
-  loaded = weights.load_init(fresh, out_dir)
+  # The one weights format: a workdir whose step 0 the one loader reads.
+  restored = checkpointing.load_variables(out_dir)
+  assert (restored.step, restored.run.num_classes) == (0, 0)
+  assert restored.run.config.model.to_dict() == {"depth": 18}
+  assert checkpointing.imported_from(out_dir) == {
+      "kind": "backbone", "source": str(tmp_path / "resnet18.pth")}
+  loaded = checkpointing.initial_variables(fresh, out_dir)
   # The head keeps its fresh initialisation; the backbone is torchvision's.
   for a, b in zip(jax.tree.leaves(loaded["params"]["head"]),
                   jax.tree.leaves(fresh["params"]["head"])):
@@ -253,30 +260,31 @@ def test_cli_never_loses_what_is_already_there(tmp_path, resnet18_state_dict, ca
   # Its own output is replaced whole; no temporary folder is left behind.
   assert run(source, "--out", out_dir, "--overwrite") == 0
   assert _files(out_dir) != written  # written anew (Orbax names files at random)
-  assert weights.init_metadata(out_dir)["source"] == str(source)
+  assert checkpointing.imported_from(out_dir)["source"] == str(source)
   assert sorted(p.name for p in tmp_path.iterdir()) == [
       "init", "other.pth", "resnet18.pth", "truncated.pth", "workdir"]
 
 
-def test_load_init_names_mismatched_keys(tmp_path, resnet18_state_dict):
+def test_init_from_names_mismatched_arrays_and_fields(tmp_path, resnet18_state_dict):
   backbone = weights.import_resnet(
       resnet18_state_dict, abstract_variables(resnet.ResNet(18)),
       ignore=("fc.",))
-  weights.save_init(tmp_path / "r18",
-                    {col: {"backbone": t} for col, t in backbone.items()})
-  model = build_model(_reid_config(34), num_classes=7)
-  with pytest.raises(weights.WeightImportError) as e:
-    weights.load_init(_zeros_like(abstract_variables(model)), tmp_path / "r18")
-  assert "params/backbone/layer1_2/conv1/kernel (3, 3, 64, 64)" in str(e.value)
-  assert "missing" in str(e.value)
+  checkpointing.save_imported(tmp_path / "r18",
+                              {col: {"backbone": t} for col, t in backbone.items()},
+                              model={"depth": 18}, num_classes=0, source={"kind": "backbone"})
+  for depth, problem in (
+      (34, "missing in checkpoint: params/backbone/layer1_2/conv1/kernel (3, 3, 64, 64)"),
+      (50, "shape of params/backbone/layer1_0/conv1/kernel: checkpoint (3, 3, 64, 64), "
+           "model (1, 1, 64, 64)")):
+    config = _reid_config(depth)
+    model = build_model(config, num_classes=7)
+    with pytest.raises(checkpointing.CheckpointMismatchError) as e:
+      checkpointing.initial_variables(_zeros_like(abstract_variables(model)),
+                                      tmp_path / "r18", model_config=config)
+    assert f"(model.depth: checkpoint has 18, config asks {depth})" in str(e.value)
+    assert problem in str(e.value)
 
-  model = build_model(_reid_config(50), num_classes=7)
-  with pytest.raises(weights.WeightImportError) as e:
-    weights.load_init(_zeros_like(abstract_variables(model)), tmp_path / "r18")
-  assert ("params/backbone/layer1_0/conv1/kernel: checkpoint (3, 3, 64, 64), "
-          "model (1, 1, 64, 64)") in str(e.value)
 
-
-def test_load_init_requires_a_directory(tmp_path):
+def test_init_from_needs_a_checkpoint_folder(tmp_path):
   with pytest.raises(FileNotFoundError, match="import_weights"):
-    weights.load_init({}, tmp_path / "missing")
+    checkpointing.initial_variables({}, tmp_path / "missing")

@@ -75,7 +75,8 @@ def make_workdir(path: pathlib.Path, *, head: str = "musp", num_prototypes: int 
   (path / "config.json").write_text(config.to_json_best_effort(indent=2))
   state = random_state(config, num_classes, seed)
   manager = checkpointing.make_manager(path / "checkpoints")
-  run = checkpointing.RunInfo(config, num_classes, tuple(range(101, 101 + num_classes)))
+  run = checkpointing.RunInfo(config, num_classes, tuple(
+      (config.dataset.name, v) for v in range(101, 101 + num_classes)))
   checkpointing.save(manager, step, state, next_step=step, run=run)
   manager.wait_until_finished()
   manager.close()

@@ -166,6 +166,11 @@ class ReIdBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _split_records(self, dl_manager) -> dict[str, Iterable[Record]]:
     """Returns the records of each split, in a sorted, reproducible order."""
 
+  def option_changes(self) -> list[str]:
+    """How this builder's options differ from those the existing build was made with,
+    in words ([]: none, or no options); a change makes the build command rebuild."""
+    return []
+
   def _train_vehicle_ids(self, records: dict[str, Iterable[Record]]) -> list[int]:
     """The training identities; subclasses whose records are lazy override this."""
     return sorted({r.vehicle_id for r in records.get(self.TRAIN_SPLIT, ())})

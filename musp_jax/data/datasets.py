@@ -4,6 +4,7 @@
     source[0]  # {"image": JPEG bytes, "label": 3, "vehicle_id": 4, "camera_id": 2, ...}
     # synthetic_vehicles records also hold "part_mask": PNG bytes of a label map
     split_index("veri776", "train", ...)  # labels / ids / cameras of the split, no images read
+    entry("my_city")  # Entry("my_city", table="folder", builder_config="my_city")
 
 `DATASETS` is everything the package knows about a dataset, in one place: its TFDS
 builder, whether it is built from a manual download, which splits its evaluation
@@ -11,6 +12,11 @@ protocol reads and which protocol that is. Datasets are built once by
 `python -m musp_jax.build_dataset NAME ...` (licensed ones from their manual download
 folder); the synthetic one is built on first use by `ensure_built`. No TensorFlow graph
 code runs: records are read with `tfds.data_source`.
+
+A config names datasets by entry (`dataset.name`, `eval.dataset`: comma-separated): a
+row of the table, or the name of a dataset the user built from their own images
+(`build_dataset folder --name NAME`: a named build of the `folder` row, whose protocol
+is recorded with the build). `entry` resolves one to its row and build.
 """
 
 from __future__ import annotations
@@ -35,8 +41,12 @@ class Dataset:
   manual_download: bool  # built from a licensed download (--manual_dir)
   # Protocol role -> split name; "{n}" is the test size's number (builder.TEST_SIZES).
   eval_splits: Mapping[str, str]
-  # Its evaluation protocol, by name (musp_jax/retrieval/protocols.py, PROTOCOLS).
+  # Its evaluation protocol, by name (musp_jax/retrieval/protocols.py, PROTOCOLS);
+  # "" for one each build records (metadata "protocol").
   protocol: str
+  # Each build is a dataset of its own, named by its builder config (the user's data:
+  # `build_dataset folder --name NAME`, then `dataset.name=NAME`).
+  named_builds: bool = False
 
 
 DATASETS: dict[str, Dataset] = {
@@ -52,7 +62,11 @@ DATASETS: dict[str, Dataset] = {
     "synthetic_vehicles": Dataset(
         "tfds_builders.synthetic_vehicles.synthetic_vehicles_dataset_builder", False,
         {"query": "query", "gallery": "gallery"}, "query_gallery"),
+    "folder": Dataset(
+        "tfds_builders.folder.folder_dataset_builder", True,
+        {"query": "query", "gallery": "gallery"}, "", named_builds=True),
 }
+NAMED_BUILDS = "folder"  # the row of the datasets users build from their own images
 INDEX_KEYS = reid_base.INDEX_KEYS
 # Encoded image features, read as their bytes (never decoded by TFDS).
 ENCODED_FEATURES = ("image", "part_mask")
@@ -85,35 +99,122 @@ def part_classes(name: str) -> tuple[str, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalSet:
-  """What evaluation reads: a dataset, its build, the protocol's splits and name, a row
-  name."""
-  name: str
-  builder_config: str
-  splits: dict[str, str]  # protocol role -> split
-  row_name: str
-  protocol: str  # the dataset's protocol (Dataset.protocol)
+class Entry:
+  """One dataset of a run: its name in the config, its row of DATASETS, its build."""
+  name: str  # "veri776", or a user dataset's name
+  table: str  # the key of its row in DATASETS
+  builder_config: str  # "" for a dataset without builder configs
+
+  def load_split(self, split: str, data_dir: str) -> ReIdSource:
+    return load_split(self.table, split, data_dir=data_dir,
+                      builder_config=self.builder_config)
+
+  def split_index(self, split: str, data_dir: str) -> dict[str, np.ndarray]:
+    return split_index(self.table, split, data_dir=data_dir,
+                       builder_config=self.builder_config)
+
+  def ensure_built(self, data_dir: str, manual_dir: str | None = None) -> None:
+    ensure_built(self.table, data_dir=data_dir, builder_config=self.builder_config,
+                 manual_dir=manual_dir)
 
 
-def eval_set(config: Any) -> EvalSet:
-  """The evaluation dataset of a run config: eval.dataset (default: the training
-  dataset), its test size (eval.test_size) and build (the training build when it is
-  the training dataset, else the builder's default)."""
-  name = config.eval.dataset or config.dataset.name
-  row = spec(name)
-  if name == config.dataset.name:
-    builder_config = config.dataset.builder_config
-  else:
+def split_names(text: str) -> list[str]:
+  """The entries of a comma-separated dataset list ("veri776, vehicle_id")."""
+  return [part.strip() for part in (text or "").split(",")] if (text or "").strip() else []
+
+
+def entry(name: str, builder_config: str | None = None) -> Entry:
+  """The dataset a config calls `name`: a row of DATASETS, or else a user's dataset
+  (a named build of NAMED_BUILDS). `builder_config`: the build of a row with builder
+  configs (None: its default); other rows and user datasets have their own."""
+  if name in DATASETS and not DATASETS[name].named_builds:
     cls = builder_class(name)
-    builder_config = cls.DEFAULT_CONFIG_NAME if cls.BUILDER_CONFIGS else ""
-  sizes = test_sizes(name)
+    if not cls.BUILDER_CONFIGS:
+      return Entry(name, name, "")
+    return Entry(name, name, cls.DEFAULT_CONFIG_NAME if builder_config is None
+                 else builder_config)
+  return Entry(name, NAMED_BUILDS, name)
+
+
+def training_entries(config: Any) -> list[Entry]:
+  """The training datasets of a run config (dataset.name, dataset.builder_config), in
+  name order: the order of their labels, whatever order the config lists them in."""
+  return sorted((entry(n, config.dataset.builder_config)
+                 for n in split_names(config.dataset.name)), key=lambda e: e.name)
+
+
+def check_user_dataset_name(name: str) -> str:
+  """`name` if a dataset of the user's own images may have it, else a ValueError."""
+  builder_class(NAMED_BUILDS).check_name(name)
+  if name in DATASETS:
+    raise ValueError(f"Dataset name {name!r} is taken by the dataset table: choose another")
+  return name
+
+
+def user_datasets(data_dir: str) -> list[str]:
+  """The names of the datasets built from users' own images in data_dir."""
+  root = os.path.join(os.path.expanduser(data_dir), NAMED_BUILDS)
+  version = str(builder_class(NAMED_BUILDS).VERSION)
+  if not os.path.isdir(root):
+    return []
+  return sorted(n for n in os.listdir(root)
+                if os.path.exists(os.path.join(root, n, version, "dataset_info.json")))
+
+
+def build_metadata(e: Entry, data_dir: str) -> dict[str, Any]:
+  """The metadata a build wrote (metadata.json); DatasetNotBuiltError if not built."""
+  return dict(_prepared_builder(e.table, data_dir, e.builder_config).info.metadata)
+
+
+def largest_test_splits(e: Entry, data_dir: str) -> list[str]:
+  """The splits of a dataset's largest built test set, as its protocol reads them
+  (VehicleID: test_2400 if built; VeRi-776: query and gallery)."""
+  row = spec(e.table)
+  built = _prepared_builder(e.table, data_dir, e.builder_config).info.splits
+  for n in sorted(test_sizes(e.table).values(), reverse=True) or [None]:
+    splits = [split.format(n=n) for split in row.eval_splits.values()]
+    if all(split in built for split in splits):
+      return splits
+  raise ValueError(f"Dataset {e.name} in {data_dir} has no complete test set; its splits "
+                   f"are {sorted(built)}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+  """What evaluation reads: a dataset, the protocol's splits and name, a row name."""
+  entry: Entry
+  splits: dict[str, str]  # protocol role -> split
+  row_name: str  # the rows' prefix in results: "veri776", "vehicle_id_small", ...
+  protocol: str  # the dataset's protocol (Dataset.protocol, or its build's)
+
+  @property
+  def name(self) -> str:
+    return self.entry.name
+
+
+def eval_sets(config: Any) -> list[EvalSet]:
+  """The evaluation datasets of a run config, in the order eval.dataset lists them
+  (default: the training datasets, in the order dataset.name lists them), each with its
+  test size (eval.test_size) and build (the training build for a training dataset, else
+  the builder's default). A user dataset's protocol is read from its build."""
+  training = {e.name: e for e in training_entries(config)}
+  names = split_names(config.eval.dataset) or split_names(config.dataset.name)
+  return [_eval_set(training.get(name) or entry(name), config) for name in names]
+
+
+def _eval_set(e: Entry, config: Any) -> EvalSet:
+  row = spec(e.table)
+  protocol = row.protocol
+  if not protocol:
+    protocol = build_metadata(e, config.dataset.data_dir)["protocol"]
+  sizes = test_sizes(e.table)
   if not sizes:
-    return EvalSet(name, builder_config, dict(row.eval_splits), name, row.protocol)
+    return EvalSet(e, dict(row.eval_splits), e.name, protocol)
   size = config.eval.test_size
   if size not in sizes:
-    raise ValueError(f"eval.test_size={size!r}; {name} has test sizes {list(sizes)}.")
+    raise ValueError(f"eval.test_size={size!r}; {e.name} has test sizes {list(sizes)}.")
   splits = {role: split.format(n=sizes[size]) for role, split in row.eval_splits.items()}
-  return EvalSet(name, builder_config, splits, f"{name}_{size}", row.protocol)
+  return EvalSet(e, splits, f"{e.name}_{size}", protocol)
 
 
 def config_names(name: str) -> tuple[str, ...]:
@@ -122,6 +223,9 @@ def config_names(name: str) -> tuple[str, ...]:
 
 
 def _check_config(name: str, builder_config: str | None) -> None:
+  if spec(name).named_builds:
+    check_user_dataset_name(builder_config)
+    return
   names = config_names(name)
   if names and builder_config not in names:
     raise ValueError(
@@ -136,9 +240,11 @@ def get_builder(name: str, *, data_dir: str, builder_config: str | None,
                 **kwargs) -> reid_base.ReIdBuilder:
   """The dataset's builder in `data_dir` (reads the built dataset's info if present)."""
   _check_config(name, builder_config)
-  return builder_class(name)(
-      data_dir=os.path.expanduser(data_dir), config=builder_config or None,
-      file_format="array_record", **kwargs)
+  cls = builder_class(name)
+  if spec(name).named_builds:
+    cls = cls.named(builder_config)
+  return cls(data_dir=os.path.expanduser(data_dir), config=builder_config or None,
+             file_format="array_record", **kwargs)
 
 
 def build_command(name: str, *, data_dir: str, builder_config: str | None,
@@ -147,10 +253,19 @@ def build_command(name: str, *, data_dir: str, builder_config: str | None,
   cmd = f"python -m musp_jax.build_dataset {name}"
   if spec(name).manual_download:
     cmd += f" --manual_dir {manual_dir or 'DIR'}"
+  if spec(name).named_builds:
+    cmd += f" --name {builder_config}"
   cmd += f" --data_dir {data_dir}"
-  if builder_config:
+  if builder_config and not spec(name).named_builds:
     cmd += f" --config {builder_config}"
   return cmd
+
+
+def display_name(name: str, builder_config: str | None) -> str:
+  """How messages name a build: "veri776", "synthetic_vehicles/tiny", a user's "my_city"."""
+  if spec(name).named_builds:
+    return str(builder_config)
+  return f"{name}/{builder_config}" if builder_config else name
 
 
 def is_built(name: str, *, data_dir: str, builder_config: str | None) -> bool:
@@ -169,8 +284,13 @@ def _not_built(name: str, data_dir: str, builder_config: str | None,
                       manual_dir=manual_dir)
   hint = (" (DIR: the folder of the manual download)"
           if spec(name).manual_download and not manual_dir else "")
+  if spec(name).named_builds:
+    hint = " (DIR: the folder of your images)" if not manual_dir else ""
+    built = user_datasets(data_dir)
+    hint += (f"; built there: {', '.join(built)}" if built else
+             "; no dataset of your own images is built there")
   return DatasetNotBuiltError(
-      f"Dataset {name}{'/' + builder_config if builder_config else ''} is not built in "
+      f"Dataset {display_name(name, builder_config)} is not built in "
       f"{os.path.expanduser(data_dir)}; build it with: {cmd}{hint}")
 
 
@@ -306,18 +426,23 @@ class BuildReport:
   # Why an existing build was replaced (the manual folder's changes), or [].
   rebuilt_because: list[str] = dataclasses.field(default_factory=list)
   note: str = ""  # e.g. an older build that cannot be checked against its folder
+  # What the builder found in the data (e.g. queries the protocol cannot count).
+  findings: list[str] = dataclasses.field(default_factory=list)
 
 
 def build(name: str, *, data_dir: str, builder_config: str | None,
           manual_dir: str | None = None, strict: bool = False,
-          rebuild: bool = False) -> BuildReport:
+          rebuild: bool = False, options: Mapping[str, Any] | None = None) -> BuildReport:
   """Builds a dataset into data_dir. Nothing partial is left behind: TFDS writes into a
   temporary folder and renames it only when every split is done.
 
   An existing build is kept unless its manual folder changed since (the lists' contents,
-  the files' sizes, see reid_base.manual_fingerprint) or `rebuild` is set; then the new
-  build replaces it once complete, and a failed one leaves the old build in place.
+  the files' sizes, see reid_base.manual_fingerprint), the builder's `options` differ
+  from those it was built with (e.g. the folder builder's keep_junk), or `rebuild` is
+  set; then the new build replaces it once complete, and a failed one leaves the old
+  build in place.
   """
+  options = dict(options or {})
   if spec(name).manual_download:
     instructions = builder_class(name).MANUAL_DOWNLOAD_INSTRUCTIONS
     if not manual_dir:
@@ -326,10 +451,13 @@ def build(name: str, *, data_dir: str, builder_config: str | None,
           f"Manual download instructions:\n{instructions}")
     manual_dir = os.path.expanduser(manual_dir)
     if not os.path.isdir(manual_dir):
+      what = ("the folder of your images" if spec(name).named_builds
+              else f"the {name} manual download folder")
       raise reid_base.ManualDataError(
-          f"Missing {manual_dir}: expected the {name} manual download folder.\n\n"
+          f"Missing {manual_dir}: expected {what}.\n\n"
           f"Manual download instructions:\n{instructions}")
-  b = get_builder(name, data_dir=data_dir, builder_config=builder_config, strict=strict)
+  b = get_builder(name, data_dir=data_dir, builder_config=builder_config, strict=strict,
+                  **options)
   changes, note = ([], "")
   if is_built(name, data_dir=data_dir, builder_config=builder_config):
     if rebuild:
@@ -343,9 +471,11 @@ def build(name: str, *, data_dir: str, builder_config: str | None,
         changes = [f"the manual folder {manual_dir} changed since: {change}"
                    for change in reid_base.fingerprint_changes(
                        stored, reid_base.manual_fingerprint(manual_dir))]
+    if not rebuild:
+      changes += b.option_changes()
   if changes:
     b = _rebuild(name, b, data_dir=data_dir, builder_config=builder_config,
-                 manual_dir=manual_dir, strict=strict)
+                 manual_dir=manual_dir, strict=strict, options=options)
   else:
     b.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None),
@@ -353,18 +483,20 @@ def build(name: str, *, data_dir: str, builder_config: str | None,
   return BuildReport(
       path=os.fspath(b.data_path),
       num_examples={s: b.info.splits[s].num_examples for s in b.info.splits},
-      skipped=list(b.skipped), rebuilt_because=changes, note=note)
+      skipped=list(b.skipped), rebuilt_because=changes, note=note,
+      findings=list(b.info.metadata.get("notes", []) or []))
 
 
 def _rebuild(name: str, old: reid_base.ReIdBuilder, *, data_dir: str,
              builder_config: str | None, manual_dir: str | None,
-             strict: bool) -> reid_base.ReIdBuilder:
+             strict: bool, options: Mapping[str, Any]) -> reid_base.ReIdBuilder:
   """Builds again; the old build is moved aside and restored if the new one fails."""
   path = os.fspath(old.data_path)
   aside = f"{path}.old-{os.getpid()}"
   os.rename(path, aside)
   try:
-    b = get_builder(name, data_dir=data_dir, builder_config=builder_config, strict=strict)
+    b = get_builder(name, data_dir=data_dir, builder_config=builder_config, strict=strict,
+                    **options)
     b.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None),
         file_format="array_record")

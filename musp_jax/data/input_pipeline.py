@@ -121,10 +121,13 @@ def train_dataset(
     process_index: int = 0,
     process_count: int = 1,
     shared_memory: bool = False,
+    domains: np.ndarray | None = None,
 ) -> grain.MapDataset:
   """The training MapDataset of this process's batches, indexed by step.
 
   shared_memory: build batches in shared memory (for grain worker processes).
+  domains: the dataset of each record; with input.balance_datasets, each batch takes
+  a fixed share of its identities from every dataset (sampling.PKSampler).
   """
   labels = np.asarray(labels)
   if len(labels) != len(source):
@@ -137,7 +140,11 @@ def train_dataset(
         f"input.num_instances = {p} * {k} = {p * k}; PK batches need them equal."
     )
   local = _local_batch_size(global_batch_size, process_index, process_count)
-  sampler = sampling.PKSampler(labels, num_ids=p, num_instances=k, seed=seed)
+  # One dataset is balanced as it is: its batches stay those of the plain sampler.
+  balanced = (domains is not None and input_config.balance_datasets
+              and len(np.unique(domains)) > 1)
+  sampler = sampling.PKSampler(labels, num_ids=p, num_instances=k, seed=seed,
+                               domains=domains if balanced else None)
   transform = augment.TrainTransform.from_config(input_config)
   return grain.MapDataset.range(_MAX_STEPS).map(_TrainBatch(
       source, labels, sampler, transform, seed=seed, local_batch_size=local,
@@ -154,6 +161,7 @@ def train_batches(
     global_batch_size: int,
     process_index: int = 0,
     process_count: int = 1,
+    domains: np.ndarray | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
   """Endless PK training batches from global step `start_step`.
 
@@ -161,14 +169,15 @@ def train_batches(
   "label": int32 (b,)}, b = global_batch_size / process_count: rows
   [process_index * b, ...) of each global batch. The train step normalises and
   erases on the device (preprocess.train_images). `labels` (from
-  datasets.split_index) gives each record's label without reading images.
+  datasets.split_index) gives each record's label without reading images; `domains`
+  its dataset (train_dataset).
   """
   if start_step < 0:
     raise ValueError(f"start_step={start_step} must be >= 0.")
   ds = train_dataset(source, labels, input_config, seed=seed,
                      global_batch_size=global_batch_size,
                      process_index=process_index, process_count=process_count,
-                     shared_memory=input_config.num_workers > 0)
+                     shared_memory=input_config.num_workers > 0, domains=domains)
   return workers.iterate(ds[start_step:], input_config)
 
 

@@ -14,6 +14,11 @@ epochs and the data position in steps stay exact.
 Epoch e's arrangement depends only on (seed, e, labels); it is computed once
 per process and cached, so any worker can produce any step (resume at step s
 needs no replay and no worker-count bookkeeping).
+
+Several training datasets are one union of records with disjoint labels
+(musp_jax/data/training_set.py): batches draw from the union, or, given each record's
+dataset (`domains`), take a fixed share of identities from every dataset
+(input.balance_datasets).
 """
 
 from __future__ import annotations
@@ -39,7 +44,13 @@ def steps_per_epoch(num_train_images: int, global_batch_size: int) -> int:
 
 
 class PKSampler:
-  """Maps a global step to the P*K record indices of that step's batch."""
+  """Maps a global step to the P*K record indices of that step's batch.
+
+  With `domains` (the dataset of each record, 0..D-1), batches are dataset-balanced:
+  dataset d always gives `balanced_shares(P, D)[d]` of the P identities (its rows come
+  in dataset order), each dataset dealt and drawn as above on its own, whatever its
+  size; without, the P identities are drawn from the union of all records.
+  """
 
   def __init__(
       self,
@@ -48,6 +59,7 @@ class PKSampler:
       num_ids: int,
       num_instances: int,
       seed: int,
+      domains: np.ndarray | None = None,
   ):
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.size == 0:
@@ -56,12 +68,6 @@ class PKSampler:
     if num_ids < 1 or num_instances < 1:
       raise ValueError(f"PKSampler: num_ids={num_ids} and num_instances="
                        f"{num_instances} must be >= 1.")
-    ids, inverse = np.unique(labels, return_inverse=True)
-    if len(ids) < num_ids:
-      raise ValueError(
-          f"PKSampler: input.num_ids={num_ids} identities per batch, but the "
-          f"training split has only {len(ids)} identities."
-      )
     if seed < 0:
       raise ValueError(f"PKSampler: seed={seed} must be >= 0.")
     self.num_ids = num_ids
@@ -69,8 +75,22 @@ class PKSampler:
     self.seed = seed
     self.batch_size = num_ids * num_instances
     self.steps_per_epoch = steps_per_epoch(len(labels), self.batch_size)
-    self._identity = inverse.astype(np.int64)  # record -> 0..num_identities-1
-    self._num_identities = len(ids)
+    if domains is None:
+      self._parts = [_Deals(labels, np.arange(len(labels)), num_ids, num_instances, (),
+                            "the training split")]
+    else:
+      domains = np.asarray(domains)
+      if domains.shape != labels.shape:
+        raise ValueError(f"PKSampler: domains has shape {domains.shape}, labels "
+                         f"{labels.shape}; expected one dataset index per record.")
+      shares = balanced_shares(num_ids, int(domains.max()) + 1)
+      self._parts = []
+      for d, share in enumerate(shares):
+        records = np.flatnonzero(domains == d)
+        if records.size == 0:
+          raise ValueError(f"PKSampler: dataset {d} has no records.")
+        self._parts.append(_Deals(labels[records], records, share, num_instances, (d,),
+                                  f"dataset {d} of the training data"))
     self._cache: dict[int, np.ndarray] = {}
     self._lock = threading.Lock()
 
@@ -97,13 +117,55 @@ class PKSampler:
     with self._lock:
       batches = self._cache.get(epoch)
     if batches is None:
-      batches = self._arrange_epoch(epoch)
+      batches = np.concatenate(
+          [part.arrange(self.seed, epoch, self.steps_per_epoch) for part in self._parts],
+          axis=1)
       with self._lock:
         # Workers move forward through epochs: the newest two are enough.
         if len(self._cache) >= 2:
           del self._cache[min(self._cache)]
         self._cache[epoch] = batches
     return batches
+
+
+def balanced_shares(num_ids: int, num_datasets: int) -> list[int]:
+  """Identities per batch from each dataset when batches are dataset-balanced: P split
+  as evenly as it goes, the first P mod D datasets taking one more."""
+  if num_ids < num_datasets:
+    raise ValueError(
+        f"PKSampler: input.num_ids={num_ids} identities per batch cannot take one from "
+        f"each of the {num_datasets} datasets (input.balance_datasets).")
+  return [num_ids // num_datasets + (d < num_ids % num_datasets)
+          for d in range(num_datasets)]
+
+
+class _Deals:
+  """The official sampler's arrangement of one set of records (module docstring)."""
+
+  def __init__(self, labels: np.ndarray, records: np.ndarray, num_ids: int,
+               num_instances: int, stream: tuple[int, ...], what: str):
+    ids, inverse = np.unique(labels, return_inverse=True)
+    if len(ids) < num_ids and not stream:
+      raise ValueError(
+          f"PKSampler: input.num_ids={num_ids} identities per batch, but {what} has only "
+          f"{len(ids)} identities."
+      )
+    if len(ids) < num_ids:
+      raise ValueError(
+          f"PKSampler: {num_ids} of the input.num_ids identities per batch come from "
+          f"{what} (input.balance_datasets), but it has only {len(ids)} identities.")
+    self.num_ids = num_ids
+    self.num_instances = num_instances
+    self.batch_size = num_ids * num_instances
+    self._records = records  # local record -> index in the whole training data
+    self._stream = stream
+    self._identity = inverse.astype(np.int64)  # record -> 0..num_identities-1
+    self._num_identities = len(ids)
+
+  def arrange(self, seed: int, epoch: int, steps: int) -> np.ndarray:
+    """(steps, P*K) record indices of `epoch`, a pure function of (seed, epoch)."""
+    rng = np.random.default_rng([seed, _SAMPLER_STREAM, epoch, *self._stream])
+    return self._records[self._arrange(rng, steps)]
 
   def _deal(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Shuffles each identity's images into groups of K.
@@ -130,14 +192,13 @@ class PKSampler:
     by_owner = np.argsort(group_owner, kind="stable")
     return groups[by_owner], group_owner[by_owner]
 
-  def _arrange_epoch(self, epoch: int) -> np.ndarray:
-    rng = np.random.default_rng([self.seed, _SAMPLER_STREAM, epoch])
+  def _arrange(self, rng: np.random.Generator, steps: int) -> np.ndarray:
     n_ids, p = self._num_identities, self.num_ids
     groups, owner = self._deal(rng)
     left = np.bincount(owner, minlength=n_ids)  # groups left per identity
     heads = np.cumsum(left) - left  # next unused group of each identity
-    out = np.empty((self.steps_per_epoch, self.batch_size), np.int64)
-    for row in range(self.steps_per_epoch):
+    out = np.empty((steps, self.batch_size), np.int64)
+    for row in range(steps):
       num_available = np.count_nonzero(left)
       if num_available < p:
         # Official: the epoch ends here. Here: deal again and carry on, the

@@ -16,13 +16,13 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Fields of config.model that change parameter shapes or what the features mean;
 # dtype, conv_impl, init_from, attention_init_scale (initialisation only) and the
 # loss-side `diversity` do not.
-ARCH_FIELDS = ("depth", "last_stride", "head", "num_prototypes", "value_conv",
+ARCH_FIELDS = ("backbone", "depth", "last_stride", "head", "num_prototypes", "value_conv",
                "value_channels", "ese", "ese_reduction", "attention",
                "global_feature", "pooling", "global_branch", "layer3_stride",
                "attention_temperature", "attention_kernel")
 # What a field added after the first release meant before it existed.
-_ARCH_DEFAULTS = {"global_branch": True, "layer3_stride": 2, "attention_temperature": 1.0,
-                  "attention_kernel": 3}
+_ARCH_DEFAULTS = {"global_branch": True, "backbone": "resnet", "layer3_stride": 2,
+                  "attention_temperature": 1.0, "attention_kernel": 3}
 
 
 def compute_dtype(name: str):
@@ -46,6 +46,19 @@ def architecture(model_config: Any) -> dict[str, Any]:
         num_prototypes=arch["num_prototypes"],
         in_channels=resnet.output_channels(arch["depth"]))
   return arch
+
+
+def architecture_diffs(saved: Any, wanted: Any,
+                       fields: tuple[str, ...] = ARCH_FIELDS) -> list[str]:
+  """"model.<field>: checkpoint has .., config asks .." for each of `fields` that differs.
+
+  A field the saved config does not name and that has no meaning from before it
+  existed is not compared: weights converted from another framework fix only some
+  fields (an imported backbone, its depth).
+  """
+  a, b = architecture(saved), architecture(wanted)
+  return [f"model.{k}: checkpoint has {a[k]!r}, config asks {b[k]!r}" for k in fields
+          if (k in saved or k in _ARCH_DEFAULTS) and a[k] != b[k]]
 
 
 def build_head(model_config: ml_collections.ConfigDict, num_classes: int):
@@ -85,6 +98,7 @@ def build_model(model_config: ml_collections.ConfigDict,
       depth=model_config.depth, last_stride=model_config.last_stride,
       layer3_stride=model_config.get("layer3_stride", 2),
       dtype=compute_dtype(model_config.dtype),
-      conv_impl=model_config.get("conv_impl", "auto"))
+      conv_impl=model_config.get("conv_impl", "auto"),
+      backbone=model_config.get("backbone", "resnet"))
   return musp.ReIDModel(backbone=backbone,
                         head=build_head(model_config, num_classes))

@@ -1,4 +1,5 @@
-"""ResNet-18/34/50/101/152 in Flax linen with torchvision's exact layout.
+"""ResNet-18/34/50/101/152 in Flax linen with torchvision's exact layout, and
+ResNet-IBN-a (docs/design.md section 1).
 
 Every module name and padding mirrors torchvision's `resnet{depth}` so that its
 `state_dict` maps onto these variables one to one (see models/weights.py):
@@ -13,6 +14,13 @@ Every module name and padding mirrors torchvision's `resnet{depth}` so that its
 
 ResNet v1.5: in a bottleneck the stride sits on the 3x3 conv. Padding is
 explicit because 'SAME' pads (0, 1) on even inputs where PyTorch pads (1, 1).
+
+ResNet-IBN-a (`backbone="resnet_ibn_a"`, the layout of the IBN-Net release and of
+fast-reid) differs in one place: the first normalisation (bn1) of every block of
+layers 1-3 is `InstanceBatchNorm`, whose two halves keep IBN-Net's names:
+
+    layer1.0.bn1.IN.{weight,bias}          layer1_0/bn1/IN/{scale,bias}
+    layer1.0.bn1.BN.running_{mean,var}     layer1_0/bn1/BN/{mean,var}
 """
 
 import math
@@ -33,6 +41,9 @@ STAGE_SIZES: dict[int, tuple[str, tuple[int, int, int, int]]] = {
     152: ("bottleneck", (3, 8, 36, 3)),
 }
 _WIDTHS = (64, 128, 256, 512)
+# The backbone architectures (config.model.backbone): torchvision's ResNet, and
+# ResNet-IBN-a, instance normalisation in half of the first norm of layers 1-3.
+BACKBONES = ("resnet", "resnet_ibn_a")
 _EXPANSION = {"basic": 1, "bottleneck": 4}
 
 
@@ -126,8 +137,30 @@ def batch_norm(train: bool, dtype: Any, name: str, *,
       force_float32_reductions=True, name=name)
 
 
+class InstanceBatchNorm(nn.Module):
+  """IBN-a's first normalisation of a block: the first int(0.5 * channels) channels
+  instance-normalised, the others batch-normalised (TorchBatchNorm).
+
+  The instance half is PyTorch's InstanceNorm2d(affine=True) as IBN-Net and
+  fast-reid build it: eps 1e-5, biased variance over each image's pixels, and no
+  running statistics, so training and evaluation normalise alike.
+  """
+  train: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    half = int(x.shape[-1] * 0.5)
+    instance = nn.InstanceNorm(
+        epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32,
+        use_fast_variance=False, force_float32_reductions=True, name="IN")(x[..., :half])
+    batch = batch_norm(self.train, self.dtype, "BN")(x[..., half:])
+    return jnp.concatenate([instance, batch], axis=-1)
+
+
 class Block(nn.Module):
-  """A torchvision BasicBlock (two 3x3) or Bottleneck (1x1, 3x3, 1x1)."""
+  """A torchvision BasicBlock (two 3x3) or Bottleneck (1x1, 3x3, 1x1); with `ibn`,
+  its first norm is InstanceBatchNorm (ResNet-IBN-a, layers 1-3)."""
   kind: str  # basic | bottleneck
   planes: int
   strides: int = 1
@@ -135,6 +168,7 @@ class Block(nn.Module):
   train: bool = False
   dtype: Any = jnp.float32
   conv_impl: str = "xla"  # xla | gemm (see fast_conv)
+  ibn: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -146,7 +180,10 @@ class Block(nn.Module):
     y = x
     for i, (features, k, s) in enumerate(convs, start=1):
       y = conv(features, k, s, self.dtype, f"conv{i}", impl=self.conv_impl)(y)
-      y = batch_norm(self.train, self.dtype, f"bn{i}")(y)
+      if i == 1 and self.ibn:
+        y = InstanceBatchNorm(self.train, self.dtype, name="bn1")(y)
+      else:
+        y = batch_norm(self.train, self.dtype, f"bn{i}")(y)
       if i < len(convs):
         y = nn.relu(y)
     if self.downsample:
@@ -178,6 +215,7 @@ class ResNet(nn.Module):
     dtype: compute dtype; parameters and BatchNorm statistics stay float32.
     conv_impl: "xla", "gemm" or "auto" (gemm on CPU, xla elsewhere); see
       fast_conv. Same parameters either way.
+    backbone: "resnet" (torchvision) or "resnet_ibn_a" (IBN-a in layers 1-3).
   """
   depth: int = 50
   last_stride: int = 1
@@ -185,6 +223,7 @@ class ResNet(nn.Module):
   num_classes: int | None = None
   dtype: Any = jnp.float32
   conv_impl: str = "xla"
+  backbone: str = "resnet"
 
   @nn.compact
   def __call__(self, images_BxHxWx3: jax.Array, *,
@@ -196,6 +235,8 @@ class ResNet(nn.Module):
     for name in ("last_stride", "layer3_stride"):
       if getattr(self, name) not in (1, 2):
         raise ValueError(f"{name} must be 1 or 2, got {getattr(self, name)}")
+    if self.backbone not in BACKBONES:
+      raise ValueError(f"model.backbone={self.backbone!r}; expected one of {BACKBONES}")
     kind, sizes = STAGE_SIZES[self.depth]
     impl = fast_conv.resolve_conv_impl(self.conv_impl)
     out = {}
@@ -213,6 +254,7 @@ class ResNet(nn.Module):
         x = Block(kind, planes, strides,
                   downsample=strides != 1 or in_features != out_features,
                   train=train, dtype=self.dtype, conv_impl=impl,
+                  ibn=self.backbone == "resnet_ibn_a" and stage < 4,
                   name=f"layer{stage}_{b}")(x)
         in_features = out_features
       out[f"layer{stage}"] = x

@@ -1,8 +1,9 @@
-"""PyTorch weight import and the Orbax initialisation checkpoints.
+"""PyTorch weight import.
 
-Three jobs:
-  * `import_resnet`: a torchvision `resnet{18,34,50,101,152}` state_dict into
-    ResNet variables (names in models/resnet.py's docstring).
+Two jobs:
+  * `import_resnet`: a torchvision `resnet{18,34,50,101,152}` state_dict, or a
+    ResNet-IBN-a one (the IBN-Net release's, or a fast-reid model's backbone:
+    `ibn_backbone`), into ResNet variables (names in models/resnet.py's docstring).
   * `import_musp`: a whole official-MUSP checkpoint (backbone + head) into
     ReIDModel variables. Official head names:
         key.{weight,bias}            head/attention_conv
@@ -11,9 +12,6 @@ Three jobs:
         neck.{i}, classifier.{i}     head/part_branches[i] for i < n-1,
                                      head/global_branch for i = n-1 (if
                                      the checkpoint has it: n classifiers)
-  * `save_init` / `load_init`: the Orbax checkpoint written by
-    `python -m musp_jax.import_weights` and merged into fresh variables
-    (config.model.init_from).
 
 State dicts are read from `.pth`/`.pt`/`.tar` (needs torch), `.npz` or
 `.safetensors` (no torch). Every mismatch is reported at once: missing,
@@ -28,10 +26,7 @@ from typing import Any
 import zipfile
 
 from flax import traverse_util
-import jax
-import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
 from musp_jax.models import resnet
 
@@ -53,8 +48,8 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
   """Reads a PyTorch state dict as {name: numpy array}.
 
   Accepts a bare state dict or a training checkpoint holding one under
-  "state_dict" (the official MUSP format), and strips DataParallel's "module."
-  prefix.
+  "state_dict" (the official MUSP format) or "model" (fast-reid's), and strips
+  DataParallel's "module." prefix.
   """
   path = os.fspath(path)
   if not os.path.exists(path):
@@ -91,6 +86,8 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
           f"{_first_line(e)}") from e
     if isinstance(obj, Mapping) and "state_dict" in obj:
       obj = obj["state_dict"]
+    elif isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+      obj = obj["model"]
     if not isinstance(obj, Mapping):
       raise WeightImportError(f"{path} holds a {type(obj).__name__}, not a "
                               "state dict")
@@ -334,70 +331,30 @@ def resnet_depth(state_dict: StateDict, *, what: str = "state dict") -> int:
                           f"{'/'.join(map(str, resnet.STAGE_SIZES))} state dict)")
 
 
-# --- Orbax initialisation checkpoints --------------------------------------
+IBN_MARKER = "layer1.0.bn1.IN.weight"  # the first instance norm of an IBN-a ResNet
+# Running statistics an InstanceNorm saved by older PyTorch versions may carry; IBN-a's
+# instance norms use each image's own statistics (no running ones), so none is read.
+_INSTANCE_STATS = re.compile(r"\.IN\.(running_mean|running_var|num_batches_tracked)$")
 
-def save_init(directory: str | os.PathLike, variables: Variables,
-              metadata: Mapping[str, Any] | None = None) -> None:
-  """Writes {"params", "batch_stats"} (backbone-only or whole model) to Orbax.
 
-  Backbone-only checkpoints hold the ResNet under "backbone" in each
-  collection, so that they line up with ReIDModel's variables.
+def is_ibn_a(state_dict: StateDict) -> bool:
+  """Whether a ResNet state dict (or a fast-reid model's) has IBN-a's split norms."""
+  return IBN_MARKER in state_dict or f"backbone.{IBN_MARKER}" in state_dict
+
+
+def ibn_backbone(state_dict: StateDict, *, what: str = "state dict") -> StateDict:
+  """The ResNet-IBN-a backbone of an IBN-Net or fast-reid state dict, in IBN-Net's
+  names (layer1.0.bn1.IN.weight, layer1.0.bn1.BN.running_mean, ...).
+
+  A fast-reid model keeps its backbone under "backbone." beside its heads and pixel
+  statistics, which are left out; IBN-Net's ImageNet classifier (fc.*) is left to the
+  caller's `ignore`. Instance-norm running statistics, if any, are dropped.
   """
-  directory = os.path.abspath(os.fspath(directory))
-  tree = jax.tree.map(np.asarray, _to_dict(variables))
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(directory, tree, custom_metadata=dict(metadata or {}))
-  checkpointer.wait_until_finished()
-
-
-def is_init_checkpoint(path: str | os.PathLike) -> bool:
-  """Whether `path` is a folder `save_init` wrote (what import_weights may replace)."""
-  try:
-    return init_metadata(path).get("kind") in ("backbone", "model")
-  except Exception:  # anything else is not one
-    return False
-
-
-def init_metadata(path: str | os.PathLike) -> dict[str, Any]:
-  """The metadata `save_init` stored (kind "backbone" or "model", num_classes, ...)."""
-  path = _init_dir(path)
-  return dict(ocp.StandardCheckpointer().metadata(path).custom_metadata or {})
-
-
-def _init_dir(path: str | os.PathLike) -> str:
-  path = os.path.abspath(os.fspath(path))
-  if not os.path.isdir(path):
-    raise FileNotFoundError(
-        f"init checkpoint {path} is not a directory; write one with "
-        "`python -m musp_jax.import_weights`")
-  return path
-
-
-def load_init(variables: Variables, path: str | os.PathLike) -> dict[str, Any]:
-  """Merges an Orbax checkpoint written by `save_init` into `variables`.
-
-  Every top-level module the checkpoint holds ("backbone", "head") replaces
-  that module entirely; modules it lacks keep their fresh initialisation
-  (a backbone-only checkpoint leaves the head as initialised). Raises a
-  WeightImportError naming every missing, unexpected or mis-shaped key.
-  """
-  path = _init_dir(path)
-  restored = ocp.StandardCheckpointer().restore(path)
-  flat_ckpt = traverse_util.flatten_dict(_to_dict(restored))
-  flat_vars = traverse_util.flatten_dict(_to_dict(variables))
-  roots = {p[1] for p in flat_ckpt if len(p) > 1}
-  missing, misshaped, unexpected = [], [], []
-  for p, v in flat_ckpt.items():
-    if p not in flat_vars:
-      unexpected.append(f"{'/'.join(p)} {tuple(v.shape)}")
-    elif tuple(v.shape) != tuple(flat_vars[p].shape):
-      misshaped.append(f"{'/'.join(p)}: checkpoint {tuple(v.shape)}, model "
-                       f"{tuple(flat_vars[p].shape)}")
-  for p, v in flat_vars.items():
-    if len(p) > 1 and p[1] in roots and p not in flat_ckpt:
-      missing.append(f"{'/'.join(p)} {tuple(v.shape)}")
-  _raise_on_mismatch(f"init checkpoint {path}", missing, misshaped,
-                     unexpected)
-  merged = {p: jnp.asarray(flat_ckpt[p], dtype=v.dtype) if p in flat_ckpt
-            else v for p, v in flat_vars.items()}
-  return traverse_util.unflatten_dict(merged)
+  if f"backbone.{IBN_MARKER}" in state_dict:
+    state_dict = {k.removeprefix("backbone."): v for k, v in state_dict.items()
+                  if k.startswith("backbone.")}
+  if IBN_MARKER not in state_dict:
+    raise WeightImportError(
+        f"{what} has no {IBN_MARKER!r} (nor 'backbone.{IBN_MARKER}'): it is not a "
+        "ResNet-IBN-a state dict; a torchvision ResNet imports with --torchvision")
+  return {k: v for k, v in state_dict.items() if not _INSTANCE_STATS.search(k)}

@@ -8,7 +8,9 @@ num_queries). The dataset table (musp_jax/data/datasets.py, DATASETS) names each
 dataset's protocol and the splits it reads; `run_protocol` calls a protocol by that
 name:
 
-  query_gallery   "<name>"                junk = same id and camera (VeRi-776, synthetic)
+  query_gallery   "<name>"                junk = same id and camera (VeRi-776, synthetic,
+                                          the user's own data by default)
+  query_gallery_keep_junk  "<name>"       no junk removed (own data built with --keep_junk)
   vehicle_id      "<name>/random10"       per id one random image is the gallery, the
                                           rest are queries; 10 seeded splits, averaged
                   "<name>/first"          the first listed image of each id is the
@@ -66,6 +68,15 @@ def query_gallery(splits, *, name: str, eval_config=None,
   options = _options(eval_config, overrides)
   query, gallery = _roles(splits, ("query", "gallery"), name)
   result = ranking.evaluate(query, gallery, remove_junk=True, **options)
+  return {name: ranking.result_row(result)}
+
+
+def query_gallery_keep_junk(splits, *, name: str, eval_config=None,
+                            **overrides) -> dict[str, dict[str, float]]:
+  """Query vs gallery, nothing removed as junk (own data built with --keep_junk)."""
+  options = _options(eval_config, overrides)
+  query, gallery = _roles(splits, ("query", "gallery"), name)
+  result = ranking.evaluate(query, gallery, remove_junk=False, **options)
   return {name: ranking.result_row(result)}
 
 
@@ -127,7 +138,8 @@ def veri_wild(splits, *, name: str, eval_config=None,
   }
 
 
-PROTOCOLS = {"query_gallery": query_gallery, "vehicle_id": vehicle_id, "veri_wild": veri_wild}
+PROTOCOLS = {"query_gallery": query_gallery, "query_gallery_keep_junk": query_gallery_keep_junk,
+             "vehicle_id": vehicle_id, "veri_wild": veri_wild}
 
 
 def run_protocol(protocol: str, splits: Mapping[str, Features], *, name: str,

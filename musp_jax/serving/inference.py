@@ -76,6 +76,12 @@ def load_model(path: str | os.PathLike, *, step: int | None = None) -> LoadedMod
   step folder <workdir>/checkpoints/<step>."""
   restored = checkpointing.load_variables(path, step=step)
   config = restored.run.config
+  if checkpointing.IMPORTED in config:
+    raise ValueError(
+        f"{restored.source} holds weights converted by import_weights, without a "
+        "training config (image size, preprocessing): train from them with "
+        "--config.model.init_from, or evaluate them with `python -m musp_jax.main "
+        "--mode=eval --workdir ... --config ...`.")
   model = models.build_model(config.model, restored.run.num_classes)
   size = tuple(int(v) for v in config.input.image_size)
   out = jax.eval_shape(functools.partial(model.apply, train=False), restored.variables,

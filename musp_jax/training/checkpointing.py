@@ -5,7 +5,7 @@ Each saved step holds three items:
   data    {"next_step": ...}: the PK sampler is a pure function of (seed, step), so the
           step at which to rebuild the input pipeline is the whole data position,
   run     the run's description (`RunInfo`): the resolved config, the class count and
-          the vehicle id of each training label. A step folder alone rebuilds its
+          the dataset and vehicle id of each training label. A step folder alone rebuilds its
           model: evaluation on another dataset, the tools and the demo need neither the
           training data nor the workdir's config.json.
 The latest `keep` steps are kept, and the best step by mAP is kept as well.
@@ -47,7 +47,6 @@ from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from musp_jax import models
-from musp_jax.models import weights
 from musp_jax.core.state import path_str
 
 METRIC = "mAP"
@@ -76,17 +75,23 @@ class RunInfo:
   """What a checkpoint was trained as; saved with every step."""
   config: ml_collections.ConfigDict  # the resolved run config
   num_classes: int
-  label_vehicle_ids: tuple[int, ...] = ()  # vehicle id of each label 0..K-1
+  # (dataset, vehicle id) of each label 0..K-1 (musp_jax/data/training_set.py)
+  label_identities: tuple[tuple[str, int], ...] = ()
 
   def to_json(self) -> dict:
     return {"config": jsonable(self.config), "num_classes": int(self.num_classes),
-            "label_vehicle_ids": [int(v) for v in self.label_vehicle_ids]}
+            "label_identities": [[str(d), int(v)] for d, v in self.label_identities]}
 
   @classmethod
   def from_json(cls, data: dict) -> RunInfo:
-    return cls(config=ml_collections.ConfigDict(data["config"]),
-               num_classes=int(data["num_classes"]),
-               label_vehicle_ids=tuple(data.get("label_vehicle_ids", ())))
+    config = ml_collections.ConfigDict(data["config"])
+    if "label_identities" in data:
+      identities = tuple((str(d), int(v)) for d, v in data["label_identities"])
+    else:  # written before several training datasets: one dataset's vehicle ids
+      identities = tuple((config.dataset.name, int(v))
+                         for v in data.get("label_vehicle_ids", ()))
+    return cls(config=config, num_classes=int(data["num_classes"]),
+               label_identities=identities)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +160,42 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, *,
       metrics=None if metrics is None else {k: float(v) for k, v in metrics.items()},
       force=True,
   )
+
+
+# Key of the run config of weights converted by import_weights: where they came from.
+IMPORTED = "imported"
+
+
+def save_imported(workdir: str | os.PathLike, variables: Any, *, model: dict,
+                  num_classes: int, source: dict) -> None:
+  """Writes converted weights as step 0 of a workdir (<workdir>/checkpoints/0).
+
+  It is the one weights format: `load_variables` reads it as it reads a training
+  step, so model.init_from, evaluate, embed and export take either. The run config
+  holds the model fields the weights fix (`model`) and, under IMPORTED, where they
+  came from; `num_classes` is the classifier's size (0: backbone only).
+  """
+  manager = make_manager(epath.Path(os.path.abspath(os.fspath(workdir))) / "checkpoints",
+                         keep=1)
+  run = RunInfo(ml_collections.ConfigDict({"model": dict(model), IMPORTED: dict(source)}),
+                int(num_classes))
+  save(manager, 0, jax.tree.map(np.asarray, variables), next_step=0, run=run)
+  manager.wait_until_finished()
+  manager.close()
+
+
+def imported_from(path: str | os.PathLike) -> dict | None:
+  """What import_weights recorded in the folder `path`, or None when it did not
+  write it (a training workdir, any other folder, nothing)."""
+  try:
+    directory, step = locate(path)
+    manager = _manager(directory, ocp.CheckpointManagerOptions(read_only=True, create=False),
+                       ocp.PyTreeCheckpointHandler())
+    step = resolve_step(manager, step)
+    source = _run_info(manager, step, directory / str(step)).config.get(IMPORTED)
+  except Exception:  # unreadable or not a checkpoint: not an import
+    return None
+  return source.to_dict() if source is not None else None
 
 
 def resolve_step(manager: ocp.CheckpointManager, step: int | None) -> int:
@@ -393,9 +434,7 @@ def finished_steps(directory: str | os.PathLike) -> list[int]:
 
 def check_model_config(saved: Any, wanted: Any, *, where: str) -> None:
   """Raises CheckpointMismatchError naming every architecture field that differs."""
-  a, b = models.architecture(saved), models.architecture(wanted)
-  diffs = [f"model.{k}: checkpoint has {a[k]!r}, config asks {b[k]!r}"
-           for k in models.ARCH_FIELDS if a[k] != b[k]]
+  diffs = models.architecture_diffs(saved, wanted)
   if diffs:
     raise CheckpointMismatchError(
         f"Checkpoint {where} was written for another architecture: " + "; ".join(diffs)
@@ -441,8 +480,9 @@ def locate(path: str | os.PathLike, step: int | None = None) -> tuple[epath.Path
   if path.is_dir() and any(p.name.isdigit() for p in path.iterdir()):
     return path, step
   raise FileNotFoundError(
-      f"{path} holds no checkpoint: expected a training workdir (with checkpoints/), its "
-      "checkpoints/ folder, or a step folder checkpoints/<step>.")
+      f"{path} holds no checkpoint: expected a workdir (with checkpoints/: a training "
+      "run's, or the --out of import_weights), its checkpoints/ folder, or a step "
+      "folder checkpoints/<step>.")
 
 
 def load_variables(path: str | os.PathLike, *, step: int | None = None,
@@ -552,10 +592,8 @@ def merge_init(fresh: Any, saved: Any, *, where: str, saved_model: Any = None,
   if problems:
     fields = ""
     if saved_model is not None and wanted_model is not None:
-      a, b = models.architecture(saved_model), models.architecture(wanted_model)
-      diffs = [f"model.{k}: checkpoint has {a[k]!r}, config asks {b[k]!r}"
-               for k in models.ARCH_FIELDS if a[k] != b[k]
-               and (use_head or k in _BACKBONE_FIELDS)]
+      diffs = models.architecture_diffs(
+          saved_model, wanted_model, models.ARCH_FIELDS if use_head else _BACKBONE_FIELDS)
       fields = (" (" + "; ".join(diffs) + ")") if diffs else ""
     shown = problems[:20] + ([f"... and {len(problems) - 20} more"]
                              if len(problems) > 20 else [])
@@ -601,15 +639,11 @@ def initial_variables(fresh: Any, init_from: str | os.PathLike, *,
                       model_config: Any = None) -> dict:
   """`fresh` variables with the weights of model.init_from merged in.
 
-  init_from is a folder written by `python -m musp_jax.import_weights` (merged by
-  weights.load_init), or a training workdir, its checkpoints/ folder or a step folder
-  (its latest intact step, or that step), read by `load_variables` and merged by
-  `merge_init`, which says in the log what it took and what starts fresh.
+  init_from is a workdir (a training run's, or one import_weights wrote), its
+  checkpoints/ folder or a step folder: `load_variables` reads its latest intact step
+  (or that step) and `merge_init` merges it, saying in the log what it took and what
+  starts fresh.
   """
-  try:
-    locate(init_from)
-  except FileNotFoundError:  # not a training checkpoint: an import_weights folder
-    return weights.load_init(fresh, init_from)
   restored = load_variables(init_from)
   variables, notes = merge_init(fresh, restored.variables, where=restored.source,
                                 saved_model=restored.run.config.get("model"),

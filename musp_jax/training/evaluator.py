@@ -1,8 +1,10 @@
 """Model -> features -> protocol results, and the results files.
 
 Features (`features.embed`) are extracted with fixed-shape, padded batches sharded over
-the mesh, then handed to the evaluation dataset's protocol (datasets.EvalSet). The
+the mesh, then handed to each evaluation dataset's protocol (datasets.EvalSet). The
 results of an evaluation are written as results.json plus the same table in markdown.
+Rows are named by dataset first ("veri776", "vehicle_id_small/random10"), so the rows
+of one dataset form a block (`dataset_blocks`); TensorBoard gets eval/<row>/<metric>.
 """
 
 from __future__ import annotations
@@ -81,43 +83,57 @@ def attention_row(model, variables, sources, config: ml_collections.ConfigDict, 
   return attention_scores.score_splits(np.concatenate(maps), sources, classes)
 
 
-def split_features(model, variables, config: ml_collections.ConfigDict, mesh
-                   ) -> tuple[datasets.EvalSet, dict[str, saved_features.Features]]:
-  """The evaluation dataset's protocol splits as Features, by protocol role."""
-  target = datasets.eval_set(config)
-  kw = dict(data_dir=config.dataset.data_dir, builder_config=target.builder_config)
-  datasets.ensure_built(target.name, manual_dir=config.dataset.manual_dir, **kw)
+def split_features(model, variables, config: ml_collections.ConfigDict, mesh,
+                   target: datasets.EvalSet) -> dict[str, saved_features.Features]:
+  """An evaluation dataset's protocol splits as Features, by protocol role."""
+  data_dir = config.dataset.data_dir
+  target.entry.ensure_built(data_dir, config.dataset.manual_dir)
   out = {}
   for role, split in target.splits.items():
-    source = datasets.load_split(target.name, split, **kw)
-    f = extract_features(model, variables, source, config, mesh, desc=split)
-    index = datasets.split_index(target.name, split, **kw)
+    source = target.entry.load_split(split, data_dir)
+    f = extract_features(model, variables, source, config, mesh,
+                         desc=f"{target.name}/{split}")
+    index = target.entry.split_index(split, data_dir)
     out[role] = saved_features.Features(f["feats"], f["areas"], index["vehicle_id"],
                                    index["camera_id"])
-  return target, out
+  return out
 
 
 def evaluate_model(model, variables, config: ml_collections.ConfigDict, mesh) -> dict:
-  """Evaluates on config.eval.dataset (default: the training dataset) by its protocol."""
-  target, splits = split_features(model, variables, config, mesh)
-  rows = protocols.run_protocol(target.protocol, splits, name=target.row_name,
-                                eval_config=config.eval)
-  # Attention maps scored against ground-truth part masks, for datasets that have them
-  # (synthetic_vehicles): one more row, musp_jax/attention_scores.py.
-  if config.model.head == "musp":
-    kw = dict(data_dir=config.dataset.data_dir, builder_config=target.builder_config)
-    sources = [datasets.load_split(target.name, split, **kw)
-               for split in target.splits.values()]
-    if attention_scores.has_part_masks(sources):
-      rows[attention_scores.ROW] = attention_row(
-          model, variables, sources, config, mesh,
-          classes=datasets.part_classes(target.name))
-  return rows
+  """Evaluates on each dataset of config.eval.dataset (default: the training datasets)
+  by its protocol: {row name: row}, one block of rows per dataset, in order."""
+  rows, attention = {}, {}
+  for target in datasets.eval_sets(config):
+    splits = split_features(model, variables, config, mesh, target)
+    rows.update(protocols.run_protocol(target.protocol, splits, name=target.row_name,
+                                       eval_config=config.eval))
+    # Attention maps scored against ground-truth part masks, for a dataset that has
+    # them (synthetic_vehicles): one more row, musp_jax/attention_scores.py.
+    if config.model.head == "musp" and not attention:
+      sources = [target.entry.load_split(split, config.dataset.data_dir)
+                 for split in target.splits.values()]
+      if attention_scores.has_part_masks(sources):
+        attention[attention_scores.ROW] = attention_row(
+            model, variables, sources, config, mesh,
+            classes=datasets.part_classes(target.entry.table))
+  return {**rows, **attention}
+
+
+def dataset_blocks(rows: dict) -> dict[str, list[str]]:
+  """Row names by evaluated dataset (a row's name up to its first "/"), in order; the
+  attention row is not a dataset's."""
+  blocks: dict[str, list[str]] = {}
+  for name in rows:
+    if name != attention_scores.ROW:
+      blocks.setdefault(name.split("/")[0], []).append(name)
+  return blocks
 
 
 def primary_map(rows: dict) -> float:
-  """The mAP used to pick the best checkpoint: the first row of the protocol."""
-  return float(next(iter(rows.values()))["mAP"])
+  """The mAP used to pick the best checkpoint: the mean over the evaluated datasets of
+  the first row of each one's protocol (with one dataset, that row's mAP)."""
+  return float(np.mean([float(rows[names[0]]["mAP"])
+                        for names in dataset_blocks(rows).values()]))
 
 
 def tensorboard_scalars(rows: dict) -> dict[str, float]:
@@ -134,13 +150,19 @@ def markdown_table(results: dict, *, title: str | None = None) -> str:
   head = title or f"Results at step {results.get('step', '?')}"
   if "epoch" in results and title is None:
     head += f" (epoch {results['epoch']:.1f})"
-  lines = [head, "", "| test set | " + " | ".join(ROW_METRICS) + " | queries |",
-           "|---" * (len(ROW_METRICS) + 2) + "|"]
   rows = dict(results.get("results", {}))
   attention = rows.pop(attention_scores.ROW, None)
-  for name, row in rows.items():
-    cells = [f"{100 * row[k]:.2f}" if k in row else "-" for k in ROW_METRICS]
-    lines.append(f"| {name} | " + " | ".join(cells) + f" | {row.get('num_queries', '-')} |")
+  blocks = dataset_blocks(rows)
+  lines = [head]
+  for dataset, names in blocks.items():
+    lines += ["", f"{dataset}:", ""] if len(blocks) > 1 else [""]
+    lines += ["| test set | " + " | ".join(ROW_METRICS) + " | queries |",
+              "|---" * (len(ROW_METRICS) + 2) + "|"]
+    for name in names:
+      row = rows[name]
+      cells = [f"{100 * row[k]:.2f}" if k in row else "-" for k in ROW_METRICS]
+      lines.append(f"| {name} | " + " | ".join(cells)
+                   + f" | {row.get('num_queries', '-')} |")
   if attention is not None:
     lines += ["", attention_scores.markdown(attention)]
   return "\n".join(lines).rstrip("\n") + "\n"

@@ -130,7 +130,7 @@ class Trained:
   model: Any
   state: Any
   num_classes: int
-  label_vehicle_ids: tuple[int, ...]
+  label_identities: tuple[tuple[str, int], ...]  # (dataset, vehicle id) of each label
   seconds: float  # the training loop's wall time, compilation included
   history: list[dict[str, float]]  # logged means
 
@@ -166,7 +166,8 @@ def train(config: ml_collections.ConfigDict, split: MemorySplit, *, mesh,
           + f" ({(step + 1) / (time.time() - start):.2f} steps/s)")
       window = []
   jax.block_until_ready(state)
-  return Trained(model, state, len(label_ids), label_ids, time.time() - start, history)
+  identities = tuple((str(config.dataset.name), int(v)) for v in label_ids)
+  return Trained(model, state, len(label_ids), identities, time.time() - start, history)
 
 
 def save(trained: Trained, config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -175,7 +176,7 @@ def save(trained: Trained, config: ml_collections.ConfigDict, workdir: str) -> s
   step = int(jax.device_get(trained.state.step))
   checkpointing.save(manager, step, trained.state, next_step=step,
                      run=checkpointing.RunInfo(config, trained.num_classes,
-                                               trained.label_vehicle_ids))
+                                               trained.label_identities))
   manager.wait_until_finished()
   return os.path.join(workdir, "checkpoints", str(step))
 

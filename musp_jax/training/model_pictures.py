@@ -70,16 +70,20 @@ def attention_grid(model, variables, config: ml_collections.ConfigDict,
   return figures.attention_figure(images, attention, names)
 
 
+def _eval_target(config: ml_collections.ConfigDict) -> datasets.EvalSet:
+  """The dataset pictures show: the first evaluation dataset."""
+  return datasets.eval_sets(config)[0]
+
+
 def _eval_source(config: ml_collections.ConfigDict, role: str):
   """The split playing `role` in the evaluation dataset's protocol (built if synthetic)."""
-  target = datasets.eval_set(config)
+  target = _eval_target(config)
   if role not in target.splits:
     raise ValueError(
         f"Dataset {target.name}'s protocol has splits {sorted(target.splits)}, no {role!r}; "
         "pictures need a dataset with query and gallery splits, or give --images.")
-  kw = dict(data_dir=config.dataset.data_dir, builder_config=target.builder_config)
-  datasets.ensure_built(target.name, manual_dir=config.dataset.manual_dir, **kw)
-  return datasets.load_split(target.name, target.splits[role], **kw)
+  target.entry.ensure_built(config.dataset.data_dir, config.dataset.manual_dir)
+  return target.entry.load_split(target.splits[role], config.dataset.data_dir)
 
 
 def eval_images(config: ml_collections.ConfigDict, count: int, *, role: str = "query"
@@ -127,7 +131,7 @@ def attention_parts_picture(loaded: Any, out: str, *,
            for r, n in zip(records, where)]
   attention = _attention(loaded.model, loaded.variables, loaded.config,
                          _attention_inputs(loaded.config, images))
-  classes = datasets.part_classes(datasets.eval_set(loaded.config).name)
+  classes = datasets.part_classes(_eval_target(loaded.config).entry.table)
   return figures.save_figure(
       figures.attention_parts_figure(images, masks, attention, classes, where), out)
 
@@ -172,8 +176,8 @@ def ranks_picture(loaded: Any, out_dir: str, *, order: str = "worst",
     raise ValueError(f"order={order!r}; expected one of {ORDERS}.")
   config = loaded.config
   q_source, g_source = _eval_source(config, "query"), _eval_source(config, "gallery")
-  _, splits = evaluator.split_features(loaded.model, loaded.variables, config,
-                                       process.make_mesh())
+  splits = evaluator.split_features(loaded.model, loaded.variables, config,
+                                    process.make_mesh(), _eval_target(config))
   query, gallery = splits["query"], splits["gallery"]
   distance = config.eval.distance
   if distance not in ranking.DISTANCES:

@@ -23,7 +23,6 @@ and the same command resumes from a step whose loss was finite.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import signal
 from typing import Any
@@ -39,7 +38,7 @@ from etils import epath
 from jax.sharding import NamedSharding
 
 from musp_jax.training import checkpointing
-from musp_jax.data import datasets
+from musp_jax.data import training_set
 from musp_jax.training import evaluator
 from musp_jax.training import model_pictures
 from musp_jax.data import input_pipeline
@@ -51,7 +50,6 @@ from musp_jax.core import state as state_lib
 from musp_jax.core import step as step_lib
 from musp_jax.training import validate
 from musp_jax.models import build_model
-from musp_jax.models import weights
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -147,27 +145,6 @@ def _mean_scalars(history: list[dict]) -> dict[str, float]:
   return out
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainingData:
-  source: datasets.ReIdSource
-  labels: np.ndarray  # label of each record
-  num_classes: int
-  label_vehicle_ids: tuple[int, ...]  # vehicle id of each label
-
-
-def training_data(config: ml_collections.ConfigDict) -> TrainingData:
-  """Builds (synthetic) or finds the training split, its labels and class count."""
-  ds = config.dataset
-  kw = dict(data_dir=ds.data_dir, builder_config=ds.builder_config)
-  datasets.ensure_built(ds.name, manual_dir=ds.manual_dir, **kw)
-  index = datasets.split_index(ds.name, "train", **kw)
-  num_classes = datasets.num_classes(ds.name, **kw)
-  vehicle_ids = np.zeros(num_classes, np.int64)
-  vehicle_ids[index["label"]] = index["vehicle_id"]
-  return TrainingData(datasets.load_split(ds.name, "train", **kw), index["label"],
-                      num_classes, tuple(int(v) for v in vehicle_ids))
-
-
 def _schedule(config, num_images: int) -> tuple[int, int, int]:
   """(global batch, steps per epoch, total steps) of the recipe."""
   global_batch = config.input.num_ids * config.input.num_instances
@@ -207,8 +184,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
   mesh = process.make_mesh()
 
   # Data.
-  data = training_data(config)
-  validate.check_identities(config, data.num_classes)
+  data = training_set.load(config)
+  validate.check_identities(config, data.identities())
   global_batch, steps_per_epoch, total_steps = _schedule(config, len(data.source))
   eval_every = max(1, config.eval.every_epochs * steps_per_epoch)
   logging.info("%d training images, %d ids; %d steps/epoch, %d steps.",
@@ -231,7 +208,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
     protected.steps.add(manager.latest_step())
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  run = checkpointing.RunInfo(config, data.num_classes, data.label_vehicle_ids)
+  run = checkpointing.RunInfo(config, data.num_classes, data.label_identities)
   results: dict = evaluator.read_results(workdir)
   if start_step >= total_steps:
     logging.info("Training in %s is complete (step %d of %d): nothing to train. "
@@ -243,7 +220,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
   batches = input_pipeline.train_batches(
       data.source, data.labels, config.input, seed=config.seed, start_step=start_step,
       global_batch_size=global_batch, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count(), domains=data.domains)
   train_step = step_lib.jit_step(model=model, tx=tx, loss_config=config.loss,
                                  input_config=config.input, mesh=mesh,
                                  state_sharding=state_sharding)
@@ -334,9 +311,6 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   workdir = epath.Path(workdir).expanduser()
   process.configure_jax(config)
   validate.check_config(config, mode="eval")
-  if not (workdir / "checkpoints").is_dir() and config.model.init_from and step is not None:
-    raise ValueError("--step needs a workdir with checkpoints; --config.model.init_from "
-                     "names imported weights, which have no steps.")
   unwritable = None
   if jax.process_index() == 0 and "://" not in str(workdir) and workdir.is_dir():
     unwritable = writing.check_writable(workdir)
@@ -345,19 +319,18 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
                       workdir, unwritable)
   mesh = process.make_mesh()
   replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
-  if (workdir / "checkpoints").is_dir() or not config.model.init_from:
-    restored = checkpointing.load_variables(workdir, step=step, sharding=replicated)
-    checkpointing.check_model_config(restored.run.config.model, config.model,
-                                     where=restored.source)
-    model = build_model(config.model, restored.run.num_classes)
-    variables, done = restored.variables, restored.step
-  else:  # imported weights: a whole official model (its head included)
-    # A backbone-only import has no classifier; features do not depend on its size.
-    num_classes = weights.init_metadata(config.model.init_from).get("num_classes", 1)
-    model = build_model(config.model, num_classes)
-    variables = jax.device_put(weights.load_init(state_lib.init_variables(
-        model, config.input.image_size, config.seed), config.model.init_from), replicated)
-    done = 0
+  # The weights: workdir's own, or model.init_from's when workdir has none yet.
+  source = (workdir if (workdir / "checkpoints").is_dir() or not config.model.init_from
+            else config.model.init_from)
+  restored = checkpointing.load_variables(source, step=step, sharding=replicated)
+  checkpointing.check_model_config(restored.run.config.model, config.model,
+                                   where=restored.source)
+  # Imported backbone weights have no classifier; features do not depend on its size.
+  model = build_model(config.model, max(restored.run.num_classes, 1))
+  variables, _ = checkpointing.merge_init(
+      state_lib.init_variables(model, config.input.image_size, config.seed),
+      restored.variables, where=restored.source)
+  variables, done = jax.device_put(variables, replicated), restored.step
   rows = evaluator.evaluate_model(model, variables, config, mesh)
   results = {"step": done, "results": rows}
   if unwritable:

@@ -20,6 +20,7 @@ from typing import Any
 import jax
 
 from musp_jax.data import datasets
+from musp_jax.data import sampling
 from musp_jax import models
 from musp_jax.core import preprocess
 from musp_jax.retrieval import ranking
@@ -99,7 +100,7 @@ def check_config(config: Any, *, mode: str = "train", num_devices: int | None = 
   num_processes = jax.process_count() if num_processes is None else num_processes
   c = _Checker(config)
   c.int_at_least("seed", 0)
-  _check_dataset(c)
+  _check_dataset(c, train=mode == "train")
   _check_model(c)
   _check_input(c, train=mode == "train", num_devices=num_devices,
                num_processes=num_processes)
@@ -118,20 +119,67 @@ def check_config(config: Any, *, mode: str = "train", num_devices: int | None = 
     raise ConfigError(head + "; ".join(c.problems) + ".")
 
 
-def _check_dataset(c: _Checker) -> None:
-  if c.choice("dataset.name", list(datasets.DATASETS)):
-    name = c.get("dataset.name")
-    names = datasets.config_names(name)
-    if names:
-      c.choice("dataset.builder_config", names)
-    else:
-      c.expect("dataset.builder_config", lambda v: v in ("", None),
-               f"'' ({name} has no builder configs)")
-  c.string("dataset.data_dir", empty=False)
+def _check_dataset(c: _Checker, *, train: bool) -> None:
+  data_ok = c.string("dataset.data_dir", empty=False)
   c.string("dataset.manual_dir")
+  c.boolean("dataset.combine_all")
+  # Training reads every training dataset; evaluation only names them.
+  entries = _check_entries(c, "dataset.name", built=train and data_ok)
+  if entries is None:
+    return
+  with_configs = [e for e in entries if datasets.config_names(e.table)]
+  if with_configs:
+    c.choice("dataset.builder_config", datasets.config_names(with_configs[0].table))
+  else:
+    names = ", ".join(e.name for e in entries)
+    c.expect("dataset.builder_config", lambda v: v in ("", None),
+             f"'' ({names} {'has' if len(entries) == 1 else 'have'} no builder configs)")
+
+
+def _check_entries(c: _Checker, key: str, *, built: bool,
+                   empty: str = "") -> list[datasets.Entry] | None:
+  """The entries of a comma-separated dataset list, or None (a problem recorded).
+
+  `built`: a user dataset must be built in dataset.data_dir (the licensed ones are
+  reported with their build command when read). `empty`: what an empty list means, if
+  it may be empty.
+  """
+  value = c.get(key)
+  if not isinstance(value, str):
+    c.fail(key, "a string: a dataset, or several comma-separated")
+    return None
+  names = datasets.split_names(value)
+  if not names:
+    if not empty:
+      c.fail(key, "a dataset, or several comma-separated, e.g. 'veri776,vehicle_id'")
+    return [] if empty else None
+  known = [n for n, row in datasets.DATASETS.items() if not row.named_builds]
+  data_dir = c.get("dataset.data_dir")
+  for name in names:
+    if names.count(name) > 1:
+      c.fail(key, f"each dataset once ({name!r} is listed {names.count(name)} times)")
+      return None
+    if name in known:
+      continue
+    own = datasets.user_datasets(data_dir) if isinstance(data_dir, str) and data_dir else []
+    try:
+      datasets.check_user_dataset_name(name)
+      usable = name in own or not built
+    except ValueError:
+      usable = False
+    if not usable:
+      where = (f"built in {data_dir}: {', '.join(own)}" if own else
+               f"none is built in {data_dir}")
+      c.fail(key, f"{empty + ' or ' if empty else ''}datasets among "
+             f"{', '.join(map(repr, known))} or of your own images (`python -m "
+             f"musp_jax.build_dataset folder --manual_dir DIR --name NAME`; {where}); "
+             f"{name!r} is neither")
+      return None
+  return [datasets.entry(n, c.get("dataset.builder_config")) for n in names]
 
 
 def _check_model(c: _Checker) -> None:
+  c.choice("model.backbone", resnet.BACKBONES)
   depth_ok = c.choice("model.depth", sorted(resnet.STAGE_SIZES))
   c.choice("model.last_stride", (1, 2))
   c.choice("model.layer3_stride", (1, 2))
@@ -166,6 +214,7 @@ def _check_input(c: _Checker, *, train: bool, num_devices: int,
     return
   p_ok = c.int_at_least("input.num_ids", 1)
   k_ok = c.int_at_least("input.num_instances", 1)
+  c.boolean("input.balance_datasets")
   if p_ok and k_ok:
     batch = c.get("input.num_ids") * c.get("input.num_instances")
     for count, what in ((num_devices, "devices"), (num_processes, "processes")):
@@ -186,14 +235,20 @@ def _check_input(c: _Checker, *, train: bool, num_devices: int,
 
 
 def _check_eval(c: _Checker, *, num_devices: int, num_processes: int) -> None:
-  if c.expect("eval.dataset", lambda v: v == "" or v in datasets.DATASETS,
-              "'' (the training dataset) or one of "
-              + ", ".join(repr(d) for d in datasets.DATASETS)):
-    name = c.get("eval.dataset") or c.get("dataset.name")
-    sizes = datasets.test_sizes(name) if name in datasets.DATASETS else {}
-    if sizes:
-      c.expect("eval.test_size", lambda v: v in sizes,
-               f"one of {', '.join(map(repr, sizes))} ({name}'s test sets)")
+  targets = _check_entries(c, "eval.dataset", built=True, empty="'' (the training datasets)")
+  if targets is not None:
+    names = [e.name for e in targets] or datasets.split_names(c.get("dataset.name"))
+    for name in names:
+      sizes = datasets.test_sizes(name) if name in datasets.DATASETS else {}
+      if sizes and not c.expect("eval.test_size", lambda v, sizes=sizes: v in sizes,
+                                f"one of {', '.join(map(repr, sizes))} ({name}'s test sets)"):
+        break
+    if c.get("dataset.combine_all") is True:
+      trained = set(datasets.split_names(c.get("dataset.name")))
+      if not targets or trained & set(names):
+        c.fail("eval.dataset", "datasets not trained on: dataset.combine_all=True trains "
+               f"on the test identities of {', '.join(sorted(trained))}, whose protocols "
+               "would rank vehicles the model has learnt")
   if c.int_at_least("eval.batch_size", 1):
     for count, what in ((num_devices, "devices"), (num_processes, "processes")):
       if c.get("eval.batch_size") % count:
@@ -223,10 +278,11 @@ def _check_eval(c: _Checker, *, num_devices: int, num_processes: int) -> None:
 
 def rerank_memory_problem(num_query: int, num_gallery: int, *, feature_values: int,
                           k1: int, k2: int, query_block: int, aqe: bool,
-                          available: int) -> str | None:
+                          available: int, dataset: str = "") -> str | None:
   """Why sparse re-ranking of this set would not fit in `available` bytes, or None.
 
-  feature_values: P * C (an upper bound is fine); AQE keeps a second copy.
+  feature_values: P * C (an upper bound is fine); AQE keeps a second copy. dataset:
+  the set's name, when the message must say which of several.
   """
   n = num_query + num_gallery
   features = n * feature_values * 4 * (2 if aqe else 1)
@@ -237,38 +293,47 @@ def rerank_memory_problem(num_query: int, num_gallery: int, *, feature_values: i
   if features + state <= available:
     return None
   gib = 2.0**30
+  of = f" of {dataset}" if dataset else ""
   return (f"eval.rerank=True: k-reciprocal re-ranking of {num_query:,} queries and "
-          f"{num_gallery:,} gallery images needs about {(features + state) / gib:.1f} GiB "
-          f"(features {features / gib:.1f} GiB{' with AQE' if aqe else ''}, re-ranking "
+          f"{num_gallery:,} gallery images{of} needs about "
+          f"{(features + state) / gib:.1f} GiB (features {features / gib:.1f} GiB"
+          f"{' with AQE' if aqe else ''}, re-ranking "
           f"{state / gib:.1f} GiB with k1={k1}, k2={k2}) and this machine has "
           f"{available / gib:.1f} GiB: expected a smaller test set, eval.rerank=False, or "
           "a larger machine")
 
 
 def _check_rerank_memory(c: _Checker) -> None:
-  """Refuses re-ranking a built evaluation set that would not fit in host memory."""
+  """Refuses re-ranking a built evaluation set that would not fit in host memory (the
+  evaluation datasets are ranked one after another: each must fit)."""
   config = c.config
   try:
-    target = datasets.eval_set(config)
-    kw = dict(data_dir=config.dataset.data_dir, builder_config=target.builder_config)
-    if not datasets.is_built(target.name, **kw):
-      return  # its sizes are known once it is built
-    splits = datasets.get_builder(target.name, **kw).info.splits
-    sizes = {role: splits[split].num_examples for role, split in target.splits.items()}
-  except (ValueError, KeyError):
-    return  # reported by the dataset checks
-  total = sum(sizes.values())
-  num_query = sizes.get("query", total // 2)
+    targets = datasets.eval_sets(config)
+  except (ValueError, KeyError, OSError):
+    return  # reported by the dataset checks, or when the data is read
   arch = models.architecture(config.model)
   width = resnet.output_channels(arch["depth"])
   values = width * (arch["num_prototypes"] if arch["head"] == "musp" else 1)
-  problem = rerank_memory_problem(
-      num_query, total - num_query, feature_values=values, k1=c.get("eval.rerank_k1"),
-      k2=c.get("eval.rerank_k2"), query_block=c.get("eval.query_block"),
-      aqe=c.get("eval.aqe") is True,
-      available=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-  if problem:
-    c.problems.append(problem)
+  for target in targets:
+    e = target.entry
+    kw = dict(data_dir=config.dataset.data_dir, builder_config=e.builder_config)
+    try:
+      if not datasets.is_built(e.table, **kw):
+        continue  # its sizes are known once it is built
+      splits = datasets.get_builder(e.table, **kw).info.splits
+      sizes = {role: splits[split].num_examples for role, split in target.splits.items()}
+    except (ValueError, KeyError):
+      continue  # reported by the dataset checks
+    total = sum(sizes.values())
+    num_query = sizes.get("query", total // 2)
+    problem = rerank_memory_problem(
+        num_query, total - num_query, feature_values=values, k1=c.get("eval.rerank_k1"),
+        k2=c.get("eval.rerank_k2"), query_block=c.get("eval.query_block"),
+        aqe=c.get("eval.aqe") is True,
+        available=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        dataset=target.row_name if len(targets) > 1 else "")
+    if problem:
+      c.problems.append(problem)
 
 
 def _check_loss(c: _Checker) -> None:
@@ -300,13 +365,26 @@ def _check_optim(c: _Checker) -> None:
   c.number("optim.gamma", lambda v: v > 0, "a number > 0")
 
 
-def check_identities(config: Any, num_identities: int) -> None:
-  """PK batches draw input.num_ids distinct identities from the training split."""
-  if config.input.num_ids > num_identities:
+def check_identities(config: Any, identities: dict[str, int]) -> None:
+  """PK batches draw input.num_ids distinct identities from the training data
+  (`identities`: per training dataset), and with input.balance_datasets a fixed share
+  of them from each dataset."""
+  total, p = sum(identities.values()), config.input.num_ids
+  what = ", ".join(f"{name} {n}" for name, n in identities.items())
+  if p > total:
     raise ConfigError(
-        f"config: input.num_ids={config.input.num_ids}: expected at most the "
-        f"{num_identities} identities of the training split "
-        f"({config.dataset.name}/{config.dataset.builder_config or '-'}).")
+        f"config: input.num_ids={p}: expected at most the {total} identities of the "
+        f"training data ({what}).")
+  if config.input.balance_datasets and len(identities) > 1:
+    try:
+      shares = sampling.balanced_shares(p, len(identities))
+    except ValueError as e:
+      raise ConfigError(f"config: {str(e).removeprefix('PKSampler: ')}") from None
+    for (name, n), share in zip(identities.items(), shares):
+      if share > n:
+        raise ConfigError(
+            f"config: input.num_ids={p} with input.balance_datasets takes {share} "
+            f"identities from {name} per batch; it has {n} ({what}).")
 
 
 def check_resume(restored_step: int, *, total_steps: int, steps_per_epoch: int,
