@@ -99,7 +99,8 @@ def test_bad_names_are_rejected(data_dir):
     datasets.load_split(NAME, "test", data_dir=data_dir, builder_config="tiny")
   with pytest.raises(ValueError, match="has no builder configs"):
     datasets.load_split("vehicle_id", "train", data_dir=data_dir, builder_config="small")
-  with pytest.raises(ValueError, match=r"needs builder_config in \['tiny', 'small', 'large'\]"):
+  with pytest.raises(ValueError, match=r"needs builder_config in \['tiny', 'small', 'large', "
+                     r"'parts', 'parts_loose', 'pretrain'\]"):
     datasets.load_split(NAME, "train", data_dir=data_dir, builder_config="huge")
   with pytest.raises(ValueError, match="has no builder configs"):
     datasets.load_split("veri776", "train", data_dir=data_dir, builder_config="small")
