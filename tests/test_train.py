@@ -343,7 +343,8 @@ def test_unknown_config_key_is_rejected(tmp_path, data_dir):
   assert code == 2
   assert _error_line(out).startswith(
       "error: --config.model.nmu=3: unknown config key; model has no field 'nmu' (its "
-      "fields are attention, backbone, conv_impl, depth,")
+      "fields are attention, attention_init_scale, attention_kernel, "
+      "attention_temperature, backbone, conv_impl, depth,")
 
 
 def test_bad_config_is_refused_before_anything_runs(tmp_path, data_dir):

@@ -196,7 +196,7 @@ def test_cli_torchvision_roundtrip_then_init_from(tmp_path):
   # The one weights format: a workdir whose step 0 the one loader reads.
   restored = checkpointing.load_variables(out_dir)
   assert (restored.step, restored.run.num_classes) == (0, 0)
-  assert restored.run.config.model.to_dict() == {"depth": 18}
+  assert restored.run.config.model.to_dict() == {"depth": 18, "backbone": "resnet"}
   assert checkpointing.imported_from(out_dir) == {
       "kind": "backbone", "source": str(tmp_path / "resnet18.pth")}
   loaded = checkpointing.initial_variables(fresh, out_dir)
