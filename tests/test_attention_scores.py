@@ -90,8 +90,19 @@ def test_uniform_maps_and_a_dead_background():
   dead = np.concatenate([np.full((2, 2, 2, 2), 0.5), np.zeros((2, 2, 2, 1))], -1)
   s = am.score_maps(dead, FRACTIONS)
   assert math.isnan(s["background_on_background"]) and s["background_taken"] == 0.0
+  # A dead map's image dependence is undefined and left out of the mean. One speck
+  # of 1e-4 moves from map 1 to the background map in image 0's cell (0, 0): map 0
+  # is constant (0); map 1's 8 values have variance (1/8)(7/8)e-8 and its mean map's
+  # 4 cells (1/4)(3/4)(e-4 / 2)^2 = (3/7) of that, so 4/7 is between images.
+  specks = dead.copy()
+  specks[0, 0, 0] = [0.5, 0.5 - 1e-4, 1e-4]
+  speckled = am.score_maps(specks, FRACTIONS)
+  assert math.isnan(speckled["image_dependence"][2]) and speckled["area"][2] < am.DEAD_AREA
+  np.testing.assert_allclose(speckled["image_dependence"][:2], [0.0, 4 / 7], rtol=1e-6)
+  assert speckled["image_dependence_mean"] == pytest.approx(2 / 7, rel=1e-6)
   row = am.to_row(s, num_images=2, classes=("background", "body", "lamps"))
   assert row["background_on_background"] is None
+  assert row["prototypes"][2]["image_dependence"] is None
   json.dumps(row, allow_nan=False)  # valid JSON
   scalars = am.attention_scalars(row)
   assert "attention/background_on_background" not in scalars

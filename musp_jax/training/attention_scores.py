@@ -33,13 +33,16 @@ cell), sums running over images and cells (`score_maps`):
                     the same for every image (a positional prior that ignores the
                     image) scores 0, a map whose mean over the split is flat but
                     that moves with the content scores 1; a constant map scores 0.
+                    Undefined (NaN) for a dead map (area below DEAD_AREA): what
+                    little it holds is noise, and noise is all between images.
   background_taken  sum A_bg G_background / sum G_background: the share of the
                     background pixels the background prototype takes.
 
 Summaries: parts_on_vehicle (the kept maps' pooled mass share on the vehicle),
 background_on_background (background_share's complement for the background map:
 its mass share on background; None when the map is dead, i.e. its area is below
-DEAD_AREA), background_taken, image_dependence (mean over all n maps), part_iou
+DEAD_AREA), background_taken, image_dependence (mean over the maps that are not
+dead), part_iou
 (mean over kept maps of their best IoU) and distinct_parts (how many different
 best parts the kept maps have).
 """
@@ -129,6 +132,8 @@ def score_maps(attention_NxHxWxK: np.ndarray, fractions_NxHxWxC: np.ndarray
   positional_var = a.mean(axis=0).var(axis=(0, 1))
   image_dependence = np.where(total_var > 1e-12,
                               1.0 - positional_var / np.maximum(total_var, 1e-12), 0.0)
+  alive = area >= DEAD_AREA  # the maps sum to 1 at each cell, so one at least is alive
+  image_dependence = np.where(alive, image_dependence, math.nan)
   bg_area = g_XxC[:, 0].sum()
   kept_mass = mass_K[:-1].sum()
   return {
@@ -143,7 +148,7 @@ def score_maps(attention_NxHxWxK: np.ndarray, fractions_NxHxWxC: np.ndarray
       "background_on_background": (float(mass_share[-1, 0]) if area[-1] >= DEAD_AREA
                                    else math.nan),
       "background_taken": float(joint_KxC[-1, 0] / bg_area) if bg_area > 0 else math.nan,
-      "image_dependence_mean": float(image_dependence.mean()),
+      "image_dependence_mean": float(image_dependence[alive].mean()),
       "part_iou": float(iou[np.arange(n - 1), best_part[:-1]].mean()),
       "distinct_parts": int(len(set(best_part[:-1].tolist()))),
   }
@@ -168,7 +173,7 @@ def to_row(scores: dict[str, Any], num_images: int, classes: Sequence[str]
         "vehicle_share": float(scores["vehicle_share"][k]) if alive else None,
         "best_part": classes[int(scores["best_part"][k])],
         "best_iou": float(scores["iou"][k, scores["best_part"][k]]),
-        "image_dependence": float(scores["image_dependence"][k]),
+        "image_dependence": _clean(float(scores["image_dependence"][k])),
         "mass_share": dict(zip(classes, map(float, scores["mass_share"][k]))),
         "iou": dict(zip(classes, map(float, scores["iou"][k]))),
     })
