@@ -85,6 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.attention_init_scale = 1.0  # x the attention conv's kaiming init std
   c.model.attention_temperature = 1.0  # attention logits / T before the softmax
   c.model.attention_kernel = 3  # the attention conv's kernel: 3 (official) | 1 (own cell only)
+  c.model.padding = "zeros"  # every conv and the stem's max pool: zeros (official) | circular
   c.model.dtype = "float32"  # compute dtype; bfloat16 keeps fp32 params and BN stats
   # Initial weights: a folder written by `python -m musp_jax.import_weights`, or a
   # training workdir, its checkpoints/ folder or a step folder (its latest/that step):

@@ -61,6 +61,7 @@ BAD = [
     ({"model.attention_temperature": -1.0},
      "model.attention_temperature=-1.0; expected a number > 0"),
     ({"model.attention_kernel": 2}, "model.attention_kernel=2; expected 3 (official) or 1"),
+    ({"model.padding": "reflect"}, "model.padding='reflect': expected one of 'zeros', 'circular'"),
     ({"input.num_ids": 0}, "input.num_ids=0: expected an integer >= 1"),
     ({"input.num_instances": -2}, "input.num_instances=-2: expected an integer >= 1"),
     ({"keep_checkpoints": 0}, "keep_checkpoints=0: expected an integer >= 1"),

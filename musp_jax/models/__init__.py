@@ -19,10 +19,10 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ARCH_FIELDS = ("backbone", "depth", "last_stride", "head", "num_prototypes", "value_conv",
                "value_channels", "ese", "ese_reduction", "attention",
                "global_feature", "pooling", "global_branch", "layer3_stride",
-               "attention_temperature", "attention_kernel")
+               "attention_temperature", "attention_kernel", "padding")
 # What a field added after the first release meant before it existed.
 _ARCH_DEFAULTS = {"global_branch": True, "backbone": "resnet", "layer3_stride": 2,
-                  "attention_temperature": 1.0, "attention_kernel": 3}
+                  "attention_temperature": 1.0, "attention_kernel": 3, "padding": "zeros"}
 
 
 def compute_dtype(name: str):
@@ -83,6 +83,7 @@ def build_head(model_config: ml_collections.ConfigDict, num_classes: int):
       attention_init_scale=c.get("attention_init_scale", 1.0),
       attention_temperature=c.get("attention_temperature", 1.0),
       attention_kernel=c.get("attention_kernel", 3),
+      padding=c.get("padding", "zeros"),
       dtype=compute_dtype(c.dtype),
       conv_impl=c.get("conv_impl", "auto"))
   head.check_settings()  # fail at build time, not after a backbone init
@@ -99,6 +100,7 @@ def build_model(model_config: ml_collections.ConfigDict,
       layer3_stride=model_config.get("layer3_stride", 2),
       dtype=compute_dtype(model_config.dtype),
       conv_impl=model_config.get("conv_impl", "auto"),
-      backbone=model_config.get("backbone", "resnet"))
+      backbone=model_config.get("backbone", "resnet"),
+      padding=model_config.get("padding", "zeros"))
   return musp.ReIDModel(backbone=backbone,
                         head=build_head(model_config, num_classes))

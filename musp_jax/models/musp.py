@@ -158,6 +158,8 @@ class MUSPHead(nn.Module):
     attention_kernel: the attention conv's kernel size, 3 (official) or 1: with
       1 each cell's logits come from its own features only, not from its
       neighbours' (nor from the zero padding at the map's border).
+    padding: "zeros" (official) or "circular", for the attention and value convs as
+      for the backbone (resnet.conv).
   """
   num_classes: int
   num_prototypes: int = 5
@@ -173,6 +175,7 @@ class MUSPHead(nn.Module):
   attention_init_scale: float = 1.0
   attention_temperature: float = 1.0
   attention_kernel: int = 3
+  padding: str = "zeros"
   dtype: Any = jnp.float32
   conv_impl: str = "xla"  # for the depthwise value conv: xla | gemm | auto (fast_conv)
 
@@ -214,12 +217,14 @@ class MUSPHead(nn.Module):
     groups = c if self.value_conv == "depthwise" else 1
     att_logits = resnet.conv(n, self.attention_kernel, 1, self.dtype, "attention_conv",
                              use_bias=True,
-                             init_scale=self.attention_init_scale)(maps_BxHxWxD)
+                             init_scale=self.attention_init_scale,
+                             padding=self.padding)(maps_BxHxWxD)
     # The attention conv (D -> n) stays XLA's on every backend: its kernel gradient as
     # matrix products (n = 5 columns) is 3-4x slower on a CPU than XLA's.
     value_BxHxWxC = resnet.conv(c, 3, 1, self.dtype, "value_conv", groups=groups,
                                 use_bias=True,
-                                impl=fast_conv.resolve_conv_impl(self.conv_impl))(maps_BxHxWxD)
+                                impl=fast_conv.resolve_conv_impl(self.conv_impl),
+                                padding=self.padding)(maps_BxHxWxD)
     # Pooling and areas in float32: they sum over every pixel.
     att_logits = att_logits.astype(jnp.float32)
     if self.attention_temperature != 1.0:

@@ -65,23 +65,42 @@ def output_stride(last_stride: int, layer3_stride: int = 2) -> int:
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+PADDINGS = ("zeros", "circular")
+
+
 def conv(features: int, kernel_size: int, strides: int, dtype: Any,
          name: str, *, groups: int = 1, use_bias: bool = False,
-         impl: str = "xla", init_scale: float = 1.0) -> nn.Module:
+         impl: str = "xla", init_scale: float = 1.0, padding: str = "zeros"):
   """A PyTorch-padded conv: symmetric `kernel_size // 2` on each side.
 
   impl: "xla" (nn.Conv) or "gemm" (fast_conv.GemmConv, same parameters).
   init_scale multiplies the standard deviation of the kaiming initialisation.
+  padding: "zeros" (torchvision) or "circular" (the map wraps around: no border, so
+  no cell can tell where in the frame it lies; same parameters).
   """
+  if padding not in PADDINGS:
+    raise ValueError(f"model.padding={padding!r}; expected one of {PADDINGS}")
   p = kernel_size // 2
   conv_cls = fast_conv.GemmConv if impl == "gemm" else nn.Conv
   kernel_init = conv_kernel_init if init_scale == 1.0 else nn.initializers.variance_scaling(
       2.0 * init_scale**2, "fan_out", "normal")
-  return conv_cls(
+  explicit = padding == "zeros"
+  module = conv_cls(
       features, (kernel_size, kernel_size), strides=(strides, strides),
-      padding=((p, p), (p, p)), feature_group_count=groups, use_bias=use_bias,
+      padding=((p, p), (p, p)) if explicit else ((0, 0), (0, 0)),
+      feature_group_count=groups, use_bias=use_bias,
       dtype=dtype, param_dtype=jnp.float32, kernel_init=kernel_init,
       name=name)
+  if explicit:
+    return module
+  return lambda x: module(wrap(x, p))
+
+
+def wrap(x_BxHxWxC: jax.Array, p: int) -> jax.Array:
+  """Circular padding of p cells on each side of both spatial axes."""
+  if p == 0:
+    return x_BxHxWxC
+  return jnp.pad(x_BxHxWxC, ((0, 0), (p, p), (p, p), (0, 0)), mode="wrap")
 
 
 class TorchBatchNorm(nn.BatchNorm):
@@ -169,6 +188,7 @@ class Block(nn.Module):
   dtype: Any = jnp.float32
   conv_impl: str = "xla"  # xla | gemm (see fast_conv)
   ibn: bool = False
+  padding: str = "zeros"  # zeros | circular (see conv)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -179,7 +199,8 @@ class Block(nn.Module):
                (self.planes * 4, 1, 1)]
     y = x
     for i, (features, k, s) in enumerate(convs, start=1):
-      y = conv(features, k, s, self.dtype, f"conv{i}", impl=self.conv_impl)(y)
+      y = conv(features, k, s, self.dtype, f"conv{i}", impl=self.conv_impl,
+               padding=self.padding)(y)
       if i == 1 and self.ibn:
         y = InstanceBatchNorm(self.train, self.dtype, name="bn1")(y)
       else:
@@ -216,6 +237,9 @@ class ResNet(nn.Module):
     conv_impl: "xla", "gemm" or "auto" (gemm on CPU, xla elsewhere); see
       fast_conv. Same parameters either way.
     backbone: "resnet" (torchvision) or "resnet_ibn_a" (IBN-a in layers 1-3).
+    padding: "zeros" (torchvision) or "circular": convolutions and the stem's max
+      pool wrap around the frame, so the network has no border from which to learn
+      where a cell lies (a departure for studying the attention; same parameters).
   """
   depth: int = 50
   last_stride: int = 1
@@ -224,6 +248,7 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   conv_impl: str = "xla"
   backbone: str = "resnet"
+  padding: str = "zeros"
 
   @nn.compact
   def __call__(self, images_BxHxWx3: jax.Array, *,
@@ -237,13 +262,18 @@ class ResNet(nn.Module):
         raise ValueError(f"{name} must be 1 or 2, got {getattr(self, name)}")
     if self.backbone not in BACKBONES:
       raise ValueError(f"model.backbone={self.backbone!r}; expected one of {BACKBONES}")
+    if self.padding not in PADDINGS:
+      raise ValueError(f"model.padding={self.padding!r}; expected one of {PADDINGS}")
     kind, sizes = STAGE_SIZES[self.depth]
     impl = fast_conv.resolve_conv_impl(self.conv_impl)
     out = {}
     x = images_BxHxWx3.astype(self.dtype)
-    x = conv(64, 7, 2, self.dtype, "conv1", impl=impl)(x)
+    x = conv(64, 7, 2, self.dtype, "conv1", impl=impl, padding=self.padding)(x)
     x = nn.relu(batch_norm(train, self.dtype, "bn1")(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    if self.padding == "circular":
+      x = nn.max_pool(wrap(x, 1), (3, 3), strides=(2, 2))
+    else:
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     out["stem"] = x
     in_features = 64
     for stage, (planes, num_blocks) in enumerate(zip(_WIDTHS, sizes), start=1):
@@ -255,6 +285,7 @@ class ResNet(nn.Module):
                   downsample=strides != 1 or in_features != out_features,
                   train=train, dtype=self.dtype, conv_impl=impl,
                   ibn=self.backbone == "resnet_ibn_a" and stage < 4,
+                  padding=self.padding,
                   name=f"layer{stage}_{b}")(x)
         in_features = out_features
       out[f"layer{stage}"] = x

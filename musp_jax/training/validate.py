@@ -183,6 +183,7 @@ def _check_model(c: _Checker) -> None:
   depth_ok = c.choice("model.depth", sorted(resnet.STAGE_SIZES))
   c.choice("model.last_stride", (1, 2))
   c.choice("model.layer3_stride", (1, 2))
+  c.choice("model.padding", resnet.PADDINGS)
   c.choice("model.conv_impl", fast_conv.CONV_IMPLS)
   if c.string("model.init_from") and c.get("model.init_from"):
     c.expect("model.init_from", lambda v: os.path.isdir(os.path.expanduser(v)),
