@@ -279,7 +279,8 @@ def figure(stats: dict[str, dict[str, Any]], records: Sequence[dict[str, Any]], 
       x = np.arange(len(keys)) + (i - (len(shown) - 1) / 2) * width
       means = [100 * stats[name][k]["mean"] if stats[name][k] else np.nan for k in keys]
       stds = [100 * stats[name][k]["std"] if stats[name][k] else 0.0 for k in keys]
-      ax.bar(x, means, width, yerr=stds, capsize=2, label=name, alpha=0.8)
+      ax.bar(x, means, width, yerr=stds, capsize=2, label=name, alpha=0.8,
+             color=f"C{names.index(name)}")  # one colour per variant in both panels
       for j, k in enumerate(keys):
         seeds = [100 * r[k] for r in records if r["variant"] == name and r[k] is not None]
         ax.plot([x[j]] * len(seeds), seeds, "k.", markersize=3)
