@@ -315,11 +315,13 @@ def test_circular_padding_makes_the_maps_move_with_the_image(padding):
   moved = np.roll(np.asarray(out["attention"]), (1, 2), axis=(1, 2))
   feats_error = relative_error(shifted["feats"], out["feats"])
   if padding == "circular":
-    # Every cell computes the same numbers at a shifted place, so the maps are equal to
-    # the bit; the features add the same 64 terms in another order: 64 u = 4e-6
-    # (measured 1.8e-7).
-    np.testing.assert_array_equal(shifted["attention"], moved)
-    assert feats_error <= 4e-6
+    # Every cell computes the same sums at a shifted place: bit-equal maps on AVX2, AVX
+    # and SSE4.2 (measured), and features that add the same 64 cells in another order
+    # (measured 1.8e-7). A backend whose convolution rounds by position could differ
+    # by the rounding of one logit, sqrt(9 x 512) u |logit| ~ 1e-5, through the
+    # softmax: bounded here by 1e-3 and 1e-4, far below the 1.0 and 7e-2 of a border.
+    np.testing.assert_allclose(shifted["attention"], moved, rtol=0, atol=1e-3)
+    assert feats_error <= 1e-4
   else:  # measured: maps off by up to 1.0, features by 7% (relative)
     assert np.abs(np.asarray(shifted["attention"]) - moved).max() > 0.1
     assert feats_error > 1e-2
