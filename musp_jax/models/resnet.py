@@ -262,8 +262,6 @@ class ResNet(nn.Module):
         raise ValueError(f"{name} must be 1 or 2, got {getattr(self, name)}")
     if self.backbone not in BACKBONES:
       raise ValueError(f"model.backbone={self.backbone!r}; expected one of {BACKBONES}")
-    if self.padding not in PADDINGS:
-      raise ValueError(f"model.padding={self.padding!r}; expected one of {PADDINGS}")
     kind, sizes = STAGE_SIZES[self.depth]
     impl = fast_conv.resolve_conv_impl(self.conv_impl)
     out = {}

@@ -145,8 +145,7 @@ def score_maps(attention_NxHxWxK: np.ndarray, fractions_NxHxWxC: np.ndarray
       "best_part": best_part,
       "image_dependence": image_dependence,
       "parts_on_vehicle": float(1.0 - joint_KxC[:-1, 0].sum() / max(kept_mass, 1e-12)),
-      "background_on_background": (float(mass_share[-1, 0]) if area[-1] >= DEAD_AREA
-                                   else math.nan),
+      "background_on_background": float(mass_share[-1, 0]) if alive[-1] else math.nan,
       "background_taken": float(joint_KxC[-1, 0] / bg_area) if bg_area > 0 else math.nan,
       "image_dependence_mean": float(image_dependence[alive].mean()),
       "part_iou": float(iou[np.arange(n - 1), best_part[:-1]].mean()),
