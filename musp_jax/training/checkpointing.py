@@ -373,13 +373,18 @@ def _quiet_abandoned_reads() -> None:
 
 
 class _AbandonedReadTasks(logging.Filter):
-  """Drops asyncio's "Task exception was never retrieved" for the reading tasks a failed
-  restore left behind (collected later, each with its own page of traceback)."""
+  """Drops asyncio's "Task exception was never retrieved" (or "Future ...") for the
+  reading tasks and futures a failed restore left behind (collected later, each with
+  its own page of traceback)."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     error = record.exc_info[1] if record.exc_info else None
-    return not (str(record.msg).startswith("Task exception was never retrieved")
-                and _is_read_failure(error))
+    return not (_NEVER_RETRIEVED.match(str(record.msg)) and _is_read_failure(error))
+
+
+# asyncio's report for a task or future collected with its exception unread; it names
+# the object's class ("Task", "Future", "_GatheringFuture").
+_NEVER_RETRIEVED = re.compile(r"\w+ exception was never retrieved")
 
 
 # A tensorstore error's text starts with its status code ("OUT_OF_RANGE: ...").
