@@ -19,6 +19,11 @@ RESNET_CONVS = [
     (3, 2, 1, 8, 16, 10, False),
     (1, 1, 0, 16, 8, 7, True),
     (1, 2, 0, 8, 16, 9, False),
+    # Outputs of at most fast_conv.FEW_OUTPUT_PIXELS pixels (summed as matrix products):
+    # the last stage at 32 px (2 x 2), a stride-2 conv onto 2 x 2, and onto 1 x 1.
+    (3, 1, 1, 8, 8, 2, True),
+    (3, 2, 1, 8, 16, 4, False),
+    (3, 2, 1, 8, 16, 2, False),
 ]
 
 # Tolerances: GemmConv and XLA's convolution sum the same products in another order.
@@ -68,6 +73,20 @@ def test_matches_flax_conv(kernel, stride, padding, cin, cout, size, use_bias):
   np.testing.assert_allclose(gx_fast, gx_ref, rtol=1e-4, atol=1e-4)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
                gp_fast, gp_ref)
+
+
+@pytest.mark.parametrize("size,stride,convolutions", [(2, 1, 0), (4, 2, 0), (3, 1, 1),
+                                                      (5, 2, 1)])
+def test_few_output_pixels_run_as_matrix_products(size, stride, convolutions):
+  """Outputs of <= 4 pixels (2 x 2, 2 x 2 from 4 x 4 by stride 2) lower to matrix
+  products, forward and both gradients; 3 x 3 outputs keep XLA's convolution."""
+  x, kernel = jnp.ones((2, size, size, 8)), jnp.ones((3, 3, 8, 8))
+
+  def loss(x, kernel):
+    return jnp.sum(fast_conv.conv2d(x, kernel, (stride, stride), ((1, 1), (1, 1))))
+
+  hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, kernel).as_text()
+  assert hlo.count("stablehlo.convolution") == 2 * convolutions  # forward, input grad
 
 
 @pytest.mark.parametrize("stride,padding,size", [(1, 1, 6), (2, 1, 7), (1, 0, 5)])

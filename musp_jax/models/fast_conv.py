@@ -10,7 +10,9 @@ its time there. This module computes
     flattened NHWC tensor, so forward and both gradients are matrix products;
   * k x k convolutions with XLA's convolution forward and input gradient, and
     the kernel gradient as k*k matrix products over shifted views of the input
-    (dW[i, j] = sum over pixels of x[shifted by (i, j)]^T dy);
+    (dW[i, j] = sum over pixels of x[shifted by (i, j)]^T dy); where the output
+    map has at most FEW_OUTPUT_PIXELS pixels, where XLA's forward is slow too,
+    the whole convolution as k*k matrix products over those views;
   * depthwise convolutions (one group per channel: the official MUSP head's value
     conv) as k*k multiply-adds of shifted views, which XLA fuses into one loop
     forward and backward; its grouped convolution takes ~20x longer on a CPU
@@ -24,6 +26,7 @@ cuDNN ("xla"): `resolve_conv_impl("auto")` picks per backend.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -98,6 +101,33 @@ def _conv_bwd(strides, padding, residuals, dy):
 _conv_gemm_kernel_grad.defvjp(_conv_fwd, _conv_bwd)
 
 
+# XLA's CPU convolution also leaves its fast path when the output map has only a few
+# pixels: a 3x3 conv, 512 -> 512 channels, batch 48, takes 565 ms forward and 1.2 s with
+# both gradients for a 2 x 2 output, against 25 ms forward for the four times larger
+# 4 x 4 one (the last stage of a ResNet at 32-64 px; scripts/bench_train.py
+# --image_size 32). Up to this many output pixels a k x k convolution is summed as k*k
+# matrix products of shifted views, and autodiff makes both gradients matrix products.
+FEW_OUTPUT_PIXELS = 4
+
+
+def _output_hw(x: jax.Array, kernel_hw: tuple[int, int], strides: tuple[int, int],
+               padding: Padding) -> tuple[int, int]:
+  return tuple((x.shape[1 + a] + sum(padding[a]) - kernel_hw[a]) // strides[a] + 1
+               for a in (0, 1))
+
+
+def _conv_as_taps(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+                  padding: Padding) -> jax.Array:
+  """sum over taps (i, j) of x shifted by (i, j) times kernel[i, j]; float32 sums."""
+  kh, kw = kernel.shape[:2]
+  x_pad = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  y = sum(lax.dot_general(view, kernel[i, j], (((3,), (0,)), ((), ())),
+                          preferred_element_type=jnp.float32)
+          for i, j, view in _shifted_views(x_pad, kh, kw, strides,
+                                           _output_hw(x, (kh, kw), strides, padding)))
+  return y.astype(jnp.result_type(x, kernel))
+
+
 def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
            padding: Padding) -> jax.Array:
   """NHWC x HWIO convolution, equal to `lax.conv_general_dilated`, CPU-friendly."""
@@ -108,6 +138,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
       # A strided 1x1 convolution reads every sh-th row and sw-th column.
       x = x[:, ::sh, ::sw, :]
     return lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
+  if math.prod(_output_hw(x, (kh, kw), strides, padding)) <= FEW_OUTPUT_PIXELS:
+    return _conv_as_taps(x, kernel, strides, padding)
   return _conv_gemm_kernel_grad(x, kernel, strides, padding)
 
 
@@ -119,9 +151,8 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
   summed in float32 whatever the dtype, as a convolution accumulates.
   """
   kh, kw = kernel.shape[:2]
-  (ph, pw), (sh, sw) = padding, strides
-  out_hw = ((x.shape[1] + sum(ph) - kh) // sh + 1, (x.shape[2] + sum(pw) - kw) // sw + 1)
-  x_pad = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
+  out_hw = _output_hw(x, (kh, kw), strides, padding)
+  x_pad = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
   taps = kernel[:, :, 0, :].astype(jnp.float32)
   y = sum(view.astype(jnp.float32) * taps[i, j]
           for i, j, view in _shifted_views(x_pad, kh, kw, strides, out_hw))
