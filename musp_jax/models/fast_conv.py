@@ -55,9 +55,11 @@ def _xla_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
                                   dimension_numbers=_DIMENSION_NUMBERS)
 
 
-def _shifted_views(x_pad: jax.Array, kh: int, kw: int, strides: tuple[int, int],
-                   out_hw: tuple[int, int]):
-  """Yields (i, j, x_pad sampled at the pixels tap (i, j) of the kernel reads)."""
+def _shifted_views(x: jax.Array, kh: int, kw: int, strides: tuple[int, int],
+                   padding: Padding, out_hw: tuple[int, int]):
+  """Yields (i, j, x zero-padded and sampled at the pixels tap (i, j) of the kernel
+  reads)."""
+  x_pad = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
   (sh, sw), (oh, ow) = strides, out_hw
   for i in range(kh):
     for j in range(kw):
@@ -68,9 +70,8 @@ def _kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape: tuple[int, ...],
                  strides: tuple[int, int], padding: Padding) -> jax.Array:
   """dL/dkernel as kh*kw matrix products contracting batch and pixels."""
   kh, kw, _, _ = kernel_shape
-  x_pad = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
   taps = {}
-  for i, j, view in _shifted_views(x_pad, kh, kw, strides, dy.shape[1:3]):
+  for i, j, view in _shifted_views(x, kh, kw, strides, padding, dy.shape[1:3]):
     # Accumulate the long (batch x pixels) sum in float32 whatever the dtype.
     taps[i, j] = lax.dot_general(view, dy, (((0, 1, 2), (0, 1, 2)), ((), ())),
                                  preferred_element_type=jnp.float32)
@@ -117,14 +118,12 @@ def _output_hw(x: jax.Array, kernel_hw: tuple[int, int], strides: tuple[int, int
 
 
 def _conv_as_taps(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
-                  padding: Padding) -> jax.Array:
+                  padding: Padding, out_hw: tuple[int, int]) -> jax.Array:
   """sum over taps (i, j) of x shifted by (i, j) times kernel[i, j]; float32 sums."""
   kh, kw = kernel.shape[:2]
-  x_pad = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
   y = sum(lax.dot_general(view, kernel[i, j], (((3,), (0,)), ((), ())),
                           preferred_element_type=jnp.float32)
-          for i, j, view in _shifted_views(x_pad, kh, kw, strides,
-                                           _output_hw(x, (kh, kw), strides, padding)))
+          for i, j, view in _shifted_views(x, kh, kw, strides, padding, out_hw))
   return y.astype(jnp.result_type(x, kernel))
 
 
@@ -138,8 +137,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
       # A strided 1x1 convolution reads every sh-th row and sw-th column.
       x = x[:, ::sh, ::sw, :]
     return lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
-  if math.prod(_output_hw(x, (kh, kw), strides, padding)) <= FEW_OUTPUT_PIXELS:
-    return _conv_as_taps(x, kernel, strides, padding)
+  out_hw = _output_hw(x, (kh, kw), strides, padding)
+  if math.prod(out_hw) <= FEW_OUTPUT_PIXELS:
+    return _conv_as_taps(x, kernel, strides, padding, out_hw)
   return _conv_gemm_kernel_grad(x, kernel, strides, padding)
 
 
@@ -152,10 +152,9 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
   """
   kh, kw = kernel.shape[:2]
   out_hw = _output_hw(x, (kh, kw), strides, padding)
-  x_pad = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
   taps = kernel[:, :, 0, :].astype(jnp.float32)
   y = sum(view.astype(jnp.float32) * taps[i, j]
-          for i, j, view in _shifted_views(x_pad, kh, kw, strides, out_hw))
+          for i, j, view in _shifted_views(x, kh, kw, strides, padding, out_hw))
   return y.astype(x.dtype)
 
 
